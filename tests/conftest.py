@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny offline models on both TransformerLens backends."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from surprise_probe.testing import tiny_tokenizer
+
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hooked(tiny_tokenizer):
+    from surprise_probe.testing import tiny_hooked_transformer
+
+    torch.manual_seed(0)
+    return tiny_hooked_transformer(tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_bridge_model():
+    from surprise_probe.testing import tiny_bridge
+
+    return tiny_bridge()
+
+
+@pytest.fixture(params=["hooked", "bridge"])
+def tiny_model(request, tiny_hooked, tiny_bridge_model):
+    """Run a test once per TransformerLens backend."""
+    return tiny_hooked if request.param == "hooked" else tiny_bridge_model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_folder(tmp_path_factory, tiny_tokenizer):
+    """A random Llama saved as a local Hugging Face folder (what load_model reads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, how are you today?",
+    "A cat sat on the mat.",
+    "Numbers like 12, 345 and 6789 appear in text too, and rivers flow to the sea.",
+    "Hi",
+]
+
+CONVERSATION = [
+    {"role": "user", "content": "Hello world, how are you?"},
+    {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."},
+]
