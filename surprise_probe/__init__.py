@@ -11,7 +11,12 @@ __version__ = "0.1.0"
 from surprise_probe.capture import capture, default_hooks, resolve_hooks, token_metrics
 from surprise_probe.chat import encode_conversation
 from surprise_probe.inputs import encode, pad_batch
-from surprise_probe.metrics import bootstrap_mean, input_surprise, output_entropy, surprise_and_entropy
+from surprise_probe.metrics import (
+    bootstrap_mean,
+    input_surprise,
+    output_entropy,
+    surprise_and_entropy,
+)
 from surprise_probe.models import available_models, load_model, model_id
 from surprise_probe.store import Capture, hook_depth, load_capture
 

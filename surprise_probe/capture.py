@@ -104,7 +104,7 @@ class TokenMetrics:
     def table(self) -> str:
         rows = [f"{'pos':>4} {'token':<16} {'surprise':>9} {'entropy':>8} scored"]
         for i, (token, s, h, m) in enumerate(
-            zip(self.tokens, self.input_surprise, self.output_entropy, self.scored)
+            zip(self.tokens, self.input_surprise, self.output_entropy, self.scored, strict=False)
         ):
             rows.append(f"{i:>4} {token!r:<16.16} {s:>9.3f} {h:>8.3f} {'*' if m else ''}")
         return "\n".join(rows)

@@ -129,6 +129,35 @@ def _run_capture(args) -> int:
     return 0
 
 
+def _run_generate(args) -> int:
+    from surprise_probe.generate import generate_to_jsonl
+    from surprise_probe.io import builtin_prompts
+    from surprise_probe.models import load_model
+
+    if args.prompts == "builtin":
+        prompts = builtin_prompts()
+    else:
+        prompts = []
+        for number, line in enumerate(Path(args.prompts).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{args.prompts}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not {"id", "prompt"} <= set(record):
+                raise ValueError(f"{args.prompts}:{number}: expected an object with 'id' and 'prompt'")
+            prompts.append(record)
+    prompts = prompts[: args.limit] if args.limit else prompts
+    model = load_model(args.model, device=args.device)
+    path = generate_to_jsonl(
+        model, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        batch_size=args.batch_size, seed=args.seed,
+    )
+    print(f"wrote {path} ({len(prompts)} responses; read them with --input {path})")
+    return 0
+
+
 def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF folder or cached hub name")
     parser.add_argument("--input", default="builtin",
@@ -162,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     capture = commands.add_parser("capture", help="record activations, input surprise and output entropy per token")
     add_capture_arguments(capture)
     capture.set_defaults(func=_run_capture)
+
+    generate = commands.add_parser("generate", help="sample responses (keeping the sampled token ids) to prompts")
+    generate.add_argument("--model", default="smollm2-135m-instruct")
+    generate.add_argument("--prompts", default="builtin",
+                          help="'builtin' or a .jsonl of {id, prompt, ...} objects")
+    generate.add_argument("--out", required=True, type=Path, help="output .jsonl (appended; a rerun resumes)")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--batch-size", type=int, default=16)
+    generate.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--device", default="cpu")
+    generate.set_defaults(func=_run_generate)
 
     from surprise_probe.study import add_study_command
 

@@ -175,7 +175,7 @@ def pad_batch(encoded: Sequence[Encoded], pad_token_id: int, padding_side: str =
     tokens = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     scored = torch.zeros((len(encoded), width), dtype=torch.bool)
-    for row, (item, n) in enumerate(zip(encoded, lengths)):
+    for row, (item, n) in enumerate(zip(encoded, lengths, strict=False)):
         cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
         tokens[row, cols] = torch.from_numpy(item.token_ids)
         attention[row, cols] = 1

