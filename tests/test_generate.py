@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pytest
+
+import surprise_probe as sp
+from surprise_probe.generate import generate_to_jsonl, sample_responses
+
+PROMPTS = ["Hello world, how are you?", "Tell me about the quick brown fox and the lazy dog."]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_model):
+    together = sample_responses(tiny_model, PROMPTS, max_new_tokens=6, temperature=0)
+    alone = [sample_responses(tiny_model, [p], max_new_tokens=6, temperature=0)[0] for p in PROMPTS]
+    assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
+
+
+def test_sampled_ids_are_scored_and_read_back_on_policy(tiny_hooked):
+    (item,) = sample_responses(tiny_hooked, PROMPTS[:1], max_new_tokens=8, temperature=1.0, seed=3)
+    scored = np.asarray(item["scored"])
+    assert not scored[: item["prompt_len"]].any() and scored[item["prompt_len"] :].sum() >= 1
+    encoded = sp.encode(tiny_hooked, {"token_ids": item["token_ids"], "scored": item["scored"]})
+    assert encoded.token_ids.tolist() == item["token_ids"]  # exact ids, not re-tokenized text
+    again = sample_responses(tiny_hooked, PROMPTS[:1], max_new_tokens=8, temperature=1.0, seed=3)[0]
+    assert again["token_ids"] == item["token_ids"]  # seeded
+
+
+def test_generate_to_jsonl_resumes_without_duplicates(tiny_hooked, tmp_path):
+    prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS * 2)]
+    out = tmp_path / "r.jsonl"
+    generate_to_jsonl(tiny_hooked, prompts[:3], out, max_new_tokens=4, batch_size=2)
+    with open(out, "a") as handle:
+        handle.write('{"id": "p3", "tok')  # a line cut by a kill
+    generate_to_jsonl(tiny_hooked, prompts, out, max_new_tokens=4, batch_size=2)
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == ["p0", "p1", "p2", "p3"]
+
+
+def test_bad_generation_arguments(tiny_hooked):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sample_responses(tiny_hooked, PROMPTS, temperature=-1)
+    with pytest.raises(ValueError, match="exceeds n_ctx 64"):
+        sample_responses(tiny_hooked, PROMPTS, max_new_tokens=500)
