@@ -1,0 +1,52 @@
+"""Interventions along a direction: steer, clamp, ablate and patch; dose-response experiments.
+
+>>> from interventions import Steer, dose_response, activation_patching   # doctest: +SKIP
+See docs/interventions.md.
+"""
+
+from interventions.directions import (
+    SteeringDirection,
+    from_probe,
+    orthogonal_direction,
+    random_directions,
+)
+from interventions.dose_response import Ablation, DoseResponse, directional_ablation, dose_response
+from interventions.generation import Sample, generate
+from interventions.hooks import (
+    Ablate,
+    Clamp,
+    Intervention,
+    Patch,
+    Steer,
+    Touched,
+    apply_all,
+    resid_hooks,
+)
+from interventions.patching import PatchingResult, activation_patching, align_positions
+from interventions.sweep import SweepTable, run_sweep
+
+__all__ = [
+    "Intervention",
+    "Steer",
+    "Clamp",
+    "Ablate",
+    "Patch",
+    "Touched",
+    "apply_all",
+    "resid_hooks",
+    "SteeringDirection",
+    "from_probe",
+    "random_directions",
+    "orthogonal_direction",
+    "DoseResponse",
+    "Ablation",
+    "dose_response",
+    "directional_ablation",
+    "SweepTable",
+    "run_sweep",
+    "PatchingResult",
+    "activation_patching",
+    "align_positions",
+    "Sample",
+    "generate",
+]

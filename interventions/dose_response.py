@@ -1,0 +1,223 @@
+"""Dose-response of steering along a direction, and directional ablation, against controls.
+
+Dose-response: add ``alpha * std * d`` (alpha in units of the projection's std on the probe's
+training data) and measure, over the scored span, the mean output entropy, the mean
+KL(steered || clean) and the top-1 agreement with the clean run. The same sweep runs for ``k``
+random unit directions and one random direction orthogonal to ``d``, at the same magnitudes
+``alpha * std``. The effect is the slope of mean entropy on alpha (nats per std), with a CI from
+resampling sequences, and a z-score of the probe's slope against the random directions' slopes.
+
+Ablation: project ``d`` out at the chosen positions and report the change in mean entropy (and the
+KL from clean), against the same controls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from interventions.directions import (
+    SteeringDirection,
+    from_probe,
+    orthogonal_direction,
+    random_directions,
+)
+from interventions.stats import ratio_with_ci, slope, slope_with_ci, zscore
+from interventions.sweep import SweepTable, encode_items, run_sweep
+
+__all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", "control_directions"]
+
+
+@dataclass
+class DoseResponse:
+    """Means over the scored span per direction (rows of ``labels``) and alpha."""
+
+    hook: str
+    std: float
+    positions: str
+    alphas: list[float]
+    labels: list[str]  # "probe", "orthogonal", "random 0", ...
+    entropy: list[list[float]]  # (n_dir, n_alpha) token-weighted mean output entropy, nats
+    kl: list[list[float]]  # mean KL(steered || clean), nats
+    top1_agreement: list[list[float]]  # fraction of scored tokens whose top-1 matches clean
+    probe_entropy_ci: list[tuple[float, float]]  # per alpha, sequence-bootstrap CI
+    clean_entropy: float
+    slopes: list[float]  # entropy slope per direction, nats per std
+    probe_slope: float
+    probe_slope_ci: tuple[float, float]
+    random_slope_mean: float
+    random_slope_std: float
+    z_score: float  # probe slope against the random directions' slopes
+    n_sequences: int
+    n_tokens: int
+    level: float
+    n_forwards: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def rows(self, prefix: str) -> list[int]:
+        return [i for i, label in enumerate(self.labels) if label.startswith(prefix)]
+
+
+@dataclass
+class Ablation:
+    """Entropy change when each direction is projected out (ablated minus clean)."""
+
+    hook: str
+    positions: str
+    labels: list[str]
+    entropy_change: list[float]  # mean over scored tokens, nats
+    kl: list[float]
+    top1_agreement: list[float]
+    probe_change_ci: tuple[float, float]
+    clean_entropy: float
+    random_change_mean: float
+    random_change_std: float
+    z_score: float
+    n_sequences: int
+    n_tokens: int
+    level: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def control_directions(direction: SteeringDirection, k: int, seed: int, orthogonal: bool = True):
+    """The probe direction, one orthogonal control and ``k`` random controls, with labels."""
+    vectors = [direction.direction.reshape(1, -1)]
+    labels = ["probe"]
+    if orthogonal:
+        vectors.append(orthogonal_direction(direction.direction, seed).reshape(1, -1))
+        labels.append("orthogonal")
+    if k:
+        vectors.append(random_directions(direction.direction.numel(), k, seed))
+        labels += [f"random {i}" for i in range(k)]
+    return torch.cat(vectors), labels
+
+
+def _direction(model, probe) -> SteeringDirection:
+    return probe if isinstance(probe, SteeringDirection) else from_probe(model, probe)
+
+
+def dose_response(
+    model,
+    items: Sequence,
+    probe,
+    alphas: Sequence[float],
+    *,
+    random_directions: int = 8,
+    orthogonal: bool = True,
+    positions: str = "response",
+    batch_size: int = 32,
+    batched: bool = True,
+    seed: int = 0,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    progress: bool = True,
+) -> DoseResponse:
+    """Sweep ``alphas`` (std units) along the probe direction and the control directions.
+
+    ``probe``: a ``probes.ProbeDirection`` (checked against the model) or a
+    :class:`SteeringDirection`. ``items``: texts / conversations / ``Encoded``.
+    """
+    direction = _direction(model, probe)
+    encoded = encode_items(model, items)
+    alphas = [float(a) for a in alphas]
+    if len(set(alphas)) < 2:
+        raise ValueError(f"a dose-response needs at least two distinct alphas, got {alphas}")
+    vectors, labels = control_directions(direction, random_directions, seed, orthogonal)
+    table = run_sweep(
+        model, encoded, direction.hook, vectors, alphas, labels=labels, kind="steer",
+        scale=direction.std, positions=positions, batch_size=batch_size, batched=batched,
+        progress=progress,
+    )
+    return summarise_dose_response(table, direction, positions, n_boot=n_boot, level=level, seed=seed)
+
+
+def summarise_dose_response(
+    table: SweepTable, direction: SteeringDirection, positions: str, *, n_boot: int, level: float, seed: int
+) -> DoseResponse:
+    alphas = table.alphas
+    entropy = table.mean("entropy")
+    slopes = slope(alphas, entropy)
+    probe_slope, low, high = slope_with_ci(
+        alphas, table.entropy[0], table.n_tokens, n_boot=n_boot, level=level, seed=seed
+    )
+    random_rows = [i for i, label in enumerate(table.labels) if label.startswith("random")]
+    random_slopes = slopes[random_rows]
+    ci = [
+        ratio_with_ci(table.entropy[0, j], table.n_tokens, n_boot=n_boot, level=level, seed=seed)[1:]
+        for j in range(len(alphas))
+    ]
+    return DoseResponse(
+        hook=direction.hook,
+        std=direction.std,
+        positions=positions,
+        alphas=alphas.tolist(),
+        labels=list(table.labels),
+        entropy=entropy.tolist(),
+        kl=table.mean("kl").tolist(),
+        top1_agreement=table.mean("agree").tolist(),
+        probe_entropy_ci=ci,
+        clean_entropy=float(table.clean_entropy.sum() / table.n_tokens.sum()),
+        slopes=slopes.tolist(),
+        probe_slope=probe_slope,
+        probe_slope_ci=(low, high),
+        random_slope_mean=float(random_slopes.mean()) if len(random_slopes) else float("nan"),
+        random_slope_std=float(random_slopes.std(ddof=1)) if len(random_slopes) > 1 else float("nan"),
+        z_score=zscore(probe_slope, random_slopes),
+        n_sequences=len(table.n_tokens),
+        n_tokens=int(table.n_tokens.sum()),
+        level=level,
+        n_forwards=table.n_forwards,
+    )
+
+
+def directional_ablation(
+    model,
+    items: Sequence,
+    probe,
+    *,
+    random_directions: int = 8,
+    orthogonal: bool = True,
+    positions: str = "response",
+    batch_size: int = 32,
+    seed: int = 0,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    progress: bool = True,
+) -> Ablation:
+    """Project the direction (and each control) out and measure the change in mean entropy."""
+    direction = _direction(model, probe)
+    encoded = encode_items(model, items)
+    vectors, labels = control_directions(direction, random_directions, seed, orthogonal)
+    table = run_sweep(
+        model, encoded, direction.hook, vectors, [1.0], labels=labels, kind="ablate",
+        positions=positions, batch_size=batch_size, progress=progress,
+    )
+    n_tokens = table.n_tokens.sum()
+    change = (table.entropy[:, 0].sum(-1) - table.clean_entropy.sum()) / n_tokens
+    _, low, high = ratio_with_ci(
+        table.entropy[0, 0] - table.clean_entropy, table.n_tokens, n_boot=n_boot, level=level, seed=seed
+    )
+    random_rows = [i for i, label in enumerate(labels) if label.startswith("random")]
+    random_changes = change[random_rows]
+    return Ablation(
+        hook=direction.hook,
+        positions=positions,
+        labels=labels,
+        entropy_change=change.tolist(),
+        kl=table.mean("kl")[:, 0].tolist(),
+        top1_agreement=table.mean("agree")[:, 0].tolist(),
+        probe_change_ci=(low, high),
+        clean_entropy=float(table.clean_entropy.sum() / n_tokens),
+        random_change_mean=float(random_changes.mean()) if len(random_changes) else float("nan"),
+        random_change_std=float(random_changes.std(ddof=1)) if len(random_changes) > 1 else float("nan"),
+        z_score=zscore(float(change[0]), random_changes),
+        n_sequences=len(table.n_tokens),
+        n_tokens=int(n_tokens),
+        level=level,
+    )

@@ -1,0 +1,243 @@
+"""Activation patching between paired runs, along a direction or of the whole activation.
+
+A pair is a *source* and a *destination* encoding of (usually) the same prompt, e.g. the model
+reading its own response (source) and another source's response (destination). For each hook
+(layer) and position group, the source activation is patched into the destination run (only its
+component along ``d``, or all of it), and we report the fraction of the entropy difference the
+patch closes::
+
+    fraction = mean_pairs(H_patched - H_destination) / mean_pairs(H_source - H_destination)
+
+where each ``H`` is the mean output entropy over the *measured span*: the first ``m`` response
+(scored) tokens, ``m = min(source, destination response lengths)``. 1 means the patch moves the
+destination all the way to the source; 0 means no effect.
+
+Position alignment (texts may differ in length): positions are aligned per group from the start
+of the response span (the first scored token), truncating to the shorter run:
+
+- ``response``: the k-th response token of the destination gets the k-th of the source,
+  for k < m;
+- ``first{K}`` (e.g. ``first4``): the same, for k < min(K, m);
+- ``prompt``: the tokens before the response, aligned backwards from the response start (the last
+  prompt token with the last prompt token, ...), truncated to the shorter prompt. With identical
+  prompts the two runs agree there (causal attention), so this patch should close ~0: a check.
+
+A pair where either run has no scored (response) tokens is refused with an error naming the pair.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from interventions.hooks import Patch, apply_all
+from interventions.stats import bootstrap_draws
+
+__all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group"]
+
+_FIRST = re.compile(r"^first(\d+)$")
+
+
+def parse_group(name: str) -> tuple[str, int | None]:
+    """``"prompt"``, ``"response"`` or ``"first{K}"`` -> (kind, K)."""
+    if name in ("prompt", "response"):
+        return name, None
+    match = _FIRST.match(name)
+    if match and int(match.group(1)) > 0:
+        return "first", int(match.group(1))
+    raise ValueError(f"unknown position group {name!r}; expected 'prompt', 'response' or 'first<K>' (e.g. 'first4')")
+
+
+def _response_positions(encoded, pair: int, side: str) -> np.ndarray:
+    positions = np.flatnonzero(encoded.scored)
+    if len(positions) == 0:
+        raise ValueError(
+            f"pair {pair}: the {side} has no scored (response) tokens, so its response span cannot be "
+            "aligned; give both runs a response (e.g. an assistant turn)"
+        )
+    return positions
+
+
+def align_positions(source, destination, group: str, pair: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(destination_positions, source_positions)`` aligned for ``group`` (see module doc)."""
+    kind, k = parse_group(group)
+    src, dst = _response_positions(source, pair, "source"), _response_positions(destination, pair, "destination")
+    m = min(len(src), len(dst))
+    if kind == "response":
+        return dst[:m], src[:m]
+    if kind == "first":
+        n = min(k, m)
+        return dst[:n], src[:n]
+    n = min(src[0], dst[0])  # prompt tokens before the response start, aligned backwards
+    return np.arange(dst[0] - n, dst[0]), np.arange(src[0] - n, src[0])
+
+
+@dataclass
+class PatchingResult:
+    """Fractions of the entropy difference closed, ``[component][hook][group]``."""
+
+    hooks: list[str]
+    groups: list[str]
+    components: list[str]  # "direction" (component along d) and/or "all" (whole activation)
+    fraction: dict[str, list[list[float]]]
+    fraction_ci: dict[str, list[list[tuple[float, float]]]]
+    entropy_patched: dict[str, list[list[float]]]  # mean over pairs of the measured-span mean
+    entropy_source: float
+    entropy_destination: float
+    per_pair_gap: list[float]  # H_source - H_destination per pair
+    n_pairs: int
+    n_measured_tokens: int
+    direction_hook: str | None
+    level: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _measured_entropy(logits, positions: np.ndarray, row: int) -> float:
+    from surprise_probe.metrics import output_entropy
+
+    selected = logits[row : row + 1, torch.as_tensor(positions)]
+    return float(output_entropy(selected).mean())
+
+
+def activation_patching(
+    model,
+    pairs: Sequence[tuple],
+    *,
+    hooks: Sequence[str],
+    groups: Sequence[str] = ("prompt", "response", "first4"),
+    direction=None,
+    components: Sequence[str] = ("direction", "all"),
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch source into destination per hook x group x component; see the module doc.
+
+    ``pairs``: ``(source, destination)`` items (texts / conversations / ``Encoded``).
+    ``direction``: a probe direction (``probes.ProbeDirection`` or ``SteeringDirection``); needed
+    for the ``"direction"`` component.
+    """
+    from interventions.directions import SteeringDirection, from_probe
+    from surprise_probe.capture import forward, resolve_hooks
+    from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
+
+    hooks = resolve_hooks(model, hooks=list(hooks))
+    for group in groups:
+        parse_group(group)
+    components = list(components)
+    for component in components:
+        if component not in ("direction", "all"):
+            raise ValueError(f"unknown patch component {component!r}; expected 'direction' or 'all'")
+    vector, direction_hook = None, None
+    if "direction" in components:
+        if direction is None:
+            raise ValueError("the 'direction' component needs a direction (probe); pass direction= or use components=('all',)")
+        steering = direction if isinstance(direction, SteeringDirection) else from_probe(model, direction)
+        vector, direction_hook = steering.direction, steering.hook
+    if not pairs:
+        raise ValueError("no pairs given; expected at least one (source, destination) pair")
+
+    def enc(item, where):
+        return item if isinstance(item, Encoded) else encode(model, item, index=where)
+
+    encoded = [(enc(s, f"pair {i} source"), enc(d, f"pair {i} destination")) for i, (s, d) in enumerate(pairs)]
+    alignments = {}
+    for i, (src, dst) in enumerate(encoded):
+        for group in groups:
+            alignments[i, group] = align_positions(src, dst, group, i)
+        alignments[i, "measured"] = align_positions(src, dst, "response", i)
+
+    conditions = [(c, h, g) for c in components for h in hooks for g in groups]
+    pad = pad_id(model)
+    n_pairs = len(encoded)
+    h_source, h_destination = np.zeros(n_pairs), np.zeros(n_pairs)
+    h_patched = np.zeros((len(conditions), n_pairs))
+    pairs_per_step = max(1, batch_size // max(1, len(conditions)))
+    steps = range(0, n_pairs, pairs_per_step)
+    bar = tqdm(total=n_pairs * len(conditions), desc="patching", unit="run", disable=not progress)
+    for start in steps:
+        chunk = list(range(start, min(n_pairs, start + pairs_per_step)))
+        source_batch = pad_batch([encoded[i][0] for i in chunk], pad)
+        destination_batch = pad_batch([encoded[i][1] for i in chunk], pad)
+        with torch.no_grad():
+            source_logits, source_acts = forward(model, source_batch, hooks)
+            destination_logits, _ = forward(model, destination_batch)
+        for row, i in enumerate(chunk):
+            dst_measured, src_measured = alignments[i, "measured"]
+            h_source[i] = _measured_entropy(source_logits, src_measured, row)
+            h_destination[i] = _measured_entropy(destination_logits, dst_measured, row)
+        rows = [(row, c) for row in range(len(chunk)) for c in range(len(conditions))]
+        for k in range(0, len(rows), batch_size):
+            block = rows[k : k + batch_size]
+            batch = pad_batch([encoded[chunk[row]][1] for row, _ in block], pad)
+            width = batch.tokens.shape[1]
+            patches = []
+            for component in components:
+                for hook in hooks:
+                    mask = torch.zeros(len(block), width, dtype=torch.bool)
+                    index = torch.zeros(len(block), width, dtype=torch.long)
+                    for r, (row, c) in enumerate(block):
+                        if conditions[c][:2] != (component, hook):
+                            continue
+                        dst_pos, src_pos = alignments[chunk[row], conditions[c][2]]
+                        mask[r, torch.as_tensor(dst_pos, dtype=torch.long)] = True
+                        index[r, torch.as_tensor(dst_pos, dtype=torch.long)] = torch.as_tensor(src_pos, dtype=torch.long)
+                    if mask.any():
+                        source = source_acts[hook][torch.tensor([row for row, _ in block])]
+                        patches.append(Patch(
+                            hooks=hook, positions=mask, source=source, source_index=index,
+                            direction=vector if component == "direction" else None,
+                        ))
+            with torch.no_grad(), apply_all(model, patches):
+                logits = model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")
+            for r, (row, c) in enumerate(block):
+                h_patched[c, chunk[row]] = _measured_entropy(logits, alignments[chunk[row], "measured"][0], r)
+            bar.update(len(block))
+    bar.close()
+
+    gap = h_source - h_destination
+    if np.abs(gap.mean()) < 1e-12:
+        raise ValueError(
+            "source and destination have the same mean entropy over the measured span (gap "
+            f"{gap.mean():.3g} nats), so the fraction of the gap a patch closes is undefined"
+        )
+    moved = h_patched - h_destination  # (n_cond, n_pairs)
+    fractions = moved.mean(1) / gap.mean()
+    draws = bootstrap_draws(n_pairs, n_boot, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = moved[:, draws].mean(-1) / gap[draws].mean(-1)  # (n_cond, n_boot)
+    tail = (1 - level) / 2
+    low, high = np.nanquantile(boot, tail, axis=1), np.nanquantile(boot, 1 - tail, axis=1)
+
+    def grid(values):
+        out = {}
+        for component in components:
+            out[component] = [
+                [values[conditions.index((component, h, g))] for g in groups] for h in hooks
+            ]
+        return out
+
+    return PatchingResult(
+        hooks=list(hooks),
+        groups=list(groups),
+        components=components,
+        fraction=grid([float(f) for f in fractions]),
+        fraction_ci=grid([(float(a), float(b)) for a, b in zip(low, high, strict=False)]),
+        entropy_patched=grid([float(v) for v in h_patched.mean(1)]),
+        entropy_source=float(h_source.mean()),
+        entropy_destination=float(h_destination.mean()),
+        per_pair_gap=gap.tolist(),
+        n_pairs=n_pairs,
+        n_measured_tokens=int(sum(len(alignments[i, "measured"][0]) for i in range(n_pairs))),
+        direction_hook=direction_hook,
+        level=level,
+    )

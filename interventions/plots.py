@@ -1,0 +1,124 @@
+"""Plotly figures for intervention results; pure functions returning ``go.Figure``.
+
+Write one with ``write_html(fig, path)``: plotly.js is embedded so the file opens offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = ["dose_response_figure", "ablation_figure", "patching_figure", "write_html"]
+
+_PROBE, _ORTHO, _RANDOM = "#d62728", "#1f77b4", "rgba(120,120,120,0.25)"
+
+
+def write_html(fig: go.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+def dose_response_figure(result) -> go.Figure:
+    """Entropy, KL from clean and top-1 agreement vs alpha: the probe (with its CI), the
+    orthogonal control, and the band (min..max) and mean of the random directions."""
+    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    alphas = np.asarray(data["alphas"])
+    labels = data["labels"]
+    random_rows = [i for i, label in enumerate(labels) if label.startswith("random")]
+    panels = [("entropy", "mean output entropy (nats)"), ("kl", "mean KL(steered || clean) (nats)"),
+              ("top1_agreement", "top-1 agreement with clean")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title in panels], horizontal_spacing=0.08)
+    for col, (key, _) in enumerate(panels, start=1):
+        values = np.asarray(data[key])
+        first = col == 1
+        if random_rows:
+            band = values[random_rows]
+            fig.add_trace(go.Scatter(
+                x=np.concatenate([alphas, alphas[::-1]]),
+                y=np.concatenate([band.max(0), band.min(0)[::-1]]),
+                fill="toself", fillcolor=_RANDOM, line={"width": 0}, hoverinfo="skip",
+                name=f"random directions (k={len(random_rows)}, min..max)", legendgroup="random",
+                showlegend=first,
+            ), row=1, col=col)
+            fig.add_trace(go.Scatter(
+                x=alphas, y=band.mean(0), mode="lines", line={"color": "gray", "dash": "dot"},
+                name="random mean", legendgroup="randmean", showlegend=first,
+            ), row=1, col=col)
+        if "orthogonal" in labels:
+            fig.add_trace(go.Scatter(
+                x=alphas, y=values[labels.index("orthogonal")], mode="lines+markers",
+                line={"color": _ORTHO}, name="orthogonal to probe", legendgroup="ortho", showlegend=first,
+            ), row=1, col=col)
+        error = None
+        if key == "entropy":
+            ci = np.asarray(data["probe_entropy_ci"])
+            error = {"type": "data", "symmetric": False, "array": ci[:, 1] - values[0],
+                     "arrayminus": values[0] - ci[:, 0]}
+        fig.add_trace(go.Scatter(
+            x=alphas, y=values[0], mode="lines+markers", line={"color": _PROBE, "width": 3},
+            error_y=error, name="probe direction", legendgroup="probe", showlegend=first,
+            hovertemplate="alpha=%{x}<br>%{y:.4f}<extra>probe</extra>",
+        ), row=1, col=col)
+        fig.update_xaxes(title_text="alpha (std of the probe projection)", row=1, col=col)
+    low, high = data["probe_slope_ci"]
+    fig.update_layout(
+        title=(f"Steering at {data['hook']} ({data['positions']} positions): entropy slope "
+               f"{data['probe_slope']:.4g} nats/std [{low:.4g}, {high:.4g}], z = {data['z_score']:.2f} "
+               f"vs random; {data['n_sequences']} sequences, {data['n_tokens']} scored tokens"),
+        template="plotly_white", height=450, width=1400, legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def ablation_figure(result) -> go.Figure:
+    """Entropy change when each direction is projected out; the probe bar carries its CI."""
+    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    labels, change = data["labels"], np.asarray(data["entropy_change"])
+    colors = [_PROBE if lab == "probe" else _ORTHO if lab == "orthogonal" else "gray" for lab in labels]
+    low, high = data["probe_change_ci"]
+    errors = np.zeros((2, len(labels)))
+    errors[:, 0] = [high - change[0], change[0] - low]
+    fig = go.Figure(go.Bar(
+        x=labels, y=change, marker_color=colors,
+        error_y={"type": "data", "symmetric": False, "array": errors[0], "arrayminus": errors[1]},
+        customdata=np.stack([data["kl"], data["top1_agreement"]], -1),
+        hovertemplate="%{x}<br>entropy change %{y:.4g} nats<br>KL %{customdata[0]:.4g}"
+                      "<br>top-1 agreement %{customdata[1]:.3f}<extra></extra>",
+    ))
+    fig.update_layout(
+        title=(f"Projecting the direction out at {data['hook']} ({data['positions']} positions): "
+               f"z = {data['z_score']:.2f} vs random"),
+        yaxis_title="mean entropy change (ablated - clean, nats)", template="plotly_white",
+    )
+    return fig
+
+
+def patching_figure(result) -> go.Figure:
+    """Layer x position-group heatmap of the fraction of the entropy gap closed, per component."""
+    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    components = data["components"]
+    names = {"direction": "component along d", "all": "whole activation"}
+    fig = make_subplots(rows=1, cols=len(components), subplot_titles=[names[c] for c in components])
+    for col, component in enumerate(components, start=1):
+        z = np.asarray(data["fraction"][component])
+        ci = np.asarray(data["fraction_ci"][component])
+        fig.add_trace(go.Heatmap(
+            z=z, x=data["groups"], y=data["hooks"], zmid=0, colorscale="RdBu_r", zmin=-1, zmax=1,
+            customdata=ci, text=np.round(z, 2), texttemplate="%{text}",
+            hovertemplate="%{y}<br>%{x}<br>fraction closed %{z:.3f}"
+                          "<br>CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>",
+            colorbar={"title": "fraction"}, showscale=col == len(components),
+        ), row=1, col=col)
+        fig.update_xaxes(title_text="patched positions", row=1, col=col)
+    fig.update_layout(
+        title=(f"Fraction of the entropy gap closed by patching source -> destination "
+               f"(source {data['entropy_source']:.3f}, destination {data['entropy_destination']:.3f} nats; "
+               f"{data['n_pairs']} pairs)"),
+        template="plotly_white", height=max(350, 40 * len(data["hooks"]) + 200),
+    )
+    return fig

@@ -1,0 +1,129 @@
+"""Benchmark: batched alpha sweep vs the one-alpha-at-a-time loop (same numbers, less time).
+
+    python scripts/bench_steering.py                                  # tiny random model, offline
+    python scripts/bench_steering.py --model smollm2-135m-instruct --out runs/bench_steering
+
+Both modes run the same dose-response (probe-like direction + orthogonal + k random directions,
+every alpha, every input) and must agree to ``--atol``. Prints a markdown table; with ``--out``
+also writes ``bench_steering.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _model(name: str, device: str):
+    if name in ("tiny", "tiny-bridge"):
+        from surprise_probe.testing import tiny_bridge, tiny_hooked_transformer
+
+        return tiny_hooked_transformer() if name == "tiny" else tiny_bridge()
+    from surprise_probe import load_model
+
+    return load_model(name, device=device)
+
+
+def _items(model, n: int) -> list:
+    from surprise_probe.testing import TINY_CORPUS
+
+    try:
+        from surprise_probe.io import builtin_items
+
+        items = [{"messages": item["messages"]} for item in builtin_items() if "messages" in item]
+    except (ImportError, FileNotFoundError, ValueError):
+        items = []
+    if len(items) < n or str(model.cfg.model_name).startswith("tiny"):
+        items = [
+            [{"role": "user", "content": TINY_CORPUS[i % len(TINY_CORPUS)]},
+             {"role": "assistant", "content": TINY_CORPUS[(i + 1) % len(TINY_CORPUS)]}]
+            for i in range(n)
+        ]
+    return items[:n]
+
+
+def _projection_std(model, encoded, hook: str, direction: torch.Tensor) -> float:
+    from surprise_probe.capture import forward
+    from surprise_probe.inputs import pad_batch, pad_id
+
+    batch = pad_batch(encoded, pad_id(model))
+    with torch.no_grad():
+        _, acts = forward(model, batch, [hook])
+    return float((acts[hook][batch.scored].float() @ direction).std())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="'tiny', 'tiny-bridge', or a name for surprise_probe.load_model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-inputs", type=int, default=8)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[-8, -4, -2, -1, 0, 1, 2, 4, 8])
+    parser.add_argument("--random-directions", type=int, default=8)
+    parser.add_argument("--layer", type=int, default=None, help="default: the middle layer")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward, both modes")
+    parser.add_argument("--repeats", type=int, default=3, help="best-of timing repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from interventions import SteeringDirection, dose_response
+    from surprise_probe.inputs import encode_all
+
+    model = _model(args.model, args.device)
+    layer = int(model.cfg.n_layers) // 2 if args.layer is None else args.layer
+    hook = f"blocks.{layer}.hook_resid_post"
+    encoded = encode_all(model, _items(model, args.n_inputs), truncate=True)
+    d = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0))
+    d = d / d.norm()
+    direction = SteeringDirection(d, hook, _projection_std(model, encoded, hook, d))
+    kwargs = dict(random_directions=args.random_directions, batch_size=args.batch_size, progress=False, n_boot=10)
+    dose_response(model, encoded[:1], direction, args.alphas[:2], random_directions=0, progress=False)  # warm-up
+
+    timings, results = {}, {}
+    for mode in ("loop", "batched"):
+        best = float("inf")
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            results[mode] = dose_response(model, encoded, direction, args.alphas, batched=mode == "batched", **kwargs)
+            best = min(best, time.perf_counter() - start)
+        timings[mode] = best
+    diff = max(
+        float(np.abs(np.asarray(getattr(results["batched"], key)) - np.asarray(getattr(results["loop"], key))).max())
+        for key in ("entropy", "kl", "top1_agreement")
+    )
+    speedup = timings["loop"] / timings["batched"]
+    n_tokens = results["batched"].n_tokens
+    n_conditions = len(results["batched"].labels) * len(args.alphas)
+    print(f"model {model.cfg.model_name}, hook {hook}, {len(encoded)} inputs ({n_tokens} scored tokens), "
+          f"{len(results['batched'].labels)} directions x {len(args.alphas)} alphas = {n_conditions} conditions, "
+          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    print()
+    print(f"| mode | forward passes | seconds (best of {args.repeats}) | speedup | max abs diff vs loop |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| loop (one alpha at a time) | {results['loop'].n_forwards} | {timings['loop']:.3f} | 1.00x | 0 |")
+    print(f"| batched alphas | {results['batched'].n_forwards} | {timings['batched']:.3f} | {speedup:.2f}x | {diff:.2e} |")
+    ok = diff <= args.atol
+    print(f"\nsame result within atol {args.atol}: {'yes' if ok else 'NO'}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_steering.json").write_text(json.dumps({
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "model_id": str(model.cfg.model_name), "hook": hook, "n_tokens": n_tokens,
+            "seconds": timings, "forwards": {m: r.n_forwards for m, r in results.items()},
+            "speedup": speedup, "max_abs_diff": diff, "torch_threads": torch.get_num_threads(),
+        }, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""``surprise-probe steer`` / ``patch`` end to end on the tiny model, with a real probe file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interventions import cli as interventions_cli
+from surprise_probe.cli import main
+from surprise_probe.models import model_id
+from tests.conftest import CONVERSATION, TEXTS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread (and do not stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def probe_file(tiny_hooked, tmp_path):
+    probes = pytest.importorskip("probes")
+    d = np.random.default_rng(0).normal(size=tiny_hooked.cfg.d_model)
+    direction = probes.ProbeDirection(
+        d / np.linalg.norm(d), mean=0.1, std=1.7, hook="blocks.1.hook_resid_post", layer=1,
+        model_id=model_id(tiny_hooked), d_model=tiny_hooked.cfg.d_model, target="output_entropy",
+    )
+    return direction.save(tmp_path / "probe")
+
+
+@pytest.fixture
+def use_tiny(monkeypatch, tiny_hooked):
+    monkeypatch.setattr(interventions_cli, "_load_model", lambda name, device: tiny_hooked)
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def test_steer_writes_json_and_offline_html(use_tiny, probe_file, tmp_path, capsys):
+    inputs = _jsonl(tmp_path / "in.jsonl", [{"messages": CONVERSATION}, {"text": TEXTS[0]}, {"text": TEXTS[1]}])
+    out = tmp_path / "steer"
+    code = main(["steer", "--probe", str(probe_file), "--input", str(inputs), "--alphas", "-2", "0", "2",
+                 "--random-directions", "3", "--out", str(out), "--samples", "1", "--max-new-tokens", "3",
+                 "--n-boot", "50", "--no-progress"])
+    assert code == 0
+    payload = json.loads((out / "steer.json").read_text())
+    assert payload["config"]["alphas"] == [-2.0, 0.0, 2.0]
+    result = payload["dose_response"]
+    assert result["hook"] == "blocks.1.hook_resid_post" and result["std"] == pytest.approx(1.7)
+    assert result["labels"] == ["probe", "orthogonal", "random 0", "random 1", "random 2"]
+    assert np.asarray(result["entropy"]).shape == (5, 3)
+    assert len(payload["ablation"]["entropy_change"]) == 5
+    assert [row["alpha"] for row in payload["samples"]] == [-2.0, 0.0, 2.0]
+    for name in ("dose_response.html", "ablation.html"):
+        html = (out / name).read_text()
+        assert "plotly.js" in html or "Plotly" in html
+        assert len(html) > 1_000_000  # plotly.js embedded: opens offline
+    assert "entropy slope" in capsys.readouterr().out
+
+
+def test_patch_writes_heatmap(use_tiny, probe_file, tmp_path):
+    def conversation(answer):
+        return [{"role": "user", "content": "Hello world, how are you today?"}, {"role": "assistant", "content": answer}]
+
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [
+        {"source": {"messages": conversation("A cat sat on the mat.")},
+         "destination": {"messages": conversation("Rivers flow to the sea.")}},
+        {"source": conversation("Numbers like 12 appear."), "destination": conversation("The quick brown fox.")},
+    ])
+    out = tmp_path / "patch"
+    code = main(["patch", "--probe", str(probe_file), "--pairs", str(pairs), "--out", str(out),
+                 "--groups", "prompt", "response", "first2", "--n-boot", "50", "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "patch.json").read_text())["patching"]
+    assert result["hooks"] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert np.asarray(result["fraction"]["all"]).shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(result["fraction"]["all"])[:, 1], 1.0, atol=1e-4)
+    assert "Plotly" in (out / "patching.html").read_text()
+
+
+def test_cli_errors_name_the_bad_value(use_tiny, tiny_hooked, tmp_path, capsys):
+    probes = pytest.importorskip("probes")
+    d = np.ones(tiny_hooked.cfg.d_model) / np.sqrt(tiny_hooked.cfg.d_model)
+    other = probes.ProbeDirection(d, mean=0.0, std=1.0, hook="blocks.0.hook_resid_post", layer=0,
+                                  model_id="another-model", d_model=tiny_hooked.cfg.d_model, target="x")
+    path = other.save(tmp_path / "other")
+    inputs = _jsonl(tmp_path / "in.jsonl", [{"text": TEXTS[0]}])
+    assert main(["steer", "--probe", str(path), "--input", str(inputs), "--out", str(tmp_path / "o")]) == 2
+    assert "another-model" in capsys.readouterr().err
+    bad_pairs = _jsonl(tmp_path / "bad.jsonl", [{"source": {"text": TEXTS[0]}}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected an object with 'source' and 'destination'"):
+        interventions_cli.read_pairs(bad_pairs)
