@@ -1,0 +1,206 @@
+"""Figures of probe results; each function returns a ``plotly.graph_objects.Figure``.
+
+Write one with ``fig.write_html(path, include_plotlyjs=True)`` to get a file that opens offline.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import plotly.graph_objects as go
+
+from probes.results import EMBEDDING_HOOK, SweepResult
+
+__all__ = ["layer_sweep_figure", "alpha_curve_figure"]
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+
+
+def _kind(hook: str) -> str:
+    """One curve per kind of hook; ``hook_resid_pre/mid/post`` are all the residual stream."""
+    kind = re.sub(r"^blocks\.\d+\.", "", hook)
+    return "residual stream" if kind.startswith("hook_resid_") else kind
+
+
+def _band(x, low, high, color: str, name: str, group: str, opacity: float = 0.18) -> go.Scatter:
+    return go.Scatter(
+        x=list(x) + list(x)[::-1],
+        y=list(high) + list(low)[::-1],
+        fill="toself",
+        fillcolor=color,
+        opacity=opacity,
+        line={"width": 0},
+        hoverinfo="skip",
+        name=name,
+        legendgroup=group,
+        showlegend=False,
+    )
+
+
+def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figure:
+    """Held-out R^2 per hook depth with 95% CI bands, beside the controls.
+
+    Curves: the probe (one per kind of hook, e.g. ``hook_resid_post``); the probe on the target
+    minus its token-identity mean (what the activations add beyond the token's identity); the
+    shuffled-label control (mean, band = min..max over shuffles). Horizontal line + band: the
+    per-token-type mean baseline. The embedding-layer probe is marked at depth 0.
+    """
+    fig = go.Figure()
+    rows = [r for r in result.hooks if np.isfinite(r.depth)]
+    kinds = list(dict.fromkeys(_kind(r.hook) for r in rows))
+    for i, kind in enumerate(kinds):
+        members = sorted((r for r in rows if _kind(r.hook) == kind), key=lambda r: r.depth)
+        depth = [r.depth for r in members]
+        color = _PALETTE[i % len(_PALETTE)]
+        label = f"probe ({kind})" if len(kinds) > 1 else "probe"
+        fig.add_trace(
+            _band(
+                depth,
+                [r.r2.low for r in members],
+                [r.r2.high for r in members],
+                color,
+                label,
+                label,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=depth,
+                y=[r.r2.value for r in members],
+                mode="lines+markers",
+                name=label,
+                legendgroup=label,
+                line={"color": color, "width": 2.5},
+                customdata=[
+                    [
+                        r.hook,
+                        r.alpha,
+                        r.pearson_r.value,
+                        r.r2.low,
+                        r.r2.high,
+                        r.shuffle_p,
+                        r.selectivity,
+                    ]
+                    for r in members
+                ],
+                hovertemplate=(
+                    "%{customdata[0]}<br>R^2 %{y:.3f} [%{customdata[3]:.3f}, %{customdata[4]:.3f}]"
+                    "<br>r %{customdata[2]:.3f}<br>alpha %{customdata[1]:.3g}"
+                    "<br>shuffle p %{customdata[5]:.3f}<br>R^2 - token mean %{customdata[6]:.3f}<extra></extra>"
+                ),
+            )
+        )
+    ordered = sorted(rows, key=lambda r: r.depth)
+    depth = [r.depth for r in ordered]
+    residual_color = "#ff7f0e"
+    label = "probe on target minus token mean"
+    fig.add_trace(
+        _band(
+            depth,
+            [r.residual_r2.low for r in ordered],
+            [r.residual_r2.high for r in ordered],
+            residual_color,
+            label,
+            label,
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=depth,
+            y=[r.residual_r2.value for r in ordered],
+            mode="lines+markers",
+            name=label,
+            legendgroup=label,
+            line={"color": residual_color, "dash": "dot"},
+            customdata=[[r.hook] for r in ordered],
+            hovertemplate="%{customdata[0]}<br>residual R^2 %{y:.3f}<extra></extra>",
+        )
+    )
+    shuffles = [r for r in ordered if r.shuffle_r2]
+    if shuffles:
+        label = f"shuffled labels ({len(shuffles[0].shuffle_r2)} shuffles)"
+        grey = "#7f7f7f"
+        x = [r.depth for r in shuffles]
+        fig.add_trace(
+            _band(
+                x,
+                [min(r.shuffle_r2) for r in shuffles],
+                [max(r.shuffle_r2) for r in shuffles],
+                grey,
+                label,
+                label,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[float(np.mean(r.shuffle_r2)) for r in shuffles],
+                mode="lines",
+                name=label,
+                legendgroup=label,
+                line={"color": grey, "dash": "dash"},
+                hovertemplate="shuffled R^2 %{y:.4f}<extra></extra>",
+            )
+        )
+    token_mean = result.controls["token_mean_r2"]
+    if depth:
+        x = [min(depth), max(depth)]
+        label = "token-identity mean"
+        black = "#222222"
+        fig.add_trace(
+            _band(x, [token_mean.low] * 2, [token_mean.high] * 2, black, label, label, 0.1)
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[token_mean.value] * 2,
+                mode="lines",
+                name=label,
+                legendgroup=label,
+                line={"color": black, "dash": "longdash", "width": 1.5},
+                hovertemplate=f"token-identity mean R^2 {token_mean}<extra></extra>",
+            )
+        )
+    embedding = next((r for r in rows if r.hook == EMBEDDING_HOOK), None)
+    if embedding is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=[embedding.depth],
+                y=[embedding.r2.value],
+                mode="markers",
+                marker={"symbol": "diamond-open", "size": 14, "color": "#222222"},
+                name="embedding probe (token identity)",
+                hovertemplate=f"{EMBEDDING_HOOK}<br>R^2 {embedding.r2}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=title
+        or (
+            f"Linear probe for {result.target} — {result.model_id} "
+            f"({result.n_tokens} tokens, {result.n_sequences} sequences, {result.config['n_folds']}-fold grouped CV)"
+        ),
+        xaxis_title="hook depth (blocks the residual stream has passed)",
+        yaxis_title="held-out R² (95% CI over sequences)",
+        template="plotly_white",
+        hovermode="closest",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.18},
+    )
+    return fig
+
+
+def alpha_curve_figure(result: SweepResult, hooks: list[str] | None = None) -> go.Figure:
+    """Pooled held-out R^2 against the ridge alpha, one line per hook (is the grid wide enough?)."""
+    alphas = result.config["alphas"]
+    fig = go.Figure()
+    for r in result.hooks:
+        if hooks is not None and r.hook not in hooks:
+            continue
+        fig.add_trace(go.Scatter(x=alphas, y=r.cv_r2_by_alpha, mode="lines+markers", name=r.hook))
+    fig.update_layout(
+        xaxis={"type": "log", "title": "ridge alpha (on standardised features)"},
+        yaxis_title="held-out R² (outer folds)",
+        template="plotly_white",
+        title=f"Ridge alpha grid — {result.target}",
+    )
+    return fig

@@ -1,0 +1,221 @@
+"""Results of a layer sweep: one row per hook, the controls, tables, JSON and probe directions."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from jaxtyping import Float
+
+from probes._json import to_json
+from probes.scoring import Estimate
+
+__all__ = ["EMBEDDING_HOOK", "HookResult", "SweepResult", "hook_depth", "hook_layer"]
+
+EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
+
+
+def hook_depth(hook: str) -> float:
+    """Blocks the residual stream has passed at ``hook`` (``surprise_probe.hook_depth``)."""
+    try:
+        from surprise_probe.store import hook_depth as depth
+    except ImportError:  # pragma: no cover - the core package is a dependency
+        match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
+        return float("nan") if not match else int(match.group(1)) + (match.group(2) == "post")
+    return depth(hook)
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block index in a hook name (``blocks.3.hook_resid_post`` -> 3), else None."""
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class HookResult:
+    """One row of the sweep: the held-out scores of the probe at one hook, and its controls."""
+
+    hook: str
+    depth: float
+    layer: int | None
+    alpha: float  # chosen by k-fold CV on all tokens; the alpha of the saved direction
+    fold_alphas: list[float]  # chosen per outer fold (nested CV); the held-out scores use these
+    r2: Estimate
+    pearson_r: Estimate
+    residual_r2: Estimate  # predicting target minus token-identity mean
+    shuffle_r2: list[float]  # pooled held-out R^2 of probes fitted to shuffled targets
+    shuffle_p: float  # (1 + #shuffles with R^2 >= real) / (1 + #shuffles)
+    selectivity: float  # r2 minus the token-identity mean's R^2
+    cv_r2_by_alpha: list[float]  # pooled held-out R^2 at each alpha (outer folds, no nesting)
+    fold_r2: list[float]  # held-out R^2 of each outer fold
+    stats_r2: float  # the same pooled R^2 computed from the statistics (a consistency check)
+    coef: Float[np.ndarray, " d"] = field(repr=False)  # all-token fit at `alpha`, activation space
+    intercept: float = field(repr=False, default=0.0)
+    projection_mean: float = field(repr=False, default=0.0)
+    projection_std: float = field(repr=False, default=0.0)
+
+    def row(self) -> dict:
+        """Flat dict for the CSV table."""
+        return {
+            "hook": self.hook,
+            "depth": self.depth,
+            "layer": self.layer,
+            "alpha": self.alpha,
+            "r2": self.r2.value,
+            "r2_low": self.r2.low,
+            "r2_high": self.r2.high,
+            "pearson_r": self.pearson_r.value,
+            "pearson_r_low": self.pearson_r.low,
+            "pearson_r_high": self.pearson_r.high,
+            "residual_r2": self.residual_r2.value,
+            "residual_r2_low": self.residual_r2.low,
+            "residual_r2_high": self.residual_r2.high,
+            "shuffle_r2_mean": float(np.mean(self.shuffle_r2)) if self.shuffle_r2 else float("nan"),
+            "shuffle_r2_max": float(np.max(self.shuffle_r2)) if self.shuffle_r2 else float("nan"),
+            "shuffle_p": self.shuffle_p,
+            "selectivity": self.selectivity,
+        }
+
+    def to_dict(self) -> dict:
+        out = self.row()
+        for name in ("r2", "pearson_r", "residual_r2"):
+            out[name] = getattr(self, name).to_dict()
+            for suffix in ("_low", "_high"):
+                out.pop(name + suffix, None)
+        out.update(
+            fold_alphas=self.fold_alphas,
+            shuffle_r2=self.shuffle_r2,
+            cv_r2_by_alpha=self.cv_r2_by_alpha,
+            fold_r2=self.fold_r2,
+            stats_r2=self.stats_r2,
+            projection_mean=self.projection_mean,
+            projection_std=self.projection_std,
+        )
+        return out
+
+
+@dataclass
+class SweepResult:
+    """Every hook's probe scores, the controls, and what is needed to save a probe direction."""
+
+    model_id: str
+    d_model: int
+    target: str
+    config: dict
+    hooks: list[HookResult]
+    controls: dict  # token_mean_r2, token_mean_r, surprise_entropy_r (Estimates), embedding_hook
+    n_tokens: int
+    n_sequences: int
+    data_hash: str
+    predictions: dict = field(repr=False, default_factory=dict)  # held-out predictions per token
+
+    def __getitem__(self, hook: str) -> HookResult:
+        for result in self.hooks:
+            if result.hook == hook:
+                return result
+        raise KeyError(f"hook {hook!r} is not in this sweep; hooks: {[r.hook for r in self.hooks]}")
+
+    def best_hook(self) -> str:
+        """The hook with the highest held-out R^2 (the embedding only if it is the only hook)."""
+        candidates = [r for r in self.hooks if r.hook != EMBEDDING_HOOK] or self.hooks
+        return max(candidates, key=lambda r: r.r2.value).hook
+
+    def table(self) -> list[dict]:
+        control = self.controls
+        rows = []
+        for result in self.hooks:
+            row = result.row()
+            row["token_mean_r2"] = control["token_mean_r2"].value
+            embedding = control.get("embedding_r2")
+            row["embedding_r2"] = embedding.value if embedding is not None else float("nan")
+            correlation = control.get("surprise_entropy_r")
+            row["surprise_entropy_r"] = (
+                correlation.value if correlation is not None else float("nan")
+            )
+            row["n_tokens"] = self.n_tokens
+            row["n_sequences"] = self.n_sequences
+            rows.append(row)
+        return rows
+
+    def to_markdown(self) -> str:
+        head = "| hook | depth | alpha | R^2 [95% CI] | r | residual R^2 | shuffle R^2 (p) |"
+        lines = [head, "|---|---:|---:|---|---:|---:|---|"]
+        for r in self.hooks:
+            row = r.row()
+            lines.append(
+                f"| {r.hook} | {r.depth:g} | {r.alpha:.3g} | {r.r2} | {r.pearson_r.value:.3f} | "
+                f"{r.residual_r2.value:.3f} | {row['shuffle_r2_mean']:.3f} ({r.shuffle_p:.3f}) |"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        controls = {
+            key: (value.to_dict() if isinstance(value, Estimate) else value)
+            for key, value in self.controls.items()
+        }
+        return {
+            "model_id": self.model_id,
+            "d_model": self.d_model,
+            "target": self.target,
+            "n_tokens": self.n_tokens,
+            "n_sequences": self.n_sequences,
+            "data_hash": self.data_hash,
+            "config": self.config,
+            "best_hook": self.best_hook(),
+            "controls": controls,
+            "hooks": [r.to_dict() for r in self.hooks],
+        }
+
+    def write_csv(self, path: str | Path) -> Path:
+        rows = self.table()
+        path = Path(path)
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(to_json(self.to_dict()))
+        return path
+
+    def direction(self, hook: str | None = None):
+        """The :class:`probes.ProbeDirection` of the all-token probe at ``hook`` (default: best)."""
+        from probes.direction import ProbeDirection
+
+        result = self[hook or self.best_hook()]
+        norm = float(np.linalg.norm(result.coef))
+        if norm == 0:
+            raise ValueError(f"the probe at {result.hook!r} has zero weights; it has no direction")
+        metrics = {
+            "r2": result.r2.to_dict(),
+            "pearson_r": result.pearson_r.to_dict(),
+            "residual_r2": result.residual_r2.to_dict(),
+            "shuffle_p": result.shuffle_p,
+            "shuffle_r2_mean": result.row()["shuffle_r2_mean"],
+            "token_mean_r2": self.controls["token_mean_r2"].to_dict(),
+            "selectivity": result.selectivity,
+            "alpha": result.alpha,
+            "n_tokens": self.n_tokens,
+            "n_sequences": self.n_sequences,
+            "n_folds": self.config["n_folds"],
+        }
+        return ProbeDirection(
+            direction=result.coef / norm,
+            mean=result.projection_mean,
+            std=result.projection_std,
+            hook=result.hook,
+            layer=result.layer,
+            model_id=self.model_id,
+            d_model=int(len(result.coef)),
+            target=self.target,
+            metrics=metrics,
+            data_hash=hashlib.sha256(f"{self.data_hash}|{result.hook}".encode()).hexdigest(),
+            coef_norm=norm,
+            intercept=result.intercept,
+        )

@@ -1,0 +1,412 @@
+"""Layer sweeps: ridge probes for every hook and every alpha from one pass over a capture.
+
+:func:`fit_sweep` reads a capture (``surprise_probe.load_capture`` or :class:`probes.ArrayCapture`)
+in three steps:
+
+0. the small per-token columns (targets, token ids, sequence ids) of every shard: selects the
+   tokens, assigns folds grouped by sequence, and builds the control targets;
+1. the activations, shard by shard: accumulates float64 sufficient statistics per hook and per
+   fold, for the real target and every control target at once;
+2. the activations again: held-out predictions of the chosen probes, for sequence-bootstrap CIs.
+
+Everything else (every alpha, every fold, nested alpha selection, the shuffled controls) is
+solved from the statistics. See docs/probes.md for what is fitted and how to read the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from probes.controls import token_mean_predictions
+from probes.folds import assign_folds
+from probes.results import EMBEDDING_HOOK, HookResult, SweepResult, hook_depth, hook_layer
+from probes.ridge import RidgeStats, heldout_sums, solve_ridge
+from probes.scoring import SequenceBootstrap, r2_from_sums
+from probes.targets import TargetData, TokenTarget, select_target, shard_label
+
+__all__ = ["DEFAULT_ALPHAS", "fit_sweep"]
+
+DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
+
+
+def _check_hooks(run, hooks) -> list[str]:
+    captured = list(run.hooks)
+    hooks = captured if hooks is None else list(dict.fromkeys(hooks))
+    if not hooks:
+        raise ValueError(f"no hooks to fit; captured hooks: {captured}")
+    for hook in hooks:
+        if hook not in captured:
+            raise ValueError(f"hook {hook!r} was not captured; captured hooks: {captured}")
+    return hooks
+
+
+def _data_hash(run, target: TargetData) -> str:
+    manifest = getattr(run, "manifest", {}) or {}
+    digest = hashlib.sha256()
+    digest.update(
+        str(manifest.get("content_hash") or manifest.get("inputs_hash") or run.model_id).encode()
+    )
+    digest.update(target.name.encode())
+    for array in (target.y, target.sequence_ids, target.positions):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _shard_activations(shard, hook: str, mask, label: str, sequence_ids, positions) -> np.ndarray:
+    values = np.asarray(shard.activations(hook)[mask])
+    values = values.reshape(len(values), -1)
+    finite = np.isfinite(values).all(1)
+    if not finite.all():
+        i = np.flatnonzero(~finite)[0]
+        raise ValueError(
+            f"activations at {hook!r} are not finite ({int((~finite).sum())} token(s)) in {label}, first at "
+            f"sequence {sequence_ids[i]}, position {positions[i]}; recapture (e.g. in float32) or drop those sequences"
+        )
+    return values
+
+
+@dataclass
+class _HookFit:
+    outer_coef: np.ndarray  # (k, 2, d): per outer fold, [target, residual target]
+    outer_intercept: np.ndarray  # (k, 2)
+    fold_alphas: list[float]
+    alpha: float
+    cv_r2_by_alpha: list[float]
+    stats_r2: float
+    shuffle_r2: list[float]
+    coef: np.ndarray
+    intercept: float
+    projection_mean: float
+    projection_std: float
+
+
+def _fit_hook(
+    fold_stats: list[RidgeStats],
+    alphas: np.ndarray,
+    nested: bool,
+    standardize: bool,
+    n_shuffles: int,
+) -> _HookFit:
+    """Solve every fold, alpha and target column of one hook from its per-fold statistics.
+
+    Target columns: 0 = target, 1..k = target minus the token-identity mean of fold f's training
+    tokens, k+1.. = shuffled targets.
+    """
+    k = len(fold_stats)
+    total = fold_stats[0]
+    for stats in fold_stats[1:]:
+        total = total + stats
+    outer = [solve_ridge(total - fold_stats[f], alphas, standardize) for f in range(k)]
+    outer_sums = [heldout_sums(fold_stats[f], outer[f]) for f in range(k)]
+    outer_sse = np.stack([s["sse"] for s in outer_sums])  # (k, a, t)
+
+    if nested:
+        inner_sse = np.zeros_like(outer_sse)  # inner_sse[f]: summed over inner folds g != f
+        for f in range(k):
+            for g in range(f + 1, k):
+                pair = solve_ridge(total - fold_stats[f] - fold_stats[g], alphas, standardize)
+                inner_sse[f] += heldout_sums(fold_stats[g], pair)["sse"]
+                inner_sse[g] += heldout_sums(fold_stats[f], pair)["sse"]
+        chosen = inner_sse.argmin(1)  # (k, t)
+    else:
+        chosen = np.broadcast_to(outer_sse.sum(0).argmin(0), (k, outer_sse.shape[2]))
+
+    def pooled_r2(column: int, alpha_index_per_fold) -> float:
+        sums = {
+            name: sum(outer_sums[f][name][alpha_index_per_fold[f], column] for f in range(k))
+            for name in ("n", "sum_y", "sum_yy", "sse")
+        }
+        return float(r2_from_sums(sums["n"], sums["sum_y"], sums["sum_yy"], sums["sse"]))
+
+    n_alphas = len(alphas)
+    cv_r2_by_alpha = [pooled_r2(0, [a] * k) for a in range(n_alphas)]
+    first_shuffle = 1 + k
+    shuffle_r2 = [
+        pooled_r2(first_shuffle + s, chosen[:, first_shuffle + s]) for s in range(n_shuffles)
+    ]
+
+    outer_coef = np.stack(
+        [
+            np.stack([outer[f].coef[chosen[f, 0], 0], outer[f].coef[chosen[f, 1 + f], 1 + f]])
+            for f in range(k)
+        ]
+    )
+    outer_intercept = np.array(
+        [
+            [outer[f].intercept[chosen[f, 0], 0], outer[f].intercept[chosen[f, 1 + f], 1 + f]]
+            for f in range(k)
+        ]
+    )
+    best = int(np.argmax(cv_r2_by_alpha))
+    final = solve_ridge(total, alphas[best : best + 1], standardize)
+    coef = final.coef[0, 0]
+    unit = coef / max(np.linalg.norm(coef), np.finfo(float).tiny)
+    variance = unit @ total.centered_gram() @ unit / total.n
+    return _HookFit(
+        outer_coef=outer_coef,
+        outer_intercept=outer_intercept,
+        fold_alphas=[float(alphas[chosen[f, 0]]) for f in range(k)],
+        alpha=float(alphas[best]),
+        cv_r2_by_alpha=cv_r2_by_alpha,
+        stats_r2=pooled_r2(0, chosen[:, 0]),
+        shuffle_r2=shuffle_r2,
+        coef=coef,
+        intercept=float(final.intercept[0, 0]),
+        projection_mean=float(total.mean_x @ unit),
+        projection_std=float(np.sqrt(max(variance, 0.0))),
+    )
+
+
+def _accumulate(
+    run, data: TargetData, hooks, folds, n_folds, columns, pool, progress
+) -> dict[str, list[RidgeStats]]:
+    """Step 1: one pass over the shards; per hook and fold, float64 sufficient statistics."""
+    stats: dict[str, list[RidgeStats]] = {}
+    shift_y = columns.mean(0)
+
+    def add(shard, hook, mask, label, chunk, by_fold) -> None:
+        X = _shard_activations(
+            shard, hook, mask, label, data.sequence_ids[chunk], data.positions[chunk]
+        )
+        if hook not in stats:
+            # shift by the first shard's mean so the float64 sums stay small (exact centring later)
+            shift_x = X.mean(0, dtype=np.float64)
+            stats[hook] = [
+                RidgeStats(X.shape[1], columns.shape[1], shift_x, shift_y) for _ in range(n_folds)
+            ]
+        elif X.shape[1] != stats[hook][0].n_features:
+            raise ValueError(
+                f"activations at {hook!r} have width {X.shape[1]} in {label} but {stats[hook][0].n_features} before"
+            )
+        Y = columns[chunk]
+        for fold, members in enumerate(by_fold):
+            if len(members):
+                stats[hook][fold].update(X[members], Y[members])
+
+    offset = 0
+    shards = tqdm(
+        run.shards(),
+        total=getattr(run, "n_shards", None),
+        desc="fit: reading shards",
+        unit="shard",
+        disable=not progress,
+    )
+    for index, shard in enumerate(shards):
+        mask = data.masks[index]
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        chunk = slice(offset, offset + count)
+        offset += count
+        shard_folds = folds[chunk]
+        by_fold = [np.flatnonzero(shard_folds == f) for f in range(n_folds)]
+        label = shard_label(shard, index)
+        jobs = [pool.submit(add, shard, hook, mask, label, chunk, by_fold) for hook in hooks]
+        for job in jobs:
+            job.result()  # re-raises the first error (e.g. non-finite activations)
+    return stats
+
+
+def fit_sweep(
+    run,
+    target: str | Path | TokenTarget | np.ndarray = "surprise",
+    *,
+    hooks: list[str] | None = None,
+    alphas=None,
+    n_folds: int = 5,
+    seed: int = 0,
+    n_shuffles: int = 20,
+    n_boot: int = 1000,
+    nested: bool = True,
+    standardize: bool = True,
+    progress: bool = True,
+) -> SweepResult:
+    """Fit and score a ridge probe at every hook of ``run``, with controls.
+
+    ``target``: ``"surprise"`` (default), ``"entropy"``, a :class:`~probes.targets.TokenTarget`,
+    a 1-D array in capture order, or a path to a ``.npy``/``.npz`` target file. ``alphas``: the
+    ridge grid (default ``DEFAULT_ALPHAS``). With ``nested`` (default, needs ``n_folds >= 3``),
+    each outer fold chooses its alpha by an inner CV over the other folds, so the reported
+    held-out scores never saw the data that chose the alpha.
+
+    >>> import surprise_probe as sp                                # doctest: +SKIP
+    >>> result = fit_sweep(sp.load_capture("runs/capture"))        # doctest: +SKIP
+    >>> print(result.to_markdown())                                # doctest: +SKIP
+    """
+    hooks = _check_hooks(run, hooks)
+    alphas = np.sort(
+        np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64).reshape(-1)
+    )
+    if len(alphas) == 0 or np.any(~np.isfinite(alphas)) or np.any(alphas <= 0):
+        raise ValueError(
+            f"alphas must be a non-empty list of finite values > 0, got {alphas.tolist()}"
+        )
+    if n_shuffles < 0:
+        raise ValueError(f"n_shuffles must be >= 0, got {n_shuffles}")
+    nested = bool(nested and n_folds >= 3)
+
+    # step 0: tokens, targets, folds, control targets
+    data = select_target(run, target)
+    try:
+        folds = assign_folds(data.sequence_ids, n_folds, seed)
+    except ValueError as error:
+        raise ValueError(f"target {data.name!r}: {error}") from None
+    for fold in range(n_folds):
+        rest = data.y[folds != fold]
+        if np.ptp(rest) == 0:
+            raise ValueError(
+                f"target {data.name!r} is constant ({rest[0]}) on the training tokens of fold {fold}; "
+                "nothing to fit there (capture more varied sequences)"
+            )
+    token_means = token_mean_predictions(data.token_ids, data.y, folds, n_folds)
+    rows = np.arange(data.n_tokens)
+    token_mean_oof = token_means[rows, folds]
+    rng = np.random.default_rng(seed + 1)
+    shuffled = [data.y[rng.permutation(data.n_tokens), None] for _ in range(n_shuffles)]
+    columns = np.concatenate([data.y[:, None], data.y[:, None] - token_means, *shuffled], axis=1)
+
+    # Hooks run in parallel threads with one BLAS thread each: numpy releases the GIL inside BLAS
+    # and LAPACK, and multi-threaded BLAS on these few-hundred-wide matrices spin-waits, which is
+    # up to 10x slower whenever another process holds a core.
+    workers = max(1, min(len(hooks), os.cpu_count() or 1))
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        stats = _accumulate(run, data, hooks, folds, n_folds, columns, pool, progress)
+
+        def solve(hook: str) -> tuple[str, _HookFit]:
+            return hook, _fit_hook(stats.pop(hook), alphas, nested, standardize, n_shuffles)
+
+        fits: dict[str, _HookFit] = dict(
+            tqdm(
+                pool.map(solve, hooks),
+                total=len(hooks),
+                desc="fit: solve",
+                unit="hook",
+                disable=not progress,
+            )
+        )
+
+    # step 2: held-out predictions of the chosen probes
+    predictions = {hook: np.empty((data.n_tokens, 2)) for hook in hooks}
+    offset = 0
+    for index, shard in enumerate(
+        tqdm(
+            run.shards(),
+            total=getattr(run, "n_shards", None),
+            desc="fit: held-out predictions",
+            unit="shard",
+            disable=not progress,
+        )
+    ):
+        mask = data.masks[index]
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        chunk = slice(offset, offset + count)
+        offset += count
+        shard_folds = folds[chunk]
+        for hook in hooks:
+            X = np.asarray(shard.activations(hook)[mask], dtype=np.float64).reshape(count, -1)
+            fit = fits[hook]
+            k = fit.outer_coef.shape[0]
+            per_fold = (X @ fit.outer_coef.reshape(2 * k, -1).T).reshape(
+                count, k, 2
+            ) + fit.outer_intercept[None]
+            predictions[hook][chunk] = per_fold[np.arange(count), shard_folds]
+
+    # scores
+    boot = SequenceBootstrap(data.sequence_ids, n_boot=n_boot, seed=seed)
+    residual = data.y - token_mean_oof
+    token_mean_r2 = boot.r2(data.y, token_mean_oof)
+    controls = {
+        "token_mean_r2": token_mean_r2,
+        "token_mean_r": boot.pearson(data.y, token_mean_oof),
+        "embedding_hook": EMBEDDING_HOOK if EMBEDDING_HOOK in hooks else None,
+        "surprise_entropy_r": (
+            SequenceBootstrap(data.pair_sequence_ids, n_boot=n_boot, seed=seed).pearson(
+                data.pair_surprise, data.pair_entropy
+            )
+            if len(data.pair_surprise) > 2
+            else None
+        ),
+    }
+    results = []
+    for hook in hooks:
+        fit, pred = fits[hook], predictions[hook]
+        r2 = boot.r2(data.y, pred[:, 0])
+        fold_r2 = []
+        for fold in range(n_folds):
+            inside = folds == fold
+            y_fold = data.y[inside]
+            fold_r2.append(
+                float(
+                    1
+                    - np.sum((y_fold - pred[inside, 0]) ** 2)
+                    / np.sum((y_fold - y_fold.mean()) ** 2)
+                )
+            )
+        exceed = sum(value >= r2.value for value in fit.shuffle_r2)
+        results.append(
+            HookResult(
+                hook=hook,
+                depth=float(hook_depth(hook)),
+                layer=hook_layer(hook),
+                alpha=fit.alpha,
+                fold_alphas=fit.fold_alphas,
+                r2=r2,
+                pearson_r=boot.pearson(data.y, pred[:, 0]),
+                residual_r2=boot.r2(residual, pred[:, 1]),
+                shuffle_r2=fit.shuffle_r2,
+                shuffle_p=(1 + exceed) / (1 + n_shuffles) if n_shuffles else float("nan"),
+                selectivity=r2.value - token_mean_r2.value,
+                cv_r2_by_alpha=fit.cv_r2_by_alpha,
+                fold_r2=fold_r2,
+                stats_r2=fit.stats_r2,
+                coef=fit.coef,
+                intercept=fit.intercept,
+                projection_mean=fit.projection_mean,
+                projection_std=fit.projection_std,
+            )
+        )
+    if controls["embedding_hook"]:
+        controls["embedding_r2"] = next(r.r2 for r in results if r.hook == EMBEDDING_HOOK)
+
+    config = {
+        "target": data.name,
+        "hooks": hooks,
+        "alphas": alphas.tolist(),
+        "n_folds": n_folds,
+        "seed": seed,
+        "n_shuffles": n_shuffles,
+        "n_boot": n_boot,
+        "nested": nested,
+        "standardize": standardize,
+        "folds": "grouped by sequence id (seeded permutation, round-robin)",
+    }
+    return SweepResult(
+        model_id=str(run.model_id),
+        d_model=int(run.d_model),
+        target=data.name,
+        config=config,
+        hooks=results,
+        controls=controls,
+        n_tokens=data.n_tokens,
+        n_sequences=data.n_sequences,
+        data_hash=_data_hash(run, data),
+        predictions={
+            "sequence_ids": data.sequence_ids,
+            "positions": data.positions,
+            "token_ids": data.token_ids,
+            "folds": folds,
+            "target": data.y,
+            "token_mean": token_mean_oof,
+            **{f"pred:{hook}": predictions[hook][:, 0] for hook in hooks},
+        },
+    )
