@@ -52,6 +52,7 @@ def sample_responses(
     temperature: float = 0.7,
     seed: int = 0,
     chat: bool = True,
+    progress: bool = False,
 ) -> list[dict]:
     """Sample one response per prompt; return ``{"token_ids", "scored", "prompt_len", "text"}`` items.
 
@@ -80,7 +81,7 @@ def sample_responses(
     for row, ids in enumerate(encoded):
         tokens[row, width - len(ids) :] = torch.from_numpy(ids)
         mask[row, width - len(ids) :] = 1
-    new_tokens = _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop)
+    new_tokens = _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop, progress)
     items = []
     for row, ids in enumerate(encoded):
         sampled = new_tokens[row].tolist()
@@ -102,9 +103,10 @@ def sample_responses(
     return items
 
 
-def _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop) -> Tensor:
+def _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop, progress=False) -> Tensor:
     done = torch.zeros(tokens.shape[0], dtype=torch.bool)
     out = []
+    steps = tqdm(total=max_new_tokens, desc="  tokens", unit="tok", leave=False, disable=not progress)
     if type(model).__name__ == "HookedTransformer":
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -113,6 +115,7 @@ def _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop)
         for _ in range(max_new_tokens):
             next_token = _sample(logits, temperature, generator)
             out.append(next_token)
+            steps.update(1)
             done |= torch.isin(next_token, torch.tensor(sorted(stop)))
             if done.all():
                 break
@@ -122,11 +125,13 @@ def _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop)
             logits = model(tokens, attention_mask=mask)[:, -1]
             next_token = _sample(logits, temperature, generator)
             out.append(next_token)
+            steps.update(1)
             tokens = torch.cat([tokens, next_token[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             done |= torch.isin(next_token, torch.tensor(sorted(stop)))
             if done.all():
                 break
+    steps.close()
     return torch.stack(out, 1)
 
 
@@ -167,7 +172,7 @@ def generate_to_jsonl(
             batch_seed = seed * 1_000_003 + sum(map(ord, chunk[0]["id"]))
             items = sample_responses(
                 model, [p["prompt"] for p in chunk], max_new_tokens=max_new_tokens,
-                temperature=temperature, seed=batch_seed,
+                temperature=temperature, seed=batch_seed, progress=True,
             )
             lines = []
             for prompt, item in zip(chunk, items, strict=False):

