@@ -25,8 +25,10 @@ def add_study_command(commands) -> None:
     study.add_argument("--input", default="builtin", help="inputs to read (default: the built-in conversations)")
     study.add_argument("--out", type=Path, default=Path("runs/study"))
     study.add_argument("--batch-size", type=int, default=8)
-    study.add_argument("--steer-inputs", type=int, default=24, help="conversations used for the steering sweep")
-    study.add_argument("--random-directions", type=int, default=8)
+    study.add_argument("--steer-inputs", type=int, default=8, help="conversations used for the steering sweep")
+    study.add_argument("--alphas", type=float, nargs="+", default=[-4.0, -2.0, 0.0, 2.0, 4.0],
+                       help="steering strengths in units of the probe projection's std")
+    study.add_argument("--random-directions", type=int, default=4)
     study.add_argument("--overwrite", action="store_true")
     study.add_argument("--device", default="cpu")
     study.set_defaults(func=run_study)
@@ -70,6 +72,12 @@ def run_study(args) -> int:
             _run(["fit", "--activations", str(out / "capture"), "--target", target, "--out", str(folder)])
         timings[f"fit_{target}"] = time.perf_counter() - t
 
+    if args.input == "builtin":
+        from surprise_probe.io import builtin_items
+
+        items = builtin_items()
+    else:
+        items = read_inputs(args.input, keep_metadata=True)
     steer_dir = out / "steer"
     print(f"\n== 3/4 steering along the best surprise direction -> {steer_dir}")
     t = time.perf_counter()
@@ -77,23 +85,18 @@ def run_study(args) -> int:
         print("   (done already; skipped)")
     else:
         inputs = out / "steer_inputs.jsonl"
-        if args.input == "builtin":
-            from surprise_probe.io import builtin_items
-
-            items = builtin_items()
-        else:
-            items = read_inputs(args.input, keep_metadata=True)
         with open(inputs, "w") as handle:
             for item in items[: args.steer_inputs]:
                 handle.write(json.dumps(item) + "\n")
         model = load_model(args.model, device=args.device, progress=False)
         _run(["steer", "--model", args.model, "--probe", str(out / "fit_surprise" / "probe"),
               "--input", str(inputs), "--out", str(steer_dir),
-              "--random-directions", str(args.random_directions)], model=model)
+              "--random-directions", str(args.random_directions),
+              "--alphas", *[str(a) for a in args.alphas]], model=model)
     timings["steer"] = time.perf_counter() - t
 
     print(f"\n== 4/4 report -> {out / 'index.html'}")
-    _write_index(out, args)
+    _write_index(out, args, items[0])
     timings["total"] = time.perf_counter() - started
     (out / "study.json").write_text(json.dumps(
         {"config": {k: str(v) for k, v in vars(args).items() if k != "func"},
@@ -102,19 +105,17 @@ def run_study(args) -> int:
     return 0
 
 
-def _write_index(out: Path, args) -> None:
+def _write_index(out: Path, args, example) -> None:
     from surprise_probe.capture import token_metrics
-    from surprise_probe.io import builtin_items
     from surprise_probe.models import load_model
     from surprise_probe.plots import token_view, write_html
 
     model = load_model(args.model, device=args.device, progress=False)
-    example = builtin_items()[0]
-    m = token_metrics(model, example["messages"])
+    m = token_metrics(model, example)
     first = max(0, int(m.scored.argmax()) - 8)
     sl = slice(first, first + 96)
     write_html(token_view(m.tokens[sl], m.input_surprise[sl], m.output_entropy[sl], m.scored[sl],
-                          title=f"{args.model} reading a human-written answer ({example['id']})"),
+                          title=f"{args.model} reading input 0 of {args.input}"),
                out / "token_view.html")
     links = [
         ("token_view.html", "Token view: per-token input surprise and output entropy of one conversation"),
