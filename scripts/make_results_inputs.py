@@ -1,0 +1,59 @@
+"""Write the input files of docs/results.md from the built-in set and the generated responses.
+
+    python scripts/make_results_inputs.py --generated runs/gen/smollm2_t07.jsonl --out runs/results
+
+- ``inputs.jsonl``: the 60 built-in conversations (human-written answers, ``source: human``) and
+  every generated response as its sampled token ids (``source: own-sample``);
+- ``steer_inputs.jsonl``: 8 human + 8 own-sample items spread over topics, for the steering sweep;
+- ``patch_pairs.jsonl``: 12 pairs under the same prompt: source = the model's own sampled answer
+  (on-policy), destination = its own answer to a prompt of another topic, read under this prompt
+  (off-policy, identical templating).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from surprise_probe.io import builtin_items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generated", type=Path, default=Path("runs/gen/smollm2_t07.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("runs/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    generated = [json.loads(line) for line in args.generated.read_text().splitlines() if line.strip()]
+    human = [{"id": it["id"], "source": "human", "topic": it["topic"], "messages": it["messages"]}
+             for it in builtin_items()]
+    own = [{"id": r["id"], "source": "own-sample", "topic": r["topic"], "token_ids": r["token_ids"],
+            "scored": r["scored"]} for r in generated]
+    _write(args.out / "inputs.jsonl", human + own)
+    _write(args.out / "steer_inputs.jsonl", human[::6][:8] + own[::12][:8])
+    picked = generated[::10][:12]
+    pairs = []
+    for i, record in enumerate(picked):
+        other = picked[(i + 5) % len(picked)]
+        if other["topic"] == record["topic"]:
+            raise ValueError(f"pair {i}: {other['id']} has the same topic as {record['id']}")
+        pairs.append({
+            "id": record["id"],
+            "source": {"token_ids": record["token_ids"], "scored": record["scored"]},
+            "destination": {"messages": [{"role": "user", "content": record["prompt"]},
+                                         {"role": "assistant", "content": other["text"]}]},
+            "destination_answer_from": other["id"],
+        })
+    _write(args.out / "patch_pairs.jsonl", pairs)
+    print(f"wrote {len(human) + len(own)} inputs, 16 steering inputs, {len(pairs)} pairs to {args.out}")
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
