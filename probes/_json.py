@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
+
+from surprise_probe.store import json_default as _json_default
 
 __all__ = ["to_json"]
 
@@ -29,14 +30,3 @@ def to_json(payload: dict) -> str:
     """Strict JSON (NaN -> null) of a payload holding numpy scalars, arrays and paths."""
     return json.dumps(_finite_or_none(payload), indent=2, default=_json_default, allow_nan=False)
 
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

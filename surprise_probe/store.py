@@ -194,13 +194,14 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
+        json.dump(payload, handle, indent=2, sort_keys=True, default=json_default)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def _json_default(value):
+def json_default(value):
+    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):

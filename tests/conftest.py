@@ -10,6 +10,15 @@ import torch
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and do not stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from surprise_probe.testing import tiny_tokenizer

@@ -6,21 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from interventions import cli as interventions_cli
 from surprise_probe.cli import main
 from surprise_probe.models import model_id
 from tests.conftest import CONVERSATION, TEXTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

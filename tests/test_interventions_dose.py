@@ -22,14 +22,7 @@ from surprise_probe.inputs import encode_all
 from surprise_probe.models import model_id
 from tests.conftest import CONVERSATION, TEXTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.0.hook_resid_post"
 ITEMS = [CONVERSATION, TEXTS[0], TEXTS[3]]

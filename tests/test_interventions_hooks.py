@@ -8,14 +8,7 @@ import torch
 from interventions import Ablate, Clamp, Patch, Steer, apply_all, resid_hooks
 from surprise_probe.inputs import encode_all, pad_batch, pad_id
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.1.hook_resid_post"
 TOKENS = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 13, 14]])

@@ -9,14 +9,7 @@ import torch
 from interventions import Steer, SteeringDirection, activation_patching, align_positions, generate
 from surprise_probe.inputs import encode
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
