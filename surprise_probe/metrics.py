@@ -59,18 +59,29 @@ def surprise_and_entropy(
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
-    """Both metrics from one ``log_softmax`` (the capture hot path).
+    """Both metrics from one ``log_softmax`` per sequence (the capture hot path).
 
+    Rows are processed one at a time: the (pos x vocab) temporaries of one row are reused by the
+    allocator for the next, which is faster and lighter than one (batch x pos x vocab) pass.
     With an ``attention_mask``, surprise is NaN wherever the previous position is padding (the
     first real token of a left-padded row has no prediction, like position 0).
     """
-    log_probs = _log_probs(logits)
-    surprise = _surprise_from_log_probs(log_probs, tokens)
+    if logits.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"logits have batch x pos {tuple(logits.shape[:2])} but tokens have {tuple(tokens.shape)}"
+        )
+    surprise_rows, entropy_rows = [], []
+    for i in range(logits.shape[0]):
+        log_probs = _log_probs(logits[i : i + 1])
+        surprise_rows.append(_surprise_from_log_probs(log_probs, tokens[i : i + 1]))
+        entropy_rows.append(_entropy_from_log_probs(log_probs))
+        del log_probs
+    surprise, entropy = torch.cat(surprise_rows), torch.cat(entropy_rows)
     if attention_mask is not None:
         previous_is_real = torch.zeros_like(attention_mask, dtype=torch.bool)
         previous_is_real[:, 1:] = attention_mask[:, :-1].bool()
         surprise = surprise.masked_fill(~previous_is_real.to(surprise.device), float("nan"))
-    return surprise, _entropy_from_log_probs(log_probs)
+    return surprise, entropy
 
 
 def _surprise_from_log_probs(
