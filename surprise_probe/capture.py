@@ -143,14 +143,22 @@ def _inputs_hash(encoded: list[Encoded]) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import transformer_lens
+    from importlib.metadata import PackageNotFoundError, version
 
     import surprise_probe
+
+    def installed(name: str) -> str:
+        # transformer_lens has no __version__ attribute; the distribution metadata has it.
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "surprise_probe": surprise_probe.__version__,
         "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformer_lens": installed("transformer_lens"),
+        "transformers": installed("transformers"),
         "numpy": np.__version__,
         "python": platform.python_version(),
     }

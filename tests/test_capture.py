@@ -82,6 +82,7 @@ def test_stream_to_disk_equals_memory(tiny_hooked, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["model_id"] == sp.model_id(tiny_hooked) and len(manifest["content_hash"]) == 64
     assert {"torch", "transformer_lens", "surprise_probe"} <= set(manifest["versions"])
+    assert manifest["versions"]["transformer_lens"].startswith("3.")
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_hooked, tmp_path, monkeypatch):
