@@ -27,10 +27,15 @@ __all__ = [
 ]
 
 
+# Above this vocabulary size the float32 sums over the vocabulary drift by more than 1e-4 nats
+# (measured on gemma-3-270m, 262k tokens: 1.8e-4 in entropy), so the metrics run in float64.
+FLOAT64_ABOVE_VOCAB = 131_072
+
+
 def _log_probs(logits: Float[Tensor, "... vocab"]) -> Float[Tensor, "... vocab"]:
-    # float64 stays float64; anything narrower is promoted to float32 before the softmax.
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return torch.log_softmax(logits.to(dtype), dim=-1)
+    # float64 stays float64; narrower logits are promoted to float32, or float64 for huge vocabularies.
+    wide = logits.dtype == torch.float64 or logits.shape[-1] > FLOAT64_ABOVE_VOCAB
+    return torch.log_softmax(logits.to(torch.float64 if wide else torch.float32), dim=-1)
 
 
 def input_surprise(
