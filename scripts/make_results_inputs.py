@@ -7,7 +7,9 @@
 - ``steer_inputs.jsonl``: 8 human + 8 own-sample items spread over topics, for the steering sweep;
 - ``patch_pairs.jsonl``: 12 pairs under the same prompt: source = the model's own sampled answer
   (on-policy), destination = its own answer to a prompt of another topic, read under this prompt
-  (off-policy, identical templating).
+  (off-policy, identical templating);
+- with ``--probe``: ``random_dir_{0,1,2}`` (.npz + .json), random unit directions (numpy
+  ``default_rng(0)``) carrying the probe's hook and model, the controls for patching.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generated", type=Path, default=Path("runs/gen/smollm2_t07.jsonl"))
     parser.add_argument("--out", type=Path, default=Path("runs/results"))
+    parser.add_argument("--probe", type=Path, help="probe direction to build random controls for")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     generated = [json.loads(line) for line in args.generated.read_text().splitlines() if line.strip()]
@@ -47,6 +50,19 @@ def main() -> None:
         })
     _write(args.out / "patch_pairs.jsonl", pairs)
     print(f"wrote {len(human) + len(own)} inputs, 16 steering inputs, {len(pairs)} pairs to {args.out}")
+    if args.probe:
+        import numpy as np
+
+        from probes import ProbeDirection
+
+        probe = ProbeDirection.load(args.probe)
+        rng = np.random.default_rng(0)
+        for k in range(3):
+            vector = rng.normal(size=probe.d_model)
+            ProbeDirection(vector / np.linalg.norm(vector), mean=0.0, std=probe.std, hook=probe.hook,
+                           layer=probe.layer, model_id=probe.model_id, d_model=probe.d_model,
+                           target=f"random control {k} (seed 0)").save(args.out / f"random_dir_{k}")
+        print(f"wrote 3 random control directions for {probe.hook}")
 
 
 def _write(path: Path, rows: list[dict]) -> None:
