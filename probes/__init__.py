@@ -6,7 +6,7 @@
 """
 
 from probes.controls import token_mean_predictions
-from probes.data import ArrayCapture, ArrayShard
+from probes.data import ArrayCapture
 from probes.direction import ProbeDirection
 from probes.folds import GroupedKFold, assign_folds
 from probes.logistic import LogisticProbe, cross_validate_classifier
@@ -38,5 +38,4 @@ __all__ = [
     "Estimate",
     "SequenceBootstrap",
     "ArrayCapture",
-    "ArrayShard",
 ]

@@ -8,34 +8,13 @@ other tools), so every probe function takes either.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-__all__ = ["ArrayShard", "ArrayCapture"]
+from surprise_probe.store import CaptureShard
 
-
-@dataclass
-class ArrayShard:
-    """One shard: whole sequences, flattened to tokens, with activations per hook."""
-
-    token_ids: Int[np.ndarray, " n"]
-    sequence_ids: Int[np.ndarray, " n"]
-    positions: Int[np.ndarray, " n"]
-    input_surprise: Float[np.ndarray, " n"]
-    output_entropy: Float[np.ndarray, " n"]
-    scored: Bool[np.ndarray, " n"]
-    acts: dict[str, Float[np.ndarray, "n d"]] = field(repr=False)
-    index: int = 0
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-    def activations(self, hook: str) -> Float[np.ndarray, "n d"]:
-        if hook not in self.acts:
-            raise KeyError(f"hook {hook!r} was not captured; captured hooks: {list(self.acts)}")
-        return self.acts[hook]
+__all__ = ["ArrayCapture"]
 
 
 class ArrayCapture:
@@ -97,9 +76,10 @@ class ArrayCapture:
         for index in range(int(shard_of_sequence.max()) + 1):
             rows = np.flatnonzero(shard_of_sequence == index)
             self._shards.append(
-                ArrayShard(
+                CaptureShard(
                     **{name: values[rows] for name, values in columns.items()},
-                    acts={hook: np.asarray(a)[rows] for hook, a in activations.items()},
+                    _activations={hook: np.asarray(a)[rows] for hook, a in activations.items()},
+                    hooks=tuple(self.hooks),
                     index=index,
                 )
             )
@@ -108,7 +88,7 @@ class ArrayCapture:
     def n_shards(self) -> int:
         return len(self._shards)
 
-    def shards(self) -> Iterator[ArrayShard]:
+    def shards(self) -> Iterator[CaptureShard]:
         yield from self._shards
 
     def __repr__(self) -> str:

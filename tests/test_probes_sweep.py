@@ -161,8 +161,8 @@ def test_entropy_target_and_capture_order_array():
 def test_nonfinite_activation_names_shard_and_sequence():
     run = planted()
     bad = next(s for s in run.shards() if s.index == 1)
-    bad.acts[SIGNAL_HOOK] = bad.acts[SIGNAL_HOOK].copy()
-    bad.acts[SIGNAL_HOOK][5, 2] = np.inf
+    bad._activations[SIGNAL_HOOK] = bad._activations[SIGNAL_HOOK].copy()
+    bad._activations[SIGNAL_HOOK][5, 2] = np.inf
     with pytest.raises(
         ValueError,
         match=rf"'{SIGNAL_HOOK}' are not finite .* shard 1, first at sequence 16, position 5",
