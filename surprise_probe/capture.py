@@ -81,9 +81,11 @@ def forward(
 
         return hook_fn
 
-    kwargs = {"attention_mask": batch.attention_mask}
     logits = model.run_with_hooks(
-        batch.tokens, fwd_hooks=[(name, keeper(name)) for name in hooks], return_type="logits", **kwargs
+        batch.tokens,
+        fwd_hooks=[(name, keeper(name)) for name in hooks],
+        return_type="logits",
+        attention_mask=batch.attention_mask,
     )
     return logits, stored
 

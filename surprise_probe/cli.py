@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = ["main", "build_parser"]
 
-DTYPES = {"float32": "float32", "float16": "float16"}
+STORAGE_DTYPES = ("float16", "float32")
 
 
 def _print_models(args) -> int:
@@ -168,7 +168,7 @@ def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hooks", nargs="+", help="explicit TransformerLens hook names instead of --layers")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=64, help="sequences per shard on disk")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation storage dtype")
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="activation storage dtype")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="longest sequence allowed (default: the model context); longer is an error unless --truncate")
     parser.add_argument("--truncate", action="store_true", help="cut sequences longer than --max-tokens (reported)")
