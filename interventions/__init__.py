@@ -1,18 +1,23 @@
 """Interventions along a direction: steer, clamp, ablate and patch; dose-response experiments.
 
->>> from interventions import Steer, dose_response, activation_patching   # doctest: +SKIP
+>>> from surprise_probe.interventions import Steer, dose_response, activation_patching   # doctest: +SKIP
 See docs/interventions.md.
 """
 
-from interventions.directions import (
+from surprise_probe.interventions.directions import (
     SteeringDirection,
     from_probe,
     orthogonal_direction,
     random_directions,
 )
-from interventions.dose_response import Ablation, DoseResponse, directional_ablation, dose_response
-from interventions.generation import Sample, generate
-from interventions.hooks import (
+from surprise_probe.interventions.dose_response import (
+    Ablation,
+    DoseResponse,
+    directional_ablation,
+    dose_response,
+)
+from surprise_probe.interventions.generation import Sample, generate
+from surprise_probe.interventions.hooks import (
     Ablate,
     Clamp,
     Intervention,
@@ -22,8 +27,12 @@ from interventions.hooks import (
     apply_all,
     resid_hooks,
 )
-from interventions.patching import PatchingResult, activation_patching, align_positions
-from interventions.sweep import SweepTable, run_sweep
+from surprise_probe.interventions.patching import (
+    PatchingResult,
+    activation_patching,
+    align_positions,
+)
+from surprise_probe.interventions.sweep import SweepTable, run_sweep
 
 __all__ = [
     "Intervention",

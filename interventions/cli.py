@@ -22,7 +22,7 @@ def _load_model(name: str, device: str):
 
 
 def _load_probe(path: str | Path, model):
-    from probes import ProbeDirection
+    from surprise_probe.probes import ProbeDirection
 
     return ProbeDirection.load(path, model=model)
 
@@ -33,9 +33,9 @@ def _config(args) -> dict:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from surprise_probe.store import write_json_atomic
+    from surprise_probe.jsonio import write_json
 
-    write_json_atomic(path, payload)
+    write_json(path, payload)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -122,11 +122,12 @@ def read_pairs(path: str | Path) -> list[tuple]:
 
 
 def run_steer(args, model=None) -> int:
-    from interventions.directions import SteeringDirection, from_probe
-    from interventions.dose_response import directional_ablation, dose_response
-    from interventions.generation import generate
-    from interventions.hooks import Steer
-    from interventions.plots import ablation_figure, dose_response_figure, write_html
+    from surprise_probe.interventions.directions import SteeringDirection, from_probe
+    from surprise_probe.interventions.dose_response import directional_ablation, dose_response
+    from surprise_probe.interventions.generation import generate
+    from surprise_probe.interventions.hooks import Steer
+    from surprise_probe.interventions.plots import ablation_figure, dose_response_figure, write_html
+
     from surprise_probe.inputs import encode_all
     from surprise_probe.models import model_id
 
@@ -185,10 +186,11 @@ def _steered_samples(model, items, direction, args, generate, Steer, SteeringDir
 
 
 def run_patch(args, model=None) -> int:
-    from interventions.directions import from_probe
-    from interventions.hooks import resid_hooks
-    from interventions.patching import activation_patching
-    from interventions.plots import patching_figure, write_html
+    from surprise_probe.interventions.directions import from_probe
+    from surprise_probe.interventions.hooks import resid_hooks
+    from surprise_probe.interventions.patching import activation_patching
+    from surprise_probe.interventions.plots import patching_figure, write_html
+
     from surprise_probe.models import model_id
 
     started = time.perf_counter()

@@ -17,15 +17,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-
-from interventions.directions import (
+from surprise_probe.interventions.directions import (
     SteeringDirection,
     from_probe,
     orthogonal_direction,
     random_directions,
 )
-from interventions.stats import ratio_with_ci, slope, slope_with_ci, zscore
-from interventions.sweep import SweepTable, encode_items, run_sweep
+from surprise_probe.interventions.stats import ratio_with_ci, slope, slope_with_ci, zscore
+from surprise_probe.interventions.sweep import SweepTable, encode_items, run_sweep
 
 __all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", "control_directions"]
 

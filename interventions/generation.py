@@ -13,8 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-
-from interventions.hooks import Intervention, apply_all
+from surprise_probe.interventions.hooks import Intervention, apply_all
 
 __all__ = ["Sample", "generate", "prompt_ids"]
 

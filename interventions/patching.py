@@ -33,10 +33,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from surprise_probe.interventions.hooks import Patch, apply_all
+from surprise_probe.interventions.stats import bootstrap_draws
 from tqdm.auto import tqdm
-
-from interventions.hooks import Patch, apply_all
-from interventions.stats import bootstrap_draws
 
 __all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group"]
 
@@ -126,7 +125,8 @@ def activation_patching(
     ``direction``: a probe direction (``probes.ProbeDirection`` or ``SteeringDirection``); needed
     for the ``"direction"`` component.
     """
-    from interventions.directions import SteeringDirection, from_probe
+    from surprise_probe.interventions.directions import SteeringDirection, from_probe
+
     from surprise_probe.capture import forward, resolve_hooks
     from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
 

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
+from surprise_probe.interventions.hooks import Ablate, Steer
 from torch import Tensor
 from tqdm.auto import tqdm
-
-from interventions.hooks import Ablate, Steer
 
 __all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics"]
 

@@ -5,16 +5,22 @@
 >>> direction = result.direction()                                # doctest: +SKIP
 """
 
-from probes.controls import token_mean_predictions
-from probes.data import ArrayCapture
-from probes.direction import ProbeDirection
-from probes.folds import GroupedKFold, assign_folds
-from probes.logistic import LogisticProbe, cross_validate_classifier
-from probes.results import HookResult, SweepResult
-from probes.ridge import RidgeProbe, RidgeSolution, RidgeStats, heldout_sums, solve_ridge
-from probes.scoring import Estimate, SequenceBootstrap
-from probes.sweep import DEFAULT_ALPHAS, fit_sweep
-from probes.targets import TokenTarget, load_target_file, select_target
+from surprise_probe.probes.controls import token_mean_predictions
+from surprise_probe.probes.data import ArrayCapture
+from surprise_probe.probes.direction import ProbeDirection
+from surprise_probe.probes.folds import GroupedKFold, assign_folds
+from surprise_probe.probes.logistic import LogisticProbe, cross_validate_classifier
+from surprise_probe.probes.results import HookResult, SweepResult
+from surprise_probe.probes.ridge import (
+    RidgeProbe,
+    RidgeSolution,
+    RidgeStats,
+    heldout_sums,
+    solve_ridge,
+)
+from surprise_probe.probes.scoring import Estimate, SequenceBootstrap
+from surprise_probe.probes.sweep import DEFAULT_ALPHAS, fit_sweep
+from surprise_probe.probes.targets import TokenTarget, load_target_file, select_target
 
 __all__ = [
     "fit_sweep",

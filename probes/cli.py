@@ -64,8 +64,9 @@ def add_fit_command(subparsers) -> argparse.ArgumentParser:
 
 def write_fit_outputs(result, out: Path, config: dict | None = None) -> dict[str, Path]:
     """Write the sweep table, JSON, HTML plot, held-out predictions and best direction to ``out``."""
-    from probes._json import to_json
-    from probes.plots import alpha_curve_figure, layer_sweep_figure
+    from surprise_probe.probes.plots import alpha_curve_figure, layer_sweep_figure
+
+    from surprise_probe.jsonio import to_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,8 @@ def write_fit_outputs(result, out: Path, config: dict | None = None) -> dict[str
 
 def run_fit(args) -> int:
     """Handler of ``surprise-probe fit``."""
-    from probes.sweep import fit_sweep
+    from surprise_probe.probes.sweep import fit_sweep
+
     from surprise_probe import load_capture
 
     started = time.perf_counter()

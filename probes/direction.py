@@ -11,42 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from jaxtyping import Float
 
+from surprise_probe.jsonio import software_versions, to_json
+from surprise_probe.models import model_id as model_id_of
+
 __all__ = ["ProbeDirection"]
 
 FORMAT_VERSION = 1
 
 
-def _versions() -> dict[str, str]:
-    import sklearn
-
-    try:
-        from surprise_probe import __version__ as sp_version
-    except ImportError:  # pragma: no cover
-        sp_version = "unknown"
-    return {
-        "surprise_probe": sp_version,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _model_identity(model) -> tuple[str, int]:
-    try:
-        from surprise_probe.models import model_id
-    except ImportError:  # pragma: no cover - older core without model_id
-
-        def model_id(m):
-            return str(m.cfg.model_name)
-
-    return model_id(model), int(model.cfg.d_model)
+    return model_id_of(model), int(model.cfg.d_model)
 
 
 def _stem(path: str | Path) -> Path:
@@ -89,7 +69,7 @@ class ProbeDirection:
     data_hash: str = ""
     coef_norm: float = float("nan")
     intercept: float = float("nan")
-    versions: dict = field(default_factory=_versions)
+    versions: dict = field(default_factory=software_versions)
 
     def __post_init__(self):
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(-1)
@@ -155,7 +135,6 @@ class ProbeDirection:
         np.savez(tmp_npz, direction=self.direction)
         os.replace(tmp_npz, npz)
         tmp_meta = meta.with_name(f".{meta.name}.tmp")
-        from probes._json import to_json
 
         tmp_meta.write_text(to_json(self.metadata()))
         os.replace(tmp_meta, meta)

@@ -11,10 +11,9 @@ from jaxtyping import Float, Int
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
-
-from probes.folds import assign_folds
-from probes.ridge import validate_data
-from probes.scoring import Estimate
+from surprise_probe.probes.folds import assign_folds
+from surprise_probe.probes.ridge import validate_data
+from surprise_probe.probes.scoring import Estimate
 
 __all__ = ["LogisticProbe", "cross_validate_classifier"]
 

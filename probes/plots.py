@@ -9,8 +9,7 @@ import re
 
 import numpy as np
 import plotly.graph_objects as go
-
-from probes.results import EMBEDDING_HOOK, SweepResult
+from surprise_probe.probes.results import EMBEDDING_HOOK, SweepResult
 
 __all__ = ["layer_sweep_figure", "alpha_curve_figure"]
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 from jaxtyping import Float
+from surprise_probe.probes.scoring import Estimate
 
-from probes._json import to_json
-from probes.scoring import Estimate
+from surprise_probe.jsonio import to_json
+from surprise_probe.store import hook_depth as depth
 
 __all__ = ["EMBEDDING_HOOK", "HookResult", "SweepResult", "hook_depth", "hook_layer"]
 
@@ -21,11 +22,6 @@ EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
 
 def hook_depth(hook: str) -> float:
     """Blocks the residual stream has passed at ``hook`` (``surprise_probe.hook_depth``)."""
-    try:
-        from surprise_probe.store import hook_depth as depth
-    except ImportError:  # pragma: no cover - the core package is a dependency
-        match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
-        return float("nan") if not match else int(match.group(1)) + (match.group(2) == "post")
     return depth(hook)
 
 
@@ -186,7 +182,7 @@ class SweepResult:
 
     def direction(self, hook: str | None = None):
         """The :class:`probes.ProbeDirection` of the all-token probe at ``hook`` (default: best)."""
-        from probes.direction import ProbeDirection
+        from surprise_probe.probes.direction import ProbeDirection
 
         result = self[hook or self.best_hook()]
         norm = float(np.linalg.norm(result.coef))

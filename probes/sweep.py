@@ -22,15 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from surprise_probe.probes.controls import token_mean_predictions
+from surprise_probe.probes.folds import assign_folds
+from surprise_probe.probes.results import (
+    EMBEDDING_HOOK,
+    HookResult,
+    SweepResult,
+    hook_depth,
+    hook_layer,
+)
+from surprise_probe.probes.ridge import RidgeStats, heldout_sums, solve_ridge
+from surprise_probe.probes.scoring import SequenceBootstrap, r2_from_sums
+from surprise_probe.probes.targets import TargetData, TokenTarget, select_target, shard_label
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
-
-from probes.controls import token_mean_predictions
-from probes.folds import assign_folds
-from probes.results import EMBEDDING_HOOK, HookResult, SweepResult, hook_depth, hook_layer
-from probes.ridge import RidgeStats, heldout_sums, solve_ridge
-from probes.scoring import SequenceBootstrap, r2_from_sums
-from probes.targets import TargetData, TokenTarget, select_target, shard_label
 
 __all__ = ["DEFAULT_ALPHAS", "fit_sweep"]
 

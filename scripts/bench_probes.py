@@ -141,7 +141,7 @@ def main(argv=None) -> int:
 
 
 def _bench(args, run, capture_seconds, capture_source) -> int:
-    from probes import DEFAULT_ALPHAS, assign_folds, fit_sweep, select_target
+    from surprise_probe.probes import DEFAULT_ALPHAS, assign_folds, fit_sweep, select_target
 
     alphas = np.sort(np.asarray(args.alphas or DEFAULT_ALPHAS, dtype=float))
     hooks = run.hooks

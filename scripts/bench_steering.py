@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from interventions import SteeringDirection, dose_response
+    from surprise_probe.interventions import SteeringDirection, dose_response
+
     from surprise_probe.inputs import encode_all
 
     model = _model(args.model, args.device)

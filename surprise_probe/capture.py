@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -23,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from surprise_probe.inputs import Batch, Encoded, encode, encode_all, pad_batch, pad_id
+from surprise_probe.jsonio import software_versions, write_json
 from surprise_probe.metrics import surprise_and_entropy
 from surprise_probe.models import model_id
 from surprise_probe.store import (
@@ -31,7 +31,6 @@ from surprise_probe.store import (
     CaptureShard,
     completed_shards,
     content_hash,
-    write_json_atomic,
     write_shard,
 )
 
@@ -144,28 +143,6 @@ def _inputs_hash(encoded: list[Encoded]) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import surprise_probe
-
-    def installed(name: str) -> str:
-        # transformer_lens has no __version__ attribute; the distribution metadata has it.
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "surprise_probe": surprise_probe.__version__,
-        "torch": torch.__version__,
-        "transformer_lens": installed("transformer_lens"),
-        "transformers": installed("transformers"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _prepare_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> bool:
     """Check ``out_dir`` against this run; return True when it already holds the finished run."""
     run_json = out_dir / "run.json"
@@ -185,7 +162,7 @@ def _prepare_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> bool:
             shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not run_json.exists():
-        write_json_atomic(run_json, identity)
+        write_json(run_json, identity)
     return (out_dir / "manifest.json").exists()
 
 
@@ -323,12 +300,12 @@ def capture(
         "n_scored_tokens": int(sum(e["n_scored"] for e in shards_meta)),
         "n_truncated": sum(e.truncated_from is not None for e in encoded),
         "activation_shape": ["n_tokens", int(model.cfg.d_model)],
-        "versions": _versions(),
+        "versions": software_versions(),
         "elapsed_seconds_this_session": round(time.perf_counter() - started, 3),
         "shards": shards_meta,
     }
     if out_path is None:
         return Capture(manifest, shards=in_memory)
     manifest["content_hash"] = content_hash(entries)
-    write_json_atomic(out_path / "manifest.json", manifest)
+    write_json(out_path / "manifest.json", manifest)
     return Capture(manifest, path=out_path)

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from surprise_probe.interventions.cli import add_patch_command, add_steer_command
+from surprise_probe.probes.cli import add_fit_command
+from surprise_probe.study import add_study_command
+
 __all__ = ["main", "build_parser"]
 
 STORAGE_DTYPES = ("float16", "float32")
@@ -76,9 +80,9 @@ def _run_capture(args) -> int:
     import torch
 
     from surprise_probe.capture import capture
+    from surprise_probe.jsonio import write_json
     from surprise_probe.metrics import bootstrap_mean
     from surprise_probe.models import load_model
-    from surprise_probe.store import write_json_atomic
 
     started = time.perf_counter()
     items = _load_items(args.input)
@@ -111,7 +115,7 @@ def _run_capture(args) -> int:
             f"{row['hook']:<28} {row['depth']:>5} {row['mean_norm']:>9.2f} "
             f"{row['corr_norm_surprise']:>14.3f} {row['corr_norm_entropy']:>14.3f}"
         )
-    write_json_atomic(
+    write_json(
         Path(args.out) / "capture_summary.json",
         {
             "config": {k: v for k, v in vars(args).items() if k != "func"},
@@ -205,20 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     generate.set_defaults(func=_run_generate)
 
-    from surprise_probe.study import add_study_command
-
     add_study_command(commands)
-    for module, adders in (
-        ("probes.cli", ("add_fit_command",)),
-        ("interventions.cli", ("add_steer_command", "add_patch_command")),
-    ):
-        try:
-            imported = __import__(module, fromlist=list(adders))
-        except ImportError:  # the package is optional at this layer
-            continue
-        for adder in adders:
-            if hasattr(imported, adder):
-                getattr(imported, adder)(commands)
+    add_fit_command(commands)
+    add_steer_command(commands)
+    add_patch_command(commands)
     return parser
 
 

@@ -7,9 +7,8 @@ from importlib import resources
 from pathlib import Path
 
 from surprise_probe.chat import validate_messages
-from surprise_probe.store import write_json_atomic
 
-__all__ = ["read_inputs", "builtin_items", "builtin_prompts", "write_json_atomic"]
+__all__ = ["read_inputs", "builtin_items", "builtin_prompts"]
 
 
 def _data_path(name: str) -> Path:

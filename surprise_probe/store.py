@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
+from surprise_probe.jsonio import write_json
+
 __all__ = [
     "CaptureShard",
     "Capture",
     "load_capture",
     "hook_depth",
     "write_shard",
-    "write_json_atomic",
     "COLUMNS",
 ]
 
@@ -189,30 +190,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=json_default)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def json_default(value):
-    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def shard_name(index: int) -> str:
     return f"{index:06d}"
 
@@ -243,7 +220,7 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
         "last_sequence": int(shard.sequence_ids.max()),
         "files": files,
     }
-    write_json_atomic(tmp / "shard.json", entry)
+    write_json(tmp / "shard.json", entry)
     os.replace(tmp, final)
     return entry
 

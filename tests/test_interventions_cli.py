@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from surprise_probe.interventions import cli as interventions_cli
 
-from interventions import cli as interventions_cli
+from surprise_probe import probes
 from surprise_probe.cli import main
 from surprise_probe.models import model_id
 from tests.conftest import CONVERSATION, TEXTS
@@ -17,7 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def probe_file(tiny_hooked, tmp_path):
-    probes = pytest.importorskip("probes")
     d = np.random.default_rng(0).normal(size=tiny_hooked.cfg.d_model)
     direction = probes.ProbeDirection(
         d / np.linalg.norm(d), mean=0.1, std=1.7, hook="blocks.1.hook_resid_post", layer=1,
@@ -79,7 +79,6 @@ def test_patch_writes_heatmap(use_tiny, probe_file, tmp_path):
 
 
 def test_cli_errors_name_the_bad_value(use_tiny, tiny_hooked, tmp_path, capsys):
-    probes = pytest.importorskip("probes")
     d = np.ones(tiny_hooked.cfg.d_model) / np.sqrt(tiny_hooked.cfg.d_model)
     other = probes.ProbeDirection(d, mean=0.0, std=1.0, hook="blocks.0.hook_resid_post", layer=0,
                                   model_id="another-model", d_model=tiny_hooked.cfg.d_model, target="x")

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from interventions import (
+from surprise_probe.interventions import (
     SteeringDirection,
     directional_ablation,
     dose_response,
@@ -17,7 +16,8 @@ from interventions import (
     random_directions,
     run_sweep,
 )
-from interventions.stats import slope, zscore
+from surprise_probe.interventions.stats import slope, zscore
+
 from surprise_probe.inputs import encode_all
 from surprise_probe.models import model_id
 from tests.conftest import CONVERSATION, TEXTS
@@ -74,7 +74,8 @@ def test_alpha_zero_is_the_clean_run_and_metrics_are_consistent(tiny_model):
 
 def test_sweep_matches_a_direct_computation(tiny_model):
     """Reference: steer one sequence by hand and compute entropy and KL over its scored span."""
-    from interventions import Steer
+    from surprise_probe.interventions import Steer
+
     from surprise_probe.inputs import pad_batch, pad_id
     from surprise_probe.metrics import output_entropy
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from surprise_probe.interventions import Ablate, Clamp, Patch, Steer, apply_all, resid_hooks
 
-from interventions import Ablate, Clamp, Patch, Steer, apply_all, resid_hooks
 from surprise_probe.inputs import encode_all, pad_batch, pad_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from surprise_probe.interventions import (
+    Steer,
+    SteeringDirection,
+    activation_patching,
+    align_positions,
+    generate,
+)
 
-from interventions import Steer, SteeringDirection, activation_patching, align_positions, generate
 from surprise_probe.inputs import encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +63,7 @@ def test_whole_response_patch_closes_the_gap_and_prompt_patch_closes_nothing(tin
 
 def test_direction_component_patch_at_last_layer_moves_only_along_d(tiny_model):
     """Patching the d-component into the destination makes its projection equal the source's."""
-    from interventions import Patch
+    from surprise_probe.interventions import Patch
 
     direction = _direction(tiny_model)
     source = torch.tensor([[1, 20, 21, 22, 23]])
@@ -95,7 +101,7 @@ def test_mismatched_spans_are_a_clear_error(tiny_model):
         activation_patching(tiny_model, [(no_response, PAIRS[0][1])], hooks=HOOKS, components=["all"],
                             progress=False)
     with pytest.raises(ValueError, match="layer 5 is out of range"):
-        from interventions import resid_hooks
+        from surprise_probe.interventions import resid_hooks
 
         resid_hooks(tiny_model, [0, 5])
 

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+from surprise_probe.probes import ProbeDirection, fit_sweep
+from surprise_probe.probes.plots import alpha_curve_figure, layer_sweep_figure
 
 import surprise_probe as sp
-from probes import ProbeDirection, fit_sweep
-from probes.plots import alpha_curve_figure, layer_sweep_figure
 from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer, tiny_tokenizer
 
 TEXTS = [f"{TINY_CORPUS[i % 6]} {TINY_CORPUS[(7 * i + 1) % 6]}" for i in range(24)]

@@ -5,8 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from probes import ArrayCapture, ProbeDirection, RidgeProbe, fit_sweep
+from surprise_probe.probes import ArrayCapture, ProbeDirection, RidgeProbe, fit_sweep
 
 
 def _model(name="planted", d_model=6):

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from probes import GroupedKFold, assign_folds
+from surprise_probe.probes import GroupedKFold, assign_folds
 
 
 def test_no_sequence_is_on_both_sides_of_any_split():

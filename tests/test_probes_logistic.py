@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 from sklearn.model_selection import cross_val_score
-
-from probes import GroupedKFold, LogisticProbe, cross_validate_classifier
+from surprise_probe.probes import GroupedKFold, LogisticProbe, cross_validate_classifier
 
 
 def _labelled(seed=0, n_seq=40, length=8, d=5, signal=True):

@@ -6,8 +6,7 @@ from sklearn.base import clone
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import cross_val_score
 from sklearn.preprocessing import StandardScaler
-
-from probes import GroupedKFold, RidgeProbe, RidgeStats, heldout_sums, solve_ridge
+from surprise_probe.probes import GroupedKFold, RidgeProbe, RidgeStats, heldout_sums, solve_ridge
 
 
 def _data(seed=0, n=600, d=24):

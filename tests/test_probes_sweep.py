@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
-
-from probes import ArrayCapture, TokenTarget, fit_sweep, token_mean_predictions
+from surprise_probe.probes import ArrayCapture, TokenTarget, fit_sweep, token_mean_predictions
 
 N_SEQ, LENGTH, D = 60, 12, 8
 SIGNAL_HOOK, NOISE_HOOK, EMBED_HOOK = (
