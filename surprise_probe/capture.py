@@ -21,9 +21,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from surprise_probe.devices import STORAGE_DTYPES, model_device, to_numpy
 from surprise_probe.inputs import Batch, Encoded, encode, encode_all, pad_batch, pad_id
 from surprise_probe.jsonio import software_versions, write_json
-from surprise_probe.metrics import surprise_and_entropy
+from surprise_probe.metrics import chunked_surprise_and_entropy, surprise_and_entropy
 from surprise_probe.models import model_id
 from surprise_probe.store import (
     FORMAT_VERSION,
@@ -34,7 +35,10 @@ from surprise_probe.store import (
     write_shard,
 )
 
-__all__ = ["capture", "token_metrics", "TokenMetrics", "resolve_hooks", "forward", "default_hooks"]
+__all__ = [
+    "capture", "token_metrics", "TokenMetrics", "resolve_hooks", "forward", "forward_metrics",
+    "final_residual", "unembed", "default_hooks",
+]
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
@@ -68,25 +72,85 @@ def resolve_hooks(model, hooks: Sequence[str] | None = None, layers: Sequence[in
     return hooks
 
 
-def forward(
-    model, batch: Batch, hooks: Sequence[str] = ()
-) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Float[Tensor, "batch pos d_model"]]]:
-    """One forward pass returning logits and the activations at ``hooks`` (and nothing else)."""
-    stored: dict[str, Tensor] = {}
-
+def _keepers(hooks: Sequence[str], stored: dict[str, Tensor]) -> list[tuple[str, object]]:
     def keeper(name: str):
         def hook_fn(activation, hook):  # noqa: ARG001 - TransformerLens hook signature
+            # A reference only: no copy, no device sync; the caller copies what it records.
             stored[name] = activation.detach()
 
         return hook_fn
 
+    return [(name, keeper(name)) for name in hooks]
+
+
+def forward(
+    model, batch: Batch, hooks: Sequence[str] = ()
+) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Float[Tensor, "batch pos d_model"]]]:
+    """One forward pass returning logits and the activations at ``hooks`` (and nothing else).
+
+    Materialises the full (batch x pos x vocab) logits; :func:`forward_metrics` does not.
+    """
+    stored: dict[str, Tensor] = {}
+    device = model_device(model)
     logits = model.run_with_hooks(
-        batch.tokens,
-        fwd_hooks=[(name, keeper(name)) for name in hooks],
+        batch.tokens.to(device),
+        fwd_hooks=_keepers(hooks, stored),
         return_type="logits",
-        attention_mask=batch.attention_mask,
+        attention_mask=batch.attention_mask.to(device),
     )
     return logits, stored
+
+
+def final_residual(model, batch: Batch, hooks: Sequence[str] = ()):
+    """The residual stream after the last block (before the final norm) and the ``hooks``'
+    activations, or ``None`` when the model cannot stop there (a TransformerBridge, or a hook
+    at or after the final norm was asked for)."""
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer) or any(h.startswith(("ln_final", "unembed")) for h in hooks):
+        return None
+    stored: dict[str, Tensor] = {}
+    device = model_device(model)
+    residual = model.run_with_hooks(
+        batch.tokens.to(device),
+        fwd_hooks=_keepers(hooks, stored),
+        attention_mask=batch.attention_mask.to(device),
+        stop_at_layer=int(model.cfg.n_layers),
+    )
+    return residual, stored
+
+
+def unembed(model, residual: Float[Tensor, "... pos d_model"]) -> Float[Tensor, "... pos vocab"]:
+    """Final norm + unembedding (+ logit softcap) of a HookedTransformer's final residual, at
+    just the positions given: the same numbers as the full forward's logits there."""
+    from transformer_lens.utilities import apply_softcap
+
+    if model.cfg.normalization_type is not None:
+        residual = model.ln_final(residual)
+    return apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)
+
+
+def forward_metrics(
+    model, batch: Batch, hooks: Sequence[str] = ()
+) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"], dict[str, Float[Tensor, "batch pos d_model"]]]:
+    """Input surprise, output entropy and the ``hooks``' activations from one forward pass.
+
+    On a HookedTransformer the final residual is unembedded a chunk of positions at a time, so
+    the full (batch x pos x vocab) logits never exist; metrics are float32 (float64 above a
+    131k vocabulary) whatever the model's dtype.
+    """
+    attention_mask = batch.attention_mask
+    out = final_residual(model, batch, hooks)
+    if out is None:
+        logits, stored = forward(model, batch, hooks)
+        surprise, entropy = surprise_and_entropy(logits, batch.tokens, attention_mask)
+        return surprise, entropy, stored
+    residual, stored = out
+    surprise, entropy = chunked_surprise_and_entropy(
+        lambda start, stop: unembed(model, residual[:, start:stop]),
+        batch.tokens, int(model.cfg.d_vocab_out), attention_mask,
+    )
+    return surprise, entropy, stored
 
 
 @dataclass(frozen=True)
@@ -122,8 +186,7 @@ def token_metrics(model, item, *, truncate: bool = False, score_prompt: bool = F
     """
     encoded = encode(model, item, truncate=truncate, score_prompt=score_prompt)
     batch = pad_batch([encoded], pad_id(model))
-    logits, _ = forward(model, batch)
-    surprise, entropy = surprise_and_entropy(logits, batch.tokens)
+    surprise, entropy, _ = forward_metrics(model, batch)
     tokens = [model.tokenizer.decode([int(t)]) for t in encoded.token_ids] if model.tokenizer else []
     return TokenMetrics(
         tokens=tokens,
@@ -178,8 +241,7 @@ def _capture_shard(
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         batch = pad_batch(chunk, pad, padding_side)
-        logits, stored = forward(model, batch, hooks)
-        surprise, entropy = surprise_and_entropy(logits, batch.tokens, batch.attention_mask)
+        surprise, entropy, stored = forward_metrics(model, batch, hooks)
         real = batch.attention_mask.bool()
         positions = (torch.cumsum(batch.attention_mask, dim=1) - 1)[real]
         seq_ids = (torch.arange(len(chunk)) + first_id + start).unsqueeze(1).expand_as(real)[real]
@@ -190,8 +252,9 @@ def _capture_shard(
         columns["output_entropy"].append(entropy[real].float().cpu().numpy())
         columns["scored"].append(batch.scored[real].numpy())
         for hook in hooks:
-            acts[hook].append(stored[hook][real.to(stored[hook].device)].cpu().numpy().astype(np_dtype, copy=False))
-        del logits, stored, surprise, entropy
+            # Convert to the storage dtype on the model's device, then one copy to the CPU.
+            acts[hook].append(to_numpy(stored[hook][real.to(stored[hook].device)], np_dtype))
+        del stored, surprise, entropy
         if progress is not None:
             progress.update(len(chunk))
     return CaptureShard(
@@ -210,7 +273,8 @@ def capture(
     layers: Sequence[int] | None = None,
     out_dir: str | Path | None = None,
     batch_size: int = 8,
-    dtype: torch.dtype = torch.float32,
+    storage_dtype: str | torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = None,
     padding_side: str = "right",
     max_tokens: int | None = None,
     truncate: bool = False,
@@ -224,7 +288,9 @@ def capture(
     Items are texts, conversations or ``{"token_ids": ...}`` dicts (see ``surprise_probe.inputs``).
     Everything is tokenized and validated before the first forward pass, so bad input fails fast.
     Without ``out_dir`` the result is in memory; with it, shards stream to disk and a rerun of
-    the same call resumes where an interrupted one stopped.
+    the same call resumes where an interrupted one stopped. ``storage_dtype`` (``"float32"`` or
+    ``"float16"``) is how activations are stored, independent of the model's dtype (``dtype=`` is
+    its earlier name); surprise and entropy are always float32.
 
     >>> from surprise_probe.testing import tiny_hooked_transformer
     >>> run = capture(tiny_hooked_transformer(), ["One text.", "Another text."], progress=False)
@@ -233,8 +299,15 @@ def capture(
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
-    if dtype not in _NUMPY_DTYPES:
-        raise ValueError(f"dtype must be one of {list(_NUMPY_DTYPES)}, got {dtype}")
+    if dtype is not None:  # the earlier name of storage_dtype
+        storage_dtype = dtype
+    if isinstance(storage_dtype, str):
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}")
+        storage_dtype = STORAGE_DTYPES[storage_dtype]
+    if storage_dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {list(_NUMPY_DTYPES)}, got {storage_dtype}")
+    dtype = storage_dtype
     hooks = resolve_hooks(model, hooks, layers)
     encoded = encode_all(model, list(items), max_tokens=max_tokens, truncate=truncate, score_prompt=score_prompt)
     if not encoded:
@@ -294,6 +367,7 @@ def capture(
     manifest = {
         **identity,
         "d_model": int(model.cfg.d_model),
+        "model_dtype": str(getattr(model.cfg, "dtype", "")).replace("torch.", ""),
         "n_layers": int(model.cfg.n_layers),
         "n_ctx": int(model.cfg.n_ctx),
         "n_tokens": int(sum(e["n_tokens"] for e in shards_meta)),

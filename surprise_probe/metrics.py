@@ -22,6 +22,8 @@ __all__ = [
     "input_surprise",
     "output_entropy",
     "surprise_and_entropy",
+    "chunked_surprise_and_entropy",
+    "chunk_positions",
     "MeanWithCI",
     "bootstrap_mean",
 ]
@@ -59,15 +61,25 @@ def output_entropy(logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, "b
     return _entropy_from_log_probs(_log_probs(logits))
 
 
+# Positions per chunk are chosen so that one chunk's (rows x positions x vocab) temporaries hold
+# about this many elements (2**24: 64 MB in float32), whatever the batch, context and vocabulary.
+CHUNK_ELEMENTS = 2**24
+
+
+def chunk_positions(rows: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> int:
+    """How many positions of ``rows`` rows fit one metrics chunk of ``budget`` logits."""
+    return max(1, budget // max(1, rows * vocab))
+
+
 def surprise_and_entropy(
     logits: Float[Tensor, "batch pos vocab"],
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
-    """Both metrics from one ``log_softmax`` per sequence (the capture hot path).
+    """Both metrics from one ``log_softmax`` per chunk of positions (the capture hot path).
 
-    Rows are processed one at a time: the (pos x vocab) temporaries of one row are reused by the
-    allocator for the next, which is faster and lighter than one (batch x pos x vocab) pass.
+    Positions are processed in chunks of about ``CHUNK_ELEMENTS`` logits, so the float32 (or
+    float64) temporaries stay bounded whatever the batch, context, vocabulary or model dtype.
     With an ``attention_mask``, surprise is NaN wherever the previous position is padding (the
     first real token of a left-padded row has no prediction, like position 0).
     """
@@ -75,13 +87,42 @@ def surprise_and_entropy(
         raise ValueError(
             f"logits have batch x pos {tuple(logits.shape[:2])} but tokens have {tuple(tokens.shape)}"
         )
-    surprise_rows, entropy_rows = [], []
-    for i in range(logits.shape[0]):
-        log_probs = _log_probs(logits[i : i + 1])
-        surprise_rows.append(_surprise_from_log_probs(log_probs, tokens[i : i + 1]))
-        entropy_rows.append(_entropy_from_log_probs(log_probs))
+    return chunked_surprise_and_entropy(
+        lambda start, stop: logits[:, start:stop], tokens, int(logits.shape[-1]), attention_mask
+    )
+
+
+def chunked_surprise_and_entropy(
+    logits_at,
+    tokens: Int[Tensor, "batch pos"],
+    vocab: int,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    budget: int = CHUNK_ELEMENTS,
+) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
+    """Surprise and entropy from ``logits_at(start, stop)`` -> logits of positions ``[start, stop)``.
+
+    Only one chunk of logits exists at a time, so a caller that unembeds the final residual
+    inside ``logits_at`` never holds the full (batch x pos x vocab) logits.
+    """
+    batch, n_pos = tokens.shape
+    step = chunk_positions(batch, vocab, budget)
+    surprise = entropy = None
+    for start in range(0, n_pos, step):
+        stop = min(n_pos, start + step)
+        log_probs = _log_probs(logits_at(start, stop))
+        if surprise is None:
+            kw = {"dtype": log_probs.dtype, "device": log_probs.device}
+            surprise = torch.full((batch, n_pos), float("nan"), **kw)
+            entropy = torch.empty((batch, n_pos), **kw)
+        entropy[:, start:stop] = _entropy_from_log_probs(log_probs)
+        # Position p predicts token p + 1: this chunk's predictions are the surprise of the next.
+        targets = tokens[:, start + 1 : stop + 1].to(log_probs.device)
+        if targets.shape[1]:
+            width = targets.shape[1]
+            surprise[:, start + 1 : start + 1 + width] = -log_probs[:, :width].gather(
+                -1, targets.unsqueeze(-1)
+            ).squeeze(-1)
         del log_probs
-    surprise, entropy = torch.cat(surprise_rows), torch.cat(entropy_rows)
     if attention_mask is not None:
         previous_is_real = torch.zeros_like(attention_mask, dtype=torch.bool)
         previous_is_real[:, 1:] = attention_mask[:, :-1].bool()

@@ -227,17 +227,23 @@ def _hub_folder(name: str, allow_download: bool) -> Path:
     )
 
 
-def _load_folder(folder: Path, name: str, device: str, dtype: torch.dtype, backend: str):
+def _load_folder(
+    folder: Path, name: str, device: str, dtype: torch.dtype, backend: str,
+    device_map=None, n_devices: int = 1, max_memory=None,
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        # A device_map places the Hugging Face modules (accelerate) and only the bridge runs them;
+        # without one, weights load on the CPU and TransformerLens moves them to `device`.
+        placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement).eval()
         model = None
         errors = []
-        if backend in ("auto", "hooked"):
+        if backend in ("auto", "hooked") and device_map is None:
             try:
-                model = _hooked_from_hf(folder, hf_model, tokenizer, device, dtype)
+                model = _hooked_from_hf(folder, hf_model, tokenizer, device, dtype, n_devices)
             except Exception as error:  # noqa: BLE001 - unsupported architecture: fall back to bridge
                 if backend == "hooked":
                     raise
@@ -251,8 +257,14 @@ def _load_folder(folder: Path, name: str, device: str, dtype: torch.dtype, backe
                 )
             from transformer_lens.model_bridge import TransformerBridge
 
+            if device_map is None and n_devices > 1:
+                raise ValueError(
+                    f"n_devices={n_devices} splits a HookedTransformer, but {folder} loads as a "
+                    "TransformerBridge; pass device_map='auto' (with max_memory=) instead"
+                )
             model = TransformerBridge.boot_transformers(
-                str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+                str(folder), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
+                device=None if device_map is not None else device,
             )
             model.enable_compatibility_mode()
     model.cfg.model_name = name
@@ -260,20 +272,23 @@ def _load_folder(folder: Path, name: str, device: str, dtype: torch.dtype, backe
     return model.eval()
 
 
-def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch.dtype):
+def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch.dtype, n_devices: int = 1):
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
 
     cfg = loading.get_pretrained_model_config(
         str(folder), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=device,
-        default_prepend_bos=False, dtype=dtype,
+        n_devices=n_devices, default_prepend_bos=False, dtype=dtype,
     )
     state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     # The same processing as HookedTransformer.from_pretrained. Centering the unembedding shifts
-    # all logits of a position by one constant, which log_softmax ignores.
+    # all logits of a position by one constant, which log_softmax ignores (but a logit softcap
+    # does not, so softcapped models keep theirs uncentered, as in TransformerLens).
+    softcap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
     model.load_and_process_state_dict(
-        state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+        state_dict, fold_ln=True, center_writing_weights=True, center_unembed=softcap <= 0,
+        fold_value_biases=True,
     )
     model.move_model_modules_to_device()
     return model
@@ -281,21 +296,43 @@ def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    device: str = "cpu",
+    device: str = "auto",
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     backend: str = "auto",
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    max_memory: dict | None = None,
     allow_download: bool = False,
     progress: bool = True,
 ):
     """Load a model into TransformerLens by embedded name, local folder, or cached hub name.
 
-    >>> model = load_model("smollm2-135m-instruct")   # doctest: +SKIP
-    >>> model.cfg.n_layers, model.cfg.d_model         # doctest: +SKIP
-    (30, 576)
+    ``device``: ``"auto"`` (a GPU when one is visible, else the CPU), ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``. ``dtype``: the model's weights and activations, ``"float32"``, ``"bfloat16"``
+    or ``"float16"`` (names or torch dtypes); metrics are computed in float32 or better whatever
+    it is. Across devices: ``n_devices=K`` splits a HookedTransformer's layers over K GPUs
+    (TransformerLens); ``device_map="auto"`` or a ``{module: device}`` dict (with
+    ``max_memory={0: "20GiB", ...}``) places the Hugging Face modules with accelerate and loads
+    through the TransformerBridge. Bad values raise ``ValueError`` before anything is loaded.
+
+    >>> model = load_model("smollm2-135m-instruct", dtype="bfloat16")   # doctest: +SKIP
+    >>> model.cfg.n_layers, model.cfg.d_model, model.cfg.dtype          # doctest: +SKIP
+    (30, 576, torch.bfloat16)
     """
+    from surprise_probe.devices import resolve_device, resolve_device_map, resolve_dtype
+
     if backend not in ("auto", "hooked", "bridge"):
         raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+    dtype = resolve_dtype(dtype)
+    device_map, n_devices = resolve_device_map(device_map, n_devices, max_memory)
+    if device_map is not None:
+        if device not in (None, "auto"):
+            raise ValueError(f"pass device={device!r} or device_map=, not both (device_map places every module)")
+        if backend == "hooked":
+            raise ValueError("device_map= loads through the TransformerBridge; use n_devices= for backend='hooked'")
+    else:
+        device = resolve_device(device)
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
         raise ValueError(f"expected a model name or folder, got {name_or_path!r}")
     name = str(name_or_path)
@@ -308,4 +345,4 @@ def load_model(
         model_name = folder.resolve().name
     else:
         folder, model_name = _hub_folder(name, allow_download), name
-    return _load_folder(folder, model_name, device, dtype, backend)
+    return _load_folder(folder, model_name, device, dtype, backend, device_map, n_devices, max_memory)
