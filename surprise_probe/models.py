@@ -12,14 +12,18 @@
 The result is a TransformerLens ``HookedTransformer`` when TransformerLens can convert the
 architecture, else a ``TransformerBridge`` (``backend=`` forces one). Either way the rest of the
 toolkit only uses the hook interface (``run_with_hooks``, ``hook_dict``, ``blocks.{L}.hook_*``).
-Plain text is tokenized exactly as the Hugging Face tokenizer does (``add_special_tokens=True``),
-so TransformerLens never prepends a second BOS and logits match Hugging Face.
+Plain text is tokenized exactly as the Hugging Face tokenizer does (``add_special_tokens=True``):
+TransformerLens swaps in a copy of the tokenizer rebuilt with ``add_bos_token=True`` (so SmolLM2's
+copy would put ``<|im_start|>`` before every plain text), and ``load_model`` puts the original back.
+The cached copy of an embedded tokenizer is checked against the GGUF original when it is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -92,8 +96,41 @@ def _cached_folder(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
+# Bumped whenever what the cache holds changes meaning; an older cache is rebuilt on next use.
+# 2: the cached tokenizer is verified to tokenize exactly like the GGUF original (no added BOS).
+CACHE_FORMAT = 2
+# Texts a cached tokenizer must tokenize exactly like the original (plain text, and a conversation).
+_TOKENIZER_PROBES = ("Hello there", "The lighthouse keeper counted ships.\n  Twice, in 1969!")
+_PROBE_CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+
+
 def _is_complete(folder: Path) -> bool:
-    return (folder / ".complete").exists()
+    marker = folder / ".complete"
+    if not marker.exists():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("cache_format") == CACHE_FORMAT
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return False  # a marker from before cache formats existed: rebuild
+
+
+def _tokenizations(tokenizer) -> list[list[int]]:
+    out = [list(tokenizer(text)["input_ids"]) for text in _TOKENIZER_PROBES]
+    if getattr(tokenizer, "chat_template", None):
+        out.append(list(tokenizer.apply_chat_template(_PROBE_CONVERSATION, tokenize=True, return_dict=False)))
+    return out
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """One process builds a cache folder at a time; the others wait, then find it complete."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / f".build-{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -140,10 +177,17 @@ def embedded_folder(name: str, progress: bool = True) -> Path:
     Written to a temporary folder beside the target and renamed into place, so an interrupted
     first load never leaves a half-written cache.
     """
-    spec = EMBEDDED_MODELS[name]
     target = _cached_folder(name)
     if _is_complete(target):
         return target
+    with _build_lock(target):
+        if _is_complete(target):  # another process built it while this one waited
+            return target
+        return _build_embedded(name, target, progress)
+
+
+def _build_embedded(name: str, target: Path, progress: bool) -> Path:
+    spec = EMBEDDED_MODELS[name]
     package_folder = _package_folder(spec)
     if package_folder is None:
         raise ModuleNotFoundError(
@@ -173,7 +217,18 @@ def embedded_folder(name: str, progress: bool = True) -> Path:
         out = work / "model"
         hf_model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / ".complete").write_text(f"dequantized from {spec.gguf_file} in {time.perf_counter() - started:.1f}s\n")
+        with _offline():
+            saved = AutoTokenizer.from_pretrained(out)
+        if _tokenizations(saved) != _tokenizations(tokenizer):
+            raise RuntimeError(
+                f"the tokenizer saved to the cache does not tokenize like the GGUF original of {name} "
+                f"(original {_tokenizations(tokenizer)[0]}, saved copy {_tokenizations(saved)[0]} for "
+                f"{_TOKENIZER_PROBES[0]!r}); refusing to cache it"
+            )
+        (out / ".complete").write_text(json.dumps({
+            "cache_format": CACHE_FORMAT, "source": spec.gguf_file,
+            "seconds": round(time.perf_counter() - started, 1),
+        }) + "\n")
         if target.exists():  # a stale incomplete folder from an older version
             shutil.rmtree(target)
         os.replace(out, target)
@@ -269,7 +324,27 @@ def _load_folder(
             model.enable_compatibility_mode()
     model.cfg.model_name = name
     model.cfg.default_prepend_bos = False
+    _keep_original_tokenizer(model, tokenizer)
     return model.eval()
+
+
+def _keep_original_tokenizer(model, tokenizer) -> None:
+    """Undo TransformerLens' tokenizer swap, so plain text tokenizes as Hugging Face does.
+
+    ``set_tokenizer`` (HookedTransformer) and ``setup_tokenizer`` (TransformerBridge) replace the
+    tokenizer by a copy rebuilt with ``add_bos_token=True``; for SmolLM2 that copy prepends
+    ``<|im_start|>`` to plain text, which the original does not. TransformerLens' own
+    ``to_tokens`` reads ``cfg.tokenizer_prepends_bos``, so it stays consistent.
+    """
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = getattr(model.tokenizer, "padding_side", None) or "right"
+    if hasattr(type(model), "tokenizer") and isinstance(type(model).tokenizer, property):
+        # TransformerBridge's tokenizer setter re-runs the swap; set the attribute behind it.
+        model._tokenizer = tokenizer
+    else:
+        model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
 
 
 def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch.dtype, n_devices: int = 1):

@@ -70,7 +70,7 @@ def test_embedded_cache_is_written_atomically(tmp_path, monkeypatch):
     fake_pkg.mkdir()
     (fake_pkg / spec.gguf_file).write_bytes(b"not a gguf file")
     monkeypatch.setattr(models, "_package_folder", lambda _spec: fake_pkg)
-    with pytest.raises(Exception):  # noqa: B017 - whatever the GGUF reader raises
+    with pytest.raises(ValueError, match="GGUF"):
         models.embedded_folder("smollm2-135m-instruct", progress=False)
     leftovers = [p.name for p in (tmp_path / "models").iterdir()]
     assert leftovers == [] and not models._is_complete(tmp_path / "models" / "smollm2-135m-instruct")
@@ -90,3 +90,34 @@ def test_capture_cli_on_local_model(tiny_hf_folder, tmp_path, capsys):
     code = main(["capture", "--model", str(tiny_hf_folder), "--input", str(texts), "--out", str(tmp_path / "o"),
                  "--layers", "0"])
     assert code == 2 and "different capture" in capsys.readouterr().err
+
+
+def test_old_cache_marker_is_rebuilt(tmp_path, monkeypatch):
+    """A cache written before the tokenizer check (plain-text marker) does not count as complete."""
+    from surprise_probe import models
+
+    monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / ".complete").write_text("dequantized from SmolLM2-135M-Instruct.Q4_1.gguf in 17.6s\n")
+    assert not models._is_complete(folder)
+    (folder / ".complete").write_text('{"cache_format": 1}')
+    assert not models._is_complete(folder)
+    (folder / ".complete").write_text(f'{{"cache_format": {models.CACHE_FORMAT}}}')
+    assert models._is_complete(folder)
+
+
+def test_loaded_model_keeps_the_original_tokenizer(tiny_hf_folder):
+    """TransformerLens swaps in an add_bos_token=True copy; load_model must put the original back."""
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained(tiny_hf_folder)
+    bos_adding = AutoTokenizer.from_pretrained(tiny_hf_folder, add_bos_token=True)
+    text = "The quick brown fox."
+    # The check can fail: a BOS-adding copy tokenizes this text differently.
+    assert bos_adding(text)["input_ids"] != original(text)["input_ids"]
+    for backend in ("hooked", "bridge"):
+        model = sp.load_model(str(tiny_hf_folder), backend=backend, progress=False)
+        assert model.tokenizer(text)["input_ids"] == original(text)["input_ids"], backend
+        assert sp.encode(model, text).token_ids.tolist() == original(text)["input_ids"], backend
+        assert model.to_tokens(text)[0].tolist() == original(text)["input_ids"], backend
