@@ -31,6 +31,15 @@ def hook_layer(hook: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _plain(value):
+    """Estimates (nested in dicts) as dicts, for JSON."""
+    if isinstance(value, Estimate):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
 @dataclass
 class HookResult:
     """One row of the sweep: the held-out scores of the probe at one hook, and its controls."""
@@ -53,6 +62,8 @@ class HookResult:
     intercept: float = field(repr=False, default=0.0)
     projection_mean: float = field(repr=False, default=0.0)
     projection_std: float = field(repr=False, default=0.0)
+    # probe R^2 on the target minus each other control (position, bigram, covariates)
+    beyond_r2: dict[str, Estimate] = field(default_factory=dict)
 
     def row(self) -> dict:
         """Flat dict for the CSV table."""
@@ -74,6 +85,11 @@ class HookResult:
             "shuffle_r2_max": float(np.max(self.shuffle_r2)) if self.shuffle_r2 else float("nan"),
             "shuffle_p": self.shuffle_p,
             "selectivity": self.selectivity,
+            **{
+                f"beyond_{name}{suffix}": getattr(estimate, part)
+                for name, estimate in self.beyond_r2.items()
+                for suffix, part in (("_r2", "value"), ("_r2_low", "low"), ("_r2_high", "high"))
+            },
         }
 
     def to_dict(self) -> dict:
@@ -82,6 +98,10 @@ class HookResult:
             out[name] = getattr(self, name).to_dict()
             for suffix in ("_low", "_high"):
                 out.pop(name + suffix, None)
+        for name in self.beyond_r2:
+            for suffix in ("_r2", "_r2_low", "_r2_high"):
+                out.pop(f"beyond_{name}{suffix}", None)
+        out["beyond_r2"] = {name: e.to_dict() for name, e in self.beyond_r2.items()}
         out.update(
             fold_alphas=self.fold_alphas,
             shuffle_r2=self.shuffle_r2,
@@ -108,6 +128,7 @@ class SweepResult:
     n_sequences: int
     data_hash: str
     predictions: dict = field(repr=False, default_factory=dict)  # held-out predictions per token
+    by_source: dict = field(default_factory=dict)  # per source label: sizes, R^2, calibration
 
     def __getitem__(self, hook: str) -> HookResult:
         for result in self.hooks:
@@ -126,6 +147,9 @@ class SweepResult:
         for result in self.hooks:
             row = result.row()
             row["token_mean_r2"] = control["token_mean_r2"].value
+            for name in ("position", "bigram"):
+                if control.get(f"{name}_r2") is not None:
+                    row[f"{name}_r2"] = control[f"{name}_r2"].value
             embedding = control.get("embedding_r2")
             row["embedding_r2"] = embedding.value if embedding is not None else float("nan")
             correlation = control.get("surprise_entropy_r")
@@ -138,21 +162,41 @@ class SweepResult:
         return rows
 
     def to_markdown(self) -> str:
-        head = "| hook | depth | alpha | R^2 [95% CI] | r | residual R^2 | shuffle R^2 (p) |"
-        lines = [head, "|---|---:|---:|---|---:|---:|---|"]
+        beyond = list(self.hooks[0].beyond_r2) if self.hooks else []
+        head = (
+            "| hook | depth | alpha | R^2 [95% CI] | r | beyond token mean | "
+            + "".join(f"beyond {name} | " for name in beyond)
+            + "shuffle R^2 (p) |"
+        )
+        lines = [head, "|---|---:|---:|---|---:|---:|" + "---:|" * len(beyond) + "---|"]
         for r in self.hooks:
             row = r.row()
             lines.append(
                 f"| {r.hook} | {r.depth:g} | {r.alpha:.3g} | {r.r2} | {r.pearson_r.value:.3f} | "
-                f"{r.residual_r2.value:.3f} | {row['shuffle_r2_mean']:.3f} ({r.shuffle_p:.3f}) |"
+                f"{r.residual_r2.value:.3f} | "
+                + "".join(f"{r.beyond_r2[name].value:.3f} | " for name in beyond)
+                + f"{row['shuffle_r2_mean']:.3f} ({r.shuffle_p:.3f}) |"
             )
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
-        controls = {
-            key: (value.to_dict() if isinstance(value, Estimate) else value)
-            for key, value in self.controls.items()
+    def controls_markdown(self) -> str:
+        """The run-wide baselines (held-out R² of each control alone), one line each."""
+        lines = []
+        labels = {
+            "token_mean_r2": "token-type mean",
+            "position_r2": "position (sequence and scored span)",
+            "bigram_r2": "bigram (previous + current token)",
+            "embedding_r2": "embedding-layer probe",
         }
+        for key, label in labels.items():
+            if self.controls.get(key) is not None:
+                lines.append(f"{label} R^2: {self.controls[key]}")
+        for name, estimate in self.controls.get("covariate_r2", {}).items():
+            lines.append(f"covariate {name} R^2: {estimate}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        controls = _plain(self.controls)
         return {
             "model_id": self.model_id,
             "d_model": self.d_model,
@@ -164,6 +208,7 @@ class SweepResult:
             "best_hook": self.best_hook(),
             "controls": controls,
             "hooks": [r.to_dict() for r in self.hooks],
+            "by_source": _plain(self.by_source),
         }
 
     def write_csv(self, path: str | Path) -> Path:
@@ -192,6 +237,7 @@ class SweepResult:
             "r2": result.r2.to_dict(),
             "pearson_r": result.pearson_r.to_dict(),
             "residual_r2": result.residual_r2.to_dict(),
+            "beyond_r2": {name: e.to_dict() for name, e in result.beyond_r2.items()},
             "shuffle_p": result.shuffle_p,
             "shuffle_r2_mean": result.row()["shuffle_r2_mean"],
             "token_mean_r2": self.controls["token_mean_r2"].to_dict(),

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from surprise_probe.probes.controls import token_mean_predictions
+from surprise_probe.probes.controls import (
+    bigram_mean_predictions,
+    covariate_predictions,
+    position_predictions,
+    token_mean_predictions,
+)
 from surprise_probe.probes.folds import assign_folds
 from surprise_probe.probes.results import (
     EMBEDDING_HOOK,
@@ -33,13 +39,22 @@ from surprise_probe.probes.results import (
 )
 from surprise_probe.probes.ridge import RidgeStats, heldout_sums, solve_ridge
 from surprise_probe.probes.scoring import SequenceBootstrap, r2_from_sums
-from surprise_probe.probes.targets import TargetData, TokenTarget, select_target, shard_label
+from surprise_probe.probes.sources import scores_by_source
+from surprise_probe.probes.targets import (
+    TargetData,
+    TokenTarget,
+    load_target_file,
+    lookup_target,
+    select_target,
+    shard_label,
+)
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 __all__ = ["DEFAULT_ALPHAS", "fit_sweep"]
 
 DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
+RESERVED_CONTROLS = ("token", "position", "bigram")
 
 
 def _check_hooks(run, hooks) -> list[str]:
@@ -80,8 +95,8 @@ def _shard_activations(shard, hook: str, mask, label: str, sequence_ids, positio
 
 @dataclass
 class _HookFit:
-    outer_coef: np.ndarray  # (k, 2, d): per outer fold, [target, residual target]
-    outer_intercept: np.ndarray  # (k, 2)
+    outer_coef: np.ndarray  # (k, 1 + n_sets, d): per outer fold, [target, each residual target]
+    outer_intercept: np.ndarray  # (k, 1 + n_sets)
     fold_alphas: list[float]
     alpha: float
     cv_r2_by_alpha: list[float]
@@ -99,11 +114,13 @@ def _fit_hook(
     nested: bool,
     standardize: bool,
     n_shuffles: int,
+    n_sets: int = 1,
 ) -> _HookFit:
     """Solve every fold, alpha and target column of one hook from its per-fold statistics.
 
-    Target columns: 0 = target, 1..k = target minus the token-identity mean of fold f's training
-    tokens, k+1.. = shuffled targets.
+    Target columns: 0 = target; then ``n_sets`` residual sets of k columns each (column
+    ``1 + r * k + f`` = target minus control r fitted on fold f's training tokens); then the
+    shuffled targets.
     """
     k = len(fold_stats)
     total = fold_stats[0]
@@ -133,22 +150,18 @@ def _fit_hook(
 
     n_alphas = len(alphas)
     cv_r2_by_alpha = [pooled_r2(0, [a] * k) for a in range(n_alphas)]
-    first_shuffle = 1 + k
+    first_shuffle = 1 + n_sets * k
     shuffle_r2 = [
         pooled_r2(first_shuffle + s, chosen[:, first_shuffle + s]) for s in range(n_shuffles)
     ]
 
+    # per outer fold, the columns its probes are fitted to: the target and its own residuals
+    fold_columns = [[0] + [1 + r * k + f for r in range(n_sets)] for f in range(k)]
     outer_coef = np.stack(
-        [
-            np.stack([outer[f].coef[chosen[f, 0], 0], outer[f].coef[chosen[f, 1 + f], 1 + f]])
-            for f in range(k)
-        ]
+        [np.stack([outer[f].coef[chosen[f, c], c] for c in fold_columns[f]]) for f in range(k)]
     )
     outer_intercept = np.array(
-        [
-            [outer[f].intercept[chosen[f, 0], 0], outer[f].intercept[chosen[f, 1 + f], 1 + f]]
-            for f in range(k)
-        ]
+        [[outer[f].intercept[chosen[f, c], c] for c in fold_columns[f]] for f in range(k)]
     )
     best = int(np.argmax(cv_r2_by_alpha))
     final = solve_ridge(total, alphas[best : best + 1], standardize)
@@ -220,6 +233,24 @@ def _accumulate(
     return stats
 
 
+def _covariate_values(data: TargetData, covariates) -> dict[str, np.ndarray]:
+    values = {}
+    for name, table in (covariates or {}).items():
+        if name in RESERVED_CONTROLS:
+            raise ValueError(
+                f"covariate name {name!r} is taken by a built-in control; choose another name"
+            )
+        if isinstance(table, (str, Path)):
+            table = load_target_file(table)
+        if not isinstance(table, TokenTarget):
+            raise ValueError(
+                f"covariate {name!r} must be a table keyed by (sequence_id, position) "
+                "(a TokenTarget or an .npz / (m, 3) .npy file)"
+            )
+        values[name] = lookup_target(table, data.sequence_ids, data.positions)
+    return values
+
+
 def fit_sweep(
     run,
     target: str | Path | TokenTarget | np.ndarray = "surprise",
@@ -232,6 +263,8 @@ def fit_sweep(
     n_boot: int = 1000,
     nested: bool = True,
     standardize: bool = True,
+    covariates: Mapping[str, TokenTarget | str | Path] | None = None,
+    sources: Mapping[int, str] | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Fit and score a ridge probe at every hook of ``run``, with controls.
@@ -241,6 +274,13 @@ def fit_sweep(
     ridge grid (default ``DEFAULT_ALPHAS``). With ``nested`` (default, needs ``n_folds >= 3``),
     each outer fold chooses its alpha by an inner CV over the other folds, so the reported
     held-out scores never saw the data that chose the alpha.
+
+    Controls, all learned on the training folds: token-type mean, position (sequence and scored
+    span), bigram (previous + current token), each reported as a baseline R² and as the probe's
+    R² on the target minus the control. ``covariates`` (name -> per-token table, e.g. another
+    model's surprise) add "the target beyond the covariate" the same way; tokens a covariate
+    lacks are dropped from the whole sweep (counted in ``config``). ``sources`` (sequence id ->
+    label, e.g. ``own-sample`` / ``human``) adds R² and calibration per source.
 
     >>> import surprise_probe as sp                                # doctest: +SKIP
     >>> result = fit_sweep(sp.load_capture("runs/capture"))        # doctest: +SKIP
@@ -260,6 +300,17 @@ def fit_sweep(
 
     # step 0: tokens, targets, folds, control targets
     data = select_target(run, target)
+    covariate_values = _covariate_values(data, covariates)
+    n_selected = data.n_tokens
+    if covariate_values:
+        keep = np.all([np.isfinite(v) for v in covariate_values.values()], axis=0)
+        if not keep.any():
+            raise ValueError(
+                f"no token of target {data.name!r} has a value in every covariate "
+                f"({sorted(covariate_values)}); are they from this capture?"
+            )
+        data = data.restrict(keep)
+        covariate_values = {name: v[keep] for name, v in covariate_values.items()}
     try:
         folds = assign_folds(data.sequence_ids, n_folds, seed)
     except ValueError as error:
@@ -271,12 +322,28 @@ def fit_sweep(
                 f"target {data.name!r} is constant ({rest[0]}) on the training tokens of fold {fold}; "
                 "nothing to fit there (capture more varied sequences)"
             )
-    token_means = token_mean_predictions(data.token_ids, data.y, folds, n_folds)
+    control_fits = {
+        "token": token_mean_predictions(data.token_ids, data.y, folds, n_folds),
+        "position": position_predictions(
+            data.positions, data.span_positions, data.y, folds, n_folds
+        ),
+        "bigram": bigram_mean_predictions(
+            data.previous_ids, data.token_ids, data.y, folds, n_folds
+        ),
+        **{
+            name: covariate_predictions(values, data.y, folds, n_folds)
+            for name, values in covariate_values.items()
+        },
+    }
     rows = np.arange(data.n_tokens)
-    token_mean_oof = token_means[rows, folds]
+    oof = {name: fit[rows, folds] for name, fit in control_fits.items()}
     rng = np.random.default_rng(seed + 1)
     shuffled = [data.y[rng.permutation(data.n_tokens), None] for _ in range(n_shuffles)]
-    columns = np.concatenate([data.y[:, None], data.y[:, None] - token_means, *shuffled], axis=1)
+    columns = np.concatenate(
+        [data.y[:, None], *(data.y[:, None] - fit for fit in control_fits.values()), *shuffled],
+        axis=1,
+    )
+    n_sets = len(control_fits)
 
     # Hooks run in parallel threads with one BLAS thread each: numpy releases the GIL inside BLAS
     # and LAPACK, and multi-threaded BLAS on these few-hundred-wide matrices spin-waits, which is
@@ -286,7 +353,9 @@ def fit_sweep(
         stats = _accumulate(run, data, hooks, folds, n_folds, columns, pool, progress)
 
         def solve(hook: str) -> tuple[str, _HookFit]:
-            return hook, _fit_hook(stats.pop(hook), alphas, nested, standardize, n_shuffles)
+            return hook, _fit_hook(
+                stats.pop(hook), alphas, nested, standardize, n_shuffles, n_sets
+            )
 
         fits: dict[str, _HookFit] = dict(
             tqdm(
@@ -299,7 +368,7 @@ def fit_sweep(
         )
 
     # step 2: held-out predictions of the chosen probes
-    predictions = {hook: np.empty((data.n_tokens, 2)) for hook in hooks}
+    predictions = {hook: np.empty((data.n_tokens, 1 + n_sets)) for hook in hooks}
     offset = 0
     for index, shard in enumerate(
         tqdm(
@@ -321,18 +390,24 @@ def fit_sweep(
             X = np.asarray(shard.activations(hook)[mask], dtype=np.float64).reshape(count, -1)
             fit = fits[hook]
             k = fit.outer_coef.shape[0]
-            per_fold = (X @ fit.outer_coef.reshape(2 * k, -1).T).reshape(
-                count, k, 2
+            per_fold = (X @ fit.outer_coef.reshape(k * (1 + n_sets), -1).T).reshape(
+                count, k, 1 + n_sets
             ) + fit.outer_intercept[None]
             predictions[hook][chunk] = per_fold[np.arange(count), shard_folds]
 
     # scores
     boot = SequenceBootstrap(data.sequence_ids, n_boot=n_boot, seed=seed)
-    residual = data.y - token_mean_oof
-    token_mean_r2 = boot.r2(data.y, token_mean_oof)
+    residuals = {name: data.y - prediction for name, prediction in oof.items()}
+    baseline_r2 = {name: boot.r2(data.y, prediction) for name, prediction in oof.items()}
+    token_mean_r2 = baseline_r2["token"]
     controls = {
         "token_mean_r2": token_mean_r2,
-        "token_mean_r": boot.pearson(data.y, token_mean_oof),
+        "token_mean_r": boot.pearson(data.y, oof["token"]),
+        "position_r2": baseline_r2["position"],
+        "position_r": boot.pearson(data.y, oof["position"]),
+        "bigram_r2": baseline_r2["bigram"],
+        "bigram_r": boot.pearson(data.y, oof["bigram"]),
+        "covariate_r2": {name: baseline_r2[name] for name in covariate_values},
         "embedding_hook": EMBEDDING_HOOK if EMBEDDING_HOOK in hooks else None,
         "surprise_entropy_r": (
             SequenceBootstrap(data.pair_sequence_ids, n_boot=n_boot, seed=seed).pearson(
@@ -342,6 +417,7 @@ def fit_sweep(
             else None
         ),
     }
+    names = list(control_fits)
     results = []
     for hook in hooks:
         fit, pred = fits[hook], predictions[hook]
@@ -358,6 +434,9 @@ def fit_sweep(
                 )
             )
         exceed = sum(value >= r2.value for value in fit.shuffle_r2)
+        beyond = {
+            name: boot.r2(residuals[name], pred[:, 1 + r]) for r, name in enumerate(names)
+        }
         results.append(
             HookResult(
                 hook=hook,
@@ -367,7 +446,7 @@ def fit_sweep(
                 fold_alphas=fit.fold_alphas,
                 r2=r2,
                 pearson_r=boot.pearson(data.y, pred[:, 0]),
-                residual_r2=boot.r2(residual, pred[:, 1]),
+                residual_r2=beyond.pop("token"),
                 shuffle_r2=fit.shuffle_r2,
                 shuffle_p=(1 + exceed) / (1 + n_shuffles) if n_shuffles else float("nan"),
                 selectivity=r2.value - token_mean_r2.value,
@@ -378,11 +457,25 @@ def fit_sweep(
                 intercept=fit.intercept,
                 projection_mean=fit.projection_mean,
                 projection_std=fit.projection_std,
+                beyond_r2=beyond,
             )
         )
     if controls["embedding_hook"]:
         controls["embedding_r2"] = next(r.r2 for r in results if r.hook == EMBEDDING_HOOK)
 
+    by_source = (
+        scores_by_source(
+            {k: v for k, v in sources.items()},
+            data.sequence_ids,
+            data.y,
+            {name: oof[name] for name in ("token", "position", "bigram")},
+            {hook: predictions[hook][:, 0] for hook in hooks},
+            n_boot=n_boot,
+            seed=seed,
+        )
+        if sources
+        else {}
+    )
     config = {
         "target": data.name,
         "hooks": hooks,
@@ -394,6 +487,15 @@ def fit_sweep(
         "nested": nested,
         "standardize": standardize,
         "folds": "grouped by sequence id (seeded permutation, round-robin)",
+        "controls": {
+            "token": "mean target per token type on the training folds (unseen -> training mean)",
+            "position": "ridge (alpha 1e-3) on one-hot bins of position in sequence and in scored span",
+            "bigram": "mean target per (previous, current) token pair (unseen -> token type -> training mean)",
+            **{name: "ridge on the covariate and one-hot bins of its training quantiles" for name in covariate_values},
+        },
+        "covariates": sorted(covariate_values),
+        "n_tokens_selected": n_selected,
+        "n_tokens_dropped_for_covariates": n_selected - data.n_tokens,
     }
     return SweepResult(
         model_id=str(run.model_id),
@@ -408,10 +510,15 @@ def fit_sweep(
         predictions={
             "sequence_ids": data.sequence_ids,
             "positions": data.positions,
+            "span_positions": data.span_positions,
             "token_ids": data.token_ids,
             "folds": folds,
             "target": data.y,
-            "token_mean": token_mean_oof,
+            "token_mean": oof["token"],
+            "position_mean": oof["position"],
+            "bigram_mean": oof["bigram"],
+            **{f"covariate:{name}": covariate_values[name] for name in covariate_values},
             **{f"pred:{hook}": predictions[hook][:, 0] for hook in hooks},
         },
+        by_source=by_source,
     )

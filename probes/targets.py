@@ -19,8 +19,16 @@ from pathlib import Path
 
 import numpy as np
 from jaxtyping import Bool, Float, Int
+from surprise_probe.probes.controls import previous_token_ids, span_positions
 
-__all__ = ["TokenTarget", "TargetData", "select_target", "load_target_file", "shard_label"]
+__all__ = [
+    "TokenTarget",
+    "TargetData",
+    "select_target",
+    "load_target_file",
+    "shard_label",
+    "lookup_target",
+]
 
 BUILTIN_TARGETS = ("surprise", "entropy")
 
@@ -63,6 +71,8 @@ class TargetData:
     token_ids: Int[np.ndarray, " n"]
     sequence_ids: Int[np.ndarray, " n"]
     positions: Int[np.ndarray, " n"]
+    previous_ids: Int[np.ndarray, " n"]  # token at position - 1 of the same sequence, -1 if none
+    span_positions: Int[np.ndarray, " n"]  # scored tokens of the sequence before this one
     # input surprise and output entropy on scored tokens at position > 0 (for their correlation)
     pair_surprise: Float[np.ndarray, " m"]
     pair_entropy: Float[np.ndarray, " m"]
@@ -75,6 +85,26 @@ class TargetData:
     @property
     def n_sequences(self) -> int:
         return len(np.unique(self.sequence_ids))
+
+    def restrict(self, keep: Bool[np.ndarray, " n"]) -> TargetData:
+        """The same run with only the selected tokens where ``keep`` is True."""
+        keep = np.asarray(keep, bool)
+        masks, offset = [], 0
+        for mask in self.masks:
+            count = int(mask.sum())
+            narrowed = mask.copy()
+            narrowed[np.flatnonzero(mask)] = keep[offset : offset + count]
+            masks.append(narrowed)
+            offset += count
+        per_token = ("y", "token_ids", "sequence_ids", "positions", "previous_ids", "span_positions")
+        return TargetData(
+            name=self.name,
+            masks=masks,
+            **{name: getattr(self, name)[keep] for name in per_token},
+            pair_surprise=self.pair_surprise,
+            pair_entropy=self.pair_entropy,
+            pair_sequence_ids=self.pair_sequence_ids,
+        )
 
 
 def shard_label(shard, index: int) -> str:
@@ -132,6 +162,29 @@ def load_target_file(path: str | Path) -> TokenTarget | _CaptureOrderTarget:
 
 def _keys(sequence_ids, positions, width: int) -> np.ndarray:
     return np.asarray(sequence_ids, np.int64) * width + np.asarray(positions, np.int64)
+
+
+def lookup_target(
+    target: TokenTarget, sequence_ids: Int[np.ndarray, " n"], positions: Int[np.ndarray, " n"]
+) -> Float[np.ndarray, " n"]:
+    """``target``'s value at each ``(sequence_id, position)``; NaN where the table has none.
+
+    >>> table = TokenTarget("t", np.array([0, 1]), np.array([2, 0]), np.array([5.0, 6.0]))
+    >>> lookup_target(table, np.array([1, 0, 0]), np.array([0, 2, 3])).tolist()
+    [6.0, 5.0, nan]
+    """
+    positions = np.asarray(positions, np.int64)
+    width = int(max(np.max(target.positions, initial=0), np.max(positions, initial=0))) + 1
+    table_keys = _keys(target.sequence_ids, target.positions, width)
+    order = np.argsort(table_keys, kind="stable")
+    table_keys, values = table_keys[order], np.asarray(target.values, np.float64)[order]
+    keys = _keys(sequence_ids, positions, width)
+    out = np.full(len(keys), np.nan)
+    if len(table_keys):
+        where = np.clip(np.searchsorted(table_keys, keys), 0, len(table_keys) - 1)
+        found = table_keys[where] == keys
+        out[found] = values[where[found]]
+    return out
 
 
 def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise") -> TargetData:
@@ -204,7 +257,11 @@ def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise
                 "selected token"
             )
         masks.append(mask)
-        parts.append((values[mask], np.asarray(shard.token_ids)[mask], seq[mask], pos[mask]))
+        token_ids = np.asarray(shard.token_ids)
+        parts.append((
+            values[mask], token_ids[mask], seq[mask], pos[mask],
+            previous_token_ids(token_ids, seq, pos)[mask], span_positions(scored, seq)[mask],
+        ))
         both = scored & (pos > 0) & np.isfinite(surprise) & np.isfinite(entropy)
         pairs.append((surprise[both], entropy[both], seq[both]))
 
@@ -227,8 +284,8 @@ def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise
         raise ValueError(
             f"target {name!r} selects no tokens in this capture (check the scored span)"
         )
-    y, token_ids, sequence_ids, positions = (
-        np.concatenate([p[k] for p in parts]) for k in range(4)
+    y, token_ids, sequence_ids, positions, previous_ids, span = (
+        np.concatenate([p[k] for p in parts]) for k in range(6)
     )
     if np.ptp(y) == 0:
         raise ValueError(
@@ -241,6 +298,8 @@ def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise
         token_ids=token_ids.astype(np.int64),
         sequence_ids=sequence_ids.astype(np.int64),
         positions=positions.astype(np.int64),
+        previous_ids=previous_ids.astype(np.int64),
+        span_positions=span.astype(np.int64),
         pair_surprise=np.concatenate([p[0] for p in pairs]),
         pair_entropy=np.concatenate([p[1] for p in pairs]),
         pair_sequence_ids=np.concatenate([p[2] for p in pairs]),
