@@ -111,6 +111,7 @@ def dose_response(
     orthogonal: bool = True,
     positions: str = "response",
     batch_size: int = 32,
+    max_batch_tokens: int = 8192,
     batched: bool = True,
     seed: int = 0,
     n_boot: int = 1000,
@@ -120,7 +121,8 @@ def dose_response(
     """Sweep ``alphas`` (std units) along the probe direction and the control directions.
 
     ``probe``: a ``probes.ProbeDirection`` (checked against the model) or a
-    :class:`SteeringDirection`. ``items``: texts / conversations / ``Encoded``.
+    :class:`SteeringDirection`. ``items``: texts / conversations / ``Encoded``. At most
+    ``batch_size`` rows and ``max_batch_tokens`` tokens go through any forward (see ``run_sweep``).
     """
     direction = _direction(model, probe)
     encoded = encode_items(model, items)
@@ -130,8 +132,8 @@ def dose_response(
     vectors, labels = control_directions(direction, random_directions, seed, orthogonal)
     table = run_sweep(
         model, encoded, direction.hook, vectors, alphas, labels=labels, kind="steer",
-        scale=direction.std, positions=positions, batch_size=batch_size, batched=batched,
-        progress=progress,
+        scale=direction.std, positions=positions, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+        batched=batched, progress=progress,
     )
     return summarise_dose_response(table, direction, positions, n_boot=n_boot, level=level, seed=seed)
 
@@ -185,6 +187,7 @@ def directional_ablation(
     positions: str = "response",
     batch_size: int = 32,
     seed: int = 0,
+    max_batch_tokens: int = 8192,
     n_boot: int = 1000,
     level: float = 0.95,
     progress: bool = True,
@@ -195,7 +198,7 @@ def directional_ablation(
     vectors, labels = control_directions(direction, random_directions, seed, orthogonal)
     table = run_sweep(
         model, encoded, direction.hook, vectors, [1.0], labels=labels, kind="ablate",
-        positions=positions, batch_size=batch_size, progress=progress,
+        positions=positions, batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress,
     )
     n_tokens = table.n_tokens.sum()
     change = (table.entropy[:, 0].sum(-1) - table.clean_entropy.sum()) / n_tokens

@@ -61,7 +61,7 @@ class Touched:
         masks = [m for name, m in self.calls if hook is None or name == hook]
         if not masks:
             raise ValueError(f"no forward pass touched hook {hook!r}; hooks seen: {self.hooks}")
-        return masks[call]
+        return masks[call].cpu()
 
     @property
     def hooks(self) -> list[str]:
@@ -198,7 +198,8 @@ class Intervention:
             mask = _position_mask(self.positions, batch, pos, activation.device)
             work = activation if activation.dtype == torch.float64 else activation.float()
             edited = self.edit(work, mask, requested).to(activation.dtype)
-            touched.calls.append((requested, mask.detach().cpu().clone()))
+            # Kept on the activation's device (no per-call copy or sync); Touched moves it on read.
+            touched.calls.append((requested, mask.detach().clone()))
             return torch.where(mask.unsqueeze(-1), edited, activation)
 
         return hook_fn

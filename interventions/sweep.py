@@ -1,12 +1,21 @@
 """The batched engine behind dose-response and ablation: many (direction, alpha) conditions per
 sequence, measured against the clean run over the scored span.
 
-Batched (default): each sequence runs alone (no padding) and the intervention hook *fans it out*
-in the batch dimension to one row per condition (per-row direction and alpha) plus a clean row,
-at most ``batch_size`` rows per forward. Everything before the hook is computed once per sequence
-instead of once per alpha, and the clean run comes free. ``batched=False`` runs the reference
-loop: one condition at a time over padded batches of sequences; both give the same numbers
-(tested to 1e-5).
+Batched (default), two engines giving the same numbers as the loop:
+
+- on a HookedTransformer with a residual-stream hook (``blocks.L.hook_resid_pre/post``), the
+  compute floor (``interventions.suffix``): the clean sequence runs once (its prompt keys and
+  values cached), and each block of conditions runs only the blocks after the hook, only at the
+  positions from the first edited one on, unembedded only at scored positions;
+- otherwise (a TransformerBridge, another hook), *fan-out*: each sequence runs alone and the
+  intervention hook copies it into one row per condition plus a clean row, so everything before
+  the hook is computed once per sequence.
+
+``batched=False`` runs the reference loop: one condition at a time over padded batches of
+sequences; every engine gives the same numbers (tested to 1e-5). Memory is bounded in every
+engine: at most ``batch_size`` rows and ``max_batch_tokens`` tokens per forward, and logits are
+turned into metrics a chunk of tokens at a time (``metrics.CHUNK_ELEMENTS``), so the full
+(rows x positions x vocab) logits never exist.
 """
 
 from __future__ import annotations
@@ -18,8 +27,13 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from surprise_probe.interventions.hooks import Ablate, Steer
+from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, start_layer
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from surprise_probe.capture import unembed
+from surprise_probe.devices import model_device
+from surprise_probe.metrics import CHUNK_ELEMENTS
 
 __all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics"]
 
@@ -61,36 +75,74 @@ def encode_items(model, items, **encode_kwargs) -> list:
     return encoded
 
 
+def token_metrics(
+    logits: Float[Tensor, "tokens vocab"], clean_log_probs: Float[Tensor, "tokens vocab"]
+) -> tuple[Float[Tensor, " tokens"], Float[Tensor, " tokens"], Float[Tensor, " tokens"], Bool[Tensor, " tokens"]]:
+    """Per token: output entropy, KL(steered || clean), top-1 agreement with clean, and whether
+    every logit is finite; float32 (float64 stays float64) whatever the model's dtype."""
+    finite = torch.isfinite(logits).all(-1)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    log_probs = torch.log_softmax(logits.to(dtype), -1)
+    probs = log_probs.exp()
+    entropy = -torch.nan_to_num(probs * log_probs, nan=0.0).sum(-1)
+    clean = clean_log_probs.to(device=log_probs.device, dtype=dtype)
+    kl = torch.nan_to_num(probs * (log_probs - clean), nan=0.0).sum(-1)
+    agree = (log_probs.argmax(-1) == clean.argmax(-1)).to(dtype)
+    return entropy, kl, agree, finite
+
+
 def row_metrics(
     logits: Float[Tensor, "batch pos vocab"],
     scored: Bool[Tensor, "batch pos"],
     clean_log_probs: Float[Tensor, "tokens vocab"],
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"], Bool[Tensor, " batch"]]:
     """Per-row sums over scored tokens of entropy, KL(steered || clean), top-1 agreement; and
-    whether every scored logit of the row is finite. ``clean_log_probs`` follow ``scored`` order."""
+    whether every scored logit of the row is finite. ``clean_log_probs`` follow ``scored`` order.
+    Tokens are processed in chunks, so the temporaries stay bounded."""
+    scored = scored.to(logits.device)
     rows = torch.nonzero(scored, as_tuple=True)[0]
-    selected = logits[scored]
-    finite = torch.zeros(scored.shape[0], dtype=torch.bool).index_fill_(0, rows.unique(), True)
-    bad_tokens = ~torch.isfinite(selected).all(-1)
-    finite[rows[bad_tokens]] = False
-    dtype = torch.float64 if selected.dtype == torch.float64 else torch.float32
-    log_probs = torch.log_softmax(selected.to(dtype), -1)
-    probs = log_probs.exp()
-    entropy = -torch.nan_to_num(probs * log_probs, nan=0.0).sum(-1)
-    kl = torch.nan_to_num(probs * (log_probs - clean_log_probs.to(dtype)), nan=0.0).sum(-1)
-    agree = (log_probs.argmax(-1) == clean_log_probs.argmax(-1)).to(dtype)
+    flat = logits[scored]
+    return _sum_per_row(lambda a, b: flat[a:b], len(flat), int(logits.shape[-1]), rows,
+                        clean_log_probs, scored.shape[0])
 
-    def per_row(values: Tensor) -> Tensor:
-        return torch.zeros(scored.shape[0], dtype=torch.float64).index_add_(0, rows, values.double())
 
-    return per_row(entropy), per_row(kl), per_row(agree), finite
+def _sum_per_row(logits_at, n_tokens: int, vocab: int, rows: Tensor, clean_log_probs: Tensor, n_rows: int):
+    """Sum token metrics per row; ``logits_at(a, b)`` gives the logits of flat tokens [a, b)."""
+    sums = torch.zeros(3, n_rows, dtype=torch.float64)
+    finite = torch.ones(n_rows, dtype=torch.bool)
+    rows = rows.cpu()
+    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    for a in range(0, n_tokens, step):
+        b = min(n_tokens, a + step)
+        entropy, kl, agree, ok = token_metrics(logits_at(a, b), clean_log_probs[a:b])
+        values = torch.stack([entropy, kl, agree]).double().cpu()
+        sums.index_add_(1, rows[a:b], values)
+        finite[rows[a:b][~ok.cpu()]] = False
+    return sums[0], sums[1], sums[2], finite
 
 
 def _forward(model, batch) -> Tensor:
+    device = model_device(model)
     with torch.no_grad():
-        return model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")
+        return model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device), return_type="logits")
 
 
+def _token_chunks(n_seq_tokens: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Consecutive groups of sequences with at most ``max_rows`` rows and ``max_tokens`` padded
+    tokens (rows x longest) each; a sequence longer than ``max_tokens`` goes alone."""
+    groups: list[list[int]] = []
+    for s, n in enumerate(n_seq_tokens):
+        if groups:
+            group = groups[-1]
+            longest = max(n, *(n_seq_tokens[g] for g in group))
+            if len(group) < max_rows and longest * (len(group) + 1) <= max_tokens:
+                group.append(s)
+                continue
+        groups.append([s])
+    return groups
+
+
+@torch.no_grad()
 def run_sweep(
     model,
     encoded: Sequence,
@@ -103,6 +155,7 @@ def run_sweep(
     scale: float = 1.0,
     positions: str = "response",
     batch_size: int = 32,
+    max_batch_tokens: int = 8192,
     batched: bool = True,
     progress: bool = True,
 ) -> SweepTable:
@@ -110,8 +163,9 @@ def run_sweep(
 
     ``kind="steer"`` adds ``alpha * scale * d``; ``kind="ablate"`` removes ``alpha`` times the
     component along ``d``. ``positions`` is where the edit is applied: ``"response"`` (the scored
-    span) or ``"all"`` (every real token). Raises ``ValueError`` naming the alpha and direction if a
-    condition produces non-finite logits.
+    span) or ``"all"`` (every real token). Every forward has at most ``batch_size`` rows and
+    ``max_batch_tokens`` tokens (rows x positions; a single sequence longer than that still runs).
+    Raises ``ValueError`` naming the alpha and direction if a condition produces non-finite logits.
     """
     from surprise_probe.inputs import pad_batch, pad_id
 
@@ -121,6 +175,8 @@ def run_sweep(
         raise ValueError(f"positions must be 'response' or 'all', got {positions!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
     alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
     if len(alphas) == 0 or not np.isfinite(alphas).all():
         raise ValueError(f"alphas must be a non-empty list of finite numbers, got {alphas.tolist()}")
@@ -134,6 +190,7 @@ def run_sweep(
     n_dir, n_alpha, n_seq = len(directions), len(alphas), len(encoded)
     conditions = [(i, j) for i in range(n_dir) for j in range(n_alpha)]
     pad = pad_id(model)
+    device = model_device(model)
     shape = (n_dir, n_alpha, n_seq)
     table = SweepTable(
         labels, alphas, np.zeros(shape), np.zeros(shape), np.zeros(shape),
@@ -143,9 +200,8 @@ def run_sweep(
     make = Steer if kind == "steer" else Ablate
     extra = {"scale": scale} if kind == "steer" else {}
 
-    def record(rows: list[tuple[int, int]], logits: Tensor, scored: Tensor, clean: dict[int, Tensor]) -> None:
-        clean_lp = torch.cat([clean[s] for s, _ in rows])
-        entropy, kl, agree, finite = row_metrics(logits, scored, clean_lp)
+    def store(rows: list[tuple[int, int]], sums) -> None:
+        entropy, kl, agree, finite = sums
         for row, (s, c) in enumerate(rows):
             i, j = conditions[c]
             if not finite[row]:
@@ -155,28 +211,84 @@ def run_sweep(
                 )
             table.entropy[i, j, s], table.kl[i, j, s], table.agree[i, j, s] = entropy[row], kl[row], agree[row]
 
-    def keep_clean(s: int, logits_row: Tensor, scored_row: Tensor, clean: dict[int, Tensor]) -> None:
-        selected = logits_row[scored_row]
+    def record(rows: list[tuple[int, int]], logits: Tensor, scored: Tensor, clean: dict[int, Tensor]) -> None:
+        store(rows, row_metrics(logits, scored, torch.cat([clean[s] for s, _ in rows])))
+
+    def keep_clean(s: int, selected: Tensor, clean: dict[int, Tensor]) -> None:
+        """Clean log-probs at the scored tokens of sequence ``s`` (``selected``: their logits)."""
         if not torch.isfinite(selected).all():
             raise ValueError(f"input {s} gives non-finite logits even without intervention")
         dtype = torch.float64 if selected.dtype == torch.float64 else torch.float32
         clean[s] = torch.log_softmax(selected.to(dtype), -1)
         table.clean_entropy[s] = float(-(clean[s].exp() * clean[s]).nan_to_num(0.0).sum())
 
-    if batched:
-        # One unpadded sequence per forward; the hook fans it out to [clean, conditions...] rows,
-        # so the layers before the hook run once for all of them.
-        per_forward = max(1, batch_size - 1)
-        blocks = [list(range(k, min(len(conditions), k + per_forward))) for k in range(0, len(conditions), per_forward)]
-        bar = tqdm(total=n_seq * len(blocks), desc=f"{kind} sweep", unit="fwd", disable=not progress)
+    def condition_rows(block: list[int], n_rows: int, with_clean: bool):
+        """Per-row directions and alphas of a block of conditions (row 0 clean if asked)."""
+        picked = [conditions[c] for c in block]
+        dirs = directions[[i for i, _ in picked]]
+        row_alphas = torch.tensor([alphas[j] for _, j in picked], dtype=torch.float32)
+        if with_clean:
+            dirs = torch.cat([directions[:1], dirs])
+            row_alphas = torch.cat([torch.zeros(1), row_alphas])
+        return dirs, row_alphas
+
+    layer = start_layer(model, hook) if batched else None
+    if layer is not None:
+        # Compute floor (interventions.suffix): the clean run once, each condition from the hook
+        # on, only from the first edited position on, unembedded only at scored positions.
+        per_forward_rows = [
+            max(1, min(batch_size, max_batch_tokens // max(1, len(e.token_ids) - _first_edited(e, positions))))
+            for e in encoded
+        ]
+        n_blocks = sum(-(-len(conditions) // r) for r in per_forward_rows)
+        bar = tqdm(total=n_blocks, desc=f"{kind} sweep", unit="fwd", disable=not progress)
         for s, item in enumerate(encoded):
-            tokens = torch.as_tensor(item.token_ids, dtype=torch.long).unsqueeze(0)
+            tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
+            first = _first_edited(item, positions)
+            prefix = clean_prefix(model, tokens, layer, first)
+            suffix_scored = torch.as_tensor(item.scored[first:], dtype=torch.bool)
+            where = suffix_scored if positions == "response" else torch.ones_like(suffix_scored)
+            at = torch.nonzero(suffix_scored).squeeze(-1).to(device)
+            n_at = len(at)
+            clean_final = run_from_hook(model, prefix, prefix.residual)[0, at]
+            clean = {}
+            keep_clean(s, _unembed_chunks(model, clean_final), clean)
+            table.n_forwards += 1
+            rows = per_forward_rows[s]
+            for k in range(0, len(conditions), rows):
+                block = list(range(k, min(len(conditions), k + rows)))
+                dirs, row_alphas = condition_rows(block, len(block), with_clean=False)
+                intervention = make(hooks=hook, direction=dirs, alpha=row_alphas, fan_out=len(block),
+                                    positions=where.expand(len(block), -1), **extra)
+                edited = _edit(intervention, hook, prefix.residual)
+                final = run_from_hook(model, prefix, edited)[:, at]  # (rows, n_at, d_model)
+                flat = final.reshape(-1, final.shape[-1])
+                row_ids = torch.arange(len(block)).repeat_interleave(n_at)
+                clean_rep = _RepeatedRows(clean[s])
+                store([(s, c) for c in block], _sum_per_row(
+                    lambda a, b, flat=flat: unembed(model, flat[a:b].unsqueeze(0))[0],
+                    len(flat), int(model.cfg.d_vocab_out), row_ids, clean_rep, len(block),
+                ))
+                table.n_forwards += 1
+                bar.update()
+            del prefix, clean
+    elif batched:
+        # Fan-out: one unpadded sequence per forward; the hook copies it to [clean, conditions...]
+        # rows, so the layers before the hook run once for all of them.
+        bar = None
+        for s, item in enumerate(encoded):
+            n_tok = len(item.token_ids)
+            per_forward = max(1, min(batch_size, max_batch_tokens // max(1, n_tok)) - 1)
+            blocks = [list(range(k, min(len(conditions), k + per_forward)))
+                      for k in range(0, len(conditions), per_forward)]
+            if bar is None:
+                bar = tqdm(total=n_seq * len(blocks), desc=f"{kind} sweep", unit="fwd", disable=not progress)
+            tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
             scored = torch.as_tensor(item.scored, dtype=torch.bool).unsqueeze(0)
             clean: dict[int, Tensor] = {}
             for block in blocks:
                 n_rows = len(block) + 1  # row 0 is the clean run (alpha 0)
-                dirs = torch.cat([directions[:1], directions[[conditions[c][0] for c in block]]])
-                row_alphas = torch.tensor([0.0, *[alphas[conditions[c][1]] for c in block]], dtype=torch.float32)
+                dirs, row_alphas = condition_rows(block, n_rows, with_clean=True)
                 where = scored if positions == "response" else torch.ones_like(scored)
                 intervention = make(hooks=hook, direction=dirs, alpha=row_alphas, fan_out=n_rows,
                                     positions=where.expand(n_rows, -1), **extra)
@@ -189,12 +301,14 @@ def run_sweep(
                         f"fanning out at {hook} gave {logits.shape[0]} rows instead of {n_rows}; this model "
                         "does not support it, run with batched=False"
                     )
-                keep_clean(s, logits[0], scored[0], clean)
+                if s not in clean:
+                    keep_clean(s, logits[0][scored[0].to(logits.device)], clean)
                 record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
+                del logits
     else:
         # The reference loop: one condition (scalar alpha, one direction) per forward over padded
         # batches of sequences; the clean runs first.
-        seq_chunks = [list(range(k, min(n_seq, k + batch_size))) for k in range(0, n_seq, batch_size)]
+        seq_chunks = _token_chunks([len(e.token_ids) for e in encoded], max_batch_tokens, batch_size)
         bar = tqdm(total=len(seq_chunks) * (1 + len(conditions)), desc=f"{kind} loop", unit="fwd",
                    disable=not progress)
         clean = {}
@@ -204,7 +318,8 @@ def run_sweep(
             table.n_forwards += 1
             bar.update()
             for row, s in enumerate(seqs):
-                keep_clean(s, logits[row], batch.scored[row], clean)
+                keep_clean(s, logits[row][batch.scored[row].to(logits.device)], clean)
+            del logits
         for c, (i, j) in enumerate(conditions):
             for seqs in seq_chunks:
                 batch = pad_batch([encoded[s] for s in seqs], pad)
@@ -216,5 +331,39 @@ def run_sweep(
                 table.n_forwards += 1
                 bar.update()
                 record([(s, c) for s in seqs], logits, batch.scored, clean)
-    bar.close()
+                del logits
+    if bar is not None:
+        bar.close()
     return table
+
+
+def _first_edited(item, positions: str) -> int:
+    """The first position an edit touches (0 for ``"all"``): everything before it is shared."""
+    return 0 if positions == "all" else int(np.flatnonzero(item.scored)[0])
+
+
+def _edit(intervention, hook: str, residual: Tensor) -> Tensor:
+    """Apply ``intervention`` (with ``fan_out`` rows) to one clean residual, as its hook would."""
+    from types import SimpleNamespace
+
+    from surprise_probe.interventions.hooks import Touched
+
+    hook_fn = intervention._make_hook(hook, hook, Touched())
+    return hook_fn(residual, SimpleNamespace(name=hook))
+
+
+def _unembed_chunks(model, final: Tensor) -> Tensor:
+    """Logits of ``final`` (tokens x d_model) in chunks of tokens (one result tensor)."""
+    step = max(1, CHUNK_ELEMENTS // int(model.cfg.d_vocab_out))
+    return torch.cat([unembed(model, final[a : a + step].unsqueeze(0))[0] for a in range(0, len(final), step)])
+
+
+class _RepeatedRows:
+    """``clean`` (tokens x vocab) repeated row after row along the token axis, sliced lazily."""
+
+    def __init__(self, clean: Tensor):
+        self.clean, self.n = clean, len(clean)
+
+    def __getitem__(self, index: slice) -> Tensor:
+        rows = torch.arange(index.start, index.stop) % self.n
+        return self.clean[rows.to(self.clean.device)]

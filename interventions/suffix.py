@@ -1,0 +1,103 @@
+"""Run a HookedTransformer from a residual hook onwards, sharing the clean prompt's key-value cache.
+
+A sweep that edits the residual stream at one hook, only at positions ``>= start``, leaves every
+activation before the hook, and every activation at positions ``< start`` in every layer,
+identical to the clean run. So the clean run is computed once per sequence:
+
+1. the prompt (positions ``< start``) through every layer, keeping each layer's keys and values;
+2. the rest of the sequence up to the hook (the residual that conditions edit);
+
+and each condition then runs only the blocks after the hook, only at positions ``>= start``,
+attending to the cached prompt keys and values, and is unembedded only where it is scored. That
+is at or below the compute floor of a sweep (one clean forward up to the hook plus one forward
+per condition from the hook to the scored logits). Numbers equal the full forward's to float
+rounding (tested against the one-condition loop).
+
+>>> from surprise_probe.testing import tiny_hooked_transformer
+>>> model = tiny_hooked_transformer()
+>>> start_layer(model, "blocks.0.hook_resid_post"), start_layer(model, "blocks.1.hook_attn_out")
+(1, None)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook"]
+
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def start_layer(model, hook: str) -> int | None:
+    """The first block to run after an edit at ``hook``, or None when the shortcut does not apply
+    (not a HookedTransformer, not a residual-stream hook, or shortformer position embeddings)."""
+    from transformer_lens import HookedTransformer
+
+    match = _RESID.match(hook)
+    if not isinstance(model, HookedTransformer) or match is None:
+        return None
+    if model.cfg.positional_embedding_type == "shortformer":
+        return None
+    layer = int(match.group(1))
+    return layer + 1 if match.group(2) == "post" else layer
+
+
+@dataclass
+class SharedPrefix:
+    """One sequence's clean run up to the hook; ``cache`` holds positions ``< start``."""
+
+    start: int
+    layer: int  # first block after the hook
+    residual: Float[Tensor, "1 suffix d_model"]  # clean residual at the hook, positions >= start
+    cache: object | None  # TransformerLensKeyValueCache (frozen) or None when start == 0
+
+
+@torch.no_grad()
+def clean_prefix(model, tokens: Int[Tensor, "1 pos"], layer: int, start: int) -> SharedPrefix:
+    """Run the clean sequence: positions ``< start`` through every layer (keys and values kept),
+    positions ``>= start`` up to block ``layer`` (exclusive)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    if tokens.shape[0] != 1 or not 0 <= start < tokens.shape[1]:
+        raise ValueError(f"expected one sequence and 0 <= start < {tokens.shape[1]}, got {tuple(tokens.shape)}, {start}")
+    if start == 0:
+        residual = model(tokens, stop_at_layer=layer)
+        return SharedPrefix(0, layer, residual, None)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    # Explicit all-ones masks: with a cache TransformerLens would otherwise derive the mask from
+    # pad tokens, which can be real tokens of the sequence (e.g. a pad id equal to end-of-turn).
+    ones = torch.ones_like(tokens)
+    model(tokens[:, :start], attention_mask=ones[:, :start], past_kv_cache=cache, return_type=None)
+    cache.freeze()
+    residual = model(tokens[:, start:], attention_mask=ones[:, start:], past_kv_cache=cache, stop_at_layer=layer)
+    return SharedPrefix(start, layer, residual, cache)
+
+
+@torch.no_grad()
+def run_from_hook(model, prefix: SharedPrefix, residual: Float[Tensor, "rows suffix d_model"]) -> Float[Tensor, "rows suffix d_model"]:
+    """The final residual (before the final norm) of ``rows`` edited copies of the suffix."""
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+    rows, suffix = residual.shape[:2]
+    mask = None
+    if prefix.cache is not None:
+        mask = torch.ones(rows, prefix.start + suffix, dtype=torch.long, device=residual.device)
+    for i in range(prefix.layer, int(model.cfg.n_layers)):
+        device = get_device_for_block_index(i, model.cfg)
+        residual = residual.to(device)
+        entry = None
+        if prefix.cache is not None:
+            cached = prefix.cache[i]
+            # A view per row (no copy); attention concatenates it with the suffix's own keys.
+            entry = TransformerLensKeyValueCacheEntry(
+                cached.past_keys.expand(rows, -1, -1, -1), cached.past_values.expand(rows, -1, -1, -1), frozen=True
+            )
+            mask = mask.to(device)
+        residual = model.blocks[i](residual, past_kv_cache_entry=entry, attention_mask=mask)
+    return residual
