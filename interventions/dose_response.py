@@ -23,8 +23,9 @@ from surprise_probe.interventions.directions import (
     orthogonal_direction,
     random_directions,
 )
-from surprise_probe.interventions.stats import ratio_with_ci, slope, slope_with_ci, zscore
 from surprise_probe.interventions.sweep import SweepTable, encode_items, run_sweep
+
+from surprise_probe.stats import ratio_with_ci, slope, slope_with_ci, zscore
 
 __all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", "control_directions"]
 
@@ -144,15 +145,16 @@ def summarise_dose_response(
     alphas = table.alphas
     entropy = table.mean("entropy")
     slopes = slope(alphas, entropy)
-    probe_slope, low, high = slope_with_ci(
+    probe = slope_with_ci(
         alphas, table.entropy[0], table.n_tokens, n_boot=n_boot, level=level, seed=seed
     )
+    probe_slope, low, high = probe.value, probe.low, probe.high
     random_rows = [i for i, label in enumerate(table.labels) if label.startswith("random")]
     random_slopes = slopes[random_rows]
-    ci = [
-        ratio_with_ci(table.entropy[0, j], table.n_tokens, n_boot=n_boot, level=level, seed=seed)[1:]
-        for j in range(len(alphas))
-    ]
+    ci = []
+    for j in range(len(alphas)):
+        mean = ratio_with_ci(table.entropy[0, j], table.n_tokens, n_boot=n_boot, level=level, seed=seed)
+        ci.append((mean.low, mean.high))
     return DoseResponse(
         hook=direction.hook,
         std=direction.std,
@@ -186,8 +188,8 @@ def directional_ablation(
     orthogonal: bool = True,
     positions: str = "response",
     batch_size: int = 32,
-    seed: int = 0,
     max_batch_tokens: int = 8192,
+    seed: int = 0,
     n_boot: int = 1000,
     level: float = 0.95,
     progress: bool = True,
@@ -202,9 +204,10 @@ def directional_ablation(
     )
     n_tokens = table.n_tokens.sum()
     change = (table.entropy[:, 0].sum(-1) - table.clean_entropy.sum()) / n_tokens
-    _, low, high = ratio_with_ci(
+    probe_change = ratio_with_ci(
         table.entropy[0, 0] - table.clean_entropy, table.n_tokens, n_boot=n_boot, level=level, seed=seed
     )
+    low, high = probe_change.low, probe_change.high
     random_rows = [i for i, label in enumerate(labels) if label.startswith("random")]
     random_changes = change[random_rows]
     return Ablation(

@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from surprise_probe.interventions.hooks import Patch, apply_all
-from surprise_probe.interventions.stats import bootstrap_draws
 from tqdm.auto import tqdm
+
+from surprise_probe.stats import bootstrap_sums
 
 __all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group"]
 
@@ -211,12 +212,11 @@ def activation_patching(
             f"{gap.mean():.3g} nats), so the fraction of the gap a patch closes is undefined"
         )
     moved = h_patched - h_destination  # (n_cond, n_pairs)
-    fractions = moved.mean(1) / gap.mean()
-    draws = bootstrap_draws(n_pairs, n_boot, seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boot = moved[:, draws].mean(-1) / gap[draws].mean(-1)  # (n_cond, n_boot)
-    tail = (1 - level) / 2
-    low, high = np.nanquantile(boot, tail, axis=1), np.nanquantile(boot, 1 - tail, axis=1)
+    # mean over pairs of moved / mean of gap = ratio of sums over the same pairs
+    fractions, low, high = bootstrap_sums(
+        np.divide, moved, gap, n_boot=n_boot, level=level, seed=seed
+    )
+    fractions, low, high = (np.atleast_1d(v) for v in (fractions, low, high))
 
     def grid(values):
         out = {}

@@ -13,7 +13,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 from surprise_probe.probes.folds import assign_folds
 from surprise_probe.probes.ridge import validate_data
-from surprise_probe.probes.scoring import Estimate
+
+from surprise_probe.stats import ratio_with_ci, unit_sums
 
 __all__ = ["LogisticProbe", "cross_validate_classifier"]
 
@@ -77,12 +78,14 @@ def cross_validate_classifier(
     n_folds: int = 5,
     seed: int = 0,
     n_boot: int = 1000,
+    level: float = 0.95,
     **probe_params,
 ) -> dict:
     """Held-out accuracy of a :class:`LogisticProbe` with folds grouped by sequence.
 
     Returns the out-of-fold predictions, accuracy with a sequence-bootstrap CI, and the
-    majority-class accuracy (the chance level learned on each training fold).
+    majority-class accuracy (the chance level learned on each training fold), both with
+    ``level`` intervals over sequences.
     """
     X = np.asarray(X)
     labels = np.asarray(labels)
@@ -107,20 +110,12 @@ def cross_validate_classifier(
         values, counts = np.unique(labels[train], return_counts=True)
         majority[test] = values[np.argmax(counts)]
 
-    unique, inverse = np.unique(sequence_ids, return_inverse=True)
-    correct = np.bincount(inverse, weights=(predicted == labels).astype(float))
-    chance = np.bincount(inverse, weights=(majority == labels).astype(float))
-    counts = np.bincount(inverse).astype(float)
-    draws = np.random.default_rng(seed).integers(0, len(unique), size=(n_boot, len(unique)))
-
-    def estimate(hits):
-        boot = hits[draws].sum(1) / counts[draws].sum(1)
-        low, high = np.quantile(boot, [0.025, 0.975])
-        return Estimate(float(hits.sum() / counts.sum()), float(low), float(high))
-
+    _, correct, counts = unit_sums((predicted == labels).astype(float), sequence_ids)
+    _, chance, _ = unit_sums((majority == labels).astype(float), sequence_ids)
+    boot = {"n_boot": n_boot, "level": level, "seed": seed}
     return {
-        "accuracy": estimate(correct),
-        "majority_accuracy": estimate(chance),
+        "accuracy": ratio_with_ci(correct, counts, **boot),
+        "majority_accuracy": ratio_with_ci(chance, counts, **boot),
         "predictions": predicted,
         "folds": folds,
     }

@@ -1,34 +1,19 @@
-"""Held-out scores with confidence intervals from a bootstrap over sequences.
+"""Held-out scores (R^2, Pearson r) with confidence intervals from a bootstrap over sequences.
 
-Tokens of one sequence are not independent, so every interval resamples whole sequences. One
-:class:`SequenceBootstrap` draws its resamples once and reuses them for every score, so curves
-over hooks are compared on the same resamples (paired).
+Tokens of one sequence are not independent, so every interval resamples whole sequences, with
+the project's one bootstrap (:mod:`surprise_probe.stats`). ``Estimate`` is re-exported from there.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 
 import numpy as np
 from jaxtyping import Float, Int
 
+from surprise_probe.stats import Estimate, bootstrap_sums
+
 __all__ = ["Estimate", "SequenceBootstrap", "r2_from_sums", "pearson_from_sums"]
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A point estimate with a percentile bootstrap interval."""
-
-    value: float
-    low: float
-    high: float
-    level: float = 0.95
-
-    def __str__(self) -> str:
-        return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def r2_from_sums(n, sum_y, sum_yy, sse):
@@ -47,7 +32,10 @@ def pearson_from_sums(n, sum_a, sum_aa, sum_b, sum_bb, sum_ab):
 
 
 class SequenceBootstrap:
-    """Resamples of whole sequences, drawn once.
+    """Scores with CIs from resampling whole sequences (:func:`surprise_probe.stats.bootstrap_sums`).
+
+    Resamples depend only on the number of sequences, ``n_boot`` and ``seed``, so every score
+    from one instance (every hook, every control) sees the same resamples (paired).
 
     >>> boot = SequenceBootstrap(np.repeat(np.arange(20), 5), n_boot=200, seed=0)
     >>> y = np.random.default_rng(0).normal(size=100)
@@ -66,39 +54,31 @@ class SequenceBootstrap:
             raise ValueError(f"n_boot must be >= 1, got {n_boot}")
         self.unique, self.inverse = np.unique(np.asarray(sequence_ids), return_inverse=True)
         self.inverse = self.inverse.reshape(-1)
-        n_seq = len(self.unique)
-        draws = np.random.default_rng(seed).integers(0, n_seq, size=(n_boot, n_seq))
-        # how many times each sequence is drawn, per resample
-        self.weights = np.zeros((n_boot, n_seq))
-        np.add.at(self.weights, (np.repeat(np.arange(n_boot), n_seq), draws.reshape(-1)), 1.0)
-        self.level = level
+        self.n_boot, self.seed, self.level = n_boot, seed, level
 
-    def _sums(self, columns: Float[np.ndarray, "n k"]) -> tuple[np.ndarray, np.ndarray]:
-        per_sequence = np.stack(
-            [np.bincount(self.inverse, weights=c, minlength=len(self.unique)) for c in columns.T],
-            axis=1,
+    def per_sequence(self, columns: Float[np.ndarray, "n k"]) -> Float[np.ndarray, "k n_seq"]:
+        """Per-sequence sums of each token column."""
+        return np.stack(
+            [np.bincount(self.inverse, weights=c, minlength=len(self.unique)) for c in columns.T]
         )
-        return per_sequence.sum(0), self.weights @ per_sequence
 
-    def _estimate(self, point: float, boot: np.ndarray) -> Estimate:
-        boot = boot[np.isfinite(boot)]
-        tail = (1 - self.level) / 2
-        low, high = np.quantile(boot, [tail, 1 - tail]) if len(boot) else (np.nan, np.nan)
-        return Estimate(float(point), float(low), float(high), self.level)
+    def estimate(self, statistic: Callable[..., np.ndarray], columns: Float[np.ndarray, "n k"]) -> Estimate:
+        """``statistic(*column_totals)`` over all tokens, with a CI over sequences."""
+        point, low, high = bootstrap_sums(
+            statistic, *self.per_sequence(columns), n_boot=self.n_boot, level=self.level, seed=self.seed
+        )
+        return Estimate(point, low, high, self.level)
 
     def r2(self, y: Float[np.ndarray, " n"], prediction: Float[np.ndarray, " n"]) -> Estimate:
         """Held-out ``R^2 = 1 - SSE/SST`` pooled over all tokens, CI over sequences."""
         y = np.asarray(y, np.float64)
         centre = y.mean()
         yc, pc = y - centre, np.asarray(prediction, np.float64) - centre
-        cols = np.stack([np.ones_like(yc), yc, yc**2, (yc - pc) ** 2], axis=1)
-        point, boot = self._sums(cols)
-        return self._estimate(r2_from_sums(*point), r2_from_sums(*boot.T))
+        return self.estimate(r2_from_sums, np.stack([np.ones_like(yc), yc, yc**2, (yc - pc) ** 2], axis=1))
 
     def pearson(self, a: Float[np.ndarray, " n"], b: Float[np.ndarray, " n"]) -> Estimate:
         """Pearson correlation over all tokens, CI over sequences."""
         a = np.asarray(a, np.float64) - np.mean(a)
         b = np.asarray(b, np.float64) - np.mean(b)
-        cols = np.stack([np.ones_like(a), a, a**2, b, b**2, a * b], axis=1)
-        point, boot = self._sums(cols)
-        return self._estimate(pearson_from_sums(*point), pearson_from_sums(*boot.T))
+        columns = np.stack([np.ones_like(a), a, a**2, b, b**2, a * b], axis=1)
+        return self.estimate(pearson_from_sums, columns)

@@ -20,13 +20,6 @@ __all__ = ["calibration", "scores_by_source", "UNLABELLED"]
 UNLABELLED = "unlabelled"
 
 
-def _interval(point: float, boot: np.ndarray, level: float) -> Estimate:
-    boot = boot[np.isfinite(boot)]
-    tail = (1 - level) / 2
-    low, high = np.quantile(boot, [tail, 1 - tail]) if len(boot) else (np.nan, np.nan)
-    return Estimate(float(point), float(low), float(high), level)
-
-
 def calibration(
     boot: SequenceBootstrap, y: Float[np.ndarray, " n"], prediction: Float[np.ndarray, " n"]
 ) -> tuple[Estimate, Estimate]:
@@ -43,24 +36,16 @@ def calibration(
     centre_p, centre_y = prediction.mean(), y.mean()
     p, t = prediction - centre_p, y - centre_y  # centred for precision; undone below
     columns = np.stack([np.ones_like(p), p, p * p, t, p * t], axis=1)
-    per_sequence = np.stack(
-        [np.bincount(boot.inverse, weights=c, minlength=len(boot.unique)) for c in columns.T], axis=1
-    )
 
-    def fit(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n, sp, spp, st, spt = np.moveaxis(sums, -1, 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            slope = (spt - sp * st / n) / (spp - sp * sp / n)
-            intercept = st / n - slope * sp / n
+    def slope(n, sp, spp, st, spt):
+        return (spt - sp * st / n) / (spp - sp * sp / n)
+
+    def intercept(n, sp, spp, st, spt):
         # back to raw units: y - cy = slope (p - cp) + b  =>  y = slope p + (b + cy - slope cp)
-        return slope, intercept + centre_y - slope * centre_p
+        b = slope(n, sp, spp, st, spt)
+        return st / n - b * sp / n + centre_y - b * centre_p
 
-    point_slope, point_intercept = fit(per_sequence.sum(0))
-    boot_slope, boot_intercept = fit(boot.weights @ per_sequence)
-    return (
-        _interval(point_slope, boot_slope, boot.level),
-        _interval(point_intercept, boot_intercept, boot.level),
-    )
+    return boot.estimate(slope, columns), boot.estimate(intercept, columns)
 
 
 def scores_by_source(

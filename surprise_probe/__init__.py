@@ -12,12 +12,12 @@ from surprise_probe.capture import capture, default_hooks, resolve_hooks, token_
 from surprise_probe.chat import encode_conversation
 from surprise_probe.inputs import encode, pad_batch
 from surprise_probe.metrics import (
-    bootstrap_mean,
     input_surprise,
     output_entropy,
     surprise_and_entropy,
 )
 from surprise_probe.models import available_models, load_model, model_id
+from surprise_probe.stats import MeanWithCI, bootstrap_mean
 from surprise_probe.store import Capture, hook_depth, load_capture
 
 __all__ = [
@@ -39,4 +39,5 @@ __all__ = [
     "output_entropy",
     "surprise_and_entropy",
     "bootstrap_mean",
+    "MeanWithCI",
 ]

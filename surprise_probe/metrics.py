@@ -11,12 +11,12 @@ Both in nats, computed in float32 or better from ``log_softmax`` so that nothing
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
+
+# The bootstrap lives in surprise_probe.stats; re-exported here, where users first met it.
+from surprise_probe.stats import MeanWithCI, bootstrap_mean
 
 __all__ = [
     "input_surprise",
@@ -148,61 +148,3 @@ def _entropy_from_log_probs(log_probs: Float[Tensor, "batch pos vocab"]) -> Floa
     # exp(log p) * log p is 0 * -inf = nan where p underflows to exactly 0; those terms are 0.
     terms = torch.exp(log_probs) * log_probs
     return -torch.nan_to_num(terms, nan=0.0).sum(-1)
-
-
-@dataclass(frozen=True)
-class MeanWithCI:
-    """A mean with a percentile bootstrap confidence interval over independent units."""
-
-    mean: float
-    low: float
-    high: float
-    n_units: int
-    n_tokens: int
-    level: float = 0.95
-
-    def __str__(self) -> str:
-        return (
-            f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}] "
-            f"({self.level:.0%} CI, {self.n_units} sequences, {self.n_tokens} tokens)"
-        )
-
-
-def bootstrap_mean(
-    values: Float[np.ndarray, " n"],
-    groups: Int[np.ndarray, " n"] | None = None,
-    *,
-    mask: Bool[np.ndarray, " n"] | None = None,
-    n_boot: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> MeanWithCI:
-    """Token-weighted mean of ``values`` with a CI from resampling whole groups (sequences).
-
-    Tokens within one sequence are not independent, so the bootstrap resamples sequences.
-
-    >>> ci = bootstrap_mean(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0, 0, 1, 1]))
-    >>> ci.mean, ci.n_units, ci.n_tokens
-    (2.5, 2, 4)
-    """
-    values = np.asarray(values, dtype=np.float64)
-    groups = np.arange(len(values)) if groups is None else np.asarray(groups)
-    keep = np.isfinite(values) if mask is None else (np.asarray(mask, bool) & np.isfinite(values))
-    values, groups = values[keep], groups[keep]
-    if len(values) == 0:
-        raise ValueError("bootstrap_mean got no finite values inside the mask")
-    unique, inverse = np.unique(groups, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(unique), size=(n_boot, len(unique)))
-    boot = sums[draws].sum(1) / counts[draws].sum(1)
-    alpha = (1 - level) / 2
-    return MeanWithCI(
-        mean=float(values.mean()),
-        low=float(np.quantile(boot, alpha)),
-        high=float(np.quantile(boot, 1 - alpha)),
-        n_units=len(unique),
-        n_tokens=len(values),
-        level=level,
-    )

@@ -16,10 +16,10 @@ from surprise_probe.interventions import (
     random_directions,
     run_sweep,
 )
-from surprise_probe.interventions.stats import slope, zscore
 
 from surprise_probe.inputs import encode_all
 from surprise_probe.models import model_id
+from surprise_probe.stats import slope, zscore
 from tests.conftest import CONVERSATION, TEXTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
