@@ -1,0 +1,401 @@
+"""Attribution patching: first-order (gradient) estimates of patching along a direction.
+
+Exact activation patching (:func:`surprise_probe.interventions.activation_patching`) needs one
+forward pass per layer x position group x pair. Attribution patching estimates every layer and
+position at once from one forward and one backward pass, by the first-order Taylor expansion of
+the measured quantity around the unpatched run (Nanda 2023, "Attribution patching"):
+
+**Pairs** (:func:`attribution_patching`). For a pair (source, destination), hook ``h``, unit
+direction ``d`` and aligned positions ``p`` (destination) <- ``q`` (source)::
+
+    estimate[h, p] = ((s_q - x_p) . d) * (d . dM/dx_p)
+
+where ``x_p`` and ``s_q`` are the destination and source activations at ``h``, and ``M`` is the
+destination's mean output entropy over the measured span (the first ``m`` response tokens, exactly
+as in activation patching). Patching only the component along ``d`` moves ``x_p`` by
+``((s_q - x_p) . d) d``, so ``estimate`` is the first-order change of ``M``; summing it over a
+position group's positions estimates the exact patch of that group, ``M_patched - M_destination``.
+The gradient at each hook is the total derivative (through every later layer), from one backward
+pass on the destination.
+
+**One run** (:func:`direction_attribution`). The attribution of token ``t``'s output entropy to
+the component along ``d`` at hook ``h``::
+
+    attribution[h, t] = sum_{p <= t} (x_p . d) * (d . dH_t/dx_p)
+
+the gradient times the activation along ``d``: the first-order estimate of
+``H_t(clean) - H_t(d projected out at h at every position)``. Positive: the direction's component
+raises that token's entropy. Every token's own gradient is needed, so the sequence is replicated,
+one row per target token, and row ``t`` back-propagates ``H_t`` alone (one forward and one backward
+pass over a batch of rows, in chunks of ``chunk_size`` rows).
+
+Both are exact for a model that is linear in the activation (tested); how well they track exact
+patching on a real model is measured by :func:`validate_attribution` (Pearson r and a scatter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from surprise_probe.interventions.directions import SteeringDirection, from_probe
+from surprise_probe.interventions.hooks import Ablate, Patch, apply_all, unit_directions
+from surprise_probe.interventions.patching import align_positions, parse_group
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from surprise_probe.capture import forward, resolve_hooks
+from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
+from surprise_probe.metrics import output_entropy
+
+__all__ = [
+    "AttributionPatching",
+    "attribution_patching",
+    "direction_attribution",
+    "exact_direction_ablation",
+    "validate_attribution",
+    "attribution_scatter_figure",
+]
+
+
+def _unit_vector(model, direction) -> Float[Tensor, " d_model"]:
+    """A probe / SteeringDirection (checked against the model) or a raw vector, unit norm."""
+    if isinstance(direction, SteeringDirection):
+        return direction.direction.float()
+    if hasattr(direction, "hook") and hasattr(direction, "direction"):
+        return from_probe(model, direction).direction.float()
+    return unit_directions(direction).reshape(-1)
+
+
+def _gradient_forward(model, tokens, attention_mask, hooks: Sequence[str]):
+    """Forward pass keeping the activations at ``hooks`` as graph nodes (for ``autograd.grad``).
+
+    The first hook to fire becomes a leaf that requires grad when the model's parameters do not
+    (frozen models), so a graph always exists; later hooks are functions of it.
+    """
+    known = model.hook_dict
+    stored: dict[str, Tensor] = {}
+
+    def keeper(name: str, canonical: str):
+        def hook_fn(activation, hook):
+            # A TransformerBridge calls a hook once per alias; keep the canonical call only.
+            if hook.name is not None and hook.name != canonical:
+                return activation
+            if not activation.requires_grad:
+                activation = activation.detach().requires_grad_(True)
+            stored[name] = activation
+            return activation
+
+        return hook_fn
+
+    fwd_hooks = [(name, keeper(name, known[name].name or name)) for name in hooks]
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        logits = model(tokens, attention_mask=attention_mask, return_type="logits")
+    return logits, stored
+
+
+@dataclass
+class AttributionPatching:
+    """First-order estimates of patching the component along ``d``, source -> destination.
+
+    ``estimate[pair][hook][group]``: estimated change of the destination's mean measured entropy
+    (nats) when that group is patched at that hook. ``per_position[pair][hook]``: the estimate at
+    each aligned response position (first ``m`` response tokens, destination order).
+    ``exact`` (filled by :func:`validate_attribution`): the same grid measured by patching.
+    """
+
+    hooks: list[str]
+    groups: list[str]
+    direction_hook: str | None
+    estimate: list[list[list[float]]]
+    per_position: list[list[list[float]]]
+    entropy_destination: list[float]
+    entropy_source: list[float]
+    n_pairs: int
+    n_measured_tokens: int
+    exact: list[list[list[float]]] | None = None
+    pearson_r: float | None = None
+    pearson_r_ci: tuple[float, float] | None = None
+    n_points: int | None = None
+    level: float = 0.95
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(estimate, exact)`` flattened over pairs x hooks x groups (needs ``exact``)."""
+        if self.exact is None:
+            raise ValueError("no exact patching values; run validate_attribution to measure them")
+        return np.asarray(self.estimate, float).ravel(), np.asarray(self.exact, float).ravel()
+
+
+def _encode_pairs(model, pairs) -> list[tuple[Encoded, Encoded]]:
+    if not pairs:
+        raise ValueError("no pairs given; expected at least one (source, destination) pair")
+
+    def enc(item, where):
+        return item if isinstance(item, Encoded) else encode(model, item, index=where)
+
+    return [(enc(s, f"pair {i} source"), enc(d, f"pair {i} destination")) for i, (s, d) in enumerate(pairs)]
+
+
+def attribution_patching(
+    model,
+    pairs: Sequence[tuple],
+    *,
+    direction,
+    hooks: Sequence[str] | None = None,
+    groups: Sequence[str] = ("response", "first4"),
+    progress: bool = True,
+) -> AttributionPatching:
+    """Estimate patching along ``direction`` at every hook and position group (module doc).
+
+    One forward pass on each source and one forward plus one backward pass on each destination.
+    ``hooks`` default to every layer's ``hook_resid_post``; ``direction`` is a probe direction,
+    a ``SteeringDirection`` or a ``(d_model,)`` vector.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> src = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello world."}]
+    >>> dst = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A cat sat."}]
+    >>> result = attribution_patching(model, [(src, dst)], direction=torch.ones(64), progress=False)
+    >>> len(result.estimate[0]), len(result.estimate[0][0])   # hooks x groups for pair 0
+    (2, 2)
+    """
+    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else [
+        f"blocks.{i}.hook_resid_post" for i in range(int(model.cfg.n_layers))])
+    for group in groups:
+        parse_group(group)
+    d = _unit_vector(model, direction)
+    direction_hook = getattr(direction, "hook", None)
+    encoded = _encode_pairs(model, pairs)
+    pad = pad_id(model)
+    estimate, per_position, h_dst, h_src = [], [], [], []
+    n_measured = 0
+    for i, (src, dst) in enumerate(tqdm(encoded, desc="attribution patching", unit="pair", disable=not progress)):
+        measured_dst, measured_src = align_positions(src, dst, "response", i)
+        n_measured += len(measured_dst)
+        source_batch, destination_batch = pad_batch([src], pad), pad_batch([dst], pad)
+        with torch.no_grad():
+            source_logits, source_acts = forward(model, source_batch, hooks)
+        logits, acts = _gradient_forward(model, destination_batch.tokens, destination_batch.attention_mask, hooks)
+        with torch.enable_grad():
+            measured = output_entropy(logits[:, torch.as_tensor(measured_dst)]).mean()
+            grads = torch.autograd.grad(measured, [acts[h] for h in hooks], allow_unused=True)
+        h_dst.append(float(measured.detach()))
+        h_src.append(float(output_entropy(source_logits[:, torch.as_tensor(measured_src)]).mean()))
+        pair_estimate, pair_positions = [], []
+        for hook, grad in zip(hooks, grads, strict=True):
+            x = acts[hook].detach()[0].double()
+            s = source_acts[hook][0].double()
+            dd = d.to(x.device).double()
+            g_along = (grad[0].double() @ dd) if grad is not None else torch.zeros(x.shape[0], dtype=torch.float64)
+            row = []
+            for group in groups:
+                dst_pos, src_pos = align_positions(src, dst, group, i)
+                dst_pos = torch.as_tensor(dst_pos, dtype=torch.long)
+                src_pos = torch.as_tensor(src_pos, dtype=torch.long)
+                moved = (s[src_pos] - x[dst_pos]) @ dd
+                row.append(float((moved * g_along[dst_pos]).sum()))
+            pair_estimate.append(row)
+            moved = (s[torch.as_tensor(measured_src)] - x[torch.as_tensor(measured_dst)]) @ dd
+            pair_positions.append((moved * g_along[torch.as_tensor(measured_dst)]).tolist())
+        estimate.append(pair_estimate)
+        per_position.append(pair_positions)
+    return AttributionPatching(
+        hooks=list(hooks), groups=list(groups), direction_hook=direction_hook, estimate=estimate,
+        per_position=per_position, entropy_destination=h_dst, entropy_source=h_src,
+        n_pairs=len(encoded), n_measured_tokens=n_measured,
+    )
+
+
+def _exact_patching(model, encoded, result: AttributionPatching, d: Tensor, batch_size: int,
+                    progress: bool) -> list[list[list[float]]]:
+    """``M_patched - M_destination`` per pair x hook x group, one patched forward each (``Patch``)."""
+    pad = pad_id(model)
+    hooks, groups = result.hooks, result.groups
+    exact = [[[float("nan")] * len(groups) for _ in hooks] for _ in encoded]
+    jobs = [(i, h, g) for i in range(len(encoded)) for h in range(len(hooks)) for g in range(len(groups))]
+    bar = tqdm(total=len(jobs), desc="exact patching", unit="run", disable=not progress)
+    for i, (src, dst) in enumerate(encoded):
+        measured_dst, _ = align_positions(src, dst, "response", i)
+        with torch.no_grad():
+            _, source_acts = forward(model, pad_batch([src], pad), hooks)
+        conditions = [(h, g) for h in range(len(hooks)) for g in range(len(groups))]
+        for start in range(0, len(conditions), batch_size):
+            block = conditions[start : start + batch_size]
+            batch = pad_batch([dst] * len(block), pad)
+            width = batch.tokens.shape[1]
+            patches = []
+            for h, hook in enumerate(hooks):
+                rows = [r for r, (hh, _) in enumerate(block) if hh == h]
+                if not rows:
+                    continue
+                mask = torch.zeros(len(block), width, dtype=torch.bool)
+                index = torch.zeros(len(block), width, dtype=torch.long)
+                for r in rows:
+                    dst_pos, src_pos = align_positions(src, dst, groups[block[r][1]], i)
+                    mask[r, torch.as_tensor(dst_pos, dtype=torch.long)] = True
+                    index[r, torch.as_tensor(dst_pos, dtype=torch.long)] = torch.as_tensor(src_pos, dtype=torch.long)
+                source = source_acts[hook].expand(len(block), -1, -1)
+                patches.append(Patch(hooks=hook, positions=mask, source=source, source_index=index, direction=d))
+            with torch.no_grad(), apply_all(model, patches):
+                logits = model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")
+            measured = output_entropy(logits[:, torch.as_tensor(measured_dst)]).double().mean(-1)
+            for r, (h, g) in enumerate(block):
+                exact[i][h][g] = float(measured[r]) - result.entropy_destination[i]
+            bar.update(len(block))
+    bar.close()
+    return exact
+
+
+def _pearson_with_ci(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, tuple[float, float]]:
+    """Pearson r with a Fisher-z interval (treats points as independent: an approximation)."""
+    from statistics import NormalDist
+
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    r = float(np.corrcoef(x, y)[0, 1])
+    z = np.arctanh(np.clip(r, -0.999999, 0.999999))
+    half = NormalDist().inv_cdf(0.5 + level / 2) / np.sqrt(max(len(x) - 3, 1))
+    return r, (float(np.tanh(z - half)), float(np.tanh(z + half)))
+
+
+def validate_attribution(
+    model,
+    pairs: Sequence[tuple],
+    *,
+    direction,
+    hooks: Sequence[str] | None = None,
+    groups: Sequence[str] = ("response", "first4"),
+    batch_size: int = 16,
+    level: float = 0.95,
+    progress: bool = True,
+) -> AttributionPatching:
+    """:func:`attribution_patching` plus the exact patch of every pair x hook x group, and their
+    Pearson r over those points (with an approximate Fisher-z CI at ``level``).
+
+    The exact values are what :func:`activation_patching` measures for the ``"direction"``
+    component (its ``entropy_patched - entropy_destination``, per pair instead of averaged).
+    """
+    result = attribution_patching(model, pairs, direction=direction, hooks=hooks, groups=groups, progress=progress)
+    encoded = _encode_pairs(model, pairs)
+    d = _unit_vector(model, direction)
+    result.exact = _exact_patching(model, encoded, result, d, batch_size, progress)
+    x, y = result.points()
+    result.pearson_r, result.pearson_r_ci = _pearson_with_ci(x, y, level)
+    result.n_points = int(np.isfinite(x).sum())
+    result.level = level
+    return result
+
+
+def direction_attribution(
+    model,
+    item,
+    direction,
+    *,
+    hooks: Sequence[str] | None = None,
+    targets: Sequence[int] | None = None,
+    chunk_size: int = 8,
+) -> Float[np.ndarray, "hooks pos"]:
+    """``attribution[h, t]`` for one text or conversation (module doc), NaN where not computed.
+
+    ``targets``: the token positions whose entropy is attributed (default: every position).
+    ``chunk_size``: rows (target tokens) per forward/backward pass; memory grows with it.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> a = direction_attribution(model, "The quick brown fox.", torch.ones(64))
+    >>> a.shape[0], bool(np.isfinite(a).all())
+    (2, True)
+    """
+    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else [
+        f"blocks.{i}.hook_resid_post" for i in range(int(model.cfg.n_layers))])
+    d = _unit_vector(model, direction).double()
+    encoded = item if isinstance(item, Encoded) else encode(model, item)
+    n = len(encoded)
+    targets = list(range(n)) if targets is None else [int(t) for t in targets]
+    bad = [t for t in targets if not 0 <= t < n]
+    if bad:
+        raise ValueError(f"target position {bad[0]} is outside the sequence of {n} tokens")
+    out = np.full((len(hooks), n), np.nan)
+    pad = pad_id(model)
+    for start in range(0, len(targets), max(1, chunk_size)):
+        rows = targets[start : start + chunk_size]
+        batch = pad_batch([encoded] * len(rows), pad)
+        logits, acts = _gradient_forward(model, batch.tokens, batch.attention_mask, hooks)
+        with torch.enable_grad():
+            entropy = output_entropy(logits)  # (rows, pos)
+            picked = entropy[torch.arange(len(rows)), torch.as_tensor(rows)].sum()
+            grads = torch.autograd.grad(picked, [acts[h] for h in hooks], allow_unused=True)
+        for k, (hook, grad) in enumerate(zip(hooks, grads, strict=True)):
+            if grad is None:
+                out[k, rows] = 0.0
+                continue
+            x_along = acts[hook].detach().double() @ d.to(grad.device)  # (rows, pos)
+            g_along = grad.double() @ d.to(grad.device)
+            out[k, rows] = (x_along * g_along).sum(-1).cpu().numpy()  # positions > t have zero gradient
+    return out
+
+
+@torch.no_grad()
+def exact_direction_ablation(
+    model, item, direction, *, hooks: Sequence[str] | None = None
+) -> Float[np.ndarray, "hooks pos"]:
+    """``H_t(clean) - H_t(d projected out at hook h, every position)``: what
+    :func:`direction_attribution` estimates, measured with one ``Ablate`` forward per hook."""
+    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else [
+        f"blocks.{i}.hook_resid_post" for i in range(int(model.cfg.n_layers))])
+    d = _unit_vector(model, direction)
+    encoded = item if isinstance(item, Encoded) else encode(model, item)
+    batch = pad_batch([encoded], pad_id(model))
+    clean = output_entropy(model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits"))[0]
+    out = np.zeros((len(hooks), len(encoded)))
+    for k, hook in enumerate(hooks):
+        with apply_all(model, [Ablate(hooks=hook, direction=d)]):
+            ablated = output_entropy(model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits"))[0]
+        out[k] = (clean.double() - ablated.double()).cpu().numpy()
+    return out
+
+
+def attribution_scatter_figure(result: AttributionPatching) -> go.Figure:
+    """Estimated vs exact patching effect, one point per pair x hook x group; y = x line.
+
+    Points on the diagonal mean the first-order estimate is trustworthy at that layer; the title
+    gives Pearson r with its CI and the number of points.
+    """
+    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    estimate, exact = np.asarray(data["estimate"], float), np.asarray(data["exact"], float)
+    fig = go.Figure()
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    symbols = ["circle", "diamond", "square", "x"]
+    hooks = data["hooks"]
+    for g, group in enumerate(data["groups"]):
+        labels = [[f"pair {i}<br>{hook}" for hook in hooks] for i in range(estimate.shape[0])]
+        fig.add_trace(go.Scatter(
+            x=exact[:, :, g].ravel(), y=estimate[:, :, g].ravel(), mode="markers", name=f"group {group}",
+            marker={"color": palette[g % len(palette)], "symbol": symbols[g % len(symbols)], "size": 7,
+                    "opacity": 0.75},
+            text=np.asarray(labels).ravel(),
+            hovertemplate="%{text}<br>exact %{x:.4g} nats<br>estimate %{y:.4g} nats<extra>" + group + "</extra>",
+        ))
+    finite = np.concatenate([estimate[np.isfinite(estimate)], exact[np.isfinite(exact)]])
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
+    fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="estimate = exact",
+                             line={"color": "gray", "dash": "dash"}, hoverinfo="skip"))
+    r, ci = data.get("pearson_r"), data.get("pearson_r_ci")
+    summary = (f"Pearson r = {r:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], " if r is not None and ci is not None else "")
+    fig.update_layout(
+        title=(f"Attribution patching vs exact patching along d<br><sup>{summary}{data.get('n_points') or 0} "
+               f"points ({data['n_pairs']} pairs x {len(hooks)} hooks x {len(data['groups'])} groups)</sup>"),
+        xaxis_title="exact: patched - destination mean entropy (nats)",
+        yaxis_title="first-order estimate (nats)", template="plotly_white", height=480,
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
