@@ -36,6 +36,7 @@ import torch
 from surprise_probe.interventions.hooks import Patch, apply_all
 from tqdm.auto import tqdm
 
+from surprise_probe import distributed
 from surprise_probe.stats import bootstrap_sums
 
 __all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group"]
@@ -163,10 +164,12 @@ def activation_patching(
     h_source, h_destination = np.zeros(n_pairs), np.zeros(n_pairs)
     h_patched = np.zeros((len(conditions), n_pairs))
     pairs_per_step = max(1, batch_size // max(1, len(conditions)))
-    steps = range(0, n_pairs, pairs_per_step)
-    bar = tqdm(total=n_pairs * len(conditions), desc="patching", unit="run", disable=not progress)
+    mine = distributed.split(n_pairs, "pairs")  # under torchrun: pairs rank, rank + world, ...
+    steps = range(0, len(mine), pairs_per_step)
+    bar = tqdm(total=len(mine) * len(conditions), desc="patching", unit="run",
+               disable=not (progress and distributed.is_main()))
     for start in steps:
-        chunk = list(range(start, min(n_pairs, start + pairs_per_step)))
+        chunk = mine[start : start + pairs_per_step]
         source_batch = pad_batch([encoded[i][0] for i in chunk], pad)
         destination_batch = pad_batch([encoded[i][1] for i in chunk], pad)
         with torch.no_grad():
@@ -204,6 +207,8 @@ def activation_patching(
                 h_patched[c, chunk[row]] = _measured_entropy(logits, alignments[chunk[row], "measured"][0], r)
             bar.update(len(block))
     bar.close()
+    # each rank filled only its own pairs (zeros elsewhere), so summing over ranks gathers them
+    h_source, h_destination, h_patched = distributed.all_reduce_sum([h_source, h_destination, h_patched])
 
     gap = h_source - h_destination
     if np.abs(gap.mean()) < 1e-12:

@@ -31,6 +31,7 @@ from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, sta
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from surprise_probe import distributed
 from surprise_probe.capture import unembed
 from surprise_probe.devices import model_device
 from surprise_probe.metrics import CHUNK_ELEMENTS
@@ -187,6 +188,17 @@ def run_sweep(
     if directions.shape[-1] != d_model:
         raise ValueError(f"directions have width {directions.shape[-1]} but the model has d_model={d_model}")
     labels = list(labels) if labels is not None else [f"direction {i}" for i in range(len(directions))]
+    if distributed.is_distributed():
+        # Under torchrun: this rank runs sequences rank, rank + world, ...; the rows are gathered.
+        mine = distributed.split(len(encoded), "sequences")
+        show = progress and distributed.is_main()
+        with distributed.alone():
+            part = run_sweep(
+                model, [encoded[s] for s in mine], hook, directions, alphas, labels=labels, kind=kind, scale=scale,
+                positions=positions, batch_size=batch_size, max_batch_tokens=max_batch_tokens, batched=batched,
+                progress=show,
+            )
+        return _gather_rows(part, mine, len(encoded))
     n_dir, n_alpha, n_seq = len(directions), len(alphas), len(encoded)
     conditions = [(i, j) for i in range(n_dir) for j in range(n_alpha)]
     pad = pad_id(model)
@@ -335,6 +347,20 @@ def run_sweep(
     if bar is not None:
         bar.close()
     return table
+
+
+def _gather_rows(part: SweepTable, mine: list[int], n_seq: int) -> SweepTable:
+    """The whole table from every rank's rows: each rank fills its own sequences' columns and
+    leaves zeros elsewhere, so the float64 sum over ranks is exact."""
+    names = ("entropy", "kl", "agree", "clean_entropy", "n_tokens")
+    spread = []
+    for name in names:
+        values = getattr(part, name)
+        full = np.zeros(values.shape[:-1] + (n_seq,))
+        full[..., mine] = values
+        spread.append(full)
+    summed = distributed.all_reduce_sum([*spread, np.array([part.n_forwards])])
+    return SweepTable(part.labels, part.alphas, *summed[: len(names)], n_forwards=int(summed[-1][0]))
 
 
 def _first_edited(item, positions: str) -> int:

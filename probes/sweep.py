@@ -51,6 +51,8 @@ from surprise_probe.probes.targets import (
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from surprise_probe import distributed
+
 __all__ = ["DEFAULT_ALPHAS", "fit_sweep"]
 
 DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
@@ -190,7 +192,7 @@ def _accumulate(
     stats: dict[str, list[RidgeStats]] = {}
     shift_y = columns.mean(0)
 
-    def add(shard, hook, mask, label, chunk, by_fold) -> None:
+    def add(shard, hook, mask, label, chunk, by_fold, owned) -> None:
         X = _shard_activations(
             shard, hook, mask, label, data.sequence_ids[chunk], data.positions[chunk]
         )
@@ -204,6 +206,8 @@ def _accumulate(
             raise ValueError(
                 f"activations at {hook!r} have width {X.shape[1]} in {label} but {stats[hook][0].n_features} before"
             )
+        if not owned:
+            return  # another rank's shard, read here only for the shifts every rank must share
         Y = columns[chunk]
         for fold, members in enumerate(by_fold):
             if len(members):
@@ -224,13 +228,31 @@ def _accumulate(
             continue
         chunk = slice(offset, offset + count)
         offset += count
+        owned = distributed.owns(index)  # under torchrun: shards index % world_size == rank
+        if not owned and stats:
+            continue
         shard_folds = folds[chunk]
         by_fold = [np.flatnonzero(shard_folds == f) for f in range(n_folds)]
         label = shard_label(shard, index)
-        jobs = [pool.submit(add, shard, hook, mask, label, chunk, by_fold) for hook in hooks]
+        jobs = [pool.submit(add, shard, hook, mask, label, chunk, by_fold, owned) for hook in hooks]
         for job in jobs:
             job.result()  # re-raises the first error (e.g. non-finite activations)
+    if distributed.is_distributed():
+        for fold_stats in stats.values():
+            _all_reduce_stats(fold_stats)
     return stats
+
+
+def _all_reduce_stats(fold_stats: list[RidgeStats]) -> None:
+    """Sum each fold's statistics over ranks in place (float64; every rank gets the totals)."""
+    names = ("sum_x", "sum_y", "xtx", "xty", "yty")
+    arrays = [np.array([s.n for s in fold_stats], dtype=np.float64)]
+    arrays += [getattr(s, name) for s in fold_stats for name in names]
+    summed = distributed.all_reduce_sum(arrays)
+    for f, s in enumerate(fold_stats):
+        s.n = int(round(summed[0][f]))
+        for j, name in enumerate(names):
+            setattr(s, name, summed[1 + f * len(names) + j])
 
 
 def _covariate_values(data: TargetData, covariates) -> dict[str, np.ndarray]:
@@ -322,6 +344,13 @@ def fit_sweep(
                 f"target {data.name!r} is constant ({rest[0]}) on the training tokens of fold {fold}; "
                 "nothing to fit there (capture more varied sequences)"
             )
+    if distributed.is_distributed():
+        distributed.split(len(data.masks), "shards")  # a clear error when ranks outnumber shards
+        distributed.check_same(
+            {"data": _data_hash(run, data), "hooks": hooks, "alphas": alphas.tolist(), "n_folds": n_folds,
+             "seed": seed, "n_shuffles": n_shuffles, "nested": nested, "standardize": standardize},
+            "fit input",
+        )
     control_fits = {
         "token": token_mean_predictions(data.token_ids, data.y, folds, n_folds),
         "position": position_predictions(
@@ -368,7 +397,7 @@ def fit_sweep(
         )
 
     # step 2: held-out predictions of the chosen probes
-    predictions = {hook: np.empty((data.n_tokens, 1 + n_sets)) for hook in hooks}
+    predictions = {hook: np.zeros((data.n_tokens, 1 + n_sets)) for hook in hooks}
     offset = 0
     for index, shard in enumerate(
         tqdm(
@@ -385,6 +414,8 @@ def fit_sweep(
             continue
         chunk = slice(offset, offset + count)
         offset += count
+        if not distributed.owns(index):
+            continue  # another rank's rows; summed in below
         shard_folds = folds[chunk]
         for hook in hooks:
             X = np.asarray(shard.activations(hook)[mask], dtype=np.float64).reshape(count, -1)
@@ -394,6 +425,8 @@ def fit_sweep(
                 count, k, 1 + n_sets
             ) + fit.outer_intercept[None]
             predictions[hook][chunk] = per_fold[np.arange(count), shard_folds]
+    if distributed.is_distributed():
+        predictions = dict(zip(hooks, distributed.all_reduce_sum([predictions[h] for h in hooks]), strict=True))
 
     # scores
     boot = SequenceBootstrap(data.sequence_ids, n_boot=n_boot, seed=seed)

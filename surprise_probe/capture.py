@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from surprise_probe import distributed
 from surprise_probe.devices import STORAGE_DTYPES, model_device, to_numpy
 from surprise_probe.inputs import Batch, Encoded, encode, encode_all, pad_batch, pad_id
 from surprise_probe.jsonio import software_versions, write_json
@@ -324,27 +325,33 @@ def capture(
         "padding_side": padding_side,
         "score_prompt": score_prompt,
     }
+    # Under torchrun every rank checks it was given the same run, then takes shards i with
+    # i % world_size == rank; shard contents depend only on i, so the store equals one process's.
+    distributed.check_same(identity, "capture input")
     np_dtype = _NUMPY_DTYPES[dtype]
     n_shards = (len(encoded) + shard_size - 1) // shard_size
+    mine = distributed.split(n_shards, "shards")
     started = time.perf_counter()
 
     out_path = Path(out_dir) if out_dir is not None else None
     done: dict[int, dict] = {}
     if out_path is not None:
-        if _prepare_out_dir(out_path, identity, overwrite):
+        if distributed.main_first(lambda: _prepare_out_dir(out_path, identity, overwrite)):
             from surprise_probe.store import load_capture
 
             return load_capture(out_path)
         done = completed_shards(out_path)
 
     bar = None
-    if progress:
-        resumed = sum(e["n_sequences"] for e in done.values())
-        bar = tqdm(total=len(encoded), initial=resumed, desc="capture", unit="seq")
+    if progress and distributed.is_main():
+        sizes = {i: min(shard_size, len(encoded) - i * shard_size) for i in mine}
+        resumed = sum(sizes[i] for i in mine if i in done)
+        where = f" (rank 0 of {distributed.world_size()})" if distributed.is_distributed() else ""
+        bar = tqdm(total=sum(sizes.values()), initial=resumed, desc=f"capture{where}", unit="seq")
     in_memory: list[CaptureShard] = []
     entries: list[dict] = []
     try:
-        for index in range(n_shards):
+        for index in mine:
             if index in done:
                 entries.append(done[index])
                 continue
@@ -359,6 +366,11 @@ def capture(
     finally:
         if bar is not None:
             bar.close()
+    if distributed.is_distributed():
+        if out_path is None:
+            in_memory = sorted((s for part in distributed.all_gather(in_memory) for s in part), key=lambda s: s.index)
+        else:
+            entries = sorted((e for part in distributed.all_gather(entries) for e in part), key=lambda e: e["index"])
 
     shards_meta = entries if out_path is not None else [
         {"index": s.index, "n_tokens": len(s), "n_sequences": s.n_sequences, "n_scored": int(s.scored.sum())}
@@ -381,5 +393,7 @@ def capture(
     if out_path is None:
         return Capture(manifest, shards=in_memory)
     manifest["content_hash"] = content_hash(entries)
-    write_json(out_path / "manifest.json", manifest)
+    if distributed.is_main():
+        write_json(out_path / "manifest.json", manifest)
+    distributed.barrier()  # no rank returns before the manifest exists
     return Capture(manifest, path=out_path)
