@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from surprise_probe import distributed
+
 __all__ = [
     "DTYPES",
     "STORAGE_DTYPES",
@@ -60,10 +62,13 @@ def _no_gpu_note() -> str:
 def resolve_device(device: str | torch.device | None = "auto") -> str:
     """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; check any other value exists.
 
+    Under torchrun a bare ``"cuda"`` (or ``"auto"`` with a GPU) means this rank's own GPU,
+    ``cuda:LOCAL_RANK``, so N processes on a node of N GPUs do not all load onto GPU 0.
+
     Raises ``ValueError`` naming the device asked for and the devices that exist.
     """
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return distributed.local_device("cuda") if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as error:
@@ -83,7 +88,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> str:
             raise ValueError(f"device {device!r} was asked for, but MPS is not available; {_no_gpu_note()}")
     elif parsed.type != "cpu":
         raise ValueError(f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return str(parsed)
+    return distributed.local_device(str(parsed))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -269,5 +269,17 @@ def test_rank_and_split_follow_torchrun_variables(monkeypatch):
         distributed.world_size()
 
 
+def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
+    from surprise_probe.devices import resolve_device
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cpu") == "cpu"
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: would check resolve_device('cuda') and ('auto') give 'cuda:1' on local rank 1")
+    assert resolve_device("cuda") == resolve_device("auto") == "cuda:1"
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
