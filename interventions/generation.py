@@ -1,19 +1,24 @@
 """Steered generation: sample text with interventions active, so you can read what the model says.
 
-Sampling re-runs the whole sequence each step (no KV cache), so an intervention's ``positions``
-are absolute positions of the growing sequence on both backends. ``steer="response"`` restricts
-every intervention to the positions whose outputs are sampled (from the last prompt token on);
-``steer="all"`` also edits the prompt.
+Sampling is the toolkit's one sampler (:func:`surprise_probe.sampling.sample`, KV-cached): the
+prompt is read in one forward, then one position per new token. An intervention's ``positions``
+are absolute positions of the growing sequence on both backends: the prompt pass edits the
+prompt positions they name, and each one-token pass edits its token only if its absolute position
+is among them. ``steer="response"`` restricts every intervention to the positions whose outputs
+are sampled (from the last prompt token on); ``steer="all"`` also edits the prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from surprise_probe.interventions.hooks import Intervention, apply_all
+
+from surprise_probe.sampling import sample
 
 __all__ = ["Sample", "generate", "prompt_ids"]
 
@@ -76,30 +81,37 @@ def generate(
         )
     if steer == "response":
         interventions = [replace(iv, positions=slice(n_prompt - 1, None)) for iv in interventions]
-    eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
-    generator = torch.Generator().manual_seed(seed)
-    tokens = ids.unsqueeze(0).repeat(n_samples, 1)
-    done = torch.zeros(n_samples, dtype=torch.bool)
-    with torch.no_grad(), apply_all(model, interventions):
-        for _ in range(max_new_tokens):
-            logits = model(tokens, return_type="logits")[:, -1].float()
-            if not torch.isfinite(logits).all():
-                raise ValueError("the steered model produced non-finite logits while sampling; use a smaller alpha")
-            if temperature == 0:
-                next_ids = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / temperature, -1)
-                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            if eos is not None:
-                next_ids = torch.where(done, torch.full_like(next_ids, eos), next_ids)
-                done |= next_ids == eos
-            tokens = torch.cat([tokens, next_ids.unsqueeze(-1)], dim=1)
-            if done.all():
-                break
+    step = {"length": n_prompt}
+
+    @contextmanager
+    def intervened(phase: str):
+        if phase == "prefill":
+            active = list(interventions)
+        else:
+            # The one new token sits at absolute position ``length``; position 0 of this pass.
+            active = [replace(iv, positions=None) for iv in interventions
+                      if _covers(iv.positions, step["length"], step["length"] + 1)]
+            step["length"] += 1
+        with apply_all(model, active):
+            yield
+
+    sampled = sample(
+        model, [ids.tolist()], n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+        seed=seed, stop_ids=None if stop_at_eos else (), batch_size=n_samples, forward_context=intervened,
+    )
     prompt_text = model.tokenizer.decode(ids.tolist())
-    samples = []
-    for row in tokens[:, n_prompt:].tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        samples.append(Sample(prompt_text, model.tokenizer.decode(row), row, seed))
-    return samples
+    return [Sample(prompt_text, item.text(model.tokenizer), item.content_ids, seed) for item in sampled]
+
+
+def _covers(positions, position: int, length: int) -> bool:
+    """Whether ``positions`` (None, a slice, ints or a bool mask) include ``position`` of ``length``."""
+    if positions is None:
+        return True
+    if isinstance(positions, slice):
+        return position in range(length)[positions]
+    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        if positions.ndim != 1 and not (positions.ndim == 2 and positions.shape[0] == 1):
+            raise ValueError("steered generation takes a (pos,) position mask, one for every sample")
+        flat = positions.reshape(-1)
+        return position < len(flat) and bool(flat[position])
+    return any(int(p) % length == position for p in positions if -length <= int(p) < length)

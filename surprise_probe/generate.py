@@ -4,8 +4,7 @@ Re-tokenizing sampled text is not the identity (MODELS.md: 9 of 32 SmolLM2 respo
 every response is stored as the exact ids of prompt + sampled tokens, with the scored mask on the
 sampled tokens. Reading that item back is an on-policy read.
 
-HookedTransformer models sample with TransformerLens' key-value cache (left-padded batches);
-other models fall back to a full forward per new token (correct, slower).
+Sampling itself is the toolkit's one sampler, :func:`surprise_probe.sampling.sample`.
 """
 
 from __future__ import annotations
@@ -14,33 +13,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from jaxtyping import Float
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from surprise_probe.chat import encode_conversation
-from surprise_probe.inputs import pad_id
+from surprise_probe.sampling import chat_prompt_ids, sample
 
 __all__ = ["sample_responses", "generate_to_jsonl"]
-
-
-def _stop_ids(model) -> set[int]:
-    tokenizer = model.tokenizer
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return {i for i in ids if i is not None}
-
-
-def _sample(logits: Float[Tensor, "batch vocab"], temperature: float, generator: torch.Generator) -> Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -54,85 +32,35 @@ def sample_responses(
     chat: bool = True,
     progress: bool = False,
 ) -> list[dict]:
-    """Sample one response per prompt; return ``{"token_ids", "scored", "prompt_len", "text"}`` items.
+    """Sample one response per prompt; return ``{"token_ids", "scored", "prompt_len", "text", "ended"}`` items.
 
     ``prompts`` are user messages (strings) or full conversations; with ``chat=True`` they are
     rendered with the chat template plus the assistant header. Generation stops at the model's
-    end-of-turn token, which is kept in the ids but not scored.
+    end-of-turn token, which is kept in the ids but not scored. Sampling is
+    :func:`surprise_probe.sampling.sample` (batched, KV-cached, seeded per prompt).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     encoded = []
     for i, prompt in enumerate(prompts):
         if chat:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            encoded.append(encode_conversation(model.tokenizer, messages, add_generation_prompt=True).token_ids)
+            encoded.append(chat_prompt_ids(model, prompt))
         else:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt {i} must be non-empty text, got {prompt!r:.60}")
-            encoded.append(np.asarray(model.tokenizer(prompt)["input_ids"], dtype=np.int64))
-    generator = torch.Generator().manual_seed(seed)
-    stop = _stop_ids(model)
-    batch, width = len(encoded), max(len(e) for e in encoded)
-    if width + max_new_tokens > model.cfg.n_ctx:
-        raise ValueError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds n_ctx {model.cfg.n_ctx}")
-    tokens = torch.full((batch, width), pad_id(model), dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        tokens[row, width - len(ids) :] = torch.from_numpy(ids)
-        mask[row, width - len(ids) :] = 1
-    new_tokens = _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop, progress)
-    items = []
-    for row, ids in enumerate(encoded):
-        sampled = new_tokens[row].tolist()
-        for j, token in enumerate(sampled):
-            if token in stop:
-                sampled = sampled[: j + 1]
-                break
-        ended = bool(sampled) and sampled[-1] in stop
-        scored = [False] * len(ids) + [True] * (len(sampled) - int(ended)) + [False] * int(ended)
-        items.append(
-            {
-                "token_ids": ids.tolist() + sampled,
-                "scored": scored,
-                "prompt_len": len(ids),
-                "text": model.tokenizer.decode(sampled[: len(sampled) - int(ended)]),
-                "ended": ended,
-            }
-        )
-    return items
-
-
-def _generate(model, tokens, mask, max_new_tokens, temperature, generator, stop, progress=False) -> Tensor:
-    done = torch.zeros(tokens.shape[0], dtype=torch.bool)
-    out = []
-    steps = tqdm(total=max_new_tokens, desc="  tokens", unit="tok", leave=False, disable=not progress)
-    if type(model).__name__ == "HookedTransformer":
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
-        logits = model(tokens, attention_mask=mask, past_kv_cache=cache, padding_side="left")[:, -1]
-        for _ in range(max_new_tokens):
-            next_token = _sample(logits, temperature, generator)
-            out.append(next_token)
-            steps.update(1)
-            done |= torch.isin(next_token, torch.tensor(sorted(stop)))
-            if done.all():
-                break
-            logits = model(next_token[:, None], past_kv_cache=cache, padding_side="left")[:, -1]
-    else:
-        for _ in range(max_new_tokens):
-            logits = model(tokens, attention_mask=mask)[:, -1]
-            next_token = _sample(logits, temperature, generator)
-            out.append(next_token)
-            steps.update(1)
-            tokens = torch.cat([tokens, next_token[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            done |= torch.isin(next_token, torch.tensor(sorted(stop)))
-            if done.all():
-                break
-    steps.close()
-    return torch.stack(out, 1)
+            encoded.append(list(model.tokenizer(prompt)["input_ids"]))
+    sampled = sample(model, encoded, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     batch_size=max(1, len(encoded)), progress=progress)
+    return [
+        {
+            "token_ids": item.token_ids,
+            "scored": item.scored,
+            "prompt_len": len(item.prompt_ids),
+            "text": item.text(model.tokenizer),
+            "ended": item.ended,
+        }
+        for item in sampled
+    ]
 
 
 def generate_to_jsonl(
