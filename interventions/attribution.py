@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -125,6 +126,21 @@ class AttributionPatching:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write ``attribution.json`` (results, sizes, versions) and, when validated, the scatter
+        ``attribution.html`` into ``folder``."""
+        from surprise_probe.jsonio import software_versions, write_json
+        from surprise_probe.plots import write_html
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        if self.exact is not None:
+            paths["html"] = write_html(attribution_scatter_figure(self), folder / "attribution.html")
+        paths["json"] = write_json(folder / "attribution.json",
+                                   {**self.to_dict(), "software_versions": software_versions()})
+        return paths
 
     def points(self) -> tuple[np.ndarray, np.ndarray]:
         """``(estimate, exact)`` flattened over pairs x hooks x groups (needs ``exact``)."""

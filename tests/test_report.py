@@ -1,0 +1,198 @@
+"""The study report: one self-contained page built from a tiny model's study folder."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from surprise_probe.jsonio import read_json, write_json
+from surprise_probe.report import (
+    Number,
+    ReportHeader,
+    StageSection,
+    failed_section,
+    result_section,
+    study_sections,
+    write_report_html,
+    write_study_report,
+)
+from surprise_probe.testing import TINY_CORPUS
+
+
+def _conv(user: str, assistant: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+ITEMS = [_conv(TINY_CORPUS[i % 6], TINY_CORPUS[(5 * i + 1) % 6]) for i in range(12)]
+PAIRS = [(_conv(TINY_CORPUS[i], TINY_CORPUS[(i + 1) % 6]), _conv(TINY_CORPUS[i], TINY_CORPUS[(i + 3) % 6]))
+         for i in range(4)]
+
+
+def build_tiny_study(out: Path) -> Path:
+    """A study folder as the default study writes it, on a random 3-layer model (about 15 s):
+    capture, probes, steering (run_study), then patching, attribution and the token view."""
+    from surprise_probe.interventions.attribution import validate_attribution
+    from surprise_probe.interventions.experiments import patching_experiment
+    from surprise_probe.probes import ProbeDirection
+    from surprise_probe.study import run_study
+    from surprise_probe.testing import tiny_hooked_transformer
+    from surprise_probe.token_view import token_view_data
+
+    warnings.simplefilter("ignore")
+    model = tiny_hooked_transformer(n_layers=3, n_ctx=128, seed=5)
+    result = run_study(model, ITEMS, out, progress=False,
+                       settings={"model": "tiny-random-3l", "input": "12 tiny conversations", "n_boot": 50,
+                                 "steer_inputs": 3, "random_directions": 2})
+    probe = ProbeDirection.load(out / "fit_surprise" / "probe", model=model)
+    patching_experiment(model, PAIRS, probe, n_boot=50, progress=False).save(out / "patch")
+    validate_attribution(model, PAIRS, direction=probe, progress=False).save(out / "attribution")
+    token_view_data(model, ITEMS[1], probe, title="tiny-random-3l reading conversation 1").save(out / "attribution")
+    stages = dict(result.stages)
+    stages["patch"] = {"status": "done", "seconds": 1.0}
+    stages["attribution"] = {"status": "done", "seconds": 1.0}
+    stages["gap"] = {"status": "failed", "seconds": 0.5, "error": "RuntimeError: sampler crashed (test)"}
+    write_json(out / "study.json", {**read_json(out / "study.json"), "stages": stages})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, one_thread) -> Path:
+    return build_tiny_study(tmp_path_factory.mktemp("study"))
+
+
+def test_report_is_one_self_contained_page(tiny_study):
+    path = write_study_report(tiny_study)
+    html = path.read_text(encoding="utf-8")
+    assert path == tiny_study / "report.html"
+    assert html.count("Plotly.newPlot") >= 6  # capture, 2 sweeps, dose-response, ablation, patching, scatter
+    assert len(re.findall(r"<script[^>]*>\s*/\*\*\s*\n?\s*\* plotly\.js", html)) <= 1
+    assert html.count("plotly.js v") <= 2 and "<script src=" not in html  # inlined once, nothing fetched
+    assert path.stat().st_size < 10_000_000
+    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "patch", "attribution", "token_view", "gap"):
+        assert f"id='stage-{stage}'" in html, stage
+    # the failed stage is named with its error, and counted in the header
+    assert "sampler crashed (test)" in html and "failed" in html
+    assert re.search(r"\d+ of \d+ ok; not ok: Policy gap", html)
+    # every stage's JSON is linked relative to the report
+    for link in ("capture/capture_summary.json", "fit_surprise/sweep.json", "steer/steer.json", "patch/patch.json",
+                 "attribution/attribution.json", "attribution/token_view.json"):
+        assert f"href='{link}'" in html, link
+        assert (tiny_study / link).exists()
+    assert "tiny-random-3l" in html and "12 tiny conversations" in html
+
+
+def test_numbers_carry_ci_control_and_sample(tiny_study):
+    sections = {s.key: s for s in study_sections(tiny_study)}
+    sweep = read_json(tiny_study / "fit_surprise" / "sweep.json")
+    best = next(row for row in sweep["hooks"] if row["hook"] == sweep["best_hook"])
+    first = sections["fit_surprise"].numbers[0]
+    assert first.value == best["r2"]["value"] and first.ci == (best["r2"]["low"], best["r2"]["high"])
+    assert "shuffled labels" in first.control and str(sweep["n_tokens"]) in first.n
+    steer = read_json(tiny_study / "steer" / "steer.json")["dose_response"]
+    slope = sections["steer"].numbers[0]
+    assert slope.value == steer["probe_slope"] and "random directions" in slope.control
+    assert f"{steer['n_sequences']} sequences" in slope.n
+    attribution = read_json(tiny_study / "attribution" / "attribution.json")
+    assert sections["attribution"].numbers[0].value == attribution["pearson_r"]
+    assert sections["gap"].status == "failed" and not sections["gap"].ok
+
+
+def test_a_stage_recorded_done_without_results_is_named(tmp_path):
+    write_json(tmp_path / "study.json", {"settings": {"model": "m"}, "stages": {
+        "capture": {"status": "done", "seconds": 1}, "steer": {"status": "skipped", "error": "needs fit_surprise"}}})
+    sections = {s.key: s for s in study_sections(tmp_path)}
+    assert sections["capture"].status == "missing" and "has no results" in sections["capture"].error
+    assert sections["steer"].status == "skipped" and sections["steer"].error == "needs fit_surprise"
+    html = write_study_report(tmp_path).read_text(encoding="utf-8")
+    assert "0 of 2 ok" in html
+
+
+def test_hook_sections_for_analyses_without_an_adapter(tmp_path):
+    import plotly.graph_objects as go
+
+    class GapLike:
+        def report_section(self, json_path=None):
+            return result_section("gap", "Policy gap", caption="line one<br>line two",
+                                  figures=[go.Figure(go.Bar(y=[1, 2]))],
+                                  numbers=[Number("off/on entropy ratio", 1.7, (1.4, 2.1), control="base model 1.02",
+                                                  n="32 prompts")])
+
+    write_json(tmp_path / "study.json", {"settings": {"model": "m"}, "stages": {"gap": {"status": "done", "seconds": 3}}})
+    html = write_study_report(tmp_path, extra={"gap": GapLike()}).read_text(encoding="utf-8")
+    assert "off/on entropy ratio" in html and "[1.400, 2.100]" in html and "base model 1.02" in html
+    assert "1 of 1 ok" in html
+
+
+def test_report_html_escapes_and_shows_errors(tmp_path):
+    header = ReportHeader("t <x>", models=["a"], data="d", total_seconds=65.0, versions={"torch": "2"})
+    sections = [failed_section("s", "Stage <s>", "ValueError: bad <value>"),
+                StageSection("ok", "Fine", numbers=[Number("m", float("nan"))])]
+    html = write_report_html(tmp_path / "r.html", header, sections).read_text(encoding="utf-8")
+    assert "bad &lt;value&gt;" in html and "Stage &lt;s&gt;" in html
+    assert "65 s (1.1 min)" in html and "<td>n/a</td>" in html
+
+
+def test_wide_figures_are_made_to_fit(tmp_path):
+    import plotly.graph_objects as go
+
+    wide = go.Figure(go.Scatter(y=[1, 2]))
+    wide.update_layout(width=1400, title="a very long title " * 12)
+    html = write_report_html(tmp_path / "r.html", ReportHeader("t", ["m"], "d"),
+                             [StageSection("x", "X", figures=[wide])]).read_text(encoding="utf-8")
+    assert '"width":1400' not in html.replace(" ", "")
+    assert "\\u003cbr\\u003e" in re.search(r'"title":\{"text":"([^"]*)"', html).group(1)  # <br>, JSON-escaped
+    assert wide.layout.width == 1400  # the caller's figure is not modified
+
+
+def test_token_view_data_and_html(tiny_study):
+    data = read_json(tiny_study / "attribution" / "token_view.json")
+    n = len(data["tokens"])
+    assert data["input_surprise"][0] is None and all(v is not None for v in data["output_entropy"])
+    assert set(data["attribution"]) == set(data["hooks"]) and all(len(v) == n for v in data["attribution"].values())
+    assert all(len(top) == 5 for top in data["top_next"])
+    probs = [p for _, p in data["top_next"][3]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert any(data["scored"]) and not all(data["scored"])
+    assert len(data["steer_plus"]) == n and any(abs(v) > 0 for v in data["steer_plus"])
+
+
+def test_token_view_steering_matches_an_independent_hook(tiny_hooked, one_thread):
+    """The +/- strength entropy change equals adding strength * std * d by hand."""
+    from surprise_probe.interventions import SteeringDirection
+    from surprise_probe.metrics import output_entropy
+    from surprise_probe.token_view import token_view_data
+
+    d = torch.zeros(64)
+    d[3] = 1.0
+    direction = SteeringDirection(d, "blocks.0.hook_resid_post", std=0.5)
+    data = token_view_data(tiny_hooked, "The quick brown fox jumps.", direction, strength=3.0, attribution=False)
+    tokens = tiny_hooked.to_tokens("The quick brown fox jumps.")
+    assert tokens.shape[1] == len(data.tokens)
+
+    def add(sign):
+        def hook(activation, hook):
+            return activation + sign * 3.0 * 0.5 * d
+        return hook
+
+    with torch.no_grad():
+        clean = output_entropy(tiny_hooked(tokens, return_type="logits"))[0]
+        with tiny_hooked.hooks(fwd_hooks=[("blocks.0.hook_resid_post", add(1))]):
+            plus = output_entropy(tiny_hooked(tokens, return_type="logits"))[0]
+    assert data.steer_plus == pytest.approx((plus - clean).tolist(), abs=2e-5)
+    assert data.attribution == {}
+
+
+def test_token_view_refuses_bad_values(tiny_hooked):
+    from surprise_probe.interventions import SteeringDirection
+    from surprise_probe.token_view import token_view_data, token_view_html
+
+    direction = SteeringDirection(torch.ones(64), "blocks.0.hook_resid_post", std=1.0)
+    with pytest.raises(ValueError, match="strength must be a positive finite number"):
+        token_view_data(tiny_hooked, "Hi there.", direction, strength=-1)
+    data = token_view_data(tiny_hooked, "Hi there.", direction, attribution=False)
+    with pytest.raises(ValueError, match="element_id must be letters"):
+        token_view_html(data, element_id="x'><script>")
