@@ -1,26 +1,18 @@
 """Plotly figures for intervention results; pure functions returning ``go.Figure``.
 
-Write one with ``write_html(fig, path)``: plotly.js is embedded so the file opens offline.
+Write one with ``surprise_probe.plots.write_html(fig, path)``: plotly.js is embedded so the file
+opens offline.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["dose_response_figure", "ablation_figure", "patching_figure", "write_html"]
+__all__ = ["dose_response_figure", "ablation_figure", "patching_figure"]
 
 _PROBE, _ORTHO, _RANDOM = "#d62728", "#1f77b4", "rgba(120,120,120,0.25)"
-
-
-def write_html(fig: go.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
-    return path
 
 
 def dose_response_figure(result) -> go.Figure:

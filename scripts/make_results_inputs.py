@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from surprise_probe.io import builtin_items
+from surprise_probe.jsonio import read_jsonl
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--probe", type=Path, help="probe direction to build random controls for")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    generated = [json.loads(line) for line in args.generated.read_text().splitlines() if line.strip()]
+    generated = [record for _, record in read_jsonl(args.generated)]
     human = [{"id": it["id"], "source": "human", "topic": it["topic"], "messages": it["messages"]}
              for it in builtin_items()]
     own = [{"id": r["id"], "source": "own-sample", "topic": r["topic"], "token_ids": r["token_ids"],

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["to_json", "write_json", "read_json", "read_jsonl", "software_versions", "finite_or_none"]
+__all__ = ["to_json", "write_json", "write_text", "read_json", "read_jsonl", "software_versions", "finite_or_none"]
 
 
 def finite_or_none(value):
@@ -48,10 +48,15 @@ def to_json(payload) -> str:
 
 def write_json(path: str | Path, payload) -> Path:
     """Write strict JSON to ``path`` through a temporary file and ``os.replace``."""
+    return write_text(path, to_json(payload) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` through a temporary file and ``os.replace`` (never half-written)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(to_json(payload) + "\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -1,41 +1,88 @@
 """Plotly figures for per-token metrics. Each function returns a ``go.Figure``; nothing is shown.
 
-Write one with ``write_html(fig, path)`` (plotly.js embedded, so it opens offline).
+Write one with :func:`write_html` (plotly.js embedded, so it opens offline), several into one
+page with :func:`write_report` (plotly.js embedded once). These two are the project's HTML writers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from html import escape
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
+
+from surprise_probe.jsonio import write_text
 
 __all__ = ["token_view", "entropy_by_position", "write_html", "write_report"]
 
 
 def write_html(fig: go.Figure, path: str | Path) -> Path:
-    """Self-contained HTML (plotly.js inlined), so it opens with no network."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs=True, full_html=True)
-    return path
+    """One figure as a self-contained HTML page (plotly.js inlined, so it opens with no network).
+
+    The project's one HTML writer, with :func:`write_report` for several figures. Written
+    atomically; the output is deterministic (fixed element ids), so a rerun gives the same file.
+
+    >>> import tempfile
+    >>> path = write_html(go.Figure(go.Scatter(y=[1, 3, 2])), Path(tempfile.mkdtemp()) / "f.html")
+    >>> text = path.read_text(encoding="utf-8")
+    >>> "<script src=" in text, len(text) > 1_000_000     # nothing fetched; plotly.js inside
+    (False, True)
+    """
+    html = fig.to_html(full_html=True, include_plotlyjs=True, div_id="figure")
+    return _write(path, html)
 
 
-def write_report(figures: Sequence[tuple[str, go.Figure]], path: str | Path, title: str, intro: str = "") -> Path:
-    """Several figures in one self-contained HTML page (plotly.js inlined once)."""
-    parts = [f"<html><head><meta charset='utf-8'><title>{title}</title></head><body "
-             "style='font-family: sans-serif; max-width: 1200px; margin: auto'>",
-             f"<h1>{title}</h1><p>{intro}</p>"]
-    for i, (heading, fig) in enumerate(figures):
-        parts.append(f"<h2>{heading}</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    parts.append("</body></html>")
+def write_report(
+    sections: Sequence[tuple[str, go.Figure | str]], path: str | Path, title: str, intro: str = ""
+) -> Path:
+    """Several figures (and HTML blocks) in one self-contained page; plotly.js is inlined ONCE.
+
+    ``sections``: ``(heading, content)`` pairs, in order; ``content`` is a ``go.Figure`` or an
+    HTML fragment inserted as is (a table, a paragraph). ``title`` and headings are plain text
+    (escaped); ``intro`` is an HTML fragment. Written atomically, deterministic like
+    :func:`write_html`.
+
+    >>> import tempfile
+    >>> fig = go.Figure(go.Bar(y=[1, 2]))
+    >>> path = write_report([("a", fig), ("b <2>", fig), ("notes", "<p>text</p>")],
+    ...                     Path(tempfile.mkdtemp()) / "r.html", "Report")
+    >>> text = path.read_text(encoding="utf-8")
+    >>> text.count("<h2>"), text.count("Plotly.newPlot"), "<h2>b &lt;2&gt;</h2>" in text
+    (3, 2, True)
+    """
+    body = [f"<h1>{escape(title)}</h1>", intro]
+    figures = 0
+    for heading, content in sections:
+        body.append(f"<section><h2>{escape(heading)}</h2>")
+        if isinstance(content, go.Figure):
+            body.append(content.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{figures}"))
+            figures += 1
+        elif isinstance(content, str):
+            body.append(content)
+        else:
+            raise TypeError(
+                f"section {heading!r}: content must be a plotly Figure or an HTML string, got "
+                f"{type(content).__name__}"
+            )
+        body.append("</section>")
+    script = f"<script type='text/javascript'>{get_plotlyjs()}</script>" if figures else ""
+    html = (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title>{script}</head>\n"
+        "<body style='font-family: sans-serif; max-width: 1200px; margin: auto'>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+    return _write(path, html)
+
+
+def _write(path: str | Path, html: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return write_text(path, html)
 
 
 def token_view(

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 import surprise_probe as sp
 from surprise_probe.plots import entropy_by_position, token_view, write_html, write_report
@@ -24,3 +25,29 @@ def test_entropy_by_position_means(tmp_path):
     assert list(fig.data[0].y) == [1.0, 2.0] and list(fig.data[1].y) == [3.0, 5.0]
     report = write_report([("x", fig)], tmp_path / "r.html", "title")
     assert report.read_text().count("<h2>") == 1
+
+
+def test_report_inlines_plotly_js_once_and_is_deterministic(tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    figures = [(f"figure {i}", entropy_by_position(np.arange(3), np.ones(3), {"a": np.ones(3, bool)}))
+               for i in range(4)]
+    sections = [*figures, ("table <raw>", "<table><tr><td>1</td></tr></table>")]
+    first = write_report(sections, tmp_path / "a.html", "A & B").read_bytes()
+    second = write_report(sections, tmp_path / "b.html", "A & B").read_bytes()
+    assert first == second  # fixed element ids: a rerun writes the same file
+    text = first.decode()
+    plotly_js = get_plotlyjs()
+    assert text.count(plotly_js[-2000:]) == 1  # the library once, not once per figure
+    assert len(plotly_js) < len(text) < len(plotly_js) + 200_000
+    assert text.count("Plotly.newPlot") == 4 and "<h2>table &lt;raw&gt;</h2>" in text
+    assert "<title>A &amp; B</title>" in text and "<td>1</td>" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html"]  # no temp files left
+    single = write_html(figures[0][1], tmp_path / "one.html").read_text()
+    assert single.count(plotly_js[-2000:]) == 1 and "<script src=" not in single
+
+
+def test_report_refuses_content_that_is_not_a_figure_or_html(tmp_path):
+    with pytest.raises(TypeError, match="section 'x': content must be a plotly Figure"):
+        write_report([("x", 3)], tmp_path / "r.html", "t")
+    assert not (tmp_path / "r.html").exists()
