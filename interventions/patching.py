@@ -100,11 +100,10 @@ class PatchingResult:
         return asdict(self)
 
 
-def _measured_entropy(logits, positions: np.ndarray, row: int) -> float:
-    from surprise_probe.metrics import output_entropy
-
-    selected = logits[row : row + 1, torch.as_tensor(positions)]
-    return float(output_entropy(selected).mean())
+def _measured_entropy(entropy, positions: np.ndarray, row: int) -> float:
+    """Mean output entropy of one row over the measured positions (from ``forward_metrics``,
+    which never holds a whole batch's logits)."""
+    return float(entropy[row, torch.as_tensor(positions, device=entropy.device)].mean())
 
 
 def activation_patching(
@@ -116,6 +115,7 @@ def activation_patching(
     direction=None,
     components: Sequence[str] = ("direction", "all"),
     batch_size: int = 32,
+    max_batch_tokens: int = 8192,
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
@@ -125,11 +125,13 @@ def activation_patching(
 
     ``pairs``: ``(source, destination)`` items (texts / conversations / ``Encoded``).
     ``direction``: a probe direction (``probes.ProbeDirection`` or ``SteeringDirection``); needed
-    for the ``"direction"`` component.
+    for the ``"direction"`` component. Every forward has at most ``batch_size`` rows and
+    ``max_batch_tokens`` tokens, and entropy comes from position-chunked logits, so memory does
+    not grow with the number of conditions or the vocabulary.
     """
     from surprise_probe.interventions.directions import SteeringDirection, from_probe
 
-    from surprise_probe.capture import forward, resolve_hooks
+    from surprise_probe.capture import forward_metrics, resolve_hooks
     from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
 
     hooks = resolve_hooks(model, hooks=list(hooks))
@@ -173,15 +175,17 @@ def activation_patching(
         source_batch = pad_batch([encoded[i][0] for i in chunk], pad)
         destination_batch = pad_batch([encoded[i][1] for i in chunk], pad)
         with torch.no_grad():
-            source_logits, source_acts = forward(model, source_batch, hooks)
-            destination_logits, _ = forward(model, destination_batch)
+            _, source_entropy, source_acts = forward_metrics(model, source_batch, hooks)
+            _, destination_entropy, _ = forward_metrics(model, destination_batch)
         for row, i in enumerate(chunk):
             dst_measured, src_measured = alignments[i, "measured"]
-            h_source[i] = _measured_entropy(source_logits, src_measured, row)
-            h_destination[i] = _measured_entropy(destination_logits, dst_measured, row)
+            h_source[i] = _measured_entropy(source_entropy, src_measured, row)
+            h_destination[i] = _measured_entropy(destination_entropy, dst_measured, row)
         rows = [(row, c) for row in range(len(chunk)) for c in range(len(conditions))]
-        for k in range(0, len(rows), batch_size):
-            block = rows[k : k + batch_size]
+        # At most batch_size rows and max_batch_tokens (rows x padded width) per patched forward.
+        per_block = max(1, min(batch_size, max_batch_tokens // destination_batch.tokens.shape[1]))
+        for k in range(0, len(rows), per_block):
+            block = rows[k : k + per_block]
             batch = pad_batch([encoded[chunk[row]][1] for row, _ in block], pad)
             width = batch.tokens.shape[1]
             patches = []
@@ -202,9 +206,9 @@ def activation_patching(
                             direction=vector if component == "direction" else None,
                         ))
             with torch.no_grad(), apply_all(model, patches):
-                logits = model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")
+                _, entropy, _ = forward_metrics(model, batch)
             for r, (row, c) in enumerate(block):
-                h_patched[c, chunk[row]] = _measured_entropy(logits, alignments[chunk[row], "measured"][0], r)
+                h_patched[c, chunk[row]] = _measured_entropy(entropy, alignments[chunk[row], "measured"][0], r)
             bar.update(len(block))
     bar.close()
     # each rank filled only its own pairs (zeros elsewhere), so summing over ranks gathers them
