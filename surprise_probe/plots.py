@@ -43,7 +43,7 @@ def write_report(
 
     ``sections``: ``(heading, content)`` pairs, in order; ``content`` is a ``go.Figure`` or an
     HTML fragment inserted as is (a table, a paragraph). ``title`` and headings are plain text
-    (escaped); ``intro`` is an HTML fragment. Written atomically, deterministic like
+    (escaped; an empty heading adds no ``<h2>``); ``intro`` is an HTML fragment. Written atomically, deterministic like
     :func:`write_html`.
 
     >>> import tempfile
@@ -57,7 +57,7 @@ def write_report(
     body = [f"<h1>{escape(title)}</h1>", intro]
     figures = 0
     for heading, content in sections:
-        body.append(f"<section><h2>{escape(heading)}</h2>")
+        body.append(f"<section><h2>{escape(heading)}</h2>" if heading else "<section>")
         if isinstance(content, go.Figure):
             body.append(content.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{figures}"))
             figures += 1
