@@ -56,7 +56,10 @@ from tqdm.auto import tqdm
 from surprise_probe.chat import encode_conversation
 from surprise_probe.inputs import pad_id
 
-__all__ = ["Sampled", "sample", "end_of_turn_ids", "chat_prompt_ids", "row_seed"]
+__all__ = ["Sampled", "sample", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed"]
+
+# The documented prompt format for models read or sampled without a chat template (base models).
+PLAIN_FORMAT = "Question: {prompt}\nAnswer:"
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
 
@@ -108,6 +111,21 @@ def chat_prompt_ids(model, prompt: str | Sequence[dict]) -> list[int]:
     """A user message (or a conversation) rendered with the chat template + assistant header."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return encode_conversation(model.tokenizer, messages, add_generation_prompt=True).token_ids.tolist()
+
+
+def plain_prompt_ids(model, prompt: str) -> list[int]:
+    """``PLAIN_FORMAT`` filled with ``prompt``, tokenized as plain text (the model's BOS included).
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> model.tokenizer.decode(plain_prompt_ids(model, "Hi?"))
+    '<|endoftext|>Question: Hi?\\nAnswer:'
+    """
+    from surprise_probe.inputs import encode
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"expected a non-empty prompt string, got {prompt!r:.60}")
+    return encode(model, PLAIN_FORMAT.format(prompt=prompt)).token_ids.tolist()
 
 
 def row_seed(seed: int, sample_index: int, prompt_ids: Sequence[int]) -> int:
