@@ -187,15 +187,19 @@ def capture_section(folder: str | Path) -> StageSection:
     layers = data.get("layers") or []
     fig = go.Figure()
     if layers:
-        names = [row["hook"] for row in layers]
-        fig.add_trace(go.Scatter(x=names, y=[row["corr_norm_surprise"] for row in layers], mode="lines+markers",
-                                 name="r(|resid|, input surprise)", line={"color": "#d62728"}))
-        fig.add_trace(go.Scatter(x=names, y=[row["corr_norm_entropy"] for row in layers], mode="lines+markers",
-                                 name="r(|resid|, output entropy)", line={"color": "#1f77b4", "dash": "dash"}))
+        x, ticks = _layer_axis([row["hook"] for row in layers])
+        hover = "%{text}<br>r %{y:.3f}<extra></extra>"
+        fig.add_trace(go.Scatter(x=x, y=[row["corr_norm_surprise"] for row in layers], mode="lines+markers",
+                                 name="r(|resid|, input surprise)", line={"color": "#d62728"},
+                                 text=[row["hook"] for row in layers], hovertemplate=hover))
+        fig.add_trace(go.Scatter(x=x, y=[row["corr_norm_entropy"] for row in layers], mode="lines+markers",
+                                 name="r(|resid|, output entropy)", line={"color": "#1f77b4", "dash": "dash"},
+                                 text=[row["hook"] for row in layers], hovertemplate=hover))
         fig.add_hline(y=0, line={"color": "#999", "width": 1})
+        fig.update_xaxes(**ticks)
     fig.update_layout(title="First look: correlation of the residual norm with surprise and entropy, per hook",
-                      xaxis_title="hook", yaxis_title="Pearson r over scored tokens", template="plotly_white",
-                      height=380, legend={"orientation": "h", "y": -0.35}, xaxis={"tickangle": -45})
+                      yaxis_title="Pearson r over scored tokens", template="plotly_white",
+                      height=380, legend={"orientation": "h", "y": -0.28})
     return StageSection(
         "capture", "Capture: per-token surprise, entropy and activations",
         caption=("What the model read: means over the scored span with sequence-bootstrap CIs, and how the "
@@ -203,6 +207,23 @@ def capture_section(folder: str | Path) -> StageSection:
                  "first look; the probes below test linear decodability with controls."),
         figures=[fig] if layers else [], numbers=numbers, json_paths=[path], sample=n,
     )
+
+
+def _layer_axis(hooks: Sequence[str]) -> tuple[list[float], dict]:
+    """x positions and tick labels by layer index (``blocks.L.hook_resid_post`` -> L; the
+    embedding ``blocks.0.hook_resid_pre`` -> "embed" left of layer 0); hover shows the hook name."""
+    from surprise_probe.probes.results import hook_layer
+
+    x = []
+    for hook in hooks:
+        layer = hook_layer(hook)
+        x.append(-1.0 if hook.endswith("hook_resid_pre") and layer == 0 else
+                 float(layer) - (0.5 if hook.endswith("hook_resid_pre") else 0.0) if layer is not None else float("nan"))
+    ticks = sorted({v for v in x if np.isfinite(v)})
+    step = max(1, len(ticks) // 16)
+    shown = ticks[::step]
+    return x, {"tickmode": "array", "tickvals": shown, "ticktext": ["embed" if v == -1 else f"{v:g}" for v in shown],
+               "title_text": "layer L = hook blocks.L.hook_resid_post (hover shows the hook)"}
 
 
 def fit_figure(data: Mapping) -> go.Figure:
@@ -214,36 +235,41 @@ def fit_figure(data: Mapping) -> go.Figure:
     """
     hooks = [row for row in data["hooks"] if row.get("hook") != "blocks.0.hook_resid_pre"]
     names = [row["hook"] for row in hooks]
+    x, ticks = _layer_axis(names)
     r2 = [row["r2"] for row in hooks]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=names + names[::-1], y=[e["high"] for e in r2] + [e["low"] for e in r2][::-1],
+    fig.add_trace(go.Scatter(x=x + x[::-1], y=[e["high"] for e in r2] + [e["low"] for e in r2][::-1],
                              fill="toself", fillcolor="rgba(214,39,40,0.18)", line={"width": 0}, hoverinfo="skip",
-                             name="probe 95% CI", showlegend=True))
-    fig.add_trace(go.Scatter(x=names, y=[e["value"] for e in r2], mode="lines+markers", name="probe (held-out R²)",
-                             line={"color": "#d62728", "width": 3},
+                             name="probe 95% CI"))
+    fig.add_trace(go.Scatter(x=x, y=[e["value"] for e in r2], mode="lines+markers", name="probe (held-out R²)",
+                             line={"color": "#d62728", "width": 3}, text=names,
                              customdata=[[e["low"], e["high"]] for e in r2],
-                             hovertemplate="%{x}<br>R² %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>"))
+                             hovertemplate="%{text}<br>R² %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>"))
     residual = [row.get("residual_r2") for row in hooks]
-    if all(isinstance(e, Mapping) for e in residual):
-        fig.add_trace(go.Scatter(x=names, y=[e["value"] for e in residual], mode="lines", name="beyond token-type mean",
-                                 line={"color": "#d62728", "dash": "dash"}))
-    shuffle = [np.mean(row["shuffle_r2"]) if row.get("shuffle_r2") else None for row in hooks]
+    if residual and all(isinstance(e, Mapping) for e in residual):
+        fig.add_trace(go.Scatter(x=x, y=[e["value"] for e in residual], mode="lines", name="beyond token-type mean",
+                                 line={"color": "#d62728", "dash": "dash"}, text=names,
+                                 hovertemplate="%{text}<br>R² beyond token mean %{y:.3f}<extra></extra>"))
+    shuffle = [float(np.mean(row["shuffle_r2"])) if row.get("shuffle_r2") else None for row in hooks]
     if any(v is not None for v in shuffle):
-        fig.add_trace(go.Scatter(x=names, y=shuffle, mode="lines", name="shuffled labels (mean)",
-                                 line={"color": "#7f7f7f", "dash": "dot"}))
+        fig.add_trace(go.Scatter(x=x, y=shuffle, mode="lines", name="shuffled labels (mean)",
+                                 line={"color": "#555", "dash": "dot"}))
     controls = data.get("controls") or {}
     token_mean = _value(controls.get("token_mean_r2"))
-    if token_mean is not None and names:
-        fig.add_trace(go.Scatter(x=[names[0], names[-1]], y=[token_mean, token_mean], mode="lines",
+    if token_mean is not None and x:
+        fig.add_trace(go.Scatter(x=[-1, max(x)], y=[token_mean, token_mean], mode="lines",
                                  name="token-type mean", line={"color": "#111", "width": 1.5}))
     embedding = _value(controls.get("embedding_r2"))
-    if embedding is not None and names:
-        fig.add_trace(go.Scatter(x=[names[0]], y=[embedding], mode="markers", name="embedding-layer probe",
+    if embedding is not None and x:
+        fig.add_trace(go.Scatter(x=[-1], y=[embedding], mode="markers", name="embedding-layer probe",
                                  marker={"symbol": "diamond", "size": 11, "color": "#2ca02c"}))
+        ticks["tickvals"] = [-1, *[v for v in ticks["tickvals"] if v != -1]]
+        ticks["ticktext"] = ["embed" if v == -1 else f"{v:g}" for v in ticks["tickvals"]]
+    fig.update_xaxes(**ticks)
     fig.update_layout(title=f"Decoding {data.get('target', 'the target')} from each layer ({data.get('n_tokens')} "
                             f"tokens, {data.get('n_sequences')} sequences)",
-                      xaxis_title="hook", yaxis_title="held-out R²", template="plotly_white", height=420,
-                      legend={"orientation": "h", "y": -0.4}, xaxis={"tickangle": -45})
+                      yaxis_title="held-out R²", template="plotly_white", height=420,
+                      legend={"orientation": "h", "y": -0.28})
     return fig
 
 
@@ -517,6 +543,8 @@ table.sp-numbers th{text-align:left;background:#f1f3f5;padding:4px 8px;border-bo
 table.sp-numbers td{padding:4px 8px;border-bottom:1px solid #eee;vertical-align:top}
 .sp-meta{font-size:12.5px;color:#555}
 .js-plotly-plot,.plotly-graph-div{max-width:100%}
+section:has(> h2:empty){border-top:none;margin-top:4px;padding-top:0}
+h2:empty{display:none}
 </style>
 """
 
@@ -579,7 +607,7 @@ def _fit_width(fig: go.Figure) -> go.Figure:
     fig = go.Figure(fig)
     title = fig.layout.title.text or ""
     wrapped = _wrap_title(title)
-    top = max(fig.layout.margin.t or 80, 40 + 22 * (wrapped.count("<br>") + 1))
+    top = max(fig.layout.margin.t or 80, 60 + 24 * (wrapped.count("<br>") + 1))
     fig.update_layout(width=None, autosize=True, title_text=wrapped or None, margin={"t": top})
     return fig
 

@@ -90,7 +90,7 @@ def _steering(model, direction) -> SteeringDirection:
 
 
 def _steer(hook: str, vector, strengths, std: float) -> Steer:
-    return Steer(hooks=hook, direction=vector, alpha=torch.as_tensor(strengths), scale=std)
+    return Steer(hooks=hook, direction=vector, strength=torch.as_tensor(strengths), scale=std)
 
 
 @torch.no_grad()
@@ -240,7 +240,10 @@ function colour(v,lo,hi,signed){
   return t>=0?(t<.5?mix(WHITE,ORANGE,t*2):mix(ORANGE,RED,(t-.5)*2)):(-t<.5?mix(WHITE,LBLUE,-t*2):mix(LBLUE,BLUE,(-t-.5)*2));}
  const t=hi>lo?Math.max(0,Math.min(1,(v-lo)/(hi-lo))):0;
  return t<.5?mix(WHITE,ORANGE,t*2):mix(ORANGE,RED,(t-.5)*2);}
-function lum(c){return (0.2126*c[0]+0.7152*c[1]+0.0722*c[2])/255;}
+function lum(c){const [r,g,b]=c.map(v=>{v/=255;return v<=0.03928?v/12.92:Math.pow((v+0.055)/1.055,2.4);});
+ return 0.2126*r+0.7152*g+0.0722*b;}
+// black or white text, whichever contrasts more (WCAG): never dark text on a dark cell
+function ink(c){const L=lum(c); return (1.05/(L+0.05))>((L+0.05)/0.05)?"#fff":"#000";}
 function range(key){ // one scale per quantity, over every layer, so layers compare
  const q=Q[key]; let vals=[]; const layers=q.layer?D.hooks:[null];
  for(const l of layers){const a=q.get(l); if(a) vals=vals.concat(a.filter(v=>v!==null));}
@@ -291,8 +294,8 @@ function paint(){
   "linear-gradient(90deg,#fff,rgb(244,165,130),rgb(178,24,43))";
  root.querySelector(".qlabel").textContent=q.label+(q.layer?" at "+lSel.value:"")+(vals?"":" (not computed)");
  spans.forEach((s,i)=>{const c=vals?colour(vals[i],a,b,q.signed):null;
-  if(c){s.style.background="rgb("+c.join(",")+")"; s.style.color=lum(c)<0.55?"#fff":"#111";}
-  else{s.style.background="#f1f1f1"; s.style.color="#777";}
+  if(c){s.style.background="rgb("+c.join(",")+")"; s.style.color=ink(c);}
+  else{s.style.background="#f1f1f1"; s.style.color="#505050";}
   s.dataset.value=vals&&vals[i]!==null?vals[i]:"";});
  root.dataset.painted=key+"|"+lSel.value;}
 qSel.addEventListener("change",paint); lSel.addEventListener("change",paint); paint();

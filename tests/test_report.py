@@ -38,6 +38,7 @@ def build_tiny_study(out: Path) -> Path:
     from surprise_probe.interventions.attribution import validate_attribution
     from surprise_probe.interventions.experiments import patching_experiment
     from surprise_probe.probes import ProbeDirection
+
     from surprise_probe.study import run_study
     from surprise_probe.testing import tiny_hooked_transformer
     from surprise_probe.token_view import token_view_data
@@ -50,7 +51,7 @@ def build_tiny_study(out: Path) -> Path:
     probe = ProbeDirection.load(out / "fit_surprise" / "probe", model=model)
     patching_experiment(model, PAIRS, probe, n_boot=50, progress=False).save(out / "patch")
     validate_attribution(model, PAIRS, direction=probe, progress=False).save(out / "attribution")
-    token_view_data(model, ITEMS[1], probe, title="tiny-random-3l reading conversation 1").save(out / "attribution")
+    token_view_data(model, ITEMS[1], probe, probes={probe.hook: probe}, title="tiny-random-3l reading conversation 1").save(out / "attribution")
     stages = dict(result.stages)
     stages["patch"] = {"status": "done", "seconds": 1.0}
     stages["attribution"] = {"status": "done", "seconds": 1.0}
@@ -163,6 +164,7 @@ def test_token_view_data_and_html(tiny_study):
 def test_token_view_steering_matches_an_independent_hook(tiny_hooked, one_thread):
     """The +/- strength entropy change equals adding strength * std * d by hand."""
     from surprise_probe.interventions import SteeringDirection
+
     from surprise_probe.metrics import output_entropy
     from surprise_probe.token_view import token_view_data
 
@@ -188,6 +190,7 @@ def test_token_view_steering_matches_an_independent_hook(tiny_hooked, one_thread
 
 def test_token_view_refuses_bad_values(tiny_hooked):
     from surprise_probe.interventions import SteeringDirection
+
     from surprise_probe.token_view import token_view_data, token_view_html
 
     direction = SteeringDirection(torch.ones(64), "blocks.0.hook_resid_post", std=1.0)
