@@ -18,7 +18,7 @@ __all__ = ["SteeringDirection", "from_probe", "random_directions", "orthogonal_d
 
 @dataclass(frozen=True)
 class SteeringDirection:
-    """A unit direction at one hook, with the std of the projection onto it (alpha's unit)."""
+    """A unit direction at one hook, with the std of the projection onto it (the unit of steering strength)."""
 
     direction: Float[Tensor, " d_model"]
     hook: str

@@ -1,10 +1,10 @@
 """Dose-response of steering along a direction, and directional ablation, against controls.
 
-Dose-response: add ``alpha * std * d`` (alpha in units of the projection's std on the probe's
+Dose-response: add ``strength * std * d`` (strength in units of the projection's std on the probe's
 training data) and measure, over the scored span, the mean output entropy, the mean
 KL(steered || clean) and the top-1 agreement with the clean run. The same sweep runs for ``k``
 random unit directions and one random direction orthogonal to ``d``, at the same magnitudes
-``alpha * std``. The effect is the slope of mean entropy on alpha (nats per std), with a CI from
+``strength * std``. The effect is the slope of mean entropy on strength (nats per std), with a CI from
 resampling sequences, and a z-score of the probe's slope against the random directions' slopes.
 
 Ablation: project ``d`` out at the chosen positions and report the change in mean entropy (and the
@@ -32,17 +32,17 @@ __all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", 
 
 @dataclass
 class DoseResponse:
-    """Means over the scored span per direction (rows of ``labels``) and alpha."""
+    """Means over the scored span per direction (rows of ``labels``) and steering strength."""
 
     hook: str
     std: float
     positions: str
-    alphas: list[float]
+    strengths: list[float]  # in std units of the probe's projection
     labels: list[str]  # "probe", "orthogonal", "random 0", ...
-    entropy: list[list[float]]  # (n_dir, n_alpha) token-weighted mean output entropy, nats
+    entropy: list[list[float]]  # (n_dir, n_strength) token-weighted mean output entropy, nats
     kl: list[list[float]]  # mean KL(steered || clean), nats
     top1_agreement: list[list[float]]  # fraction of scored tokens whose top-1 matches clean
-    probe_entropy_ci: list[tuple[float, float]]  # per alpha, sequence-bootstrap CI
+    probe_entropy_ci: list[tuple[float, float]]  # per strength, sequence-bootstrap CI
     clean_entropy: float
     slopes: list[float]  # entropy slope per direction, nats per std
     probe_slope: float
@@ -106,7 +106,7 @@ def dose_response(
     model,
     items: Sequence,
     probe,
-    alphas: Sequence[float],
+    strengths: Sequence[float],
     *,
     random_directions: int = 8,
     orthogonal: bool = True,
@@ -119,7 +119,7 @@ def dose_response(
     level: float = 0.95,
     progress: bool = True,
 ) -> DoseResponse:
-    """Sweep ``alphas`` (std units) along the probe direction and the control directions.
+    """Sweep ``strengths`` (std units) along the probe direction and the control directions.
 
     ``probe``: a ``probes.ProbeDirection`` (checked against the model) or a
     :class:`SteeringDirection`. ``items``: texts / conversations / ``Encoded``. At most
@@ -127,12 +127,12 @@ def dose_response(
     """
     direction = _direction(model, probe)
     encoded = encode_items(model, items)
-    alphas = [float(a) for a in alphas]
-    if len(set(alphas)) < 2:
-        raise ValueError(f"a dose-response needs at least two distinct alphas, got {alphas}")
+    strengths = [float(a) for a in strengths]
+    if len(set(strengths)) < 2:
+        raise ValueError(f"a dose-response needs at least two distinct strengths, got {strengths}")
     vectors, labels = control_directions(direction, random_directions, seed, orthogonal)
     table = run_sweep(
-        model, encoded, direction.hook, vectors, alphas, labels=labels, kind="steer",
+        model, encoded, direction.hook, vectors, strengths, labels=labels, kind="steer",
         scale=direction.std, positions=positions, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
         batched=batched, progress=progress,
     )
@@ -142,24 +142,24 @@ def dose_response(
 def summarise_dose_response(
     table: SweepTable, direction: SteeringDirection, positions: str, *, n_boot: int, level: float, seed: int
 ) -> DoseResponse:
-    alphas = table.alphas
+    strengths = table.amounts
     entropy = table.mean("entropy")
-    slopes = slope(alphas, entropy)
+    slopes = slope(strengths, entropy)
     probe = slope_with_ci(
-        alphas, table.entropy[0], table.n_tokens, n_boot=n_boot, level=level, seed=seed
+        strengths, table.entropy[0], table.n_tokens, n_boot=n_boot, level=level, seed=seed
     )
     probe_slope, low, high = probe.value, probe.low, probe.high
     random_rows = [i for i, label in enumerate(table.labels) if label.startswith("random")]
     random_slopes = slopes[random_rows]
     ci = []
-    for j in range(len(alphas)):
+    for j in range(len(strengths)):
         mean = ratio_with_ci(table.entropy[0, j], table.n_tokens, n_boot=n_boot, level=level, seed=seed)
         ci.append((mean.low, mean.high))
     return DoseResponse(
         hook=direction.hook,
         std=direction.std,
         positions=positions,
-        alphas=alphas.tolist(),
+        strengths=strengths.tolist(),
         labels=list(table.labels),
         entropy=entropy.tolist(),
         kl=table.mean("kl").tolist(),

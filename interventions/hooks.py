@@ -5,21 +5,25 @@ its TransformerLens hooks for the duration of the block only (removed in a ``fin
 exception never leaves a hook behind) and yields a :class:`Touched` record of the
 (batch, position) entries every forward pass changed.
 
-- :class:`Steer`: ``x + alpha * scale * d`` (``scale`` is the std of the projection, so alpha is in
-  units of the probe's own spread);
+- :class:`Steer`: ``x + strength * scale * d`` (``scale`` is the std of the projection, so the
+  strength is in units of the probe's own spread);
 - :class:`Clamp`: set the projection ``<x, d>`` to ``value``;
-- :class:`Ablate`: ``x - alpha * <x, d> d`` (alpha = 1 projects ``d`` out);
+- :class:`Ablate`: ``x - fraction * <x, d> d`` (fraction = 1 projects ``d`` out);
 - :class:`Patch`: copy the component along ``d`` (or the whole activation) from a source run.
 
-``alpha`` / ``value`` may be one number or one per batch row, and ``direction`` one vector or one
-per batch row: that is how sweeps put many alphas and directions into one forward pass.
+``strength`` / ``fraction`` / ``value`` may be one number or one per batch row, and ``direction``
+one vector or one per batch row: that is how sweeps put many strengths and directions into one
+forward pass.
 
->>> from surprise_probe.testing import tiny_hooked_transformer     # doctest: +SKIP
->>> steer = Steer(direction=d, hooks="blocks.1.hook_resid_post", alpha=2.0, scale=0.5)  # doctest: +SKIP
->>> with steer.apply(model) as touched:                             # doctest: +SKIP
+>>> from surprise_probe.testing import tiny_hooked_transformer
+>>> model = tiny_hooked_transformer()
+>>> tokens = model.to_tokens("Hello world")                         # 3 tokens
+>>> d = torch.ones(model.cfg.d_model)
+>>> steer = Steer(direction=d, hooks="blocks.1.hook_resid_post", strength=2.0, scale=0.5, positions=[-1])
+>>> with steer.apply(model) as touched:
 ...     logits = model(tokens)
->>> touched.entries()[:2]                                          # doctest: +SKIP
-[(0, 0), (0, 1)]
+>>> touched.entries()                                               # (batch row, position) edited
+[(0, 2)]
 """
 
 from __future__ import annotations
@@ -231,16 +235,16 @@ def _projection(activation: Tensor, direction: Tensor) -> Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class Steer(Intervention):
-    """``x + alpha * scale * d`` at ``positions``; ``alpha`` scalar or per row, ``d`` unit."""
+    """``x + strength * scale * d`` at ``positions``; ``strength`` scalar or per row, ``d`` unit."""
 
     direction: Tensor = None  # (d_model,) or (batch, d_model)
-    alpha: float | Tensor = 1.0
+    strength: float | Tensor = 1.0
     scale: float = 1.0
 
     def __post_init__(self):
         self._check_fan_out()
         object.__setattr__(self, "direction", unit_directions(self.direction))
-        object.__setattr__(self, "alpha", _per_row(self.alpha, "alpha"))
+        object.__setattr__(self, "strength", _per_row(self.strength, "strength"))
         scale = float(self.scale)
         if not 0 < scale < float("inf"):
             raise ValueError(f"scale (the projection's std) must be a positive finite number, got {self.scale}")
@@ -249,8 +253,8 @@ class Steer(Intervention):
     def edit(self, activation, mask, hook):
         batch = activation.shape[0]
         d = _rows(self.direction.to(activation.device), batch, "direction")
-        alpha = _rows(self.alpha.to(activation.device), batch, "alpha")
-        return activation + alpha * self.scale * d
+        strength = _rows(self.strength.to(activation.device), batch, "strength")
+        return activation + strength * self.scale * d
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,21 +278,21 @@ class Clamp(Intervention):
 
 @dataclass(frozen=True, kw_only=True)
 class Ablate(Intervention):
-    """``x - alpha * <x, d> d``: alpha = 1 (default) projects ``d`` out; alpha may be per row."""
+    """``x - fraction * <x, d> d``: fraction = 1 (default) projects ``d`` out; it may be per row."""
 
     direction: Tensor = None
-    alpha: float | Tensor = 1.0
+    fraction: float | Tensor = 1.0
 
     def __post_init__(self):
         self._check_fan_out()
         object.__setattr__(self, "direction", unit_directions(self.direction))
-        object.__setattr__(self, "alpha", _per_row(self.alpha, "alpha"))
+        object.__setattr__(self, "fraction", _per_row(self.fraction, "fraction"))
 
     def edit(self, activation, mask, hook):
         batch = activation.shape[0]
         d = _rows(self.direction.to(activation.device), batch, "direction")
-        alpha = _rows(self.alpha.to(activation.device), batch, "alpha")
-        return activation - alpha * _projection(activation, d) * d
+        fraction = _rows(self.fraction.to(activation.device), batch, "fraction")
+        return activation - fraction * _projection(activation, d) * d
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,10 +16,10 @@ _PROBE, _ORTHO, _RANDOM = "#d62728", "#1f77b4", "rgba(120,120,120,0.25)"
 
 
 def dose_response_figure(result) -> go.Figure:
-    """Entropy, KL from clean and top-1 agreement vs alpha: the probe (with its CI), the
+    """Entropy, KL from clean and top-1 agreement vs steering strength: the probe (with its CI), the
     orthogonal control, and the band (min..max) and mean of the random directions."""
     data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
-    alphas = np.asarray(data["alphas"])
+    strengths = np.asarray(data["strengths"])
     labels = data["labels"]
     random_rows = [i for i, label in enumerate(labels) if label.startswith("random")]
     panels = [("entropy", "mean output entropy (nats)"), ("kl", "mean KL(steered || clean) (nats)"),
@@ -31,19 +31,19 @@ def dose_response_figure(result) -> go.Figure:
         if random_rows:
             band = values[random_rows]
             fig.add_trace(go.Scatter(
-                x=np.concatenate([alphas, alphas[::-1]]),
+                x=np.concatenate([strengths, strengths[::-1]]),
                 y=np.concatenate([band.max(0), band.min(0)[::-1]]),
                 fill="toself", fillcolor=_RANDOM, line={"width": 0}, hoverinfo="skip",
                 name=f"random directions (k={len(random_rows)}, min..max)", legendgroup="random",
                 showlegend=first,
             ), row=1, col=col)
             fig.add_trace(go.Scatter(
-                x=alphas, y=band.mean(0), mode="lines", line={"color": "gray", "dash": "dot"},
+                x=strengths, y=band.mean(0), mode="lines", line={"color": "gray", "dash": "dot"},
                 name="random mean", legendgroup="randmean", showlegend=first,
             ), row=1, col=col)
         if "orthogonal" in labels:
             fig.add_trace(go.Scatter(
-                x=alphas, y=values[labels.index("orthogonal")], mode="lines+markers",
+                x=strengths, y=values[labels.index("orthogonal")], mode="lines+markers",
                 line={"color": _ORTHO}, name="orthogonal to probe", legendgroup="ortho", showlegend=first,
             ), row=1, col=col)
         error = None
@@ -52,11 +52,11 @@ def dose_response_figure(result) -> go.Figure:
             error = {"type": "data", "symmetric": False, "array": ci[:, 1] - values[0],
                      "arrayminus": values[0] - ci[:, 0]}
         fig.add_trace(go.Scatter(
-            x=alphas, y=values[0], mode="lines+markers", line={"color": _PROBE, "width": 3},
+            x=strengths, y=values[0], mode="lines+markers", line={"color": _PROBE, "width": 3},
             error_y=error, name="probe direction", legendgroup="probe", showlegend=first,
-            hovertemplate="alpha=%{x}<br>%{y:.4f}<extra>probe</extra>",
+            hovertemplate="strength=%{x}<br>%{y:.4f}<extra>probe</extra>",
         ), row=1, col=col)
-        fig.update_xaxes(title_text="alpha (std of the probe projection)", row=1, col=col)
+        fig.update_xaxes(title_text="steering strength (std of the probe projection)", row=1, col=col)
     low, high = data["probe_slope_ci"]
     fig.update_layout(
         title=(f"Steering at {data['hook']} ({data['positions']} positions): entropy slope "

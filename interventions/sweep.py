@@ -1,5 +1,6 @@
-"""The batched engine behind dose-response and ablation: many (direction, alpha) conditions per
-sequence, measured against the clean run over the scored span.
+"""The batched engine behind dose-response and ablation: many (direction, amount) conditions per
+sequence, measured against the clean run over the scored span. The amount of an edit is the
+steering strength (``kind="steer"``, std units) or the ablated fraction (``kind="ablate"``).
 
 Batched (default), two engines giving the same numbers as the loop:
 
@@ -44,16 +45,16 @@ class SweepTable:
     """Per-sequence sums over the scored span; divide by ``n_tokens`` for token means."""
 
     labels: list[str]
-    alphas: np.ndarray  # (n_alpha,)
-    entropy: np.ndarray  # (n_dir, n_alpha, n_seq) sum of output entropy (nats)
-    kl: np.ndarray  # (n_dir, n_alpha, n_seq) sum of KL(steered || clean) (nats)
-    agree: np.ndarray  # (n_dir, n_alpha, n_seq) count of top-1 tokens equal to the clean top-1
+    amounts: np.ndarray  # (n_amount,) steering strengths or ablated fractions
+    entropy: np.ndarray  # (n_dir, n_amount, n_seq) sum of output entropy (nats)
+    kl: np.ndarray  # (n_dir, n_amount, n_seq) sum of KL(steered || clean) (nats)
+    agree: np.ndarray  # (n_dir, n_amount, n_seq) count of top-1 tokens equal to the clean top-1
     clean_entropy: np.ndarray  # (n_seq,)
     n_tokens: np.ndarray  # (n_seq,) scored tokens per sequence
     n_forwards: int = 0
 
     def mean(self, name: str) -> np.ndarray:
-        """Token-weighted mean over all sequences, ``(n_dir, n_alpha)``."""
+        """Token-weighted mean over all sequences, ``(n_dir, n_amount)``."""
         return getattr(self, name).sum(-1) / self.n_tokens.sum()
 
 
@@ -149,7 +150,7 @@ def run_sweep(
     encoded: Sequence,
     hook: str,
     directions: Float[Tensor, "n_dir d_model"],
-    alphas: Sequence[float],
+    amounts: Sequence[float],
     *,
     labels: Sequence[str] | None = None,
     kind: str = "steer",
@@ -160,13 +161,13 @@ def run_sweep(
     batched: bool = True,
     progress: bool = True,
 ) -> SweepTable:
-    """Run every (direction, alpha) condition on every sequence and measure the scored span.
+    """Run every (direction, amount) condition on every sequence and measure the scored span.
 
-    ``kind="steer"`` adds ``alpha * scale * d``; ``kind="ablate"`` removes ``alpha`` times the
-    component along ``d``. ``positions`` is where the edit is applied: ``"response"`` (the scored
+    ``kind="steer"`` adds ``strength * scale * d`` for each strength in ``amounts``;
+    ``kind="ablate"`` removes each fraction in ``amounts`` of the component along ``d``. ``positions`` is where the edit is applied: ``"response"`` (the scored
     span) or ``"all"`` (every real token). Every forward has at most ``batch_size`` rows and
     ``max_batch_tokens`` tokens (rows x positions; a single sequence longer than that still runs).
-    Raises ``ValueError`` naming the alpha and direction if a condition produces non-finite logits.
+    Raises ``ValueError`` naming the amount and direction if a condition produces non-finite logits.
     """
     from surprise_probe.inputs import pad_batch, pad_id
 
@@ -178,9 +179,10 @@ def run_sweep(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
-    alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
-    if len(alphas) == 0 or not np.isfinite(alphas).all():
-        raise ValueError(f"alphas must be a non-empty list of finite numbers, got {alphas.tolist()}")
+    amount_name = "strength" if kind == "steer" else "fraction"
+    amounts = np.asarray(amounts, dtype=np.float64).reshape(-1)
+    if len(amounts) == 0 or not np.isfinite(amounts).all():
+        raise ValueError(f"{amount_name}s must be a non-empty list of finite numbers, got {amounts.tolist()}")
     directions = torch.as_tensor(directions, dtype=torch.float32)
     if directions.ndim == 1:
         directions = directions.unsqueeze(0)
@@ -194,18 +196,18 @@ def run_sweep(
         show = progress and distributed.is_main()
         with distributed.alone():
             part = run_sweep(
-                model, [encoded[s] for s in mine], hook, directions, alphas, labels=labels, kind=kind, scale=scale,
+                model, [encoded[s] for s in mine], hook, directions, amounts, labels=labels, kind=kind, scale=scale,
                 positions=positions, batch_size=batch_size, max_batch_tokens=max_batch_tokens, batched=batched,
                 progress=show,
             )
         return _gather_rows(part, mine, len(encoded))
-    n_dir, n_alpha, n_seq = len(directions), len(alphas), len(encoded)
-    conditions = [(i, j) for i in range(n_dir) for j in range(n_alpha)]
+    n_dir, n_amount, n_seq = len(directions), len(amounts), len(encoded)
+    conditions = [(i, j) for i in range(n_dir) for j in range(n_amount)]
     pad = pad_id(model)
     device = model_device(model)
-    shape = (n_dir, n_alpha, n_seq)
+    shape = (n_dir, n_amount, n_seq)
     table = SweepTable(
-        labels, alphas, np.zeros(shape), np.zeros(shape), np.zeros(shape),
+        labels, amounts, np.zeros(shape), np.zeros(shape), np.zeros(shape),
         np.zeros(n_seq), np.array([int(e.scored.sum()) for e in encoded], dtype=np.float64),
     )
 
@@ -218,8 +220,8 @@ def run_sweep(
             i, j = conditions[c]
             if not finite[row]:
                 raise ValueError(
-                    f"alpha={alphas[j]:g} on direction {labels[i]!r} ({kind}) gave non-finite logits "
-                    f"(NaN or inf) for input {s}; the edited activation overflowed, use smaller alphas"
+                    f"{amount_name}={amounts[j]:g} on direction {labels[i]!r} ({kind}) gave non-finite logits "
+                    f"(NaN or inf) for input {s}; the edited activation overflowed, use smaller {amount_name}s"
                 )
             table.entropy[i, j, s], table.kl[i, j, s], table.agree[i, j, s] = entropy[row], kl[row], agree[row]
 
@@ -235,14 +237,14 @@ def run_sweep(
         table.clean_entropy[s] = float(-(clean[s].exp() * clean[s]).nan_to_num(0.0).sum())
 
     def condition_rows(block: list[int], n_rows: int, with_clean: bool):
-        """Per-row directions and alphas of a block of conditions (row 0 clean if asked)."""
+        """Per-row directions and amounts of a block of conditions (row 0 clean if asked)."""
         picked = [conditions[c] for c in block]
         dirs = directions[[i for i, _ in picked]]
-        row_alphas = torch.tensor([alphas[j] for _, j in picked], dtype=torch.float32)
+        row_amounts = torch.tensor([amounts[j] for _, j in picked], dtype=torch.float32)
         if with_clean:
             dirs = torch.cat([directions[:1], dirs])
-            row_alphas = torch.cat([torch.zeros(1), row_alphas])
-        return dirs, row_alphas
+            row_amounts = torch.cat([torch.zeros(1), row_amounts])
+        return dirs, row_amounts
 
     layer = start_layer(model, hook) if batched else None
     if layer is not None:
@@ -269,8 +271,8 @@ def run_sweep(
             rows = per_forward_rows[s]
             for k in range(0, len(conditions), rows):
                 block = list(range(k, min(len(conditions), k + rows)))
-                dirs, row_alphas = condition_rows(block, len(block), with_clean=False)
-                intervention = make(hooks=hook, direction=dirs, alpha=row_alphas, fan_out=len(block),
+                dirs, row_amounts = condition_rows(block, len(block), with_clean=False)
+                intervention = make(hooks=hook, direction=dirs, **{amount_name: row_amounts}, fan_out=len(block),
                                     positions=where.expand(len(block), -1), **extra)
                 edited = _edit(intervention, hook, prefix.residual)
                 final = run_from_hook(model, prefix, edited)[:, at]  # (rows, n_at, d_model)
@@ -299,10 +301,10 @@ def run_sweep(
             scored = torch.as_tensor(item.scored, dtype=torch.bool).unsqueeze(0)
             clean: dict[int, Tensor] = {}
             for block in blocks:
-                n_rows = len(block) + 1  # row 0 is the clean run (alpha 0)
-                dirs, row_alphas = condition_rows(block, n_rows, with_clean=True)
+                n_rows = len(block) + 1  # row 0 is the clean run (amount 0)
+                dirs, row_amounts = condition_rows(block, n_rows, with_clean=True)
                 where = scored if positions == "response" else torch.ones_like(scored)
-                intervention = make(hooks=hook, direction=dirs, alpha=row_alphas, fan_out=n_rows,
+                intervention = make(hooks=hook, direction=dirs, **{amount_name: row_amounts}, fan_out=n_rows,
                                     positions=where.expand(n_rows, -1), **extra)
                 with intervention.apply(model), torch.no_grad():
                     logits = model(tokens, return_type="logits")
@@ -318,7 +320,7 @@ def run_sweep(
                 record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
                 del logits
     else:
-        # The reference loop: one condition (scalar alpha, one direction) per forward over padded
+        # The reference loop: one condition (scalar amount, one direction) per forward over padded
         # batches of sequences; the clean runs first.
         seq_chunks = _token_chunks([len(e.token_ids) for e in encoded], max_batch_tokens, batch_size)
         bar = tqdm(total=len(seq_chunks) * (1 + len(conditions)), desc=f"{kind} loop", unit="fwd",
@@ -336,7 +338,7 @@ def run_sweep(
             for seqs in seq_chunks:
                 batch = pad_batch([encoded[s] for s in seqs], pad)
                 where = batch.scored if positions == "response" else batch.attention_mask.bool()
-                intervention = make(hooks=hook, direction=directions[i], alpha=float(alphas[j]),
+                intervention = make(hooks=hook, direction=directions[i], **{amount_name: float(amounts[j])},
                                     positions=where, **extra)
                 with intervention.apply(model):
                     logits = _forward(model, batch)
@@ -360,7 +362,7 @@ def _gather_rows(part: SweepTable, mine: list[int], n_seq: int) -> SweepTable:
         full[..., mine] = values
         spread.append(full)
     summed = distributed.all_reduce_sum([*spread, np.array([part.n_forwards])])
-    return SweepTable(part.labels, part.alphas, *summed[: len(names)], n_forwards=int(summed[-1][0]))
+    return SweepTable(part.labels, part.amounts, *summed[: len(names)], n_forwards=int(summed[-1][0]))
 
 
 def _first_edited(item, positions: str) -> int:

@@ -4,7 +4,7 @@
     python scripts/bench_steering.py --model smollm2-135m-instruct --out runs/bench_steering
 
 In one run: the same dose-response (probe-like direction + orthogonal + k random directions,
-every alpha, every input) through the one-condition loop (``batched=False``, the reference) and
+every strength, every input) through the one-condition loop (``batched=False``, the reference) and
 the batched sweep, which must agree to ``--atol``; and the *floor*: for each input, one clean
 forward up to the hook plus, for the N conditions, forwards from the hook to the logits at the
 scored positions only (``start_at_layer``, same rows per forward as the sweep, no metrics). The
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="'tiny', 'tiny-bridge', or a name for surprise_probe.load_model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-inputs", type=int, default=8)
-    parser.add_argument("--alphas", type=float, nargs="+", default=[-8, -4, -2, -1, 0, 1, 2, 4, 8])
+    parser.add_argument("--strengths", type=float, nargs="+", default=[-8, -4, -2, -1, 0, 1, 2, 4, 8])
     parser.add_argument("--random-directions", type=int, default=8)
     parser.add_argument("--layer", type=int, default=None, help="default: the middle layer")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per forward, every mode")
@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     direction = SteeringDirection(d, hook, _projection_std(model, encoded, hook, d))
     kwargs = dict(random_directions=args.random_directions, batch_size=args.batch_size,
                   max_batch_tokens=args.max_batch_tokens, progress=False, n_boot=10)
-    dose_response(model, encoded[:1], direction, args.alphas[:2], random_directions=0, progress=False)  # warm-up
+    dose_response(model, encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)  # warm-up
 
     timings, results = {}, {}
-    n_conditions = (2 + args.random_directions) * len(args.alphas)
+    n_conditions = (2 + args.random_directions) * len(args.strengths)
     for mode in ("loop", "batched", "floor"):
         best = float("inf")
         for _ in range(args.repeats):
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "floor":
                 _floor(model, encoded, layer, n_conditions, args.batch_size, args.max_batch_tokens)
             else:
-                results[mode] = dose_response(model, encoded, direction, args.alphas, batched=mode == "batched", **kwargs)
+                results[mode] = dose_response(model, encoded, direction, args.strengths, batched=mode == "batched", **kwargs)
             best = min(best, time.perf_counter() - start)
         timings[mode] = best
     diff = max(
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     over_floor = timings["batched"] / timings["floor"]
     n_tokens = results["batched"].n_tokens
     print(f"model {model.cfg.model_name}, hook {hook}, {len(encoded)} inputs ({n_tokens} scored tokens), "
-          f"{len(results['batched'].labels)} directions x {len(args.alphas)} alphas = {n_conditions} conditions, "
+          f"{len(results['batched'].labels)} directions x {len(args.strengths)} strengths = {n_conditions} conditions, "
           f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     print()
     print(f"| mode | forward passes | seconds (best of {args.repeats}) | x loop speed | x floor time | max abs diff vs loop |")

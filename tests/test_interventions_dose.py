@@ -1,4 +1,4 @@
-"""Dose-response and ablation: batched alphas equal the one-alpha loop; controls; clear errors."""
+"""Dose-response and ablation: batched strengths equal the one-strength loop; controls; clear errors."""
 
 from __future__ import annotations
 
@@ -42,30 +42,30 @@ def _probe_like(model, **overrides):
 
 
 @pytest.mark.parametrize("batch_size", [3, 64])
-def test_batched_sweep_equals_one_alpha_at_a_time(tiny_model, batch_size):
-    alphas = [-4.0, 0.0, 2.0, 6.0]
+def test_batched_sweep_equals_one_strength_at_a_time(tiny_model, batch_size):
+    strengths = [-4.0, 0.0, 2.0, 6.0]
     kwargs = dict(random_directions=2, batch_size=batch_size, progress=False, n_boot=50)
-    batched = dose_response(tiny_model, ITEMS, _steering(tiny_model), alphas, **kwargs)
-    loop = dose_response(tiny_model, ITEMS, _steering(tiny_model), alphas, batched=False, **kwargs)
+    batched = dose_response(tiny_model, ITEMS, _steering(tiny_model), strengths, **kwargs)
+    loop = dose_response(tiny_model, ITEMS, _steering(tiny_model), strengths, batched=False, **kwargs)
     for key in ("entropy", "kl", "top1_agreement", "slopes"):
         np.testing.assert_allclose(getattr(batched, key), getattr(loop, key), atol=1e-5, rtol=0)
     assert batched.z_score == pytest.approx(loop.z_score, abs=1e-3)
-    if batch_size == 64:  # all (direction, alpha) rows of a sequence share one forward
+    if batch_size == 64:  # all (direction, strength) rows of a sequence share one forward
         assert batched.n_forwards < loop.n_forwards
 
 
-def test_alpha_zero_is_the_clean_run_and_metrics_are_consistent(tiny_model):
-    alphas = [-3.0, 0.0, 3.0]
-    result = dose_response(tiny_model, ITEMS, _steering(tiny_model), alphas, random_directions=4,
+def test_strength_zero_is_the_clean_run_and_metrics_are_consistent(tiny_model):
+    strengths = [-3.0, 0.0, 3.0]
+    result = dose_response(tiny_model, ITEMS, _steering(tiny_model), strengths, random_directions=4,
                            progress=False, n_boot=100)
     entropy, kl, agree = (np.asarray(x) for x in (result.entropy, result.kl, result.top1_agreement))
-    zero = alphas.index(0.0)
+    zero = strengths.index(0.0)
     np.testing.assert_allclose(entropy[:, zero], result.clean_entropy, atol=1e-5)
     np.testing.assert_allclose(kl[:, zero], 0.0, atol=1e-5)
     np.testing.assert_allclose(agree[:, zero], 1.0)
     assert (kl[:, [0, 2]] > 0).all()
     assert result.labels[:2] == ["probe", "orthogonal"] and len(result.labels) == 6
-    np.testing.assert_allclose(result.slopes, slope(alphas, entropy), atol=1e-9)
+    np.testing.assert_allclose(result.slopes, slope(strengths, entropy), atol=1e-9)
     assert result.probe_slope_ci[0] <= result.probe_slope <= result.probe_slope_ci[1]
     assert result.z_score == pytest.approx(zscore(result.slopes[0], np.asarray(result.slopes[2:])))
     n_scored = sum(int(e.scored.sum()) for e in encode_all(tiny_model, ITEMS))
@@ -86,7 +86,7 @@ def test_sweep_matches_a_direct_computation(tiny_model):
     batch = pad_batch(encoded, pad_id(tiny_model))
     with torch.no_grad():
         clean = tiny_model(batch.tokens)[0][batch.scored[0]]
-        with Steer(hooks=HOOK, direction=direction.direction, alpha=2.5, scale=direction.std,
+        with Steer(hooks=HOOK, direction=direction.direction, strength=2.5, scale=direction.std,
                    positions=batch.scored).apply(tiny_model):
             steered = tiny_model(batch.tokens)[0][batch.scored[0]]
     entropy = output_entropy(steered[None])[0].sum().item()
@@ -136,8 +136,8 @@ def test_probe_from_another_model_is_refused(tiny_model):
     assert direction.std == 2.0 and direction.hook == HOOK
 
 
-def test_alpha_that_overflows_is_named(tiny_model):
-    with pytest.raises(ValueError, match=r"alpha=1e\+38 on direction 'probe'"):
+def test_strength_that_overflows_is_named(tiny_model):
+    with pytest.raises(ValueError, match=r"strength=1e\+38 on direction 'probe'"):
         dose_response(tiny_model, ITEMS, _steering(tiny_model, std=10.0), [0.0, 1e38],
                       random_directions=0, progress=False)
     with pytest.raises(ValueError, match="finite"):

@@ -34,11 +34,11 @@ def _no_hooks_left(model) -> bool:
     return all(len(point.fwd_hooks) == 0 and len(point.bwd_hooks) == 0 for point in model.hook_dict.values())
 
 
-def test_steer_adds_alpha_sigma_d_exactly_once_at_chosen_positions(tiny_model):
+def test_steer_adds_strength_sigma_d_exactly_once_at_chosen_positions(tiny_model):
     d = _direction(tiny_model.cfg.d_model)
     unit = d / d.norm()
     clean = _activation_after(tiny_model, [])
-    steer = Steer(hooks=HOOK, direction=d, alpha=3.0, scale=0.5, positions=[1, -1])
+    steer = Steer(hooks=HOOK, direction=d, strength=3.0, scale=0.5, positions=[1, -1])
     steered = _activation_after(tiny_model, [steer])
     delta = steered - clean
     torch.testing.assert_close(delta[:, [1, 5]], (1.5 * unit).expand(2, 2, -1), atol=1e-5, rtol=0)
@@ -49,15 +49,15 @@ def test_steer_adds_alpha_sigma_d_exactly_once_at_chosen_positions(tiny_model):
     assert touched.hooks == [HOOK]
 
 
-def test_per_row_alpha_matches_rows_run_alone(tiny_model):
+def test_per_row_strength_matches_rows_run_alone(tiny_model):
     d = _direction(tiny_model.cfg.d_model, 1)
-    alphas = torch.tensor([-2.0, 4.0])
-    together = _activation_after(tiny_model, [Steer(hooks=HOOK, direction=d, alpha=alphas)])
+    strengths = torch.tensor([-2.0, 4.0])
+    together = _activation_after(tiny_model, [Steer(hooks=HOOK, direction=d, strength=strengths)])
     with torch.no_grad():
         for row in range(2):
-            with Steer(hooks=HOOK, direction=d, alpha=float(alphas[row])).apply(tiny_model):
+            with Steer(hooks=HOOK, direction=d, strength=float(strengths[row])).apply(tiny_model):
                 alone = tiny_model(TOKENS[row : row + 1])
-            with Steer(hooks=HOOK, direction=d, alpha=alphas).apply(tiny_model):
+            with Steer(hooks=HOOK, direction=d, strength=strengths).apply(tiny_model):
                 batched = tiny_model(TOKENS)[row : row + 1]
             torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
     clean = _activation_after(tiny_model, [])
@@ -69,7 +69,7 @@ def test_per_row_directions(tiny_model):
     d_model = tiny_model.cfg.d_model
     directions = torch.stack([_direction(d_model, 2), _direction(d_model, 3)])
     clean = _activation_after(tiny_model, [])
-    steered = _activation_after(tiny_model, [Steer(hooks=HOOK, direction=directions, alpha=1.0)])
+    steered = _activation_after(tiny_model, [Steer(hooks=HOOK, direction=directions, strength=1.0)])
     for row in range(2):
         unit = directions[row] / directions[row].norm()
         torch.testing.assert_close((steered - clean)[row, 2], unit, atol=1e-5, rtol=0)
@@ -85,7 +85,7 @@ def test_clamp_sets_projection_and_ablate_removes_it(tiny_model):
     ablated = _activation_after(tiny_model, [Ablate(hooks=HOOK, direction=d, positions=slice(2, None))])
     assert (ablated[:, 2:] @ unit).abs().max() < 1e-4
     torch.testing.assert_close(ablated[:, :2], clean[:, :2])
-    half = _activation_after(tiny_model, [Ablate(hooks=HOOK, direction=d, alpha=0.5)])
+    half = _activation_after(tiny_model, [Ablate(hooks=HOOK, direction=d, fraction=0.5)])
     torch.testing.assert_close(half @ unit, 0.5 * (clean @ unit), atol=1e-4, rtol=0)
     # the component orthogonal to d is untouched
     rest = clean - (clean @ unit).unsqueeze(-1) * unit
@@ -97,7 +97,7 @@ def test_scored_mask_positions_are_exactly_the_response(tiny_model):
 
     encoded = encode_all(tiny_model, [CONVERSATION, "Hello world, how are you today?"])
     batch = pad_batch(encoded, pad_id(tiny_model))
-    steer = Steer(hooks=HOOK, direction=_direction(tiny_model.cfg.d_model), alpha=1.0, positions=batch.scored)
+    steer = Steer(hooks=HOOK, direction=_direction(tiny_model.cfg.d_model), strength=1.0, positions=batch.scored)
     with steer.apply(tiny_model) as touched, torch.no_grad():
         tiny_model(batch.tokens, attention_mask=batch.attention_mask)
     assert torch.equal(touched.mask(HOOK), batch.scored)
@@ -106,7 +106,7 @@ def test_scored_mask_positions_are_exactly_the_response(tiny_model):
 
 def test_no_hook_survives_the_block_or_an_exception(tiny_model):
     d = _direction(tiny_model.cfg.d_model)
-    steer = Steer(hooks=[HOOK, "blocks.0.hook_resid_post"], direction=d, alpha=50.0)
+    steer = Steer(hooks=[HOOK, "blocks.0.hook_resid_post"], direction=d, strength=50.0)
     with torch.no_grad():
         clean = tiny_model(TOKENS)
         with steer.apply(tiny_model):
@@ -119,8 +119,8 @@ def test_no_hook_survives_the_block_or_an_exception(tiny_model):
             raise RuntimeError("boom")
         assert _no_hooks_left(tiny_model)
         # an error raised inside a hook (batch mismatch) also leaves nothing behind
-        bad = Steer(hooks=HOOK, direction=d, alpha=torch.ones(3))
-        with pytest.raises(ValueError, match="alpha has 3 rows but the activation batch has 2"), bad.apply(tiny_model):
+        bad = Steer(hooks=HOOK, direction=d, strength=torch.ones(3))
+        with pytest.raises(ValueError, match="strength has 3 rows but the activation batch has 2"), bad.apply(tiny_model):
             tiny_model(TOKENS)
         assert _no_hooks_left(tiny_model)
         torch.testing.assert_close(tiny_model(TOKENS), clean)
@@ -156,8 +156,8 @@ def test_bad_hooks_positions_and_directions_are_named(tiny_model):
         pass
     with pytest.raises(ValueError, match="non-zero"):
         Steer(hooks=HOOK, direction=torch.zeros(tiny_model.cfg.d_model))
-    with pytest.raises(ValueError, match="alpha must be finite, got nan"):
-        Steer(hooks=HOOK, direction=d, alpha=float("nan"))
+    with pytest.raises(ValueError, match="strength must be finite, got nan"):
+        Steer(hooks=HOOK, direction=d, strength=float("nan"))
     with torch.no_grad():
         with pytest.raises(ValueError, match="position 9 is outside the sequence of 6"), Steer(hooks=HOOK, direction=d, positions=[9]).apply(tiny_model):
             tiny_model(TOKENS)
@@ -169,16 +169,16 @@ def test_bad_hooks_positions_and_directions_are_named(tiny_model):
 
 def test_fan_out_equals_replicated_rows_and_needs_one_sequence(tiny_model):
     d = torch.randn(3, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(9))
-    alphas = torch.tensor([0.0, 2.0, -5.0])
+    strengths = torch.tensor([0.0, 2.0, -5.0])
     with torch.no_grad():
-        with Steer(hooks=HOOK, direction=d, alpha=alphas, fan_out=3).apply(tiny_model) as touched:
+        with Steer(hooks=HOOK, direction=d, strength=strengths, fan_out=3).apply(tiny_model) as touched:
             fanned = tiny_model(TOKENS[:1])
-        with Steer(hooks=HOOK, direction=d, alpha=alphas).apply(tiny_model):
+        with Steer(hooks=HOOK, direction=d, strength=strengths).apply(tiny_model):
             replicated = tiny_model(TOKENS[:1].repeat(3, 1))
         torch.testing.assert_close(fanned, replicated, atol=1e-5, rtol=1e-5)
         assert touched.mask().shape == (3, TOKENS.shape[1])
         with pytest.raises(ValueError, match="fan_out=3 needs a batch of one sequence"), Steer(
-            hooks=HOOK, direction=d, alpha=alphas, fan_out=3
+            hooks=HOOK, direction=d, strength=strengths, fan_out=3
         ).apply(tiny_model):
             tiny_model(TOKENS)
     with pytest.raises(ValueError, match="needs exactly one hook"):

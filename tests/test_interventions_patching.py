@@ -113,11 +113,11 @@ def test_steered_generation_is_seeded_and_steering_changes_it(tiny_model):
     again = generate(tiny_model, prompt, max_new_tokens=5, seed=3, n_samples=2, stop_at_eos=False)
     assert [s.token_ids for s in plain] == [s.token_ids for s in again]
     assert len(plain[0].token_ids) == 5 and isinstance(plain[0].text, str)
-    zero = Steer(hooks=d.hook, direction=d.direction, alpha=0.0)
+    zero = Steer(hooks=d.hook, direction=d.direction, strength=0.0)
     greedy = generate(tiny_model, prompt, max_new_tokens=4, temperature=0, stop_at_eos=False)
     greedy_zero = generate(tiny_model, prompt, zero, max_new_tokens=4, temperature=0, stop_at_eos=False)
     assert greedy[0].token_ids == greedy_zero[0].token_ids
-    strong = Steer(hooks=d.hook, direction=d.direction, alpha=200.0)
+    strong = Steer(hooks=d.hook, direction=d.direction, strength=200.0)
     steered = generate(tiny_model, prompt, strong, max_new_tokens=4, temperature=0, stop_at_eos=False)
     assert steered[0].token_ids != greedy[0].token_ids
     assert all(len(p.fwd_hooks) == 0 for p in tiny_model.hook_dict.values())
