@@ -8,7 +8,6 @@ by one shard, a crash never leaves a shard that looks complete, and a rerun resu
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from surprise_probe import distributed
 from surprise_probe.devices import STORAGE_DTYPES, model_device, to_numpy
 from surprise_probe.inputs import Batch, Encoded, encode, encode_all, pad_batch, pad_id
-from surprise_probe.jsonio import software_versions, write_json
+from surprise_probe.jsonio import read_json, software_versions, write_json
 from surprise_probe.metrics import chunked_surprise_and_entropy, surprise_and_entropy
 from surprise_probe.models import model_id
 from surprise_probe.store import (
@@ -208,22 +207,31 @@ def _inputs_hash(encoded: list[Encoded]) -> str:
 
 
 def _prepare_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> bool:
-    """Check ``out_dir`` against this run; return True when it already holds the finished run."""
+    """Check ``out_dir`` against this run; return True when it already holds the finished run.
+
+    A folder holding files that are not a capture is refused even with ``overwrite`` (nothing the
+    user owns is deleted); the command's own record (``config.json``) and lock are not capture files.
+    """
     run_json = out_dir / "run.json"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        existing = json.loads(run_json.read_text()) if run_json.exists() else None
+    ignored = {"config.json", ".lock", "capture_summary.json"}
+    if out_dir.exists() and any(entry.name not in ignored for entry in out_dir.iterdir()):
+        existing = read_json(run_json) if run_json.exists() else None
+        if existing is None:
+            raise FileExistsError(
+                f"refusing to write into {out_dir}: it is not empty and holds no capture; choose a new or "
+                "empty folder (nothing there is deleted, even with overwrite)"
+            )
         if existing != identity:
             if not overwrite:
-                if existing is None:
-                    why = "it is not empty and holds no capture"
-                else:
-                    diff = sorted(k for k in identity if existing.get(k) != identity[k])
-                    why = f"it holds a different capture (differs in: {', '.join(diff)})"
+                diff = sorted(k for k in identity if existing.get(k) != identity[k])
                 raise FileExistsError(
-                    f"refusing to write into {out_dir}: {why}; choose another folder or pass "
-                    "overwrite=True (CLI: --overwrite) to replace it"
+                    f"refusing to write into {out_dir}: it holds a different capture (differs in: "
+                    f"{', '.join(diff)}); choose another folder or pass overwrite=True (CLI: --overwrite) to replace it"
                 )
-            shutil.rmtree(out_dir)
+            for entry in out_dir.iterdir():
+                if entry.name in ("config.json", ".lock"):
+                    continue
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not run_json.exists():
         write_json(run_json, identity)

@@ -13,7 +13,6 @@ A capture is a list of shards; each shard holds whole sequences, flattened to th
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from surprise_probe.jsonio import write_json
+from surprise_probe.jsonio import read_json, write_json
 
 __all__ = [
     "CaptureShard",
@@ -32,6 +31,7 @@ __all__ = [
     "load_capture",
     "hook_depth",
     "write_shard",
+    "verify_capture",
     "COLUMNS",
 ]
 
@@ -91,7 +91,7 @@ class CaptureShard:
         if hook in self._activations:
             return self._activations[hook]
         assert self.folder is not None
-        return np.load(self.folder / f"{hook}.npy", mmap_mode="r")
+        return _load_npy(self.folder / f"{hook}.npy", mmap_mode="r")
 
     def column(self, name: str) -> np.ndarray:
         if name not in COLUMNS:
@@ -203,13 +203,15 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {}
+    files, sizes = {}, {}
     for name in COLUMNS:
         np.save(tmp / f"{name}.npy", np.ascontiguousarray(shard.column(name), dtype=_COLUMN_DTYPES[name]))
         files[f"{name}.npy"] = _sha256(tmp / f"{name}.npy")
     for hook in shard.hooks:
         np.save(tmp / f"{hook}.npy", np.ascontiguousarray(shard._activations[hook]))
         files[f"{hook}.npy"] = _sha256(tmp / f"{hook}.npy")
+    for name in files:
+        sizes[name] = (tmp / name).stat().st_size
     entry = {
         "name": final.name,
         "index": shard.index,
@@ -219,15 +221,30 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
         "first_sequence": int(shard.sequence_ids.min()),
         "last_sequence": int(shard.sequence_ids.max()),
         "files": files,
+        "sizes": sizes,
     }
     write_json(tmp / "shard.json", entry)
     os.replace(tmp, final)
     return entry
 
 
+def _load_npy(file: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` with errors that name the file (a damaged capture is a clear error, not a traceback)."""
+    try:
+        return np.load(file, mmap_mode=mmap_mode)
+    except FileNotFoundError:
+        raise ValueError(f"capture file {file} is missing; the capture is damaged (recapture it)") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(
+            f"capture file {file} cannot be read ({error}); the capture is damaged (recapture it)"
+        ) from None
+
+
 def read_shard(folder: Path, hooks: list[str]) -> CaptureShard:
-    entry = json.loads((folder / "shard.json").read_text())
-    columns = {name: np.load(folder / f"{name}.npy") for name in COLUMNS}
+    if not (folder / "shard.json").exists():
+        raise ValueError(f"capture shard {folder} is missing; the capture is damaged (recapture it)")
+    entry = read_json(folder / "shard.json")
+    columns = {name: _load_npy(folder / f"{name}.npy") for name in COLUMNS}
     return CaptureShard(index=entry["index"], hooks=tuple(hooks), folder=folder, **columns)
 
 
@@ -240,7 +257,7 @@ def completed_shards(root: Path) -> dict[int, dict]:
     for folder in sorted(shards_dir.iterdir()):
         if folder.name.startswith(".tmp-") or not (folder / "shard.json").exists():
             continue
-        entry = json.loads((folder / "shard.json").read_text())
+        entry = read_json(folder / "shard.json")
         out[int(entry["index"])] = entry
     return out
 
@@ -253,10 +270,44 @@ def content_hash(entries: list[dict]) -> str:
     return digest.hexdigest()
 
 
+def verify_capture(run: Capture, hooks: list[str] | None = None) -> None:
+    """Check a capture folder against its manifest; raise ``ValueError`` naming the first bad file.
+
+    Every shard folder must exist and every file must have its recorded size; the files a reader
+    of ``hooks`` touches (the per-token columns and those hooks' activations; default: all) are
+    re-hashed. Sizes catch truncated or zero-byte files for free; hashes catch changed bytes.
+    """
+    if run.path is None:
+        return
+    wanted = None if hooks is None else {f"{hook}.npy" for hook in hooks} | {f"{c}.npy" for c in COLUMNS}
+    for entry in run.manifest["shards"]:
+        folder = run.path / "shards" / entry["name"]
+        if not folder.is_dir():
+            raise ValueError(f"capture {run.path} is damaged: shard folder {folder} is missing")
+        sizes = entry.get("sizes", {})
+        for name, sha in entry["files"].items():
+            file = folder / name
+            if not file.exists():
+                raise ValueError(f"capture {run.path} is damaged: {file} is missing")
+            size = file.stat().st_size
+            if name in sizes and size != sizes[name]:
+                raise ValueError(
+                    f"capture {run.path} is damaged: {file} has {size} bytes, its manifest says {sizes[name]}"
+                )
+            if size == 0:
+                raise ValueError(f"capture {run.path} is damaged: {file} is empty (0 bytes)")
+            if (wanted is None or name in wanted) and _sha256(file) != sha:
+                raise ValueError(
+                    f"capture {run.path} is damaged: {file} does not match its manifest hash "
+                    "(changed after it was written); recapture it, or pass --no-verify to use it anyway"
+                )
+
+
 def load_capture(path: str | Path, verify: bool = False) -> Capture:
     """Open a capture folder written by ``capture(..., out_dir=path)``; data loads lazily.
 
-    ``verify=True`` re-hashes every file against the manifest.
+    ``verify=True`` checks every shard's files against the manifest (sizes and hashes,
+    :func:`verify_capture`) and raises ``ValueError`` naming the first damaged file.
     """
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -268,15 +319,12 @@ def load_capture(path: str | Path, verify: bool = False) -> Capture:
                 "rerun the same capture command to resume it"
             )
         raise FileNotFoundError(f"{path} is not a capture folder (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has capture format {manifest.get('format_version')!r}; this version reads {FORMAT_VERSION}"
         )
+    run = Capture(manifest, path=path)
     if verify:
-        for entry in manifest["shards"]:
-            for name, sha in entry["files"].items():
-                actual = _sha256(path / "shards" / entry["name"] / name)
-                if actual != sha:
-                    raise ValueError(f"{path}/shards/{entry['name']}/{name} does not match its manifest hash")
-    return Capture(manifest, path=path)
+        verify_capture(run)
+    return run

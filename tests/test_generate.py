@@ -29,11 +29,44 @@ def test_generate_to_jsonl_resumes_without_duplicates(tiny_hooked, tmp_path):
     prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS * 2)]
     out = tmp_path / "r.jsonl"
     generate_to_jsonl(tiny_hooked, prompts[:3], out, max_new_tokens=4, batch_size=2)
-    with open(out, "a") as handle:
-        handle.write('{"id": "p3", "tok')  # a line cut by a kill
+    first = out.read_text().splitlines()
     generate_to_jsonl(tiny_hooked, prompts, out, max_new_tokens=4, batch_size=2)
-    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
-    assert ids == ["p0", "p1", "p2", "p3"]
+    lines = out.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["p0", "p1", "p2", "p3"]
+    assert lines[:3] == first  # earlier lines kept as written
+
+
+def test_a_damaged_line_is_refused_not_dropped(tiny_hooked, tmp_path):
+    prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS * 2)]
+    out = tmp_path / "r.jsonl"
+    generate_to_jsonl(tiny_hooked, prompts[:3], out, max_new_tokens=4, batch_size=2)
+    with open(out, "a") as handle:
+        handle.write('{"id": "p3", "tok')  # a damaged line
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=r"r\.jsonl:4: not valid JSON"):
+        generate_to_jsonl(tiny_hooked, prompts, out, max_new_tokens=4, batch_size=2)
+    assert out.read_bytes() == before
+
+
+def test_a_file_generate_did_not_write_is_never_touched(tiny_hooked, tmp_path):
+    out = tmp_path / "mine.jsonl"
+    out.write_text('{"note": "my own data"}\n')
+    before = out.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="did not write"):
+            generate_to_jsonl(tiny_hooked, [{"id": "a", "prompt": PROMPTS[0]}], out, max_new_tokens=2,
+                              overwrite=overwrite)
+    assert out.read_bytes() == before
+
+
+def test_a_resume_with_another_temperature_is_refused(tiny_hooked, tmp_path):
+    prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
+    out = tmp_path / "r.jsonl"
+    generate_to_jsonl(tiny_hooked, prompts[:1], out, max_new_tokens=3, temperature=0.7)
+    with pytest.raises(FileExistsError, match="temperature=0.7, not temperature=1.0"):
+        generate_to_jsonl(tiny_hooked, prompts, out, max_new_tokens=3, temperature=1.0)
+    generate_to_jsonl(tiny_hooked, prompts, out, max_new_tokens=3, temperature=1.0, overwrite=True)
+    assert {json.loads(line)["temperature"] for line in out.read_text().splitlines()} == {1.0}
 
 
 def test_bad_generation_arguments(tiny_hooked):

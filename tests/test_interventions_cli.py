@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from surprise_probe.interventions import cli as interventions_cli
 
 from surprise_probe import probes
 from surprise_probe.cli import main
+from surprise_probe.commands import _common
+from surprise_probe.io import read_pairs
 from surprise_probe.models import model_id
 from tests.conftest import CONVERSATION, TEXTS
 
@@ -28,7 +29,7 @@ def probe_file(tiny_hooked, tmp_path):
 
 @pytest.fixture
 def use_tiny(monkeypatch, tiny_hooked):
-    monkeypatch.setattr(interventions_cli, "_load_model", lambda name, device: tiny_hooked)
+    monkeypatch.setattr(_common, "load_model", lambda name, **kwargs: tiny_hooked)
 
 
 def _jsonl(path, rows):
@@ -39,18 +40,19 @@ def _jsonl(path, rows):
 def test_steer_writes_json_and_offline_html(use_tiny, probe_file, tmp_path, capsys):
     inputs = _jsonl(tmp_path / "in.jsonl", [{"messages": CONVERSATION}, {"text": TEXTS[0]}, {"text": TEXTS[1]}])
     out = tmp_path / "steer"
-    code = main(["steer", "--probe", str(probe_file), "--input", str(inputs), "--alphas", "-2", "0", "2",
+    code = main(["steer", "--probe", str(probe_file), "--input", str(inputs), "--strengths", "-2", "0", "2",
                  "--random-directions", "3", "--out", str(out), "--samples", "1", "--max-new-tokens", "3",
                  "--n-boot", "50", "--no-progress"])
     assert code == 0
     payload = json.loads((out / "steer.json").read_text())
-    assert payload["config"]["alphas"] == [-2.0, 0.0, 2.0]
+    assert payload["config"]["strengths"] == [-2.0, 0.0, 2.0]
+    assert payload["probe"]["sha256"] and payload["software_versions"]["torch"]
     result = payload["dose_response"]
     assert result["hook"] == "blocks.1.hook_resid_post" and result["std"] == pytest.approx(1.7)
     assert result["labels"] == ["probe", "orthogonal", "random 0", "random 1", "random 2"]
     assert np.asarray(result["entropy"]).shape == (5, 3)
     assert len(payload["ablation"]["entropy_change"]) == 5
-    assert [row["alpha"] for row in payload["samples"]] == [-2.0, 0.0, 2.0]
+    assert [row["strength"] for row in payload["samples"]] == [-2.0, 0.0, 2.0]
     for name in ("dose_response.html", "ablation.html"):
         html = (out / name).read_text()
         assert "plotly.js" in html or "Plotly" in html
@@ -84,8 +86,8 @@ def test_cli_errors_name_the_bad_value(use_tiny, tiny_hooked, tmp_path, capsys):
                                   model_id="another-model", d_model=tiny_hooked.cfg.d_model, target="x")
     path = other.save(tmp_path / "other")
     inputs = _jsonl(tmp_path / "in.jsonl", [{"text": TEXTS[0]}])
-    assert main(["steer", "--probe", str(path), "--input", str(inputs), "--out", str(tmp_path / "o")]) == 2
+    assert main(["steer", "--probe", str(path), "--input", str(inputs), "--out", str(tmp_path / "o")]) == 1
     assert "another-model" in capsys.readouterr().err
     bad_pairs = _jsonl(tmp_path / "bad.jsonl", [{"source": {"text": TEXTS[0]}}])
     with pytest.raises(ValueError, match=r"bad.jsonl:1: expected an object with 'source' and 'destination'"):
-        interventions_cli.read_pairs(bad_pairs)
+        read_pairs(bad_pairs)

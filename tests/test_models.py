@@ -89,7 +89,7 @@ def test_capture_cli_on_local_model(tiny_hf_folder, tmp_path, capsys):
     # A different run into the same folder is refused with a clear message and exit code 2.
     code = main(["capture", "--model", str(tiny_hf_folder), "--input", str(texts), "--out", str(tmp_path / "o"),
                  "--layers", "0"])
-    assert code == 2 and "different capture" in capsys.readouterr().err
+    assert code == 2 and "layers=None, not layers=[0]" in capsys.readouterr().err
 
 
 def test_old_cache_marker_is_rebuilt(tmp_path, monkeypatch):

@@ -65,7 +65,7 @@ def test_cli_fit_writes_table_plot_and_probe(capture_dir, model, tmp_path, token
             "3",
             "--shuffles",
             "3",
-            "--bootstrap",
+            "--n-boot",
             "50",
             "--no-progress",
         ]

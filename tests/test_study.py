@@ -1,9 +1,14 @@
+"""The study end to end on a tiny model: one model load, stages, config-matched resume, failures recorded."""
+
 import json
 
 import pytest
 import torch
 
+from surprise_probe import study as study_module
 from surprise_probe.cli import main
+from surprise_probe.commands import _common
+from surprise_probe.jsonio import read_json
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,21 @@ def long_context_folder(tmp_path_factory):
     return folder
 
 
-def test_study_runs_end_to_end_and_resumes(long_context_folder, tmp_path, capsys):
+@pytest.fixture
+def counted_loads(monkeypatch):
+    """Count model loads through the one loader the commands use."""
+    calls = []
+    real = _common.load_model
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_common, "load_model", counting)
+    return calls
+
+
+def _inputs(tmp_path):
     inputs = tmp_path / "in.jsonl"
     with open(inputs, "w") as handle:
         for i in range(8):
@@ -30,19 +49,90 @@ def test_study_runs_end_to_end_and_resumes(long_context_folder, tmp_path, capsys
                 {"role": "user", "content": f"Question {i}: how are you?"},
                 {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * (1 + i % 3)},
             ]}) + "\n")
-    argv = ["study", "--model", str(long_context_folder), "--input", str(inputs), "--out", str(tmp_path / "s"),
-            "--steer-inputs", "3", "--random-directions", "2", "--alphas", "-2", "0", "2"]
-    assert main(argv) == 0
+    return inputs
+
+
+def _argv(folder, inputs, out, *extra):
+    return ["study", "--model", str(folder), "--input", str(inputs), "--out", str(out), "--steer-inputs", "3",
+            "--random-directions", "2", "--strengths", "-2", "0", "2", "--n-boot", "50", "--no-progress", *extra]
+
+
+def _strict(path):
+    return json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"{path}: {token}"))
+
+
+def test_study_runs_end_to_end_loads_the_model_once_and_resumes(long_context_folder, tmp_path, counted_loads, capsys):
     out = tmp_path / "s"
+    argv = _argv(long_context_folder, _inputs(tmp_path), out)
+    assert main(argv) == 0
+    assert len(counted_loads) == 1  # one load for every stage
     for path in ("capture/manifest.json", "fit_surprise/sweep.json", "fit_surprise/probe.json",
                  "fit_entropy/sweep.json", "steer/steer.json", "steer/dose_response.html", "token_view.html",
-                 "index.html", "study.json"):
+                 "index.html", "study.json", "config.json"):
         assert (out / path).exists(), path
+    for path in out.rglob("*.json"):  # every JSON file is strict JSON (no NaN / Infinity tokens)
+        _strict(path)
     index = (out / "index.html").read_text()
     assert "fit_surprise/sweep.html" in index and "steer/dose_response.html" in index
-    steer = json.loads((out / "steer" / "steer.json").read_text())
-    assert steer["dose_response"]["alphas"] == [-2.0, 0.0, 2.0]
+    steer = read_json(out / "steer" / "steer.json")
+    assert steer["dose_response"]["strengths"] == [-2.0, 0.0, 2.0]
+    assert len(steer["probe"]["sha256"]) == 64 and steer["n_sequences"] == 3
+    stages = read_json(out / "study.json")["stages"]
+    assert [s["status"] for s in stages.values()] == ["done"] * 5
+    # A rerun with the same settings resumes every stage that writes a folder.
     capsys.readouterr()
-    # A rerun skips every finished step.
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("done already; skipped") == 3
+    stages = read_json(out / "study.json")["stages"]
+    assert {name: s["status"] for name, s in stages.items()} == {
+        "capture": "resumed", "fit_surprise": "resumed", "fit_entropy": "resumed", "steer": "resumed",
+        "report": "done"}
+    assert len(counted_loads) == 2
+
+
+def test_a_rerun_with_other_settings_is_refused_or_recomputed(long_context_folder, tmp_path, counted_loads, capsys):
+    out = tmp_path / "s"
+    inputs = _inputs(tmp_path)
+    assert main(_argv(long_context_folder, inputs, out)) == 0
+    capture_manifest = (out / "capture" / "manifest.json").read_bytes()
+    steer_before = (out / "steer" / "steer.json").read_bytes()
+    capsys.readouterr()
+    changed = _argv(long_context_folder, inputs, out)
+    changed[changed.index("--strengths") + 1 : changed.index("--strengths") + 4] = ["-4", "0", "4"]
+    # Refused before any model is loaded, naming the stage and the setting.
+    loads = len(counted_loads)
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "steer" in err and "strengths" in err and "Traceback" not in err
+    assert len(counted_loads) == loads and (out / "steer" / "steer.json").read_bytes() == steer_before
+    # --overwrite recomputes the stage that differs and resumes the others.
+    assert main([*changed, "--overwrite"]) == 0
+    stages = read_json(out / "study.json")["stages"]
+    assert stages["capture"]["status"] == "resumed" and stages["steer"]["status"] == "done"
+    assert (out / "capture" / "manifest.json").read_bytes() == capture_manifest
+    assert read_json(out / "steer" / "steer.json")["dose_response"]["strengths"] == [-4.0, 0.0, 4.0]
+
+
+def test_a_failing_stage_is_recorded_and_the_others_run(long_context_folder, tmp_path, monkeypatch, capsys):
+    stages = study_module.default_stages()
+
+    def broken(ctx, folder):
+        raise RuntimeError("entropy probe exploded")
+
+    stages[2].run = broken  # fit_entropy
+    monkeypatch.setattr(study_module, "default_stages", lambda: stages)
+    out = tmp_path / "s"
+    assert main(_argv(long_context_folder, _inputs(tmp_path), out)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fit_entropy" in err[0] and "entropy probe exploded" in err[0]
+    status = {name: s["status"] for name, s in read_json(out / "study.json")["stages"].items()}
+    assert status == {"capture": "done", "fit_surprise": "done", "fit_entropy": "failed", "steer": "done",
+                      "report": "done"}
+    assert "entropy probe exploded" in read_json(out / "study.json")["stages"]["fit_entropy"]["error"]
+
+
+def test_study_reads_a_txt_input(long_context_folder, tmp_path):
+    texts = tmp_path / "in.txt"
+    texts.write_text("\n".join(f"The quick brown fox number {i} jumps over the lazy dog." for i in range(6)) + "\n")
+    out = tmp_path / "s"
+    assert main(_argv(long_context_folder, texts, out)) == 0
+    assert read_json(out / "steer" / "steer.json")["n_sequences"] == 3

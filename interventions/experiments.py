@@ -1,0 +1,241 @@
+"""The steer and patch steps as library calls: run, then ``save(folder)`` (JSON + offline HTML).
+
+:func:`steering_experiment` runs the dose-response along a probe direction (with random and
+orthogonal controls), the directional ablation, and optionally steered samples;
+:func:`patching_experiment` runs activation patching between paired reads. Both results cite
+the probe artifact they used (path and sha256 of its files) and the software versions.
+
+>>> import tempfile, numpy as np
+>>> from surprise_probe.probes import ProbeDirection
+>>> from surprise_probe.testing import tiny_hooked_transformer
+>>> model = tiny_hooked_transformer()
+>>> d = np.ones(model.cfg.d_model) / np.sqrt(model.cfg.d_model)
+>>> probe = ProbeDirection(d, mean=0.0, std=1.0, hook="blocks.1.hook_resid_post", layer=1,
+...                        model_id=model.cfg.model_name, d_model=model.cfg.d_model, target="surprise")
+>>> result = steering_experiment(model, ["A cat sat on the mat."], probe, [-1.0, 0.0, 1.0],
+...                              random_directions=2, n_boot=20, progress=False)
+>>> sorted(result.save(tempfile.mkdtemp()))
+['ablation_html', 'dose_response_html', 'json']
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surprise_probe.interventions.directions import from_probe
+from surprise_probe.interventions.dose_response import (
+    Ablation,
+    DoseResponse,
+    directional_ablation,
+    dose_response,
+)
+from surprise_probe.interventions.generation import generate
+from surprise_probe.interventions.hooks import Steer, resid_hooks
+from surprise_probe.interventions.patching import PatchingResult, activation_patching
+from surprise_probe.interventions.plots import (
+    ablation_figure,
+    dose_response_figure,
+    patching_figure,
+)
+
+from surprise_probe.inputs import encode_all
+from surprise_probe.jsonio import software_versions, write_json
+from surprise_probe.models import model_id
+from surprise_probe.plots import write_html
+
+__all__ = [
+    "SteeringExperiment",
+    "PatchingExperiment",
+    "steering_experiment",
+    "patching_experiment",
+    "probe_artifact",
+]
+
+_ARTIFACT_SUFFIXES = (".json", ".npz", ".safetensors")
+
+
+def probe_artifact(path: str | Path | None) -> dict:
+    """Path and sha256 of a saved probe artifact (every file of it: weights and metadata)."""
+    if path is None:
+        return {"path": None, "sha256": None, "files": {}}
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in _ARTIFACT_SUFFIXES else path
+    files = {}
+    for suffix in _ARTIFACT_SUFFIXES:
+        file = stem.with_name(stem.name + suffix)
+        if file.exists():
+            files[file.name] = hashlib.sha256(file.read_bytes()).hexdigest()
+    whole = hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in sorted(files.items())).encode())
+    return {"path": str(stem), "sha256": whole.hexdigest(), "files": files}
+
+
+@dataclass
+class SteeringExperiment:
+    """Dose-response (and ablation, and samples) along one probe direction, with its provenance."""
+
+    model_id: str
+    probe: dict  # path and sha256 of the artifact
+    dose_response: DoseResponse
+    ablation: Ablation | None
+    samples: list[dict]
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "command": "steer",
+            "model_id": self.model_id,
+            "probe": self.probe,
+            "config": self.config,
+            "dose_response": self.dose_response.to_dict(),
+            "ablation": None if self.ablation is None else self.ablation.to_dict(),
+            "samples": self.samples,
+            "n_sequences": self.dose_response.n_sequences,
+            "n_tokens": self.dose_response.n_tokens,
+            "software_versions": software_versions(),
+        }
+
+    def summary(self) -> str:
+        result = self.dose_response
+        low, high = result.probe_slope_ci
+        lines = [
+            f"entropy slope {result.probe_slope:.4g} nats/std [{low:.4g}, {high:.4g}] "
+            f"(random {result.random_slope_mean:.4g} +/- {result.random_slope_std:.4g}; z = {result.z_score:.2f}) "
+            f"over {result.n_tokens} scored tokens in {result.n_sequences} sequences"
+        ]
+        if self.ablation is not None:
+            ab = self.ablation
+            lines.append(f"ablation: entropy change {ab.entropy_change[0]:.4g} nats "
+                         f"(random {ab.random_change_mean:.4g} +/- {ab.random_change_std:.4g}; z = {ab.z_score:.2f})")
+        return "\n".join(lines)
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write dose_response.html, ablation.html (if run) and steer.json (last) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"dose_response_html": write_html(dose_response_figure(self.dose_response),
+                                                  folder / "dose_response.html")}
+        if self.ablation is not None:
+            paths["ablation_html"] = write_html(ablation_figure(self.ablation), folder / "ablation.html")
+        paths["json"] = write_json(folder / "steer.json", self.to_dict())
+        return paths
+
+
+def steering_experiment(
+    model,
+    items: Sequence,
+    probe,
+    strengths: Sequence[float],
+    *,
+    probe_path: str | Path | None = None,
+    random_directions: int = 8,
+    positions: str = "response",
+    hook: str | None = None,
+    ablation: bool = True,
+    batch_size: int = 32,
+    batched: bool = True,
+    truncate: bool = False,
+    samples: int = 0,
+    max_new_tokens: int = 40,
+    temperature: float = 1.0,
+    seed: int = 0,
+    n_boot: int = 1000,
+    progress: bool = True,
+    config: dict | None = None,
+) -> SteeringExperiment:
+    """Steer along ``probe`` at ``strengths`` (std units), ablate it, optionally sample; see module doc."""
+    direction = from_probe(model, probe, hook=hook)
+    encoded = encode_all(model, items, truncate=truncate)
+    result = dose_response(
+        model, encoded, direction, list(strengths), random_directions=random_directions, positions=positions,
+        batch_size=batch_size, batched=batched, seed=seed, n_boot=n_boot, progress=progress,
+    )
+    ablated = None
+    if ablation:
+        ablated = directional_ablation(
+            model, encoded, direction, random_directions=random_directions, positions=positions,
+            batch_size=batch_size, seed=seed, n_boot=n_boot, progress=progress,
+        )
+    rows = []
+    for index, item in enumerate(list(items)[:samples]):
+        for strength in sorted({min(strengths), 0.0, max(strengths)}):
+            steer = Steer(hooks=direction.hook, direction=direction.direction, strength=strength, scale=direction.std)
+            sample = generate(model, item, steer, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed + index)[0]
+            rows.append({"input": index, "strength": strength, "seed": sample.seed, "prompt": sample.prompt,
+                         "text": sample.text, "token_ids": sample.token_ids})
+    return SteeringExperiment(model_id(model), probe_artifact(probe_path), result, ablated, rows, dict(config or {}))
+
+
+@dataclass
+class PatchingExperiment:
+    """Activation patching along one probe direction, with its provenance."""
+
+    model_id: str
+    probe: dict
+    patching: PatchingResult
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "command": "patch",
+            "model_id": self.model_id,
+            "probe": self.probe,
+            "config": self.config,
+            "patching": self.patching.to_dict(),
+            "n_pairs": self.patching.n_pairs,
+            "n_measured_tokens": self.patching.n_measured_tokens,
+            "software_versions": software_versions(),
+        }
+
+    def summary(self) -> str:
+        result = self.patching
+        lines = [f"mean entropy over the measured span: source {result.entropy_source:.4f}, "
+                 f"destination {result.entropy_destination:.4f} nats ({result.n_measured_tokens} tokens, "
+                 f"{result.n_pairs} pairs)"]
+        for component in result.components:
+            lines.append(f"fraction of the gap closed ({component}):")
+            lines.append(f"  {'hook':<28}" + "".join(f"{g:>10}" for g in result.groups))
+            for hook_name, row in zip(result.hooks, result.fraction[component]):
+                lines.append(f"  {hook_name:<28}" + "".join(f"{v:10.3f}" for v in row))
+        return "\n".join(lines)
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write patching.html and patch.json (last) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return {
+            "html": write_html(patching_figure(self.patching), folder / "patching.html"),
+            "json": write_json(folder / "patch.json", self.to_dict()),
+        }
+
+
+def patching_experiment(
+    model,
+    pairs: Sequence[tuple],
+    probe,
+    *,
+    probe_path: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    groups: Sequence[str] = ("prompt", "response", "first4"),
+    components: Sequence[str] = ("direction", "all"),
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    config: dict | None = None,
+) -> PatchingExperiment:
+    """Patch source into destination at ``layers`` (default: all) along ``probe``; see module doc."""
+    direction = from_probe(model, probe)
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layer {bad[0]} is out of range; this model has layers 0..{n_layers - 1}")
+    result = activation_patching(
+        model, pairs, hooks=resid_hooks(model, layers), groups=groups, direction=direction,
+        components=components, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress,
+    )
+    return PatchingExperiment(model_id(model), probe_artifact(probe_path), result, dict(config or {}))

@@ -1,0 +1,108 @@
+"""Fit probes from a capture folder and save everything a reader needs: the ``fit`` step as a library call.
+
+:func:`fit_probes` verifies the capture (cheap by default: sizes and hashes of the files it
+reads), runs :func:`~surprise_probe.probes.sweep.fit_sweep`, and returns a :class:`ProbeFit`
+whose ``save(folder)`` writes the sweep table (CSV), the results (JSON), the layer-sweep and
+alpha-curve plots (offline HTML), the held-out predictions and the best probe direction.
+
+>>> import tempfile
+>>> from surprise_probe.capture import capture
+>>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
+>>> run = capture(tiny_hooked_transformer(), TINY_CORPUS * 2, progress=False)
+>>> fit = fit_probes(run, "surprise", n_folds=3, n_shuffles=2, n_boot=20, nested=False, progress=False)
+>>> sorted(fit.save(tempfile.mkdtemp()))
+['alphas_html', 'csv', 'heldout', 'html', 'json', 'probe']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from surprise_probe.probes.plots import alpha_curve_figure, layer_sweep_figure
+from surprise_probe.probes.results import SweepResult
+from surprise_probe.probes.sweep import fit_sweep
+
+from surprise_probe.jsonio import software_versions, write_json
+from surprise_probe.plots import write_html
+from surprise_probe.store import Capture, verify_capture
+
+__all__ = ["ProbeFit", "fit_probes"]
+
+
+@dataclass
+class ProbeFit:
+    """A probe sweep over the hooks of one capture, plus where its data came from."""
+
+    sweep: SweepResult
+    capture_path: str | None
+    capture_hash: str | None
+    verified: str  # "sizes+hashes", "skipped", or "in memory"
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        payload = self.sweep.to_dict()
+        payload["capture"] = {"path": self.capture_path, "content_hash": self.capture_hash,
+                              "verified": self.verified}
+        payload["command_config"] = self.config
+        payload["software_versions"] = software_versions()
+        return payload
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write sweep.csv, sweep.json, sweep.html, alphas.html, heldout.npz and probe.* into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "csv": self.sweep.write_csv(folder / "sweep.csv"),
+            "html": write_html(layer_sweep_figure(self.sweep), folder / "sweep.html"),
+            "alphas_html": write_html(alpha_curve_figure(self.sweep), folder / "alphas.html"),
+            "heldout": folder / "heldout.npz",
+        }
+        np.savez_compressed(
+            paths["heldout"], **{k.replace(":", "__"): v for k, v in self.sweep.predictions.items()}
+        )
+        paths["probe"] = self.sweep.direction().save(folder / "probe")
+        payload = self.to_dict()
+        payload["best_probe"] = str(folder / "probe")
+        # Written last: its presence means the fit folder is complete.
+        paths["json"] = write_json(folder / "sweep.json", payload)
+        return paths
+
+    def summary(self) -> str:
+        result = self.sweep
+        controls = result.controls
+        best = result[result.best_hook()]
+        lines = [f"target: {result.target} on {result.n_tokens} tokens in {result.n_sequences} sequences",
+                 result.to_markdown(), "", f"token-identity mean R^2: {controls['token_mean_r2']}"]
+        if controls.get("embedding_r2") is not None:
+            lines.append(f"embedding-layer probe R^2: {controls['embedding_r2']}")
+        if controls.get("surprise_entropy_r") is not None:
+            lines.append(f"Pearson r(input surprise, output entropy): {controls['surprise_entropy_r']}")
+        lines.append(f"best hook: {best.hook} (R^2 {best.r2}, shuffle p {best.shuffle_p:.3f})")
+        return "\n".join(lines)
+
+
+def fit_probes(
+    run: Capture,
+    target="surprise",
+    *,
+    hooks: list[str] | None = None,
+    verify: bool = True,
+    config: dict | None = None,
+    **sweep_options,
+) -> ProbeFit:
+    """Verify ``run`` (unless ``verify=False``) and fit a probe sweep (``fit_sweep`` options)."""
+    if run.path is not None and verify:
+        verify_capture(run, hooks=hooks)
+        verified = "sizes+hashes"
+    else:
+        verified = "in memory" if run.path is None else "skipped"
+    sweep = fit_sweep(run, target, hooks=hooks, **sweep_options)
+    return ProbeFit(
+        sweep=sweep,
+        capture_path=None if run.path is None else str(run.path),
+        capture_hash=run.manifest.get("content_hash"),
+        verified=verified,
+        config=dict(config or {}),
+    )

@@ -1,0 +1,85 @@
+"""``surprise-probe fit``: ridge probes at every captured hook, with controls, from a capture folder."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from surprise_probe.commands._common import (
+    add_command,
+    add_out_argument,
+    command_config,
+    nonneg_int,
+    positive_int,
+    usage_errors,
+)
+from surprise_probe.outputs import claim_output
+from surprise_probe.probes.fit import fit_probes
+from surprise_probe.store import load_capture
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers) -> None:
+    parser = add_command(
+        subparsers, "fit",
+        help="fit linear probes for input surprise / entropy at every captured hook, with controls",
+        description=(
+            "Ridge probes from one streamed pass over a capture folder: every hook, every alpha, "
+            "k-fold CV grouped by sequence, bootstrap CIs over sequences, token-identity and "
+            "shuffled-label controls. Writes sweep.csv, sweep.json, sweep.html, heldout.npz and "
+            "the best probe direction (probe.*)."
+        ),
+    )
+    parser.add_argument("--activations", required=True, type=Path, help="capture folder (surprise-probe capture --out)")
+    parser.add_argument("--target", default="surprise",
+                        help="'surprise' (input surprise), 'entropy' (output entropy), or a .npy/.npz file of "
+                             "per-token values keyed by (sequence_id, position) (see docs/probes.md)")
+    add_out_argument(parser, "output folder")
+    parser.add_argument("--hooks", nargs="+", help="hooks to fit (default: every captured hook)")
+    parser.add_argument("--alphas", nargs="+", type=float, help="ridge penalties (default: 17 values, 1e-2..1e6)")
+    parser.add_argument("--folds", type=positive_int, default=5, help="CV folds, grouped by sequence")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for folds, shuffles and bootstrap")
+    parser.add_argument("--shuffles", type=nonneg_int, default=20, help="shuffled-label controls")
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of sequences")
+    parser.add_argument("--no-nested", action="store_true", help="choose alpha on the outer folds (faster, optimistic)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking the capture's file sizes and hashes against its manifest")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        with usage_errors():
+            if args.folds < 2:
+                raise ValueError(f"--folds must be >= 2 for cross-validation, got {args.folds}")
+            if args.alphas is not None and not all(a > 0 and a < float("inf") for a in args.alphas):
+                raise ValueError(f"--alphas must be positive finite ridge penalties, got {args.alphas}")
+            if args.target not in ("surprise", "entropy") and not Path(args.target).is_file():
+                raise ValueError(f"--target {args.target!r} is neither 'surprise', 'entropy' nor an existing .npy/.npz file")
+            capture = load_capture(args.activations)
+            missing = [hook for hook in args.hooks or [] if hook not in capture.hooks]
+            if missing:
+                raise ValueError(f"hook {missing[0]!r} was not captured; captured hooks: {capture.hooks}")
+            if args.out.resolve() == Path(args.activations).resolve():
+                raise ValueError(f"--out {args.out} is the capture folder itself; choose another folder")
+            claim = stack.enter_context(claim_output(args.out, "fit", command_config(args), overwrite=args.overwrite,
+                                                     owned_names=("sweep.json",)))
+        if claim.finished:
+            print(f"{args.out} already holds this fit (same settings); nothing to do")
+            return 0
+        result = fit_probes(
+            capture, args.target, hooks=args.hooks, verify=not args.no_verify, config=command_config(args),
+            alphas=args.alphas, n_folds=args.folds, seed=args.seed, n_shuffles=args.shuffles, n_boot=args.n_boot,
+            nested=not args.no_nested, progress=not args.no_progress,
+        )
+        paths = result.save(args.out)
+        claim.finish({"capture_content_hash": capture.manifest.get("content_hash")})
+    print(f"\n{capture}")
+    print(result.summary())
+    print(f"\nwrote {paths['csv']}, {paths['json']}, {paths['html']}, {paths['probe']} "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
