@@ -11,9 +11,88 @@ import numpy as np
 import plotly.graph_objects as go
 from surprise_probe.probes.results import EMBEDDING_HOOK, SweepResult
 
-__all__ = ["layer_sweep_figure", "alpha_curve_figure"]
+__all__ = ["layer_sweep_figure", "alpha_curve_figure", "source_figure"]
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+# one colour per control: its baseline is a horizontal line, the probe on its residual a dotted curve
+_CONTROL_STYLE = {
+    "position": ("#17becf", "dashdot", "position (sequence + scored span)"),
+    "bigram": ("#bcbd22", "longdashdot", "bigram (previous + current token)"),
+}
+_COVARIATE_COLOURS = ["#8c564b", "#e377c2", "#9467bd", "#2ca02c"]
+_COVARIATE_DASHES = ["dash", "longdash", "dashdot", "longdashdot"]
+
+
+def _control_styles(result: SweepResult) -> list[tuple[str, object, str, str, str]]:
+    """(name, baseline Estimate, colour, dash, label) for every control beyond the token mean."""
+    out = []
+    for name, (colour, dash, label) in _CONTROL_STYLE.items():
+        if result.controls.get(f"{name}_r2") is not None:
+            out.append((name, result.controls[f"{name}_r2"], colour, dash, label))
+    for i, (name, estimate) in enumerate(result.controls.get("covariate_r2", {}).items()):
+        out.append(
+            (
+                name,
+                estimate,
+                _COVARIATE_COLOURS[i % len(_COVARIATE_COLOURS)],
+                _COVARIATE_DASHES[i % len(_COVARIATE_DASHES)],
+                f"covariate {name}",
+            )
+        )
+    return out
+
+
+def _add_control_traces(fig: go.Figure, result: SweepResult, ordered) -> None:
+    """Per control: baseline R^2 as a horizontal line + band, the probe on its residual as a curve."""
+    depth = [r.depth for r in ordered]
+    if not depth:
+        return
+    x = [min(depth), max(depth)]
+    for name, baseline, colour, dash, label in _control_styles(result):
+        line = f"{label}: baseline"
+        fig.add_trace(_band(x, [baseline.low] * 2, [baseline.high] * 2, colour, line, line, 0.1))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[baseline.value] * 2,
+                mode="lines",
+                name=line,
+                legendgroup=line,
+                line={"color": colour, "dash": dash, "width": 1.5},
+                hovertemplate=f"{label} baseline R^2 {baseline}<extra></extra>",
+            )
+        )
+        members = [r for r in ordered if name in r.beyond_r2]
+        if not members:
+            continue
+        curve = f"probe on target minus {name} baseline"
+        fig.add_trace(
+            _band(
+                [r.depth for r in members],
+                [r.beyond_r2[name].low for r in members],
+                [r.beyond_r2[name].high for r in members],
+                colour,
+                curve,
+                curve,
+                0.12,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[r.depth for r in members],
+                y=[r.beyond_r2[name].value for r in members],
+                mode="lines+markers",
+                name=curve,
+                legendgroup=curve,
+                marker={"symbol": "square", "size": 6},
+                line={"color": colour, "dash": "dot"},
+                customdata=[[r.hook, r.beyond_r2[name].low, r.beyond_r2[name].high] for r in members],
+                hovertemplate=(
+                    "%{customdata[0]}<br>R^2 beyond " + name
+                    + " %{y:.3f} [%{customdata[1]:.3f}, %{customdata[2]:.3f}]<extra></extra>"
+                ),
+            )
+        )
 
 
 def _kind(hook: str) -> str:
@@ -43,7 +122,9 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
     Curves: the probe (one per kind of hook, e.g. ``hook_resid_post``); the probe on the target
     minus its token-identity mean (what the activations add beyond the token's identity); the
     shuffled-label control (mean, band = min..max over shuffles). Horizontal line + band: the
-    per-token-type mean baseline. The embedding-layer probe is marked at depth 0.
+    per-token-type mean baseline. The embedding-layer probe is marked at depth 0. Each further
+    control (position, bigram, covariates) has one colour: its baseline R^2 as a horizontal
+    line in its own dash, and the probe on the target minus that baseline as a dotted curve.
     """
     fig = go.Figure()
     rows = [r for r in result.hooks if np.isfinite(r.depth)]
@@ -161,6 +242,7 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
                 hovertemplate=f"token-identity mean R^2 {token_mean}<extra></extra>",
             )
         )
+    _add_control_traces(fig, result, ordered)
     embedding = next((r for r in rows if r.hook == EMBEDDING_HOOK), None)
     if embedding is not None:
         fig.add_trace(
@@ -201,5 +283,57 @@ def alpha_curve_figure(result: SweepResult, hooks: list[str] | None = None) -> g
         yaxis_title="held-out R² (outer folds)",
         template="plotly_white",
         title=f"Ridge alpha grid — {result.target}",
+    )
+    return fig
+
+
+def source_figure(result: SweepResult) -> go.Figure:
+    """Per source label (e.g. own samples vs human text): held-out R^2 and calibration slope by depth.
+
+    Left: R^2 within each source (around that source's mean), 95% CI bands over its sequences.
+    Right: slope of the target regressed on the probe's prediction (1 = calibrated; below 1 the
+    probe over-spreads its predictions on that source), with CI bands.
+    """
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("held-out R² by source", "calibration slope (target on prediction)"))
+    for i, (label, scores) in enumerate(sorted(result.by_source.items())):
+        hooks = scores.get("hooks")
+        if not hooks:
+            continue
+        colour = _PALETTE[i % len(_PALETTE)]
+        rows = sorted(
+            ((result[h].depth, h, v) for h, v in hooks.items() if np.isfinite(result[h].depth)),
+            key=lambda item: item[0],
+        )
+        depth = [d for d, _, _ in rows]
+        name = f"{label} ({scores['n_sequences']} seq, {scores['n_tokens']} tok)"
+        for col, key in ((1, "r2"), (2, "calibration_slope")):
+            fig.add_trace(
+                _band(depth, [v[key].low for _, _, v in rows], [v[key].high for _, _, v in rows], colour, name, name),
+                row=1,
+                col=col,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=depth,
+                    y=[v[key].value for _, _, v in rows],
+                    mode="lines+markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    line={"color": colour, "dash": "solid" if i == 0 else "dash"},
+                    customdata=[[h, v[key].low, v[key].high] for _, h, v in rows],
+                    hovertemplate="%{customdata[0]}<br>%{y:.3f} [%{customdata[1]:.3f}, %{customdata[2]:.3f}]<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+    fig.add_hline(y=1.0, line={"color": "#7f7f7f", "dash": "dot", "width": 1}, row=1, col=2)
+    fig.update_xaxes(title_text="hook depth")
+    fig.update_layout(
+        title=f"{result.target} probe by source — {result.model_id}",
+        template="plotly_white",
+        legend={"orientation": "h", "yanchor": "top", "y": -0.18},
     )
     return fig

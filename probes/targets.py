@@ -54,6 +54,22 @@ class TokenTarget:
                 f"target {self.name!r} has a negative position {np.min(self.positions)}"
             )
 
+    def save(self, path: str | Path, info: dict | None = None) -> dict[str, Path]:
+        """Write ``path.npz`` (readable by :func:`load_target_file`) and ``path.json`` (``info``)."""
+        from surprise_probe.jsonio import software_versions, write_json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        npz = path.with_name(path.name + ".npz")
+        partial = path.with_name(path.name + ".partial.npz")
+        np.savez(partial, sequence_ids=self.sequence_ids, positions=self.positions, values=self.values)
+        partial.replace(npz)  # atomic: a file with the final name is always complete
+        meta = write_json(
+            path.with_name(path.name + ".json"),
+            {"name": self.name, "n_tokens": len(self.values), **(info or {}), "versions": software_versions()},
+        )
+        return {"npz": npz, "json": meta}
+
 
 @dataclass(frozen=True)
 class _CaptureOrderTarget:

@@ -21,9 +21,10 @@ the text is preserved (for surprise, the sum over a stretch of text is the other
 
 - a zero-width source token (e.g. a BOS, or byte-fallback pieces some tokenizers give empty
   offsets) at character ``c`` goes wholly to the target token containing character ``c - 1``
-  (the one whose reading completes the text up to ``c``; character 0 for ``c = 0``);
-- a target token with an empty span, or one that receives any non-finite source value (e.g. the
-  other model's first token, which has no surprise), gets NaN: it has no aligned value.
+  (the one whose reading completes the text up to ``c``; character 0 for ``c = 0``); if its
+  value is not finite (a BOS has no surprise) it carries nothing and is skipped;
+- a target token with an empty span, or one that overlaps a source token of non-zero width whose
+  value is not finite, gets NaN: it has no aligned value.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def align_values(
     starts, ends = target_spans[:, 0], target_spans[:, 1]
     for (start, end), value in zip(source_spans, source_values, strict=True):
         if end == start:
+            if not np.isfinite(value):
+                continue  # e.g. a BOS: no surprise, no characters
             char = max(start - 1, 0)
             owners = np.flatnonzero((starts <= char) & (char < ends))
             weights = np.ones(len(owners))

@@ -37,14 +37,16 @@ def test_straddling_tokens_and_total_is_preserved():
 
 def test_zero_width_and_missing_values():
     target = [[0, 3], [3, 3], [3, 6]]  # the middle token holds part of a character: empty span
-    # a BOS with no value at 0, a zero-width token at 4 (goes to the token holding char 3), two real tokens
+    # a BOS with no value at 0 (skipped), a zero-width token at 4 (goes to the token holding char 3)
     source = [[0, 0], [4, 4], [0, 4], [4, 6]]
     out = align_values(target, source, [np.nan, 1.5, 4.0, 2.0])
-    assert np.isnan(out[0])  # touched by the value-less BOS
+    assert out[0] == pytest.approx(4.0 * 3 / 4)
     assert np.isnan(out[1])  # empty span
     assert out[2] == pytest.approx(1.5 + 4.0 * 1 / 4 + 2.0)
-    finite = align_values(target, source, [0.5, 1.5, 4.0, 2.0])
-    assert finite[0] == pytest.approx(0.5 + 3.0)
+    assert align_values(target, source, [0.5, 1.5, 4.0, 2.0])[0] == pytest.approx(0.5 + 3.0)  # BOS at char 0
+    # a missing value on a token with characters makes every target token it touches missing
+    missing = align_values(target, source, [0.5, 1.5, np.nan, 2.0])
+    assert np.isnan(missing[0]) and np.isnan(missing[2])
 
 
 def test_bad_spans_are_refused():
