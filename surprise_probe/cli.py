@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 
 from surprise_probe import __version__
-from surprise_probe.commands import capture, fit, generate, models, patch, steer, study
+from surprise_probe.commands import capture, fit, gap, generate, models, patch, steer, study
 from surprise_probe.commands._common import Parser, run_main
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (models, capture, generate, fit, steer, patch, study)
+COMMANDS = (models, capture, generate, fit, steer, patch, gap, study)
 
 
 def build_parser() -> tuple[Parser, dict]:

@@ -518,6 +518,34 @@ class GapResult:
                 return row
         raise KeyError(f"no cell for reader {reader!r}, format {fmt!r}, source {source!r}")
 
+    def report(self) -> str:
+        """A plain-text summary: per reader and format, the on-policy entropy and each off/on ratio."""
+        k = self.config["k"]
+        lines = []
+        for m in self.models:
+            lines.append(f"reader {m['name']} ({'post-trained' if m['post_trained'] else 'base' if m['post_trained'] is False else 'kind unknown'}, "
+                         f"samples in {m['sampling_format']} format; {m['n_empty_responses']} empty responses, "
+                         f"mean {m['mean_response_tokens']:.1f} tokens)")
+            for fmt in m["formats_read"]:
+                try:
+                    own = self.cell(m["name"], fmt, "own")["mean_entropy"]
+                except KeyError:
+                    continue
+                lines.append(f"  {fmt:<9} own: {own['mean']:.3f} nats [{own['low']:.3f}, {own['high']:.3f}] "
+                             f"n={own['n_prompts']}")
+                for row in self.summary["comparisons"]:
+                    if row["reader"] != m["name"] or row["format"] != fmt or not row["span"].get("n_prompts"):
+                        continue
+                    r, f, sign = row["span"]["ratio_off_on"], row[f"first_{k}"], row["span"]["sign_count"]
+                    a = row["auroc_entropy"]
+                    first = f.get("ratio_off_on", {}).get("value", float("nan"))
+                    lines.append(
+                        f"    {row['source']:<28} off/on {r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+                        f"  first {k}: {first:.3f}  off higher {sign['off_higher']}/{row['span']['n_prompts']}"
+                        f"  AUROC {a['auroc']:.2f} [{a['low']:.2f}, {a['high']:.2f}]"
+                    )
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {
             "analysis": "policy_gap",
