@@ -17,7 +17,7 @@ remaining resamples.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "slope",
     "slope_with_ci",
     "zscore",
+    "bootstrap_nested",
 ]
 
 # Largest resampled block (elements) held at once: scipy materialises (leading dims, batch, units).
@@ -84,7 +85,7 @@ def _scalar(x):
 
 def bootstrap_sums(
     statistic: Callable[..., np.ndarray],
-    *per_unit: Float[np.ndarray, "*leading n_units"],
+    *per_unit: Float[np.ndarray, "... n_units"],
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
@@ -265,3 +266,52 @@ def zscore(value: float, controls: Float[np.ndarray, " k"]) -> float:
     if spread == 0:
         return float("inf") * np.sign(value - controls.mean()) if value != controls.mean() else 0.0
     return float((value - controls.mean()) / spread)
+
+
+def bootstrap_nested(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    samples: Sequence[np.ndarray],
+    groups: Int[np.ndarray, " n_units"] | None = None,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float, np.ndarray]:
+    """Mean over units of ``statistic(samples of the unit)`` with a two-level bootstrap interval.
+
+    For statistics that are not functions of per-unit sums (an entropy of sampled labels, a modal
+    share), so :func:`bootstrap_sums` cannot resample them. Each replicate draws groups of units
+    with replacement (``groups``: e.g. the prompt of each phrasing; default: each unit alone) and,
+    inside every drawn unit, its samples with replacement. ``statistic`` maps an array
+    ``(n_resamples, n_samples_of_the_unit)`` to ``(n_resamples,)``. Returns ``(point, low, high,
+    per-unit point values)``.
+
+    >>> spread = lambda draws: draws.std(axis=-1)
+    >>> point, low, high, per_unit = bootstrap_nested(spread, [np.array([0.0, 2.0]), np.array([1.0, 1.0])])
+    >>> point, per_unit.tolist(), low <= point
+    (0.5, [1.0, 0.0], True)
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    units = [np.asarray(x) for x in samples]
+    if not units or any(len(x) == 0 for x in units):
+        raise ValueError("bootstrap_nested needs at least one unit, each with at least one sample")
+    groups = np.arange(len(units)) if groups is None else np.asarray(groups)
+    if len(groups) != len(units):
+        raise ValueError(f"groups has {len(groups)} entries for {len(units)} units")
+    rng = np.random.default_rng(seed)
+    per_unit = np.array([float(np.asarray(statistic(x[None]))[0]) for x in units])
+    boot_units = np.empty((n_boot, len(units)))
+    for u, x in enumerate(units):
+        boot_units[:, u] = statistic(x[rng.integers(0, len(x), size=(n_boot, len(x)))])
+    unique, inverse = np.unique(groups, return_inverse=True)
+    drawn = rng.integers(0, len(unique), size=(n_boot, len(unique)))
+    weight = np.zeros((n_boot, len(unique)))
+    np.add.at(weight, (np.repeat(np.arange(n_boot), len(unique)), drawn.reshape(-1)), 1.0)
+    unit_weight = weight[:, inverse.reshape(-1)]
+    boot = (unit_weight * boot_units).sum(1) / unit_weight.sum(1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(boot, [tail, 1 - tail])
+    return float(per_unit.mean()), float(low), float(high), per_unit

@@ -90,7 +90,7 @@ def validate_lexicon(topics: object, where: str = "topics") -> dict[str, tuple[s
             raise ValueError(f"{where}: topic names must be non-empty strings, got {topic!r}")
         if topic.strip().lower() in BUCKETS:
             raise ValueError(f"{where}: topic name {topic!r} is reserved for a label bucket; rename it")
-        if isinstance(stems, str) or not isinstance(stems, list) or not stems:
+        if isinstance(stems, str) or not isinstance(stems, (list, tuple)) or not stems:
             raise ValueError(
                 f"{where}: topic {topic!r} needs a non-empty list of stems, got {stems!r:.80}"
             )
