@@ -4,6 +4,12 @@
 See docs/interventions.md.
 """
 
+from surprise_probe.interventions.attribution import (
+    AttributionPatching,
+    attribution_patching,
+    direction_attribution,
+    validate_attribution,
+)
 from surprise_probe.interventions.directions import (
     SteeringDirection,
     from_probe,
@@ -56,6 +62,10 @@ __all__ = [
     "PatchingResult",
     "activation_patching",
     "align_positions",
+    "AttributionPatching",
+    "attribution_patching",
+    "validate_attribution",
+    "direction_attribution",
     "Sample",
     "generate",
 ]
