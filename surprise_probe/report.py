@@ -357,9 +357,6 @@ def patch_section(folder: str | Path) -> StageSection:
                    if component == "direction" and "all" in result["fraction"] else "")
         numbers.append(Number(f"largest fraction closed ({label}) at {hooks[h]}, {groups[g]}", float(fraction[h, g]),
                               _ci(ci), control=control, n=n))
-    if "random" in data or "random" in result:
-        random = data.get("random", result.get("random"))
-        numbers.append(Number("control: random directions", str(random)[:120], n=n))
     return StageSection(
         "patch", "Activation patching along the surprise direction",
         caption=("Fraction of the source-destination entropy gap closed by patching the source's activation into the "
