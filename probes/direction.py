@@ -42,6 +42,15 @@ def _digest(direction: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(direction, dtype=np.float64).tobytes()).hexdigest()
 
 
+def _artifact_digest(direction: np.ndarray, info: dict) -> str:
+    """sha256 over the direction and every metadata field (all but this hash): an edited
+    ``std``, ``hook`` or any other field no longer matches."""
+    fields = {key: value for key, value in info.items() if key != "artifact_sha256"}
+    digest = hashlib.sha256(np.ascontiguousarray(direction, dtype=np.float64).tobytes())
+    digest.update(to_json(fields).encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class ProbeDirection:
     """Unit direction in activation space at ``hook``, plus the projection's statistics.
@@ -126,6 +135,11 @@ class ProbeDirection:
             "direction_sha256": _digest(self.direction),
         }
 
+    def _metadata_with_hash(self) -> dict:
+        info = json.loads(to_json(self.metadata()))  # as it will read back (NaN -> null)
+        info["artifact_sha256"] = _artifact_digest(self.direction, info)
+        return info
+
     def save(self, path: str | Path) -> Path:
         """Write ``path.npz`` and ``path.json`` (each atomically); return the JSON path."""
         stem = _stem(path)
@@ -136,7 +150,7 @@ class ProbeDirection:
         os.replace(tmp_npz, npz)
         tmp_meta = meta.with_name(f".{meta.name}.tmp")
 
-        tmp_meta.write_text(to_json(self.metadata()))
+        tmp_meta.write_text(to_json(self._metadata_with_hash()))
         os.replace(tmp_meta, meta)
         return meta
 
@@ -150,17 +164,28 @@ class ProbeDirection:
                 raise FileNotFoundError(
                     f"probe direction file {file} does not exist (expected {npz} and {meta})"
                 )
-        info = json.loads(meta.read_text())
-        if info.get("kind") != "probe_direction" or info.get("format_version") != FORMAT_VERSION:
+        try:
+            info = json.loads(meta.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{meta} is not a readable probe direction JSON ({error})") from None
+        if not isinstance(info, dict) or info.get("kind") != "probe_direction" or info.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{meta} is not a probe direction of format {FORMAT_VERSION} "
                 f"(kind {info.get('kind')!r}, format {info.get('format_version')!r})"
             )
-        with np.load(npz) as data:
-            direction = data["direction"]
-        if _digest(direction) != info["direction_sha256"]:
+        try:
+            with np.load(npz) as data:
+                direction = data["direction"]
+        except Exception as error:  # noqa: BLE001 - truncated zip, bad pickle, missing key: all "damaged"
+            raise ValueError(f"{npz} cannot be read ({type(error).__name__}: {error}); the probe file is damaged") from None
+        if _digest(direction) != info.get("direction_sha256"):
             raise ValueError(
                 f"{npz} does not match the direction hash in {meta}; the pair was mixed up"
+            )
+        if "artifact_sha256" in info and _artifact_digest(direction, info) != info["artifact_sha256"]:
+            raise ValueError(
+                f"{meta} does not match its artifact hash: a field (e.g. std, hook, model_id) was edited "
+                "after the probe was saved; refit it or restore the file"
             )
         loaded = cls(
             direction=direction,

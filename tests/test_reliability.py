@@ -1,0 +1,179 @@
+"""Nothing lost, nothing stale: damaged captures, edited probes, locks, and a real SIGKILL mid-shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from surprise_probe.probes import ProbeDirection
+
+import surprise_probe as sp
+from surprise_probe.outputs import FolderLocked, claim_output, folder_lock
+from tests.conftest import TEXTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def small_capture(tiny_hooked, tmp_path):
+    out = tmp_path / "cap"
+    sp.capture(tiny_hooked, TEXTS * 2, out_dir=out, shard_size=3, progress=False)
+    return out
+
+
+def _a_file(capture_dir: Path, name: str) -> Path:
+    return sorted((capture_dir / "shards").glob(f"*/{name}"))[1]
+
+
+def test_load_capture_verify_finds_changed_bytes_at_the_same_size(small_capture):
+    sp.load_capture(small_capture, verify=True)  # intact: passes
+    target = _a_file(small_capture, "blocks.1.hook_resid_post.npy")
+    data = bytearray(target.read_bytes())
+    data[-8:] = bytes(8)  # same size, different values
+    target.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"blocks\.1\.hook_resid_post\.npy does not match its manifest hash"):
+        sp.load_capture(small_capture, verify=True)
+
+
+def test_load_capture_verify_finds_a_zero_byte_file(small_capture):
+    target = _a_file(small_capture, "input_surprise.npy")
+    target.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"input_surprise\.npy has 0 bytes, its manifest says \d+"):
+        sp.load_capture(small_capture, verify=True)
+    # Without verify the damage still surfaces as a clear error naming the file, not a numpy traceback.
+    run = sp.load_capture(small_capture)
+    with pytest.raises(ValueError, match=r"input_surprise\.npy cannot be read"):
+        run.column("input_surprise")
+
+
+def test_load_capture_verify_finds_a_missing_shard(small_capture):
+    import shutil
+
+    shutil.rmtree(sorted((small_capture / "shards").iterdir())[0])
+    with pytest.raises(ValueError, match=r"shard folder .*000000 is missing"):
+        sp.load_capture(small_capture, verify=True)
+
+
+def test_an_edited_probe_field_is_refused(tmp_path):
+    d = np.ones(4) / 2.0
+    probe = ProbeDirection(d, mean=0.1, std=1.7, hook="blocks.1.hook_resid_post", layer=1, model_id="m",
+                           d_model=4, target="surprise")
+    meta = probe.save(tmp_path / "probe")
+    assert ProbeDirection.load(meta).std == pytest.approx(1.7)
+    for field, value in (("std", 17.0), ("hook", "blocks.0.hook_resid_post"), ("model_id", "other")):
+        info = json.loads(meta.read_text())
+        original = dict(info)
+        info[field] = value
+        meta.write_text(json.dumps(info))
+        with pytest.raises(ValueError, match="does not match its artifact hash"):
+            ProbeDirection.load(meta)
+        meta.write_text(json.dumps(original))
+    npz = tmp_path / "probe.npz"
+    npz.write_bytes(npz.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match=r"probe\.npz cannot be read"):
+        ProbeDirection.load(meta)
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_cleared(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (folder / ".lock").write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename, "started": 0}))
+        with pytest.raises(FolderLocked, match=rf"pid {other.pid} on host"):
+            with folder_lock(folder / ".lock"):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    # The process is gone: its lock is stale and is replaced.
+    with folder_lock(folder / ".lock") as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not (folder / ".lock").exists()
+
+
+def test_claim_output_never_deletes_what_it_did_not_write(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="did not write"):
+            with claim_output(folder, "fit", {"seed": 0}, overwrite=overwrite):
+                pass
+    assert (folder / "notes.txt").read_text() == "keep me" and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    import surprise_probe as sp
+    from surprise_probe import store
+    from surprise_probe.testing import tiny_hooked_transformer
+    from tests.conftest import TEXTS
+
+    out, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = tiny_hooked_transformer()
+    if mode == "kill":
+        real_save, count = np.save, [0]
+        def slow_save(path, array, *args, **kwargs):
+            real_save(path, array, *args, **kwargs)
+            count[0] += 1
+            if ".tmp-000002" in str(path) and count[0] > 0:
+                print("WRITING", path, flush=True)  # inside shard 2's temporary folder, files half written
+                time.sleep(60)
+        store.np.save = slow_save
+    run = sp.capture(model, TEXTS * 3, out_dir=out, shard_size=3, batch_size=2, progress=False)
+    print("HASH", run.manifest["content_hash"], flush=True)
+""")
+
+
+def _run_capture_subprocess(out: Path, mode: str, **kwargs):
+    return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), mode], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+def test_sigkill_in_the_middle_of_a_shard_then_resume_gives_the_same_content(tmp_path):
+    import torch
+
+    from surprise_probe.testing import tiny_hooked_transformer
+
+    torch.manual_seed(0)  # the same model and inputs as the subprocess, captured without interruption
+    clean_hash = sp.capture(tiny_hooked_transformer(), TEXTS * 3, out_dir=tmp_path / "clean", shard_size=3,
+                            batch_size=2, progress=False).manifest["content_hash"]
+
+    killed_dir = tmp_path / "killed"
+    victim = _run_capture_subprocess(killed_dir, "kill")
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline:
+        line = victim.stdout.readline()
+        if line.startswith("WRITING") or not line:
+            break
+    assert line.startswith("WRITING"), "the capture never reached shard 2"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    victim.stdout.close()
+    assert victim.returncode == -signal.SIGKILL
+    shards = sorted(p.name for p in (killed_dir / "shards").iterdir())
+    assert ".tmp-000002" in shards and "000002" not in shards  # killed mid-shard: a partial temp folder
+    assert not (killed_dir / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        sp.load_capture(killed_dir)
+
+    resumed = _run_capture_subprocess(killed_dir, "resume")
+    resumed_out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0
+    assert resumed_out.split("HASH ")[1].split()[0] == clean_hash
+    sp.load_capture(killed_dir, verify=True)
