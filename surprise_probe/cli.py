@@ -9,12 +9,22 @@ from __future__ import annotations
 import sys
 
 from surprise_probe import __version__
-from surprise_probe.commands import capture, fit, gap, generate, models, patch, steer, study
+from surprise_probe.commands import (
+    capture,
+    fit,
+    gap,
+    generate,
+    intention,
+    models,
+    patch,
+    steer,
+    study,
+)
 from surprise_probe.commands._common import Parser, run_main
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (models, capture, generate, fit, steer, patch, gap, study)
+COMMANDS = (models, capture, generate, fit, steer, patch, gap, intention, study)
 
 
 def build_parser() -> tuple[Parser, dict]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from surprise_probe.cli import main
 from surprise_probe.intention import (
     IntentionConfig,
     IntentionPrompt,
@@ -212,3 +213,50 @@ def test_nested_bootstrap_against_hand_cases():
                                                   np.array([0, 0, 1]), n_boot=400)
     assert value == pytest.approx(1 / 3) and per_unit.tolist() == [0.0, 0.0, 1.0]
     assert low == 0.0 and high == 1.0  # a replicate of two group-0 draws, or two group-1 draws
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--models", "no-such-model-xyz", "--prompts", "missing.jsonl"], "missing.jsonl"),
+    (["--models", "smollm2-135m-instruct", "--n-samples", "1"], "n_samples"),
+    (["--models", "smollm2-135m-instruct", "--ks", "0", "64"], "largest k"),
+    (["--models", "smollm2-135m-instruct", "--temperature", "0"], "temperature"),
+    (["--models", "smollm2-135m-instruct", "smollm2-135m-instruct"], "twice"),
+    (["--models", "smollm2-135m-instruct", "--level", "2"], "--level"),
+])
+def test_cli_bad_arguments_exit_2_before_loading_a_model(argv, message, tmp_path, capsys, monkeypatch):
+    import surprise_probe.intention as intention
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(intention, "load_model", refuse)
+    code = main(["intention", "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_runs_end_to_end_on_a_local_folder_and_resumes(tiny_tokenizer, tmp_path, capsys, one_thread):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "tiny-lm-128"
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    argv = ["intention", "--models", str(folder), "--limit-prompts", "1", "--n-samples", "2",
+            "--max-new-tokens", "4", "--ks", "0", "1", "--n-boot", "20", "--device", "cpu", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "topic entropy at k=0" in printed and "3 phrasings" in printed
+    data = json.loads((out / "intention.json").read_text())
+    assert data["n_prompts"] == 1 and data["config"]["n_samples"] == 2
+    assert main(argv) == 0
+    assert "holds this result already" in capsys.readouterr().out
+    assert main([*argv[:-3], "--n-samples", "3", "--out", str(out)]) == 2
+    assert "n_samples=2, not n_samples=3" in capsys.readouterr().err

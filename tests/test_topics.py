@@ -10,7 +10,6 @@ import pytest
 from surprise_probe.topics import (
     AMBIGUOUS,
     OTHER,
-    Labeller,
     label_topic,
     lexicon_overlaps,
     validate_lexicon,
@@ -92,8 +91,3 @@ def test_builtin_lexicons_have_no_overlapping_stems():
         lexicon = validate_lexicon(json.loads(line)["topics"])
         assert len(lexicon) >= 6
         assert lexicon_overlaps(lexicon) == []
-
-
-def test_labeller_rejects_non_text():
-    with pytest.raises(TypeError, match="expects text"):
-        Labeller(FRUIT)(None)
