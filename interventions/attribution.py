@@ -35,7 +35,8 @@ patching on a real model is measured by :func:`validate_attribution` (Pearson r 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -342,13 +343,16 @@ def direction_attribution(
         raise ValueError(f"target position {bad[0]} is outside the sequence of {n} tokens")
     out = np.full((len(hooks), n), np.nan)
     pad = pad_id(model)
+    if targets:  # causal: tokens after the last target change nothing, so they are not run
+        keep = max(targets) + 1
+        encoded = dataclasses.replace(encoded, token_ids=encoded.token_ids[:keep], scored=encoded.scored[:keep])
     for start in range(0, len(targets), max(1, chunk_size)):
         rows = targets[start : start + chunk_size]
         batch = pad_batch([encoded] * len(rows), pad)
         logits, acts = _gradient_forward(model, batch.tokens, batch.attention_mask, hooks)
         with torch.enable_grad():
-            entropy = output_entropy(logits)  # (rows, pos)
-            picked = entropy[torch.arange(len(rows)), torch.as_tensor(rows)].sum()
+            # row r back-propagates the entropy at its own target position only
+            picked = output_entropy(logits[torch.arange(len(rows)), torch.as_tensor(rows)].unsqueeze(1)).sum()
             grads = torch.autograd.grad(picked, [acts[h] for h in hooks], allow_unused=True)
         for k, (hook, grad) in enumerate(zip(hooks, grads, strict=True)):
             if grad is None:
@@ -380,7 +384,7 @@ def exact_direction_ablation(
     return out
 
 
-def attribution_scatter_figure(result: AttributionPatching) -> go.Figure:
+def attribution_scatter_figure(result: AttributionPatching | Mapping) -> go.Figure:
     """Estimated vs exact patching effect, one point per pair x hook x group; y = x line.
 
     Points on the diagonal mean the first-order estimate is trustworthy at that layer; the title

@@ -20,6 +20,7 @@ top-5 next tokens. The scored span is underlined; every 10th position is numbere
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -153,6 +154,8 @@ def token_view_data(
     encoded = encode(model, item)
     n_total = len(encoded)
     shown = min(n_total, int(max_tokens))
+    # causal: the tokens after the view change nothing in it, so they are not run
+    encoded = dataclasses.replace(encoded, token_ids=encoded.token_ids[:shown], scored=encoded.scored[:shown])
     batch = pad_batch([encoded], pad_id(model))
     surprise, entropy, acts, top, change = _clean_and_steered(
         model, batch, list(dict.fromkeys(probe_hooks)), steering, float(strength))
