@@ -137,7 +137,8 @@ def row_seed(seed: int, sample_index: int, prompt_ids: Sequence[int]) -> int:
 def _next_tokens(
     logits: Float[Tensor, "batch vocab"], uniforms: Float[Tensor, " batch"], temperature: float
 ) -> Int[Tensor, " batch"]:
-    if not torch.isfinite(logits).all():
+    # -inf is a masked token (probability 0); NaN, +inf or a fully masked row cannot be sampled.
+    if torch.isnan(logits).any() or torch.isposinf(logits).any() or torch.isneginf(logits).all(-1).any():
         raise ValueError(
             "the model produced non-finite logits while sampling (with an intervention: use a smaller strength)"
         )

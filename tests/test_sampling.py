@@ -1,0 +1,132 @@
+"""The one sampler: exact ids, KV cache equals full forwards, seeds independent of batching, stops."""
+
+import pytest
+import torch
+
+from surprise_probe.sampling import (
+    _next_tokens,
+    chat_prompt_ids,
+    end_of_turn_ids,
+    plain_prompt_ids,
+    row_seed,
+    sample,
+)
+
+PROMPTS = ["Hello world, how are you?", "The quick brown fox", "Hi"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prompts(model):
+    return [chat_prompt_ids(model, p) for p in PROMPTS]
+
+
+def _greedy_reference(model, ids, n):
+    """Greedy continuation by a full forward of the whole sequence per new token (no cache)."""
+    tokens = torch.tensor([ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            next_id = int(model(tokens)[0, -1].argmax())
+            out.append(next_id)
+            tokens = torch.cat([tokens, torch.tensor([[next_id]])], 1)
+    return out
+
+
+def test_cached_greedy_equals_full_forward_per_token(tiny_model):
+    sampled = sample(tiny_model, _prompts(tiny_model), max_new_tokens=7, temperature=0, stop_ids=(), batch_size=3)
+    for item, ids in zip(sampled, _prompts(tiny_model), strict=True):
+        assert item.prompt_ids == ids
+        assert item.response_ids == _greedy_reference(tiny_model, ids, 7)
+
+
+def test_sampled_ids_read_back_exactly(tiny_model):
+    (item,) = sample(tiny_model, _prompts(tiny_model)[:1], max_new_tokens=6, temperature=1.0, seed=2, stop_ids=())
+    assert item.token_ids == item.prompt_ids + item.response_ids
+    assert item.scored == [False] * len(item.prompt_ids) + [True] * 6
+    # The probability the model gave each sampled token is positive (the ids are what it drew).
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([item.token_ids]))[0].float()
+    n = len(item.prompt_ids)
+    log_probs = torch.log_softmax(logits[n - 1 : -1], -1)
+    assert torch.isfinite(log_probs[torch.arange(6), torch.tensor(item.response_ids)]).all()
+
+
+def test_same_seed_same_ids_whatever_the_batching(tiny_model):
+    prompts = _prompts(tiny_model)
+    together = sample(tiny_model, prompts, n_samples=2, max_new_tokens=6, seed=5, batch_size=6)
+    one_by_one = sample(tiny_model, prompts, n_samples=2, max_new_tokens=6, seed=5, batch_size=1)
+    reordered = sample(tiny_model, prompts[::-1], n_samples=2, max_new_tokens=6, seed=5, batch_size=4)
+    assert [s.response_ids for s in together] == [s.response_ids for s in one_by_one]
+    by_key = {(tuple(s.prompt_ids), s.sample_index): s.response_ids for s in reordered}
+    assert all(by_key[(tuple(s.prompt_ids), s.sample_index)] == s.response_ids for s in together)
+    assert [(s.prompt_index, s.sample_index) for s in together] == [(p, j) for p in range(3) for j in range(2)]
+    other_seed = sample(tiny_model, prompts, n_samples=2, max_new_tokens=6, seed=6, batch_size=6)
+    assert [s.response_ids for s in other_seed] != [s.response_ids for s in together]
+    assert together[0].response_ids != together[1].response_ids  # two samples of one prompt differ
+
+
+def test_inverse_cdf_draws_the_interval_the_uniform_falls_in():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3, 0.0]])).repeat(5, 1)
+    uniforms = torch.tensor([0.1, 0.2, 0.69, 0.75, 0.9999], dtype=torch.float64)
+    assert _next_tokens(logits, uniforms, 1.0).tolist() == [0, 1, 1, 2, 2]  # token 3 (p = 0) never
+    assert _next_tokens(logits, uniforms, 0.0).tolist() == [1] * 5
+    with pytest.raises(ValueError, match="non-finite logits"):
+        _next_tokens(torch.tensor([[float("nan"), 0.0]]), uniforms[:1], 1.0)
+
+
+def test_frequencies_follow_the_tempered_softmax(tiny_hooked):
+    ids = _prompts(tiny_hooked)[2]
+    draws = sample(tiny_hooked, [ids], n_samples=400, max_new_tokens=1, temperature=0.2, stop_ids=(), batch_size=400)
+    with torch.no_grad():
+        logits = tiny_hooked(torch.tensor([ids]))[0, -1].double()
+    counts = torch.bincount(torch.tensor([d.response_ids[0] for d in draws]), minlength=len(logits)).double()
+
+    def total_variation(probs):
+        return float(0.5 * (counts / 400 - probs).abs().sum())
+
+    # Measured: 0.09 against softmax(logits / 0.2); 0.29 against softmax(logits / 0.3), the wrong temperature.
+    assert total_variation(torch.softmax(logits / 0.2, -1)) < 0.15
+    assert total_variation(torch.softmax(logits / 0.3, -1)) > 0.2
+
+
+def test_stops_at_end_of_turn_and_keeps_the_stop_id(tiny_hooked):
+    ids = _prompts(tiny_hooked)[0]
+    free = sample(tiny_hooked, [ids], max_new_tokens=8, temperature=0, stop_ids=())[0].response_ids
+    stop = free[3]
+    (item,) = sample(tiny_hooked, [ids], max_new_tokens=8, temperature=0, stop_ids={stop})
+    cut = free.index(stop)
+    assert item.response_ids == free[: cut + 1] and item.ended
+    assert item.content_ids == free[:cut]
+    assert item.scored == [False] * len(ids) + [True] * cut + [False]
+
+
+def test_end_of_turn_ids_of_the_chat_tokenizer(tiny_hooked):
+    vocab = tiny_hooked.tokenizer.get_vocab()
+    assert end_of_turn_ids(tiny_hooked) == {vocab["<|im_end|>"], vocab["<|endoftext|>"]}
+
+
+def test_forward_context_sees_one_prefill_then_steps(tiny_model):
+    phases = []
+
+    def context(phase):
+        phases.append(phase)
+        return torch.no_grad()
+
+    sample(tiny_model, _prompts(tiny_model)[:1], max_new_tokens=5, stop_ids=(), forward_context=context)
+    assert phases == ["prefill"] + ["step"] * 4
+
+
+def test_prompt_formats_and_bad_arguments(tiny_hooked):
+    text = tiny_hooked.tokenizer.decode(plain_prompt_ids(tiny_hooked, "What is 2?"))
+    assert text.endswith("Question: What is 2?\nAnswer:")
+    ids = _prompts(tiny_hooked)[0]
+    assert row_seed(0, 0, ids) != row_seed(0, 1, ids) and row_seed(0, 0, ids) == row_seed(0, 0, list(ids))
+    with pytest.raises(ValueError, match="temperature must be"):
+        sample(tiny_hooked, [ids], temperature=-1)
+    with pytest.raises(ValueError, match="exceeds n_ctx 64"):
+        sample(tiny_hooked, [ids], max_new_tokens=60)
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        sample(tiny_hooked, [ids, []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        sample(tiny_hooked, [ids], n_samples=0, max_new_tokens=4)
