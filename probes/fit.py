@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from surprise_probe.probes.plots import alpha_curve_figure, layer_sweep_figure
+from surprise_probe.probes.plots import alpha_curve_figure, layer_sweep_figure, source_figure
 from surprise_probe.probes.results import SweepResult
 from surprise_probe.probes.sweep import fit_sweep
 
@@ -59,6 +59,8 @@ class ProbeFit:
             "alphas_html": write_html(alpha_curve_figure(self.sweep), folder / "alphas.html"),
             "heldout": folder / "heldout.npz",
         }
+        if self.sweep.by_source:
+            paths["sources_html"] = write_html(source_figure(self.sweep), folder / "sources.html")
         np.savez_compressed(
             paths["heldout"], **{k.replace(":", "__"): v for k, v in self.sweep.predictions.items()}
         )
@@ -74,12 +76,18 @@ class ProbeFit:
         controls = result.controls
         best = result[result.best_hook()]
         lines = [f"target: {result.target} on {result.n_tokens} tokens in {result.n_sequences} sequences",
-                 result.to_markdown(), "", f"token-identity mean R^2: {controls['token_mean_r2']}"]
-        if controls.get("embedding_r2") is not None:
-            lines.append(f"embedding-layer probe R^2: {controls['embedding_r2']}")
+                 result.to_markdown(), "", "baselines (held-out R^2 of each control alone):",
+                 result.controls_markdown()]
         if controls.get("surprise_entropy_r") is not None:
             lines.append(f"Pearson r(input surprise, output entropy): {controls['surprise_entropy_r']}")
         lines.append(f"best hook: {best.hook} (R^2 {best.r2}, shuffle p {best.shuffle_p:.3f})")
+        for label, scores in sorted(result.by_source.items()):
+            at_best = scores.get("hooks", {}).get(best.hook)
+            if at_best is not None:
+                lines.append(
+                    f"  {label} ({scores['n_sequences']} seq, {scores['n_tokens']} tok): R^2 {at_best['r2']}, "
+                    f"calibration slope {at_best['calibration_slope']}, intercept {at_best['calibration_intercept']}"
+                )
         return "\n".join(lines)
 
 

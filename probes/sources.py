@@ -15,9 +15,35 @@ import numpy as np
 from jaxtyping import Float, Int
 from surprise_probe.probes.scoring import Estimate, SequenceBootstrap
 
-__all__ = ["calibration", "scores_by_source", "UNLABELLED"]
+from surprise_probe.jsonio import read_jsonl
+
+__all__ = ["calibration", "scores_by_source", "read_sources", "UNLABELLED"]
 
 UNLABELLED = "unlabelled"
+
+
+def read_sources(path, n_sequences: int | None = None) -> dict[int, str]:
+    """Source labels from the inputs file a capture was made from: the ``source`` key of each line.
+
+    Sequence ``i`` of a capture is the ``i``-th non-blank line of its input file; lines without a
+    ``source`` key are left unlabelled. With ``n_sequences``, a file with another number of
+    lines is refused (it is not the capture's input).
+    """
+    labels, count = {}, 0
+    for index, (number, value) in enumerate(read_jsonl(path)):
+        count += 1
+        if isinstance(value, dict) and "source" in value:
+            if not isinstance(value["source"], str) or not value["source"]:
+                raise ValueError(f"{path}:{number}: 'source' must be a non-empty string, got {value['source']!r}")
+            labels[index] = value["source"]
+    if n_sequences is not None and count != n_sequences:
+        raise ValueError(
+            f"{path} has {count} inputs but the capture has {n_sequences} sequences; "
+            "expected the input file the capture was made from"
+        )
+    if not labels:
+        raise ValueError(f"{path} has no 'source' key on any line; expected e.g. {{\"source\": \"own-sample\", ...}}")
+    return labels
 
 
 def calibration(

@@ -18,14 +18,16 @@ a covariate (``fit_sweep(run, "surprise", covariates={"local-4": target})``).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from surprise_probe.probes.targets import TokenTarget
+from surprise_probe.probes.targets import TokenTarget, load_target_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -40,6 +42,7 @@ __all__ = [
     "local_surprise",
     "other_model_surprise",
     "computed_target",
+    "resolve_target",
 ]
 
 
@@ -249,3 +252,26 @@ def computed_target(
         "n_tokens_with_value": len(target.values),
     }
     return target, info
+
+
+def resolve_target(
+    run, spec, folder: str | Path | None = None, *, load_model: Callable | None = None, progress: bool = True
+):
+    """``spec`` as ``fit_sweep`` takes it: ``local:W`` / ``model:NAME`` computed, anything else as is.
+
+    With ``folder``, a computed target is saved as ``folder/targets/<name>.npz`` (+ ``.json``) and
+    read back instead of recomputed when that file was computed on the same capture (content hash).
+    """
+    parsed = parse_target_spec(spec) if isinstance(spec, str) else None
+    if parsed is None:
+        return spec
+    capture_hash = (getattr(run, "manifest", None) or {}).get("content_hash")
+    stem = None if folder is None else Path(folder) / "targets" / parsed.name
+    if stem is not None and capture_hash is not None:
+        npz, meta = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
+        if npz.exists() and meta.exists() and json.loads(meta.read_text()).get("capture_content_hash") == capture_hash:
+            return load_target_file(npz)
+    target, info = computed_target(run, parsed, load_model=load_model, progress=progress)
+    if stem is not None:
+        target.save(stem, {**info, "capture_content_hash": capture_hash})
+    return target

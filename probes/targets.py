@@ -82,7 +82,7 @@ class TargetData:
     """The selected tokens of a run, in shard order, with their targets."""
 
     name: str
-    masks: list[Bool[np.ndarray, " shard_tokens"]]  # per shard: which of its tokens are selected
+    masks: list[np.ndarray]  # per shard (sizes differ): bool, which of its tokens are selected
     y: Float[np.ndarray, " n"]
     token_ids: Int[np.ndarray, " n"]
     sequence_ids: Int[np.ndarray, " n"]

@@ -8,14 +8,15 @@ from surprise_probe.alignment import align_values, token_char_spans
 
 def test_split_source_tokens_sum_into_one_target_token():
     # target: "Hello" | " world"; source: "He" "llo" " wor" "ld"
-    target = [[0, 5], [5, 11]]
-    source = [[0, 2], [2, 5], [5, 9], [9, 11]]
-    assert align_values(target, source, [1.0, 2.0, 3.0, 4.0]).tolist() == [3.0, 7.0]
+    target = np.array([[0, 5], [5, 11]])
+    source = np.array([[0, 2], [2, 5], [5, 9], [9, 11]])
+    assert align_values(target, source, np.array([1.0, 2.0, 3.0, 4.0])).tolist() == [3.0, 7.0]
 
 
 def test_merged_source_token_is_shared_by_characters():
     # target: "Hel" | "lo"; source: "Hello" with value 5
-    assert align_values([[0, 3], [3, 5]], [[0, 5]], [5.0]).tolist() == pytest.approx([3.0, 2.0])
+    out = align_values(np.array([[0, 3], [3, 5]]), np.array([[0, 5]]), np.array([5.0]))
+    assert out.tolist() == pytest.approx([3.0, 2.0])
 
 
 def test_straddling_tokens_and_total_is_preserved():
@@ -36,24 +37,24 @@ def test_straddling_tokens_and_total_is_preserved():
 
 
 def test_zero_width_and_missing_values():
-    target = [[0, 3], [3, 3], [3, 6]]  # the middle token holds part of a character: empty span
+    target = np.array([[0, 3], [3, 3], [3, 6]])  # the middle token holds part of a character: empty span
     # a BOS with no value at 0 (skipped), a zero-width token at 4 (goes to the token holding char 3)
-    source = [[0, 0], [4, 4], [0, 4], [4, 6]]
-    out = align_values(target, source, [np.nan, 1.5, 4.0, 2.0])
+    source = np.array([[0, 0], [4, 4], [0, 4], [4, 6]])
+    out = align_values(target, source, np.array([np.nan, 1.5, 4.0, 2.0]))
     assert out[0] == pytest.approx(4.0 * 3 / 4)
     assert np.isnan(out[1])  # empty span
     assert out[2] == pytest.approx(1.5 + 4.0 * 1 / 4 + 2.0)
-    assert align_values(target, source, [0.5, 1.5, 4.0, 2.0])[0] == pytest.approx(0.5 + 3.0)  # BOS at char 0
+    assert align_values(target, source, np.array([0.5, 1.5, 4.0, 2.0]))[0] == pytest.approx(0.5 + 3.0)  # BOS: char 0
     # a missing value on a token with characters makes every target token it touches missing
-    missing = align_values(target, source, [0.5, 1.5, np.nan, 2.0])
+    missing = align_values(target, source, np.array([0.5, 1.5, np.nan, 2.0]))
     assert np.isnan(missing[0]) and np.isnan(missing[2])
 
 
-def test_bad_spans_are_refused():
+def test_bad_spans_are_refused(unchecked_shapes):
     with pytest.raises(ValueError, match="one value per span"):
-        align_values([[0, 1]], [[0, 1], [1, 2]], [1.0])
+        align_values(np.array([[0, 1]]), np.array([[0, 1], [1, 2]]), np.array([1.0]))
     with pytest.raises(ValueError, match=r"source span 0 is \[3, 1\]"):
-        align_values([[0, 4]], [[3, 1]], [1.0])
+        align_values(np.array([[0, 4]]), np.array([[3, 1]]), np.array([1.0]))
 
 
 def test_char_spans_of_a_byte_level_tokenizer_on_unicode(tiny_tokenizer):

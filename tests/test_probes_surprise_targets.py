@@ -88,3 +88,34 @@ def test_target_specs_are_parsed_and_checked():
         parse_target_spec("local:0")
     with pytest.raises(ValueError, match="expected model:NAME"):
         parse_target_spec("model:")
+
+
+def test_cli_fit_with_sources_and_a_residualizing_target_file(tiny_hooked, tmp_path, capsys):
+    import json
+
+    from surprise_probe.cli import main
+
+    texts = [f"{TINY_CORPUS[i % 6]} {TINY_CORPUS[(5 * i + 1) % 6]}" for i in range(12)]
+    folder = tmp_path / "capture"
+    run = sp.capture(tiny_hooked, texts, out_dir=folder, progress=False)
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"text": t, "source": "own" if i % 2 else "human"}) + "\n"
+                              for i, t in enumerate(texts)))
+    local, info = computed_target(run, "local:2", load_model=lambda name: tiny_hooked, progress=False)
+    local_file = local.save(tmp_path / "local-2", info)["npz"]
+    out = tmp_path / "fit"
+    args = ["fit", "--activations", str(folder), "--out", str(out), "--folds", "3", "--shuffles", "2",
+            "--n-boot", "30", "--no-progress", "--sources", str(inputs), "--residualize-on", str(local_file)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "position (sequence and scored span) R^2" in printed and "covariate local-2 R^2" in printed
+    payload = json.loads((out / "sweep.json").read_text())
+    assert set(payload["by_source"]) == {"own", "human"}
+    assert "local-2" in payload["controls"]["covariate_r2"]
+    assert (out / "sources.html").exists()
+    bad = tmp_path / "short.jsonl"
+    bad.write_text(json.dumps({"text": "x", "source": "own"}) + "\n")
+    assert main([*args[:4], str(tmp_path / "fit2"), *args[5:-4], "--sources", str(bad)]) == 2
+    assert "has 1 inputs but the capture has 12 sequences" in capsys.readouterr().err
+    assert main([*args[:4], str(tmp_path / "fit3"), "--residualize-on", "local:x"]) == 2
+    assert "the window of local:W must be an integer >= 1" in capsys.readouterr().err

@@ -16,9 +16,17 @@ from surprise_probe.commands._common import (
 )
 from surprise_probe.outputs import claim_output
 from surprise_probe.probes.fit import fit_probes
+from surprise_probe.probes.sources import read_sources
+from surprise_probe.probes.surprise_targets import parse_target_spec, resolve_target
+from surprise_probe.probes.sweep import RESERVED_CONTROLS
 from surprise_probe.store import load_capture
 
 __all__ = ["add_parser", "run"]
+
+
+def _covariate_name(spec: str) -> str:
+    parsed = parse_target_spec(spec)
+    return parsed.name if parsed is not None else Path(spec).stem
 
 
 def add_parser(subparsers) -> None:
@@ -34,8 +42,16 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--activations", required=True, type=Path, help="capture folder (surprise-probe capture --out)")
     parser.add_argument("--target", default="surprise",
-                        help="'surprise' (input surprise), 'entropy' (output entropy), or a .npy/.npz file of "
-                             "per-token values keyed by (sequence_id, position) (see docs/probes.md)")
+                        help="'surprise' (input surprise), 'entropy' (output entropy), 'local:W' (the same model's "
+                             "surprise given only the last W tokens), 'model:NAME' (another model's surprise on the "
+                             "same text, aligned by characters), or a .npy/.npz file of per-token values keyed by "
+                             "(sequence_id, position) (see docs/probes.md); computed targets are saved in OUT/targets/")
+    parser.add_argument("--residualize-on", nargs="+", default=[], metavar="SPEC",
+                        help="also fit the probe on the target minus what each of these predicts (learned on the "
+                             "training folds): 'local:W', 'model:NAME' or a target file, e.g. local:4 model:gemma-3-270m")
+    parser.add_argument("--sources", type=Path,
+                        help="the .jsonl the capture was made from; its 'source' keys (e.g. own-sample, human) split "
+                             "the held-out R^2 and calibration by source")
     add_out_argument(parser, "output folder")
     parser.add_argument("--hooks", nargs="+", help="hooks to fit (default: every captured hook)")
     parser.add_argument("--alphas", nargs="+", type=float, help="ridge penalties (default: 17 values, 1e-2..1e6)")
@@ -58,9 +74,18 @@ def run(args) -> int:
                 raise ValueError(f"--folds must be >= 2 for cross-validation, got {args.folds}")
             if args.alphas is not None and not all(a > 0 and a < float("inf") for a in args.alphas):
                 raise ValueError(f"--alphas must be positive finite ridge penalties, got {args.alphas}")
-            if args.target not in ("surprise", "entropy") and not Path(args.target).is_file():
-                raise ValueError(f"--target {args.target!r} is neither 'surprise', 'entropy' nor an existing .npy/.npz file")
+            for flag, spec in [("--target", args.target)] + [("--residualize-on", s) for s in args.residualize_on]:
+                builtin = flag == "--target" and spec in ("surprise", "entropy")
+                if not builtin and parse_target_spec(spec) is None and not Path(spec).is_file():
+                    named = "'surprise', 'entropy'" if flag == "--target" else "local:W, model:NAME"
+                    raise ValueError(f"{flag} {spec!r} is neither {named} nor an existing .npy/.npz file "
+                                     "(see --help for local:W and model:NAME)")
+            covariate_names = [_covariate_name(spec) for spec in args.residualize_on]
+            if len(set(covariate_names)) != len(covariate_names) or set(covariate_names) & set(RESERVED_CONTROLS):
+                raise ValueError(f"--residualize-on names must be distinct and not {list(RESERVED_CONTROLS)}, "
+                                 f"got {covariate_names}")
             capture = load_capture(args.activations)
+            sources = read_sources(args.sources, capture.n_sequences) if args.sources else None
             missing = [hook for hook in args.hooks or [] if hook not in capture.hooks]
             if missing:
                 raise ValueError(f"hook {missing[0]!r} was not captured; captured hooks: {capture.hooks}")
@@ -71,10 +96,14 @@ def run(args) -> int:
         if claim.finished:
             print(f"{args.out} already holds this fit (same settings); nothing to do")
             return 0
+        progress = not args.no_progress
+        target = resolve_target(capture, args.target, args.out, progress=progress)
+        covariates = {name: resolve_target(capture, spec, args.out, progress=progress)
+                      for name, spec in zip(covariate_names, args.residualize_on, strict=True)}
         result = fit_probes(
-            capture, args.target, hooks=args.hooks, verify=not args.no_verify, config=command_config(args),
+            capture, target, hooks=args.hooks, verify=not args.no_verify, config=command_config(args),
             alphas=args.alphas, n_folds=args.folds, seed=args.seed, n_shuffles=args.shuffles, n_boot=args.n_boot,
-            nested=not args.no_nested, progress=not args.no_progress,
+            nested=not args.no_nested, covariates=covariates, sources=sources, progress=progress,
         )
         paths = result.save(args.out)
         claim.finish({"capture_content_hash": capture.manifest.get("content_hash")})
