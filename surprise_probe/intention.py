@@ -332,6 +332,7 @@ class ModelIntention:
     readout: dict
     prefill: dict
     seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -384,7 +385,8 @@ class IntentionResult:
         for m in self.models:
             te, ms = m.topic_entropy, m.modal_share
             lines.append(f"{m.model_id} ({m.prompt_format} format, {te['n_prompts']} prompts, "
-                         f"{te['n_rows']} phrasings, {te['n_samples']} samples)")
+                         f"{te['n_rows']} phrasings, {te['n_samples']} samples; {m.seconds:.0f} s: "
+                         + ", ".join(f"{k} {v:.0f} s" for k, v in m.stage_seconds.items()) + ")")
             lines.append(f"  topic entropy at k=0: {te['value']:.3f} [{te['low']:.3f}, {te['high']:.3f}] nats "
                          f"(uniform over the lexicon, same n: {m.uniform_reference:.3f}); modal share "
                          f"{ms['value']:.2f} [{ms['low']:.2f}, {ms['high']:.2f}]; other {m.bucket_shares['other']:.2f}")
@@ -464,6 +466,13 @@ def _analyze_model(model, prompts, config: IntentionConfig, root: Path | None, p
     group_names = sorted({p.group for p in prompts})
     groups = np.array([group_names.index(p.group) for p in prompts])
     stages = tqdm(total=4, desc=f"intention {name}", unit="stage", disable=not progress)
+    timings, clock = {}, time.perf_counter()
+
+    def done(stage: str) -> None:
+        nonlocal clock
+        timings[stage] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+        stages.update(1)
 
     # 1. k = 0 samples
     k0 = cache.get("k0")
@@ -473,7 +482,7 @@ def _analyze_model(model, prompts, config: IntentionConfig, root: Path | None, p
                          progress=progress)
         k0 = _sample_records(model, samples, lambda s: labellers[s.prompt_index])
         cache.put("k0", k0)
-    stages.update(1)
+    done("k0_sampling")
     per_row = [[r for r in k0 if r["row"] == i] for i in range(len(prompts))]
     rows = [_row_summary(p, recs) for p, recs in zip(prompts, per_row, strict=True)]
     codebook = sorted({*(t for p in prompts for t in p.topics), AMBIGUOUS, OTHER})
@@ -525,23 +534,23 @@ def _analyze_model(model, prompts, config: IntentionConfig, root: Path | None, p
             commitment.append({"k": k, **point, "n_references_too_short": len(followups) - len(usable)})
         else:
             commitment.append({"k": k, "value": None, "n_rows": 0, "n_references_too_short": len(followups)})
-    stages.update(1)
+    done("commitment")
 
     # 3. pre-response decoding
     readout = _readout(model, prompts, prompt_ids, rows, groups, config)
-    stages.update(1)
+    done("readout")
 
     # 4. prefill violation
     prefill = _prefill(model, prompts, prompt_ids, rows, per_row, followups, groups, labellers, config, cache,
                        progress)
-    stages.update(1)
+    done("prefill")
     stages.close()
     return ModelIntention(
         model_id=name, prompt_format=prompt_format, n_layers=int(model.cfg.n_layers), rows=rows,
         topic_entropy={k: v for k, v in entropy_k0.items() if k != "per_row"},
         modal_share={k: v for k, v in modal.items() if k != "per_row"},
         bucket_shares=buckets, uniform_reference=uniform, commitment=commitment, readout=readout,
-        prefill=prefill,
+        prefill=prefill, stage_seconds=timings,
     )
 
 
