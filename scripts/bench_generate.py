@@ -1,0 +1,97 @@
+"""Sampled tokens per second: the toolkit's sampler against Hugging Face ``generate``, in one run.
+
+Same weights (the embedded model's float32 Hugging Face folder, loaded into TransformerLens for
+ours and as a plain ``AutoModelForCausalLM`` for Hugging Face), same prompts (left-padded chat
+prompts), same settings: pure temperature sampling (``top_k=0``, ``top_p=1``), exactly
+``--max-new-tokens`` new tokens per row (no early stop on either side), KV cache on both. The two
+run alternately, best of ``--repeats``, so machine load affects both alike. Prints and writes
+``bench_generate.json`` with the ratio ours / Hugging Face (target >= 0.8).
+
+    flock /tmp/sp-model.lock .venv/bin/python scripts/bench_generate.py --out /tmp/bench-generate
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from surprise_probe.io import builtin_prompts
+from surprise_probe.jsonio import software_versions, write_json
+from surprise_probe.models import EMBEDDED_MODELS, embedded_folder, load_model
+from surprise_probe.sampling import chat_prompt_ids, sample
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", choices=sorted(EMBEDDED_MODELS))
+    parser.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"],
+                        help="TransformerLens backend of our side")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoModelForCausalLM
+
+    ours = load_model(args.model, device="cpu", backend=args.backend)
+    hf = AutoModelForCausalLM.from_pretrained(embedded_folder(args.model), dtype=torch.float32).eval()
+    prompts = [chat_prompt_ids(ours, p["prompt"]) for p in builtin_prompts()[: args.batch_size]]
+    width = max(len(p) for p in prompts)
+    pad = ours.tokenizer.pad_token_id if ours.tokenizer.pad_token_id is not None else ours.tokenizer.eos_token_id
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    n_tokens = len(prompts) * args.max_new_tokens
+
+    def run_ours() -> float:
+        started = time.perf_counter()
+        out = sample(ours, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     stop_ids=(), batch_size=len(prompts))
+        elapsed = time.perf_counter() - started
+        assert sum(len(s.response_ids) for s in out) == n_tokens
+        return elapsed
+
+    def run_hf() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                              temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                              min_new_tokens=args.max_new_tokens, pad_token_id=pad, use_cache=True)
+        elapsed = time.perf_counter() - started
+        assert out.shape[1] - width == args.max_new_tokens
+        return elapsed
+
+    run_ours(), run_hf()  # warm-up (allocator, kernels)
+    times = {"ours": [], "hf": []}
+    for _ in tqdm(range(args.repeats), desc="repeats"):
+        times["ours"].append(run_ours())
+        times["hf"].append(run_hf())
+    best = {k: min(v) for k, v in times.items()}
+    rate = {k: n_tokens / v for k, v in best.items()}
+    result = {
+        "model": args.model, "backend": type(ours).__name__, "batch_size": len(prompts),
+        "prompt_tokens_max": width, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "threads": args.threads, "repeats": args.repeats, "seconds": times,
+        "tokens_per_second": rate, "ratio_ours_over_hf": rate["ours"] / rate["hf"],
+        "software_versions": software_versions(),
+    }
+    write_json(args.out / "bench_generate.json", result)
+    print(f"{args.model} ({type(ours).__name__}), batch {len(prompts)} x {args.max_new_tokens} new tokens, "
+          f"T={args.temperature}, {args.threads} threads, best of {args.repeats}:")
+    print(f"  ours {rate['ours']:.1f} tok/s   Hugging Face generate {rate['hf']:.1f} tok/s   "
+          f"ratio {result['ratio_ours_over_hf']:.2f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
