@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from surprise_probe import distributed
 from surprise_probe.capture import capture, default_hooks, resolve_hooks, token_metrics
 from surprise_probe.chat import encode_conversation
 from surprise_probe.inputs import encode, pad_batch
@@ -23,6 +24,7 @@ from surprise_probe.store import Capture, hook_depth, load_capture
 __all__ = [
     "__version__",
     "load_model",
+    "distributed",
     "model_id",
     "available_models",
     "token_metrics",
