@@ -195,3 +195,30 @@ def test_span_positions_count_scored_tokens_before():
     scored = np.array([0, 1, 1, 0, 1, 1, 1, 1], bool)
     sequence_ids = np.array([0, 0, 0, 0, 0, 1, 1, 1])
     assert span_positions(scored, sequence_ids).tolist() == [0, 0, 1, 2, 2, 0, 1, 2]
+
+
+def test_layer_sweep_figure_shows_each_control_with_its_own_colour_and_dash():
+    from surprise_probe.probes.plots import layer_sweep_figure, source_figure
+
+    rng, cols = columns(9)
+    n = N_SEQ * LENGTH
+    y = position_target(cols["positions"]) + rng.normal(size=n)
+    table = TokenTarget("c", cols["sequence_ids"], cols["positions"], y + rng.normal(size=n))
+    result = fit_sweep(
+        capture(y, rng.normal(size=(n, D)), cols), covariates={"c": table},
+        sources={s: "a" if s % 2 else "b" for s in range(N_SEQ)}, n_shuffles=2, n_boot=50, progress=False,
+    )
+    traces = {t.name: t for t in layer_sweep_figure(result).data if t.showlegend is not False}
+    styles = {}
+    for name in ("position", "bigram", "c"):
+        baseline = next(t for label, t in traces.items() if label.endswith(": baseline") and
+                        (name in label if name != "c" else label == "covariate c: baseline"))
+        curve = traces[f"probe on target minus {name} baseline"]
+        assert baseline.line.color == curve.line.color  # one colour per control
+        assert curve.line.dash == "dot" and baseline.line.dash not in ("dot", "solid", None)
+        assert baseline.y[0] == pytest.approx(result.controls[f"{name}_r2"].value if name != "c"
+                                              else result.controls["covariate_r2"]["c"].value)
+        styles[name] = (baseline.line.color, baseline.line.dash)
+    assert len(set(styles.values())) == 3
+    names = {t.name for t in source_figure(result).data}
+    assert any(name.startswith("a (40 seq") for name in names) and any(name.startswith("b (") for name in names)
