@@ -1,5 +1,7 @@
 """The one sampler: exact ids, KV cache equals full forwards, seeds independent of batching, stops."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -130,3 +132,24 @@ def test_prompt_formats_and_bad_arguments(tiny_hooked):
         sample(tiny_hooked, [ids, []], max_new_tokens=4)
     with pytest.raises(ValueError, match="must be >= 1"):
         sample(tiny_hooked, [ids], n_samples=0, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("steer", ["response", "all"])
+def test_steered_generation_with_the_cache_equals_steering_full_forwards(tiny_model, steer):
+    from surprise_probe.interventions import Steer, apply_all, generate
+    from surprise_probe.interventions.generation import prompt_ids
+
+    direction = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    steering = Steer(hooks="blocks.0.hook_resid_post", direction=direction, strength=30.0)
+    prompt = [{"role": "user", "content": "Hello world, how are you today?"}]
+    got = generate(tiny_model, prompt, steering, max_new_tokens=5, temperature=0, steer=steer, stop_at_eos=False)
+    ids = prompt_ids(tiny_model, prompt).tolist()
+    n_prompt, tokens = len(ids), torch.tensor([ids])
+    positions = slice(n_prompt - 1, None) if steer == "response" else None
+    with torch.no_grad(), apply_all(tiny_model, [replace(steering, positions=positions)]):
+        for _ in range(5):  # reference: the whole sequence re-read and re-steered per token
+            next_id = tiny_model(tokens)[0, -1].argmax()
+            tokens = torch.cat([tokens, next_id.view(1, 1)], 1)
+    assert got[0].token_ids == tokens[0, n_prompt:].tolist()
+    plain = generate(tiny_model, prompt, max_new_tokens=5, temperature=0, stop_at_eos=False)
+    assert plain[0].token_ids != got[0].token_ids  # the steering changed what was sampled
