@@ -60,9 +60,16 @@ def build_tiny_study(out: Path) -> Path:
     return out
 
 
+_BUILT: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, one_thread) -> Path:
-    return build_tiny_study(tmp_path_factory.mktemp("study"))
+    """Built once per test session (tests/test_browser.py uses it too)."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _BUILT:
+        _BUILT[key] = build_tiny_study(tmp_path_factory.mktemp("study"))
+    return _BUILT[key]
 
 
 def test_report_is_one_self_contained_page(tiny_study):
