@@ -1,8 +1,11 @@
 """Controls for probe results that need no activations, each learned on the training folds only.
 
-Every function returns an ``(n, k)`` array: column ``f`` is the prediction of the control fitted
-on the tokens outside fold ``f``, so the out-of-fold prediction of token ``i`` is
-``result[i, folds[i]]`` and the residual target of fold ``f``'s training set is ``y - result[:, f]``.
+Each control is a *fitter*: a function from a boolean mask of training tokens to predictions for
+every token. :func:`fold_predictions` turns one into an ``(n, k)`` array whose column ``f`` is
+the control fitted on the tokens outside fold ``f`` (the out-of-fold prediction of token ``i`` is
+``result[i, folds[i]]``); :func:`cross_fitted_predictions` gives the residual targets a probe is
+trained on (the control's prediction for each training token from data without that token's fold).
+The ``*_predictions`` functions are :func:`fold_predictions` of each fitter.
 
 - :func:`token_mean_predictions`: mean target per token type (unigram); unseen types back off to
   the training mean.
@@ -16,11 +19,20 @@ on the tokens outside fold ``f``, so the out-of-fold prediction of token ``i`` i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from surprise_probe.probes.ridge import RidgeStats, solve_ridge
 
 __all__ = [
+    "Fitter",
+    "token_mean_fitter",
+    "bigram_mean_fitter",
+    "position_fitter",
+    "covariate_fitter",
+    "fold_predictions",
+    "cross_fitted_predictions",
     "token_mean_predictions",
     "bigram_mean_predictions",
     "position_predictions",
@@ -40,34 +52,103 @@ POSITION_EDGES = np.array(
 _CONTROL_ALPHA = 1e-3  # ridge penalty of the position/covariate controls: resolves the collinear one-hot sets, shrinks almost nothing
 
 
-def _group_mean_predictions(
-    groups: Int[np.ndarray, " n"],
-    y: Float[np.ndarray, " n"],
-    folds: Int[np.ndarray, " n"],
-    n_folds: int,
-    fallback: Float[np.ndarray, "n k"],
-) -> Float[np.ndarray, "n k"]:
-    """Mean of ``y`` per group on the training folds; groups unseen there take ``fallback``."""
+Fitter = Callable[[Bool[np.ndarray, " n"]], Float[np.ndarray, " n"]]
+
+
+def _group_mean_fitter(groups: Int[np.ndarray, " n"], y: Float[np.ndarray, " n"], fallback: Fitter) -> Fitter:
+    """Mean of ``y`` per group on the training rows; groups unseen there take ``fallback``."""
     n_groups = int(groups.max()) + 1 if len(groups) else 0
-    sums = np.zeros((n_folds, n_groups))
-    counts = np.zeros((n_folds, n_groups))
-    for fold in range(n_folds):
-        inside = folds == fold
-        sums[fold] = np.bincount(groups[inside], weights=y[inside], minlength=n_groups)
-        counts[fold] = np.bincount(groups[inside], minlength=n_groups)
-    out = np.empty((len(y), n_folds))
-    for fold in range(n_folds):
-        train_sums, train_counts = sums.sum(0) - sums[fold], counts.sum(0) - counts[fold]
+
+    def fit(train):
+        sums = np.bincount(groups[train], weights=y[train], minlength=n_groups)
+        counts = np.bincount(groups[train], minlength=n_groups)
         with np.errstate(invalid="ignore", divide="ignore"):
-            means = train_sums / train_counts
-        seen = train_counts[groups] > 0
-        out[:, fold] = np.where(seen, means[groups], fallback[:, fold])
+            means = sums / counts
+        return np.where(counts[groups] > 0, means[groups], fallback(train))
+
+    return fit
+
+
+def _global_mean_fitter(y: Float[np.ndarray, " n"]) -> Fitter:
+    return lambda train: np.full(len(y), y[train].mean())
+
+
+def token_mean_fitter(token_ids: Int[np.ndarray, " n"], y: Float[np.ndarray, " n"]) -> Fitter:
+    """Mean target per token type on the training rows (unseen types: the training mean)."""
+    _, groups = np.unique(token_ids, return_inverse=True)
+    return _group_mean_fitter(groups.reshape(-1), np.asarray(y, np.float64), _global_mean_fitter(y))
+
+
+def bigram_mean_fitter(
+    previous_ids: Int[np.ndarray, " n"], token_ids: Int[np.ndarray, " n"], y: Float[np.ndarray, " n"]
+) -> Fitter:
+    """Mean target per (previous, current) token pair; unseen pairs: the token-type mean, then the training mean."""
+    pairs = np.stack([np.asarray(previous_ids, np.int64), np.asarray(token_ids, np.int64)], axis=1)
+    _, groups = np.unique(pairs, axis=0, return_inverse=True)
+    return _group_mean_fitter(groups.reshape(-1), np.asarray(y, np.float64), token_mean_fitter(token_ids, y))
+
+
+def _ridge_fitter(features_for, y: Float[np.ndarray, " n"]) -> Fitter:
+    """Ridge (raw features, unpenalised intercept) fitted on the training rows; ``features_for(train)``."""
+    y = np.asarray(y, np.float64)
+
+    def fit(train):
+        features = features_for(train)
+        stats = RidgeStats(
+            features.shape[1], 1, shift_x=features[train].mean(0), shift_y=np.array([y[train].mean()])
+        ).update(features[train], y[train])
+        solution = solve_ridge(stats, [_CONTROL_ALPHA], standardize=False)
+        return features @ solution.coef[0, 0] + solution.intercept[0, 0]
+
+    return fit
+
+
+def position_fitter(
+    positions: Int[np.ndarray, " n"], span_positions: Int[np.ndarray, " n"], y: Float[np.ndarray, " n"]
+) -> Fitter:
+    """Ridge (alpha 1e-3) on :func:`position_features`: about the mean target per position bin."""
+    features = position_features(positions, span_positions)
+    return _ridge_fitter(lambda train: features, y)
+
+
+def covariate_fitter(covariate: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"], n_bins: int = 20) -> Fitter:
+    """Ridge on the covariate and one-hot bins at its training quantiles (linear plus step function)."""
+    covariate = np.asarray(covariate, np.float64)
+
+    def features(train):
+        edges = np.unique(np.quantile(covariate[train], np.linspace(0, 1, n_bins + 1)[:-1]))
+        bins = np.clip(np.searchsorted(edges, covariate, side="right") - 1, 0, len(edges) - 1)
+        one_hot = np.zeros((len(covariate), len(edges)))
+        one_hot[np.arange(len(covariate)), bins] = 1.0
+        return np.concatenate([covariate[:, None], one_hot], axis=1)
+
+    return _ridge_fitter(features, y)
+
+
+def fold_predictions(fit: Fitter, folds: Int[np.ndarray, " n"], n_folds: int) -> Float[np.ndarray, "n k"]:
+    """Column ``f``: the control fitted on the tokens outside fold ``f``, predicting every token."""
+    return np.stack([fit(folds != fold) for fold in range(n_folds)], axis=1)
+
+
+def cross_fitted_predictions(fit: Fitter, folds: Int[np.ndarray, " n"], n_folds: int) -> Float[np.ndarray, "n k"]:
+    """Column ``f``: each token's control prediction from data that excludes fold ``f`` and its own fold.
+
+    On fold ``f`` this is :func:`fold_predictions` (the held-out prediction); on another fold
+    ``g`` it comes from the control fitted outside folds ``f`` and ``g``. So the residual targets
+    a probe is trained on (column ``f`` on the training folds) are residuals on data the control
+    did not see, like the residuals it is scored on, instead of in-sample residuals (which are
+    exactly 0 for a pair or type seen once). Needs ``n_folds >= 3``; with 2 folds the training
+    residuals are in-sample.
+    """
+    out = fold_predictions(fit, folds, n_folds)
+    if n_folds < 3:
+        return out
+    for f in range(n_folds):
+        for g in range(n_folds):
+            if g != f:
+                rows = folds == g
+                out[rows, f] = fit((folds != f) & (folds != g))[rows]
     return out
-
-
-def _training_means(y, folds, n_folds) -> Float[np.ndarray, "n k"]:
-    means = [y[folds != fold].mean() for fold in range(n_folds)]
-    return np.broadcast_to(np.asarray(means), (len(y), n_folds)).copy()
 
 
 def token_mean_predictions(
@@ -85,10 +166,7 @@ def token_mean_predictions(
     >>> token_mean_predictions(np.array([9, 9, 9, 4]), y, folds, 2).tolist()
     [[3.0, 3.0], [3.0, 3.0], [3.0, 3.0], [7.0, 3.0]]
     """
-    _, groups = np.unique(token_ids, return_inverse=True)
-    return _group_mean_predictions(
-        groups.reshape(-1), y, folds, n_folds, _training_means(y, folds, n_folds)
-    )
+    return fold_predictions(token_mean_fitter(token_ids, y), folds, n_folds)
 
 
 def bigram_mean_predictions(
@@ -108,10 +186,7 @@ def bigram_mean_predictions(
     >>> bigram_mean_predictions(prev, cur, y, folds, 2)[[0, 1, 4], [0, 0, 1]].tolist()   # pair, pair, unseen -> unigram
     [1.0, 9.0, 5.0]
     """
-    pairs = np.stack([np.asarray(previous_ids, np.int64), np.asarray(token_ids, np.int64)], axis=1)
-    _, groups = np.unique(pairs, axis=0, return_inverse=True)
-    unigram = token_mean_predictions(token_ids, y, folds, n_folds)
-    return _group_mean_predictions(groups.reshape(-1), y, folds, n_folds, unigram)
+    return fold_predictions(bigram_mean_fitter(previous_ids, token_ids, y), folds, n_folds)
 
 
 def _one_hot(values: Int[np.ndarray, " n"], edges: np.ndarray) -> Float[np.ndarray, "n b"]:
@@ -131,22 +206,6 @@ def position_features(
     )
 
 
-def _fold_ridge(
-    features_for_fold, y: Float[np.ndarray, " n"], folds: Int[np.ndarray, " n"], n_folds: int
-) -> Float[np.ndarray, "n k"]:
-    """Column ``f``: ridge (raw features, unpenalised intercept) fitted outside fold ``f``."""
-    out = np.empty((len(y), n_folds))
-    for fold in range(n_folds):
-        features = features_for_fold(fold)
-        train = folds != fold
-        stats = RidgeStats(
-            features.shape[1], 1, shift_x=features[train].mean(0), shift_y=np.array([y[train].mean()])
-        ).update(features[train], y[train])
-        solution = solve_ridge(stats, [_CONTROL_ALPHA], standardize=False)
-        out[:, fold] = features @ solution.coef[0, 0] + solution.intercept[0, 0]
-    return out
-
-
 def position_predictions(
     positions: Int[np.ndarray, " n"],
     span_positions: Int[np.ndarray, " n"],
@@ -164,8 +223,7 @@ def position_predictions(
     >>> bool(np.abs(pred[np.arange(200), folds] - y).max() < 0.02)
     True
     """
-    features = position_features(positions, span_positions)
-    return _fold_ridge(lambda fold: features, np.asarray(y, np.float64), folds, n_folds)
+    return fold_predictions(position_fitter(positions, span_positions, y), folds, n_folds)
 
 
 def covariate_predictions(
@@ -180,17 +238,7 @@ def covariate_predictions(
     Features: the covariate itself and one-hot bins at its training-fold quantiles (a linear
     plus step function, so a monotone but curved relation is captured too).
     """
-    covariate = np.asarray(covariate, np.float64)
-
-    def features(fold: int) -> np.ndarray:
-        train = covariate[folds != fold]
-        edges = np.unique(np.quantile(train, np.linspace(0, 1, n_bins + 1)[:-1]))
-        bins = np.clip(np.searchsorted(edges, covariate, side="right") - 1, 0, len(edges) - 1)
-        one_hot = np.zeros((len(covariate), len(edges)))
-        one_hot[np.arange(len(covariate)), bins] = 1.0
-        return np.concatenate([covariate[:, None], one_hot], axis=1)
-
-    return _fold_ridge(features, np.asarray(y, np.float64), folds, n_folds)
+    return fold_predictions(covariate_fitter(covariate, y, n_bins), folds, n_folds)
 
 
 def previous_token_ids(

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 from surprise_probe.probes.controls import (
-    bigram_mean_predictions,
-    covariate_predictions,
-    position_predictions,
-    token_mean_predictions,
+    bigram_mean_fitter,
+    covariate_fitter,
+    cross_fitted_predictions,
+    position_fitter,
+    token_mean_fitter,
 )
 from surprise_probe.probes.folds import assign_folds
 from surprise_probe.probes.results import (
@@ -238,8 +239,8 @@ def _accumulate(
         for job in jobs:
             job.result()  # re-raises the first error (e.g. non-finite activations)
     if distributed.is_distributed():
-        for fold_stats in stats.values():
-            _all_reduce_stats(fold_stats)
+        for hook in hooks:  # the same order on every rank (threads fill `stats` in any order)
+            _all_reduce_stats(stats[hook])
     return stats
 
 
@@ -351,19 +352,15 @@ def fit_sweep(
              "seed": seed, "n_shuffles": n_shuffles, "nested": nested, "standardize": standardize},
             "fit input",
         )
-    control_fits = {
-        "token": token_mean_predictions(data.token_ids, data.y, folds, n_folds),
-        "position": position_predictions(
-            data.positions, data.span_positions, data.y, folds, n_folds
-        ),
-        "bigram": bigram_mean_predictions(
-            data.previous_ids, data.token_ids, data.y, folds, n_folds
-        ),
-        **{
-            name: covariate_predictions(values, data.y, folds, n_folds)
-            for name, values in covariate_values.items()
-        },
+    fitters = {
+        "token": token_mean_fitter(data.token_ids, data.y),
+        "position": position_fitter(data.positions, data.span_positions, data.y),
+        "bigram": bigram_mean_fitter(data.previous_ids, data.token_ids, data.y),
+        **{name: covariate_fitter(values, data.y) for name, values in covariate_values.items()},
     }
+    # column f of each: on fold f the held-out prediction, on the other folds a prediction from
+    # data without fold f and the token's own fold, so training residuals are not in-sample
+    control_fits = {name: cross_fitted_predictions(fit, folds, n_folds) for name, fit in fitters.items()}
     rows = np.arange(data.n_tokens)
     oof = {name: fit[rows, folds] for name, fit in control_fits.items()}
     rng = np.random.default_rng(seed + 1)
@@ -521,6 +518,8 @@ def fit_sweep(
         "standardize": standardize,
         "folds": "grouped by sequence id (seeded permutation, round-robin)",
         "controls": {
+            "residual_training_targets": "cross-fitted: each training token's control prediction comes from "
+            "folds other than the held-out fold and its own (needs >= 3 folds)",
             "token": "mean target per token type on the training folds (unseen -> training mean)",
             "position": "ridge (alpha 1e-3) on one-hot bins of position in sequence and in scored span",
             "bigram": "mean target per (previous, current) token pair (unseen -> token type -> training mean)",

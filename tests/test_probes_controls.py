@@ -222,3 +222,31 @@ def test_layer_sweep_figure_shows_each_control_with_its_own_colour_and_dash():
     assert len(set(styles.values())) == 3
     names = {t.name for t in source_figure(result).data}
     assert any(name.startswith("a (40 seq") for name in names) and any(name.startswith("b (") for name in names)
+
+
+def test_training_residuals_are_cross_fitted_not_in_sample():
+    # every token its own type: an in-sample type mean is the token's own value (residual 0), so a probe
+    # trained on in-sample residuals would learn nothing; cross-fitted residuals keep the signal
+    rng, cols = columns(10)
+    n = N_SEQ * LENGTH
+    cols["token_ids"] = np.arange(n)
+    signal = rng.normal(size=(n, D))
+    y = signal @ rng.normal(size=D) + 0.1 * rng.normal(size=n)
+    result = fit_sweep(capture(y, signal, cols), n_shuffles=0, n_boot=50, progress=False)
+    assert result.controls["token_mean_r2"].value < 0.01  # every held-out type is unseen
+    assert result[HOOK].residual_r2.value > 0.95
+    assert result[HOOK].beyond_r2["bigram"].value > 0.95
+
+
+def test_cross_fitted_predictions_match_a_loop():
+    from surprise_probe.probes.controls import cross_fitted_predictions, token_mean_fitter
+
+    rng = np.random.default_rng(11)
+    token_ids, y = rng.integers(0, 5, 300), rng.normal(size=300)
+    folds = np.repeat(np.arange(4), 75)
+    out = cross_fitted_predictions(token_mean_fitter(token_ids, y), folds, 4)
+    for f in range(4):
+        for i in rng.choice(300, 30, replace=False):
+            train = (folds != f) & (folds != folds[i]) if folds[i] != f else folds != f
+            same = train & (token_ids == token_ids[i])
+            assert out[i, f] == pytest.approx(y[same].mean() if same.any() else y[train].mean())
