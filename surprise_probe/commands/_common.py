@@ -31,6 +31,7 @@ __all__ = [
     "usage_errors",
     "command_config",
     "positive_int",
+    "input_spec",
     "nonneg_int",
     "finite_float",
     "nonneg_float",
@@ -50,6 +51,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def add_argument(self, *args, **kwargs):
+        # Help shows every default, so an option without a help text still gets a line.
+        if "help" not in kwargs and args and str(args[0]).startswith("--"):
+            kwargs["help"] = str(args[0])[2:].replace("-", " ")
+        return super().add_argument(*args, **kwargs)
 
 
 def _type(name: str, check: Callable[[float], bool], expected: str, cast=int):
@@ -71,6 +78,11 @@ nonneg_int = _type("nonneg_int", lambda v: v >= 0, "an integer >= 0")
 finite_float = _type("finite_float", math.isfinite, "a finite number", float)
 nonneg_float = _type("nonneg_float", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", float)
 level_float = _type("level_float", lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)", float)
+
+
+def input_spec(text: str) -> str:
+    """``builtin`` or a path, normalised (``./a.txt`` and ``a.txt`` are one setting)."""
+    return text if text == "builtin" else str(Path(text))
 
 
 def add_command(subparsers, name: str, help: str, description: str | None = None) -> Parser:
@@ -153,7 +165,7 @@ def _config_argv(parser: argparse.ArgumentParser, config: dict, source: Path) ->
         if isinstance(action, argparse._StoreTrueAction):
             if value:
                 tokens.append(flag)
-        elif value is None:
+        elif value is None or value == []:
             continue
         elif isinstance(value, list):
             tokens += [flag, *map(str, value)]

@@ -11,6 +11,7 @@ from surprise_probe.commands._common import (
     add_model_arguments,
     add_out_argument,
     command_config,
+    input_spec,
     load_model_from_args,
     nonneg_int,
     positive_int,
@@ -25,7 +26,7 @@ __all__ = ["add_parser", "run", "add_input_argument", "describe_items"]
 
 
 def add_input_argument(parser) -> None:
-    parser.add_argument("--input", default="builtin",
+    parser.add_argument("--input", default="builtin", type=input_spec,
                         help=".txt (one text per line, or per blank-line block if the file has blank lines), "
                              ".jsonl (text / messages / token_ids per line), or 'builtin' (the built-in conversations)")
 

@@ -9,6 +9,7 @@ from surprise_probe.commands._common import (
     add_model_arguments,
     add_out_argument,
     command_config,
+    input_spec,
     load_model_from_args,
     nonneg_float,
     nonneg_int,
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
     parser = add_command(subparsers, "generate",
                          help="sample responses (keeping the sampled token ids) to prompts")
     add_model_arguments(parser)
-    parser.add_argument("--prompts", default="builtin", help="'builtin' or a .jsonl of {id, prompt, ...} objects")
+    parser.add_argument("--prompts", default="builtin", type=input_spec, help="'builtin' or a .jsonl of {id, prompt, ...} objects")
     add_out_argument(parser, "output .jsonl (a rerun with the same settings resumes)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="longest response, in tokens")
     parser.add_argument("--temperature", type=nonneg_float, default=0.7, help="sampling temperature (0: greedy)")

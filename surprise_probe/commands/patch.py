@@ -8,6 +8,7 @@ import re
 from surprise_probe.commands._common import (
     add_command,
     command_config,
+    input_spec,
     load_model_from_args,
     nonneg_int,
     usage_errors,
@@ -28,7 +29,7 @@ def add_parser(subparsers) -> None:
                     "of the entropy gap closed.",
     )
     add_probe_arguments(parser)
-    parser.add_argument("--pairs", required=True, help='.jsonl of {"source": item, "destination": item}')
+    parser.add_argument("--pairs", required=True, type=input_spec, help='.jsonl of {"source": item, "destination": item}')
     parser.add_argument("--layers", type=nonneg_int, nargs="+", default=None, help="layers to patch (default: all)")
     parser.add_argument("--groups", nargs="+", default=["prompt", "response", "first4"],
                         help="position groups: prompt, response, first<K>")

@@ -18,7 +18,7 @@ from surprise_probe.commands._common import (
 )
 from surprise_probe.commands.capture import add_input_argument, describe_items
 from surprise_probe.io import read_items
-from surprise_probe.outputs import check_writable_target, folder_lock
+from surprise_probe.outputs import check_writable_target, claim_output
 from surprise_probe.study import DEFAULT_SETTINGS, check_stages, run_study
 
 __all__ = ["add_parser", "run"]
@@ -59,8 +59,8 @@ def run(args) -> int:
             if args.steer_inputs > len(items):
                 raise ValueError(f"--steer-inputs {args.steer_inputs} is more than the {len(items)} inputs in {args.input}")
             print(f"[surprise-probe] {describe_items(args.input, items)}")
-            args.out.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(folder_lock(args.out / ".lock"))
+            stack.enter_context(claim_output(args.out, "study", settings, overwrite=args.overwrite,
+                                             check_config=False, owned_names=("study.json",)))
             if not args.overwrite:
                 check_stages(args.out, settings, items)
         model = load_model_from_args(args, progress=not args.no_progress)

@@ -1,0 +1,355 @@
+"""CLI conventions and the bad-input matrix: every bad input is one clear line, and nothing is changed.
+
+The model is not needed to reject bad arguments: the loader is replaced by one that fails the test
+when a usage error would have loaded a model, and by the tiny model where a case needs one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from surprise_probe.probes import ProbeDirection
+
+import surprise_probe as sp
+from surprise_probe.cli import build_parser, main
+from surprise_probe.commands import _common
+from surprise_probe.models import model_id
+from tests.conftest import CONVERSATION, TEXTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- conventions ------------------------------------------------------------------------------------
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"surprise-probe {sp.__version__}"
+
+
+def test_models_json_prints_only_json(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)  # the whole output parses: no table before it
+    assert {row["name"] for row in rows} >= {"smollm2-135m-instruct", "gemma-3-270m"}
+
+
+def test_help_shows_defaults_and_flag_names_are_shared():
+    _, commands = build_parser()
+    for name, parser in commands.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False) and action.dest != "help":
+                assert "(default:" in (action.help or "") or f"(default: {action.default}" in " ".join(text.split()), (
+                    name, action.dest)
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        assert "--bootstrap" not in flags and "--alphas" not in flags or name == "fit", (name, "one flag name per thing")
+        if any(a.dest == "n_boot" for a in parser._actions):
+            assert "--n-boot" in flags
+
+
+@pytest.fixture
+def tiny_loader(monkeypatch, tiny_hooked):
+    calls = []
+
+    def load(name, **kwargs):
+        calls.append(name)
+        return tiny_hooked
+
+    monkeypatch.setattr(_common, "load_model", load)
+    return calls
+
+
+def _strict_json(path: Path):
+    def refuse(token, path=path):
+        pytest.fail(f"{path}: {token} is not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_every_output_config_reruns_its_command(tiny_loader, tiny_hooked, tmp_path, capsys):
+    texts = tmp_path / "in.txt"
+    texts.write_text("\n".join(TEXTS[:4]) + "\n")
+    assert main(["capture", "--input", str(texts), "--out", str(tmp_path / "cap"), "--layers", "0", "1",
+                 "--n-boot", "20", "--no-progress"]) == 0
+    assert main(["capture", "--config", str(tmp_path / "cap" / "config.json"), "--out", str(tmp_path / "cap2")]) == 0
+    assert (sp.load_capture(tmp_path / "cap").manifest["content_hash"]
+            == sp.load_capture(tmp_path / "cap2").manifest["content_hash"])
+    fit = ["fit", "--activations", str(tmp_path / "cap"), "--out", str(tmp_path / "fit"), "--folds", "3",
+           "--shuffles", "2", "--n-boot", "20", "--no-nested", "--no-progress"]
+    assert main(fit) == 0
+    assert main(["fit", "--config", str(tmp_path / "fit" / "config.json"), "--out", str(tmp_path / "fit2")]) == 0
+    one = json.loads((tmp_path / "fit" / "sweep.json").read_text())
+    two = json.loads((tmp_path / "fit2" / "sweep.json").read_text())
+    assert one["hooks"] == two["hooks"] and one["capture"]["verified"] == "sizes+hashes"
+    # Rerunning the same command into a finished folder does nothing and changes nothing.
+    before = _files(tmp_path / "fit")
+    assert main(fit) == 0 and "nothing to do" in capsys.readouterr().out
+    assert _files(tmp_path / "fit") == before
+    steer = ["steer", "--probe", str(tmp_path / "fit" / "probe.json"), "--input", str(texts), "--out",
+             str(tmp_path / "steer"), "--strengths", "-1", "0", "1", "--random-directions", "1", "--n-boot", "20",
+             "--no-progress"]
+    assert main(steer) == 0
+    payload = json.loads((tmp_path / "steer" / "steer.json").read_text())
+    assert len(payload["probe"]["sha256"]) == 64 and "torch" in payload["software_versions"]
+    assert main(["steer", "--config", str(tmp_path / "steer" / "config.json"), "--out", str(tmp_path / "steer2")]) == 0
+    again = json.loads((tmp_path / "steer2" / "steer.json").read_text())
+    assert again["dose_response"]["entropy"] == payload["dose_response"]["entropy"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(TEXTS[:2])))
+    assert main(["generate", "--prompts", str(prompts), "--out", str(tmp_path / "gen.jsonl"), "--max-new-tokens", "3",
+                 "--no-progress"]) == 0
+    assert main(["generate", "--config", str(tmp_path / "gen.jsonl.config.json"), "--out",
+                 str(tmp_path / "gen2.jsonl")]) == 0
+    assert (tmp_path / "gen.jsonl").read_text() == (tmp_path / "gen2.jsonl").read_text()
+    for path in tmp_path.rglob("*.json"):  # strict JSON everywhere
+        _strict_json(path)
+    assert tiny_loader  # the loader was used (the cases above needed the model)
+
+
+# --- the bad-input matrix ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built_workspace(tmp_path_factory, tiny_hooked):
+    """Inputs, a finished capture, a fit folder, and a probe: what the bad-input cases point at (built once)."""
+    w = tmp_path_factory.mktemp("matrix") / "w"
+    w.mkdir()
+    (w / "in.txt").write_text("\n".join(TEXTS[:3]) + "\n")
+    (w / "in.jsonl").write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"text": TEXTS[0]}) + "\n")
+    (w / "empty.txt").write_text("\n\n")
+    (w / "empty.jsonl").write_text("")
+    (w / "bad_utf8.txt").write_bytes(b"fine line\nbad \xff\xfe line\n")
+    (w / "bad_utf8.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    (w / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n')
+    (w / "both.jsonl").write_text(json.dumps({"text": "hello", "token_ids": [1, 2]}) + "\n")
+    (w / "strids.jsonl").write_text(json.dumps({"token_ids": ["1", "2"]}) + "\n")
+    (w / "in.csv").write_text("a,b\n")
+    (w / "prompts.jsonl").write_text(json.dumps({"id": "a", "prompt": "Hello there"}) + "\n")
+    (w / "intid.jsonl").write_text(json.dumps({"id": 7, "prompt": "Hello there"}) + "\n")
+    (w / "dupid.jsonl").write_text((json.dumps({"id": "a", "prompt": "Hi"}) + "\n") * 2)
+    (w / "noprompt.jsonl").write_text(json.dumps({"id": "a"}) + "\n")
+    (w / "mine.jsonl").write_text('{"note": "a user file"}\n')
+    (w / "pairs.jsonl").write_text(json.dumps({"source": {"text": TEXTS[0]}, "destination": {"text": TEXTS[1]}}) + "\n")
+    (w / "badpairs.jsonl").write_text(json.dumps({"source": {"text": TEXTS[0]}}) + "\n")
+    (w / "a_file").write_text("not a folder")
+    (w / "userdir").mkdir()
+    (w / "folder.jsonl").mkdir()
+    (w / "userdir" / "notes.txt").write_text("keep me")
+    (w / "texts.txt").write_text("\n".join(TEXTS * 2) + "\n")
+    with pytest.MonkeyPatch.context() as patch:
+        # Relative paths (from inside the workspace), so the recorded settings hold for every copy.
+        patch.chdir(w)
+        patch.setattr(_common, "load_model", lambda name, **kwargs: tiny_hooked)
+        assert main(["capture", "--input", "texts.txt", "--out", "cap", "--shard-size", "4",
+                     "--n-boot", "10", "--no-progress"]) == 0
+        assert main(["fit", "--activations", "cap", "--out", "fit", "--folds", "3", "--shuffles", "1",
+                     "--n-boot", "10", "--no-nested", "--no-progress"]) == 0
+    incomplete = w / "incomplete"
+    shutil.copytree(w / "cap", incomplete)
+    (incomplete / "manifest.json").unlink()
+    d = np.random.default_rng(0).normal(size=tiny_hooked.cfg.d_model)
+    probe = ProbeDirection(d / np.linalg.norm(d), mean=0.0, std=1.0, hook="blocks.1.hook_resid_post", layer=1,
+                           model_id=model_id(tiny_hooked), d_model=tiny_hooked.cfg.d_model, target="surprise")
+    probe.save(w / "probe")
+    probe.__class__(probe.direction, mean=0.0, std=1.0, hook=probe.hook, layer=1, model_id="another-model",
+                    d_model=probe.d_model, target="surprise").save(w / "other_probe")
+    edited = json.loads((w / "probe.json").read_text())
+    shutil.copy(w / "probe.npz", w / "edited.npz")
+    edited["std"] = 99.0
+    (w / "edited.json").write_text(json.dumps(edited))
+    (w / "truncated.npz").write_bytes((w / "probe.npz").read_bytes()[:50])
+    shutil.copy(w / "probe.json", w / "truncated.json")
+    damaged = w / "damaged"
+    shutil.copytree(w / "cap", damaged)
+    target = sorted(damaged.glob("shards/*/blocks.1.hook_resid_post.npy"))[0]
+    data = bytearray(target.read_bytes())
+    data[-4:] = bytes(4)
+    target.write_bytes(bytes(data))
+    zero = w / "zero"
+    shutil.copytree(w / "cap", zero)
+    sorted(zero.glob("shards/*/output_entropy.npy"))[0].write_bytes(b"")
+    return w
+
+
+@pytest.fixture
+def workspace(built_workspace, tmp_path):
+    """A fresh copy per case, so one case can never hide another's damage."""
+    copy = tmp_path / "w"
+    shutil.copytree(built_workspace, copy)
+    return copy
+
+
+P = "{w}/probe.json"
+# (id, argv with {w} for the workspace, exit code, text the one stderr line must contain)
+CASES = [
+    # capture
+    ("capture-batch-size-0", "capture --input {w}/in.txt --out {w}/o --batch-size 0", 2, "'0'"),
+    ("capture-max-tokens-negative", "capture --input {w}/in.txt --out {w}/o --max-tokens -1 --truncate", 2, "'-1'"),
+    ("capture-max-tokens-0", "capture --input {w}/in.txt --out {w}/o --max-tokens 0", 2, "'0'"),
+    ("capture-layers-abc", "capture --input {w}/in.txt --out {w}/o --layers abc", 2, "'abc'"),
+    ("capture-layers-and-hooks", "capture --input {w}/in.txt --out {w}/o --layers 1 --hooks x", 2, "--layers or --hooks"),
+    ("capture-shard-size-0", "capture --input {w}/in.txt --out {w}/o --shard-size 0", 2, "'0'"),
+    ("capture-bad-dtype", "capture --input {w}/in.txt --out {w}/o --dtype float8", 2, "'float8'"),
+    ("capture-missing-input", "capture --input {w}/nope.txt --out {w}/o", 2, "nope.txt"),
+    ("capture-empty-txt", "capture --input {w}/empty.txt --out {w}/o", 2, "empty.txt"),
+    ("capture-empty-jsonl", "capture --input {w}/empty.jsonl --out {w}/o", 2, "empty.jsonl"),
+    ("capture-bad-utf8-txt", "capture --input {w}/bad_utf8.txt --out {w}/o", 2, "bad_utf8.txt:2"),
+    ("capture-bad-utf8-jsonl", "capture --input {w}/bad_utf8.jsonl --out {w}/o", 2, "bad_utf8.jsonl:2"),
+    ("capture-bad-json-line", "capture --input {w}/bad.jsonl --out {w}/o", 2, "bad.jsonl:2"),
+    ("capture-text-and-token-ids", "capture --input {w}/both.jsonl --out {w}/o", 2, "both.jsonl:1"),
+    ("capture-string-token-ids", "capture --input {w}/strids.jsonl --out {w}/o", 2, "strids.jsonl:1"),
+    ("capture-csv-input", "capture --input {w}/in.csv --out {w}/o", 2, ".csv"),
+    ("capture-out-is-a-file", "capture --input {w}/in.txt --out {w}/a_file", 2, "a_file is a file"),
+    ("capture-out-under-a-file", "capture --input {w}/in.txt --out {w}/a_file/sub", 2, "a_file is a file"),
+    ("capture-out-user-folder", "capture --input {w}/in.txt --out {w}/userdir", 2, "did not write"),
+    ("capture-out-user-folder-overwrite", "capture --input {w}/in.txt --out {w}/userdir --overwrite", 2, "did not write"),
+    ("capture-other-settings", "capture --input {w}/texts.txt --out {w}/cap --layers 0", 2, "layers=None, not layers=[0]"),
+    ("capture-unknown-flag", "capture --input {w}/in.txt --out {w}/o --bogus", 2, "--bogus"),
+    ("capture-missing-out", "capture --input {w}/in.txt", 2, "--out"),
+    # generate
+    ("generate-max-new-tokens-0", "generate --prompts {w}/prompts.jsonl --out {w}/g.jsonl --max-new-tokens 0", 2, "'0'"),
+    ("generate-temperature-nan", "generate --prompts {w}/prompts.jsonl --out {w}/g.jsonl --temperature nan", 2, "'nan'"),
+    ("generate-temperature-negative", "generate --prompts {w}/prompts.jsonl --out {w}/g.jsonl --temperature -1", 2, "'-1'"),
+    ("generate-limit-0", "generate --prompts {w}/prompts.jsonl --out {w}/g.jsonl --limit 0", 2, "'0'"),
+    ("generate-seed-negative", "generate --prompts {w}/prompts.jsonl --out {w}/g.jsonl --seed -2", 2, "'-2'"),
+    ("generate-empty-prompts", "generate --prompts {w}/empty.jsonl --out {w}/g.jsonl", 2, "empty.jsonl"),
+    ("generate-integer-id", "generate --prompts {w}/intid.jsonl --out {w}/g.jsonl", 2, "intid.jsonl:1"),
+    ("generate-duplicate-id", "generate --prompts {w}/dupid.jsonl --out {w}/g.jsonl", 2, "dupid.jsonl:2"),
+    ("generate-no-prompt-key", "generate --prompts {w}/noprompt.jsonl --out {w}/g.jsonl", 2, "noprompt.jsonl:1"),
+    ("generate-bad-utf8", "generate --prompts {w}/bad_utf8.jsonl --out {w}/g.jsonl", 2, "bad_utf8.jsonl:1"),
+    ("generate-user-file", "generate --prompts {w}/prompts.jsonl --out {w}/mine.jsonl", 2, "did not write"),
+    ("generate-user-file-overwrite", "generate --prompts {w}/prompts.jsonl --out {w}/mine.jsonl --overwrite", 2,
+     "did not write"),
+    ("generate-out-not-jsonl", "generate --prompts {w}/prompts.jsonl --out {w}/g.txt", 2, "g.txt"),
+    ("generate-out-is-folder", "generate --prompts {w}/prompts.jsonl --out {w}/folder.jsonl", 2, "is a folder"),
+    # fit
+    ("fit-missing-capture", "fit --activations {w}/nope --out {w}/f", 2, "nope"),
+    ("fit-incomplete-capture", "fit --activations {w}/incomplete --out {w}/f", 2, "incomplete"),
+    ("fit-folds-1", "fit --activations {w}/cap --out {w}/f --folds 1", 2, "--folds"),
+    ("fit-negative-alpha", "fit --activations {w}/cap --out {w}/f --alphas -1", 2, "-1"),
+    ("fit-unknown-hook", "fit --activations {w}/cap --out {w}/f --hooks blocks.9.hook_resid_post", 2, "blocks.9"),
+    ("fit-unknown-target", "fit --activations {w}/cap --out {w}/f --target nope", 2, "'nope'"),
+    ("fit-n-boot-0", "fit --activations {w}/cap --out {w}/f --n-boot 0", 2, "'0'"),
+    ("fit-old-bootstrap-flag", "fit --activations {w}/cap --out {w}/f --bootstrap 10", 2, "--bootstrap"),
+    ("fit-into-other-fit", "fit --activations {w}/cap --out {w}/fit --folds 3 --shuffles 1 --n-boot 10 --no-nested "
+     "--seed 1", 2, "seed=0, not seed=1"),
+    ("fit-out-is-capture", "fit --activations {w}/cap --out {w}/cap", 2, "capture folder itself"),
+    ("fit-out-is-a-file", "fit --activations {w}/cap --out {w}/a_file", 2, "a_file is a file"),
+    ("fit-changed-bytes", "fit --activations {w}/damaged --out {w}/f --folds 3 --no-progress", 1,
+     "does not match its manifest hash"),
+    ("fit-zero-byte-npy", "fit --activations {w}/zero --out {w}/f --folds 3 --no-progress", 1, "output_entropy.npy"),
+    # steer
+    ("steer-random-directions-negative", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --random-directions -3",
+     2, "'-3'"),
+    ("steer-strength-nan", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --strengths nan 1", 2, "'nan'"),
+    ("steer-one-strength", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --strengths 1 1", 2, "--strengths"),
+    ("steer-old-alphas-flag", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --alphas 1 2", 2, "--alphas"),
+    ("steer-samples-negative", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --samples -1", 2, "'-1'"),
+    ("steer-max-new-tokens-0", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --max-new-tokens 0", 2, "'0'"),
+    ("steer-temperature-nan", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --temperature nan", 2, "'nan'"),
+    ("steer-missing-probe", "steer --probe {w}/nope.json --input {w}/in.txt --out {w}/s", 2, "nope"),
+    ("steer-truncated-probe", "steer --probe {w}/truncated.json --input {w}/in.txt --out {w}/s", 2, "truncated.npz"),
+    ("steer-edited-probe", "steer --probe {w}/edited.json --input {w}/in.txt --out {w}/s", 2, "artifact hash"),
+    ("steer-empty-input", f"steer --probe {P} --input {{w}}/empty.jsonl --out {{w}}/s", 2, "empty.jsonl"),
+    ("steer-bad-position", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --positions middle", 2, "'middle'"),
+    ("steer-out-is-a-file", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/a_file", 2, "a_file is a file"),
+    ("steer-probe-of-another-model", "steer --probe {w}/other_probe.json --input {w}/in.txt --out {w}/s", 1,
+     "another-model"),
+    # patch
+    ("patch-missing-pairs", f"patch --probe {P} --pairs {{w}}/nope.jsonl --out {{w}}/p", 2, "nope.jsonl"),
+    ("patch-bad-pairs", f"patch --probe {P} --pairs {{w}}/badpairs.jsonl --out {{w}}/p", 2, "badpairs.jsonl:1"),
+    ("patch-group-first0", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p --groups first0", 2, "'first0'"),
+    ("patch-layer-negative", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p --layers -1", 2, "'-1'"),
+    ("patch-layer-out-of-range", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p --layers 9", 1, "layer 9"),
+    ("patch-bad-component", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p --components foo", 2, "'foo'"),
+    ("patch-n-boot-0", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p --n-boot 0", 2, "'0'"),
+    # study
+    ("study-steer-inputs-negative", "study --input {w}/in.txt --out {w}/st --steer-inputs -1", 2, "'-1'"),
+    ("study-steer-inputs-too-many", "study --input {w}/in.txt --out {w}/st --steer-inputs 100", 2, "100"),
+    ("study-one-strength", "study --input {w}/in.txt --out {w}/st --strengths 2 2", 2, "--strengths"),
+    ("study-random-directions-negative", "study --input {w}/in.txt --out {w}/st --random-directions -3", 2, "'-3'"),
+    ("study-csv-input", "study --input {w}/in.csv --out {w}/st", 2, ".csv"),
+    ("study-out-is-a-file", "study --input {w}/in.txt --out {w}/a_file", 2, "a_file is a file"),
+    ("study-out-user-folder", "study --input {w}/in.txt --out {w}/userdir --steer-inputs 2", 2, "did not write"),
+    # --config and the command line itself
+    ("config-missing-file", "fit --config {w}/nope.json", 2, "nope.json"),
+    ("config-other-command", "steer --config {w}/fit/config.json", 2, "records a `fit` run"),
+    ("config-not-json", "fit --config {w}/in.txt", 2, "in.txt"),
+    ("no-command", "", 2, "command"),
+    ("unknown-command", "frobnicate", 2, "frobnicate"),
+]
+
+
+@pytest.fixture
+def guarded_loader(monkeypatch, tiny_hooked):
+    """The tiny model, loaded only by cases that get past validation (exit code 1 cases)."""
+    calls = []
+
+    def load(name, **kwargs):
+        calls.append(name)
+        return tiny_hooked
+
+    monkeypatch.setattr(_common, "load_model", load)
+    return calls
+
+
+@pytest.mark.parametrize("case_id, argv, code, named", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_matrix(case_id, argv, code, named, workspace, guarded_loader, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    before = _files(workspace)
+    capsys.readouterr()
+    result = main(argv.format(w=".").split())
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert result == code, captured.err
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert re.match(r"surprise-probe( \w+)?: (error|interrupted)", lines[0]), lines[0]
+    assert named in lines[0], lines[0]
+    if code == 2:
+        assert guarded_loader == [], "a usage error must be found before a model is loaded"
+    after = _files(workspace)
+    changed = {k for k in before if after.get(k) != before[k]}
+    assert not changed, f"changed or removed: {sorted(changed)}"
+    # Nothing new either, except an empty output folder a runtime failure may leave behind.
+    assert not (set(after) - set(before) - {k for k in after if k.endswith("config.json")}), set(after) - set(before)
+
+
+def test_matrix_counts(capsys):
+    """For the report: how many cases, and their split by exit code."""
+    by_code = {}
+    for _, _, code, _ in CASES:
+        by_code[code] = by_code.get(code, 0) + 1
+    with capsys.disabled():
+        print(f"\nbad-input matrix: {len(CASES)} cases; exit 2: {by_code.get(2, 0)}, exit 1: {by_code.get(1, 0)}")
+    assert len(CASES) >= 60
+
+
+def test_debug_shows_the_traceback(workspace, guarded_loader, capsys):
+    assert main(["fit", "--activations", str(workspace / "zero"), "--out", str(workspace / "f"), "--folds", "3",
+                 "--no-progress", "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_read_only_out(workspace, guarded_loader, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: a read-only folder is still writable; the check is os.access(W_OK)")
+    folder = workspace / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        assert main(["capture", "--input", str(workspace / "in.txt"), "--out", str(folder / "o")]) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        folder.chmod(0o700)
