@@ -145,6 +145,8 @@ def built_workspace(tmp_path_factory, tiny_hooked):
     (w / "a_file").write_text("not a folder")
     (w / "userdir").mkdir()
     (w / "folder.jsonl").mkdir()
+    (w / "locked").mkdir()  # another live run (pid 1 on this host) is writing here
+    (w / "locked" / ".lock").write_text(json.dumps({"pid": 1, "host": os.uname().nodename, "started": 0}))
     (w / "userdir" / "notes.txt").write_text("keep me")
     (w / "texts.txt").write_text("\n".join(TEXTS * 2) + "\n")
     with pytest.MonkeyPatch.context() as patch:
@@ -215,6 +217,8 @@ CASES = [
     ("capture-out-user-folder", "capture --input {w}/in.txt --out {w}/userdir", 2, "did not write"),
     ("capture-out-user-folder-overwrite", "capture --input {w}/in.txt --out {w}/userdir --overwrite", 2, "did not write"),
     ("capture-other-settings", "capture --input {w}/texts.txt --out {w}/cap --layers 0", 2, "layers=None, not layers=[0]"),
+    ("capture-locked-by-another-run", "capture --input {w}/in.txt --out {w}/locked", 1, "pid 1 on host"),
+    ("study-locked-by-another-run", "study --input {w}/in.txt --out {w}/locked --steer-inputs 2", 1, "pid 1 on host"),
     ("capture-unknown-flag", "capture --input {w}/in.txt --out {w}/o --bogus", 2, "--bogus"),
     ("capture-missing-out", "capture --input {w}/in.txt", 2, "--out"),
     # generate
