@@ -57,6 +57,7 @@ PAIRS = [
 SHARD_SIZE = 2  # 9 items -> 5 shards: rank 0 writes 0, 2, 4 and rank 1 writes 1, 3
 FIT = dict(n_folds=3, n_shuffles=3, n_boot=50, progress=False)
 ALPHAS = [-3.0, 0.0, 2.0]
+REAL_HOOKS = ["blocks.0.hook_resid_pre", "blocks.9.hook_resid_post"]
 REAL_TEXTS = [
     "The river rose after three days of rain.",
     "She counted the coins twice and frowned.",
@@ -72,21 +73,25 @@ def _steering(model) -> SteeringDirection:
     return SteeringDirection(d / d.norm(), "blocks.0.hook_resid_post", 1.5)
 
 
-def _stages(model, out: Path, items, *, fit_hooks=None, sweeps=True) -> dict:
-    """Every distributed call of the test, in the order the worker and the reference run them."""
+def _stages(model, out: Path, items, *, hooks=None, full=True) -> dict:
+    """Every distributed call of the test, in the order the worker and the reference run them
+    (``full=False``, for the real model: only the capture to disk and the fit)."""
     results: dict = {}
     arrays: dict = {}
-    run = sp.capture(model, items, out_dir=out / "capture", shard_size=SHARD_SIZE, batch_size=2, progress=False)
+    run = sp.capture(model, items, hooks=hooks, out_dir=out / "capture", shard_size=SHARD_SIZE, batch_size=2,
+                     progress=False)
     results["content_hash"] = run.manifest["content_hash"]
     results["manifest"] = {k: v for k, v in run.manifest.items() if k not in ("elapsed_seconds_this_session",)}
-    memory = sp.capture(model, items, shard_size=SHARD_SIZE, batch_size=2, progress=False)
-    results["memory_shards"] = [shard.index for shard in memory.shards()]
-    for name in COLUMNS:
-        arrays[f"memory:{name}"] = memory.column(name)
-    for hook in memory.hooks:
-        arrays[f"memory:{hook}"] = memory.activations(hook)
+    results["memory_shards"] = []
+    if full:
+        memory = sp.capture(model, items, shard_size=SHARD_SIZE, batch_size=2, progress=False)
+        results["memory_shards"] = [shard.index for shard in memory.shards()]
+        for name in COLUMNS:
+            arrays[f"memory:{name}"] = memory.column(name)
+        for hook in memory.hooks:
+            arrays[f"memory:{hook}"] = memory.activations(hook)
 
-    result = fit_sweep(sp.load_capture(out / "capture"), hooks=fit_hooks, **FIT)
+    result = fit_sweep(sp.load_capture(out / "capture"), **FIT)
     for fitted in result.hooks:
         arrays[f"coef:{fitted.hook}"] = fitted.coef
     for key, values in result.predictions.items():
@@ -96,7 +101,7 @@ def _stages(model, out: Path, items, *, fit_hooks=None, sweeps=True) -> dict:
                  "cv_r2_by_alpha": h.cv_r2_by_alpha, "shuffle_r2": h.shuffle_r2}
         for h in result.hooks
     }
-    if sweeps:
+    if full:
         dose = dose_response(model, SWEEP_ITEMS, _steering(model), ALPHAS, random_directions=2, n_boot=50,
                              progress=False)
         results["dose"] = dose.to_dict()
@@ -106,7 +111,20 @@ def _stages(model, out: Path, items, *, fit_hooks=None, sweeps=True) -> dict:
     return {"results": results, "arrays": arrays}
 
 
-def _worker(mode: str, out: Path, tokenizer_folder: str) -> None:
+def _cli(out: Path, hf_folder: str, items_txt: str) -> list[int]:
+    """``surprise-probe capture`` then ``fit``, in this process (under torchrun: on every rank)."""
+    from surprise_probe.cli import main
+
+    common = ["--no-progress"]
+    return [
+        main(["capture", "--model", hf_folder, "--device", "cpu", "--input", items_txt, "--out", str(out / "cli_capture"),
+              "--shard-size", str(SHARD_SIZE), "--batch-size", "2", "--n-boot", "50", *common]),
+        main(["fit", "--activations", str(out / "cli_capture"), "--out", str(out / "cli_fit"), "--folds", "3",
+              "--shuffles", "2", "--n-boot", "50", *common]),
+    ]
+
+
+def _worker(mode: str, out: Path, tokenizer_folder: str, hf_folder: str, items_txt: str) -> None:
     """Run by each torchrun process: every stage, then the error cases; save what this rank got."""
     torch.set_num_threads(1)
     rank = distributed.rank()
@@ -116,11 +134,11 @@ def _worker(mode: str, out: Path, tokenizer_folder: str) -> None:
         from surprise_probe.testing import tiny_hooked_transformer
 
         model = tiny_hooked_transformer(tokenizer=AutoTokenizer.from_pretrained(tokenizer_folder))
-        items, fit_hooks, sweeps = ITEMS, None, True
+        items, hooks = ITEMS, None
     else:
         model = sp.load_model("smollm2-135m-instruct", device="cpu", progress=False)
-        items, fit_hooks, sweeps = REAL_TEXTS, ["blocks.3.hook_resid_post"], False
-    got = _stages(model, out, items, fit_hooks=fit_hooks, sweeps=sweeps)
+        items, hooks = REAL_TEXTS, REAL_HOOKS
+    got = _stages(model, out, items, hooks=hooks, full=mode == "tiny")
 
     # An interrupted run: one shard of each rank and the manifest gone; each rank redoes its own.
     kept = {}
@@ -130,7 +148,8 @@ def _worker(mode: str, out: Path, tokenizer_folder: str) -> None:
             shutil.rmtree(out / "capture" / "shards" / name)
         kept = {p.name: p.stat().st_mtime_ns for p in (out / "capture" / "shards").iterdir()}
     distributed.barrier()
-    resumed = sp.capture(model, items, out_dir=out / "capture", shard_size=SHARD_SIZE, batch_size=2, progress=False)
+    resumed = sp.capture(model, items, hooks=hooks, out_dir=out / "capture", shard_size=SHARD_SIZE, batch_size=2,
+                         progress=False)
     got["results"]["resumed_hash"] = resumed.manifest["content_hash"]
     if distributed.is_main():
         now = {p.name: p.stat().st_mtime_ns for p in (out / "capture" / "shards").iterdir()}
@@ -152,17 +171,19 @@ def _worker(mode: str, out: Path, tokenizer_folder: str) -> None:
         except ValueError as error:
             errors["few_sequences"] = str(error)
     got["results"]["errors"] = errors
+    if mode == "tiny":
+        got["results"]["cli_exit_codes"] = _cli(out, hf_folder, items_txt)
     got["results"]["world_size"] = distributed.world_size()
     write_json(out / f"rank{rank}.json", got["results"])
     np.savez(out / f"rank{rank}.npz", **{k.replace(":", "__"): v for k, v in got["arrays"].items()})
     distributed.barrier()
 
 
-def _launch(mode: str, out: Path, tokenizer_folder: str) -> list[dict]:
+def _launch(mode: str, out: Path, tokenizer_folder: str, hf_folder: str = "", items_txt: str = "") -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).resolve()), mode, str(out), tokenizer_folder]
+               str(Path(__file__).resolve()), mode, str(out), tokenizer_folder, hf_folder, items_txt]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"torchrun exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -203,10 +224,22 @@ def _compare(ranks: list[dict], single: dict, fit_tol: float = 1e-10) -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_two_gloo_processes_equal_one_process(tmp_path, tiny_tokenizer, tiny_hooked):
-    ranks = _launch("tiny", tmp_path / "dist", tiny_tokenizer.name_or_path)
+def test_two_gloo_processes_equal_one_process(tmp_path, tiny_tokenizer, tiny_hooked, tiny_hf_folder):
+    items_txt = tmp_path / "items.txt"
+    items_txt.write_text("\n".join(ITEMS) + "\n")
+    ranks = _launch("tiny", tmp_path / "dist", tiny_tokenizer.name_or_path, str(tiny_hf_folder), str(items_txt))
     single = _stages(tiny_hooked, tmp_path / "single", ITEMS)
     _compare(ranks, single)
+    # the commands under torchrun: exit 0 on both ranks, the same capture and fit as one process
+    assert [got["results"]["cli_exit_codes"] for got in ranks] == [[0, 0], [0, 0]]
+    assert _cli(tmp_path / "single", str(tiny_hf_folder), str(items_txt)) == [0, 0]
+    manifests = [read_json(tmp_path / where / "cli_capture" / "manifest.json") for where in ("dist", "single")]
+    assert manifests[0]["content_hash"] == manifests[1]["content_hash"]
+    heldout = [np.load(tmp_path / where / "cli_fit" / "heldout.npz") for where in ("dist", "single")]
+    assert sorted(heldout[0].files) == sorted(heldout[1].files)
+    np.testing.assert_array_equal(heldout[0]["folds"], heldout[1]["folds"])
+    for key in heldout[1].files:
+        np.testing.assert_allclose(heldout[0][key], heldout[1][key], rtol=0, atol=1e-10, err_msg=key)
     reference = single["results"]
     assert reference["manifest"]["n_sequences"] == len(ITEMS) and len(reference["manifest"]["shards"]) == 5
     # resume: only the two removed shards (one per rank) were written again
@@ -233,7 +266,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, tiny_tokenizer, tiny_hoo
 def test_two_processes_on_the_embedded_model(tmp_path):
     ranks = _launch("real", tmp_path / "dist", "")
     model = sp.load_model("smollm2-135m-instruct", device="cpu", progress=False)
-    single = _stages(model, tmp_path / "single", REAL_TEXTS, fit_hooks=["blocks.3.hook_resid_post"], sweeps=False)
+    single = _stages(model, tmp_path / "single", REAL_TEXTS, hooks=REAL_HOOKS, full=False)
     _compare(ranks, single, fit_tol=1e-8)
     assert ranks[0]["results"]["rewritten"] == ["000000", "000001"]
 
@@ -282,4 +315,4 @@ def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    _worker(*sys.argv[1:2], Path(sys.argv[2]), *sys.argv[3:6])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from surprise_probe import distributed
 from surprise_probe.capture import capture
 from surprise_probe.commands._common import (
     add_command,
@@ -71,9 +72,13 @@ def run(args) -> int:
             if args.layers is not None and args.hooks is not None:
                 raise ValueError("give --layers or --hooks, not both")
             items = read_items(args.input)
-            print(f"[surprise-probe] {describe_items(args.input, items)}")
+            # Under torchrun every rank captures its shards; rank 0 alone claims the folder,
+            # writes the summary and prints.
+            main = distributed.is_main()
+            if main:
+                print(f"[surprise-probe] {describe_items(args.input, items)}")
             claim = stack.enter_context(claim_output(args.out, "capture", command_config(args),
-                                                     overwrite=args.overwrite, owned_names=("run.json",)))
+                                                     overwrite=args.overwrite, owned_names=("run.json",))) if main else None
         model = load_model_from_args(args, progress=not args.no_progress)
         run_ = capture(
             model, items, hooks=args.hooks, layers=args.layers, out_dir=args.out, batch_size=args.batch_size,
@@ -81,6 +86,8 @@ def run(args) -> int:
             score_prompt=args.score_prompt, shard_size=args.shard_size, overwrite=args.overwrite,
             progress=not args.no_progress,
         )
+        if not main:
+            return 0
         summary = summarize_capture(run_, n_boot=args.n_boot, config=command_config(args))
         summary.save(args.out)
         claim.finish()

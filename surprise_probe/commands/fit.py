@@ -6,6 +6,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from surprise_probe import distributed
 from surprise_probe.commands._common import (
     add_command,
     add_out_argument,
@@ -91,20 +92,26 @@ def run(args) -> int:
                 raise ValueError(f"hook {missing[0]!r} was not captured; captured hooks: {capture.hooks}")
             if args.out.resolve() == Path(args.activations).resolve():
                 raise ValueError(f"--out {args.out} is the capture folder itself; choose another folder")
+            # Under torchrun every rank reads its shards; rank 0 alone claims the folder and writes.
+            main = distributed.is_main()
             claim = stack.enter_context(claim_output(args.out, "fit", command_config(args), overwrite=args.overwrite,
-                                                     owned_names=("sweep.json",)))
-        if claim.finished:
+                                                     owned_names=("sweep.json",))) if main else None
+        if distributed.all_gather(claim.finished if main else None)[0]:
             print(f"{args.out} already holds this fit (same settings); nothing to do")
             return 0
         progress = not args.no_progress
-        target = resolve_target(capture, args.target, args.out, progress=progress)
-        covariates = {name: resolve_target(capture, spec, args.out, progress=progress)
+        # a computed target is made and saved by rank 0, then read back by the others
+        target = distributed.main_first(lambda: resolve_target(capture, args.target, args.out, progress=progress))
+        covariates = {name: distributed.main_first(lambda spec=spec: resolve_target(capture, spec, args.out,
+                                                                                     progress=progress))
                       for name, spec in zip(covariate_names, args.residualize_on, strict=True)}
         result = fit_probes(
             capture, target, hooks=args.hooks, verify=not args.no_verify, config=command_config(args),
             alphas=args.alphas, n_folds=args.folds, seed=args.seed, n_shuffles=args.shuffles, n_boot=args.n_boot,
             nested=not args.no_nested, covariates=covariates, sources=sources, progress=progress,
         )
+        if not main:
+            return 0
         paths = result.save(args.out)
         claim.finish({"capture_content_hash": capture.manifest.get("content_hash")})
     print(f"\n{capture}")
