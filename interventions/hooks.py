@@ -156,7 +156,7 @@ def _position_mask(positions: Positions, batch: int, pos: int, device) -> Bool[T
 class Intervention:
     """Base class: an edit of the activation at ``hooks``, restricted to ``positions``."""
 
-    hooks: str | tuple[str, ...]
+    hooks: str | Sequence[str]
     positions: Positions = None
     # > 1: the hook receives a batch of one sequence and replicates it to this many rows before
     # editing, so everything before the hook is computed once for all rows (used by sweeps).

@@ -108,7 +108,7 @@ def row_metrics(
                         clean_log_probs, scored.shape[0])
 
 
-def _sum_per_row(logits_at, n_tokens: int, vocab: int, rows: Tensor, clean_log_probs: Tensor, n_rows: int):
+def _sum_per_row(logits_at, n_tokens: int, vocab: int, rows: Tensor, clean_log_probs: "Tensor | _RepeatedRows", n_rows: int):
     """Sum token metrics per row; ``logits_at(a, b)`` gives the logits of flat tokens [a, b)."""
     sums = torch.zeros(3, n_rows, dtype=torch.float64)
     finite = torch.ones(n_rows, dtype=torch.bool)

@@ -14,6 +14,7 @@ standardised features (or raw features with ``standardize=False``), ``b`` unpena
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +53,8 @@ class RidgeStats:
         self,
         n_features: int,
         n_targets: int = 1,
-        shift_x: Float[np.ndarray, " d"] | None = None,
-        shift_y: Float[np.ndarray, " t"] | None = None,
+        shift_x: Float[np.ndarray, " d"] | Sequence[float] | None = None,
+        shift_y: Float[np.ndarray, " t"] | Sequence[float] | None = None,
     ):
         self.n_features, self.n_targets = int(n_features), int(n_targets)
         self.shift_x = (

@@ -370,7 +370,7 @@ def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL,
+    name_or_path: str | Path = DEFAULT_MODEL,
     device: str = "auto",
     *,
     dtype: str | torch.dtype = torch.float32,

@@ -213,7 +213,9 @@ def ratio_with_ci(
     return Estimate(point, low, high, level)
 
 
-def slope(x: Float[np.ndarray, " n"], y: Float[np.ndarray, "*batch n"]) -> Float[np.ndarray, "*batch"]:
+def slope(
+    x: Float[np.ndarray, " n"] | Sequence[float], y: Float[np.ndarray, "*batch n"]
+) -> Float[np.ndarray, "*batch"] | float:
     """Least-squares slope of ``y`` on ``x`` along the last axis.
 
     >>> float(slope(np.array([0.0, 1.0, 2.0]), np.array([1.0, 3.0, 5.0])))

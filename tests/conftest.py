@@ -76,3 +76,15 @@ CONVERSATION = [
     {"role": "user", "content": "Hello world, how are you?"},
     {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."},
 ]
+
+
+@pytest.fixture
+def unchecked_shapes():
+    """jaxtyping's runtime checks off for one test: for testing a function's own error message on
+    input its annotations already refuse in the suite (users run without the checks)."""
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", before)

@@ -58,7 +58,7 @@ def test_half_precision_logits_are_promoted():
     np.testing.assert_allclose(entropy.numpy(), ref_h, atol=1e-4)
 
 
-def test_shape_mismatch_is_an_error():
+def test_shape_mismatch_is_an_error(unchecked_shapes):
     with pytest.raises(ValueError, match="batch x pos"):
         input_surprise(torch.zeros(1, 3, 4), torch.zeros(1, 4, dtype=torch.long))
 

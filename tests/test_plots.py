@@ -47,7 +47,7 @@ def test_report_inlines_plotly_js_once_and_is_deterministic(tmp_path):
     assert single.count(plotly_js[-2000:]) == 1 and "<script src=" not in single
 
 
-def test_report_refuses_content_that_is_not_a_figure_or_html(tmp_path):
+def test_report_refuses_content_that_is_not_a_figure_or_html(tmp_path, unchecked_shapes):
     with pytest.raises(TypeError, match="section 'x': content must be a plotly Figure"):
         write_report([("x", 3)], tmp_path / "r.html", "t")
     assert not (tmp_path / "r.html").exists()

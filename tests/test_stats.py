@@ -119,7 +119,7 @@ def test_bad_settings_are_refused(kwargs, message):
         stats.bootstrap_sums(np.divide, np.ones(3), np.ones(3), **kwargs)
 
 
-def test_mismatched_units_are_refused():
+def test_mismatched_units_are_refused(unchecked_shapes):
     with pytest.raises(ValueError, match="number of units"):
         stats.bootstrap_sums(np.divide, np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="groups have"):
