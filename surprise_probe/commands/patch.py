@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 
+from surprise_probe import distributed
 from surprise_probe.commands._common import (
     add_command,
     command_config,
@@ -46,9 +47,11 @@ def run(args) -> int:
                 raise ValueError(f"--groups {bad[0]!r}: expected 'prompt', 'response' or 'first<K>' with K >= 1")
             probe = check_probe_file(args.probe)
             pairs = read_pairs(args.pairs)
+            # Under torchrun the ranks split the inputs; rank 0 alone claims the folder, writes and prints.
+            main = distributed.is_main()
             claim = stack.enter_context(claim_output(args.out, "patch", command_config(args), overwrite=args.overwrite,
-                                                     owned_names=("patch.json",)))
-        if claim.finished:
+                                                     owned_names=("patch.json",))) if main else None
+        if distributed.all_gather(claim.finished if main else None)[0]:
             print(f"{args.out} already holds this patching result (same settings); nothing to do")
             return 0
         model = load_model_from_args(args, progress=not args.no_progress)
@@ -59,6 +62,8 @@ def run(args) -> int:
             components=args.components, batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
             progress=not args.no_progress, config=command_config(args),
         )
+        if not main:
+            return 0
         paths = result.save(args.out)
         claim.finish({"probe": result.probe})
     print(result.summary())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from surprise_probe import distributed
 from surprise_probe.commands._common import (
     add_command,
     add_model_arguments,
@@ -77,9 +78,11 @@ def run(args) -> int:
                 raise ValueError(f"--strengths needs at least two distinct values, got {args.strengths}")
             probe = check_probe_file(args.probe)
             items = read_items(args.input)
+            # Under torchrun the ranks split the inputs; rank 0 alone claims the folder, writes and prints.
+            main = distributed.is_main()
             claim = stack.enter_context(claim_output(args.out, "steer", command_config(args), overwrite=args.overwrite,
-                                                     owned_names=("steer.json",)))
-        if claim.finished:
+                                                     owned_names=("steer.json",))) if main else None
+        if distributed.all_gather(claim.finished if main else None)[0]:
             print(f"{args.out} already holds this steering result (same settings); nothing to do")
             return 0
         model = load_model_from_args(args, progress=not args.no_progress)
@@ -93,6 +96,8 @@ def run(args) -> int:
             temperature=args.temperature, seed=args.seed, n_boot=args.n_boot, progress=not args.no_progress,
             config=command_config(args),
         )
+        if not main:
+            return 0
         paths = result.save(args.out)
         claim.finish({"probe": result.probe})
     print(result.summary())
