@@ -410,7 +410,8 @@ def attribution_scatter_figure(result: AttributionPatching | Mapping) -> go.Figu
     fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="estimate = exact",
                              line={"color": "gray", "dash": "dash"}, hoverinfo="skip"))
     r, ci = data.get("pearson_r"), data.get("pearson_r_ci")
-    summary = (f"Pearson r = {r:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], " if r is not None and ci is not None else "")
+    defined = r is not None and ci is not None and all(v is not None and np.isfinite(v) for v in (r, *ci))
+    summary = f"Pearson r = {r:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], " if defined else "Pearson r undefined, "
     fig.update_layout(
         title=(f"Attribution patching vs exact patching along d<br><sup>{summary}{data.get('n_points') or 0} "
                f"points ({data['n_pairs']} pairs x {len(hooks)} hooks x {len(data['groups'])} groups)</sup>"),
