@@ -463,6 +463,15 @@ def _analyze_model(model, prompts, config: IntentionConfig, root: Path | None, p
     })
     labellers = [Labeller(p.topics) for p in prompts]
     prompt_ids = [_prompt_ids(model, p.prompt, prompt_format) for p in prompts]
+    # The longest sequence: prompt + a response (a prefilled start is part of one) + the prefill tokens.
+    needed = config.max_new_tokens + config.prefill_tokens
+    for p, ids in zip(prompts, prompt_ids, strict=True):
+        if len(ids) + needed > int(model.cfg.n_ctx):
+            raise ValueError(
+                f"prompt {p.id!r} is {len(ids)} tokens in {name}'s {prompt_format} format; with max_new_tokens + "
+                f"prefill_tokens = {needed} that exceeds its context of {int(model.cfg.n_ctx)} tokens (shorten or "
+                "drop that prompt, or lower --max-new-tokens)"
+            )
     group_names = sorted({p.group for p in prompts})
     groups = np.array([group_names.index(p.group) for p in prompts])
     stages = tqdm(total=4, desc=f"intention {name}", unit="stage", disable=not progress)
@@ -747,8 +756,8 @@ def _lexicon_majority_hits(labels, lexicons, folds, fold) -> np.ndarray:
 # prefill violation
 
 
-def _replacement(topic: str, matched: str) -> str:
-    word = topic.replace("_", " ")
+def _replacement(word: str, matched: str) -> str:
+    word = word.replace("_", " ")
     if matched[:1].isupper():
         word = word[:1].upper() + word[1:]
     if matched.lower().endswith("s") and not word.lower().endswith("s"):
@@ -757,6 +766,11 @@ def _replacement(topic: str, matched: str) -> str:
 
 
 def _prefill_pair(model, prompt: IntentionPrompt, labeller: Labeller, record: dict, seed: int) -> dict | None:
+    """The own-topic start of ``record`` and an equally long (in tokens) start naming another topic.
+
+    The other start replaces the matched word by another topic's name, or, only when its own stems do
+    not match the name (e.g. a topic ``"city_1"`` with stems ``["paris"]``), by one of its stems.
+    """
     label = TopicLabel(**{**record["label"], "candidates": tuple(record["label"]["candidates"])})
     text = unicodedata.normalize("NFC", record["text"])
     own_text = text[: label.start + len(label.matched)]
@@ -764,11 +778,14 @@ def _prefill_pair(model, prompt: IntentionPrompt, labeller: Labeller, record: di
     others = [t for t in prompt.topics if t != label.label]
     order = np.random.default_rng(seed).permutation(len(others))
     for o in order:
-        other_text = text[: label.start] + _replacement(others[o], label.matched)
-        other_ids = _text_ids(model, other_text)
-        if len(other_ids) == len(own_ids) and labeller(other_text).label == others[o]:
-            return {"own_topic": label.label, "other_topic": others[o], "own_start": own_text,
-                    "other_start": other_text, "own_ids": own_ids, "other_ids": other_ids}
+        # Stems (often not whole words, like "strawberr") only when the name itself is not labelled.
+        named = labeller(_replacement(others[o], label.matched)).label == others[o]
+        for word in [others[o]] if named else list(prompt.topics[others[o]]):
+            other_text = text[: label.start] + _replacement(word, label.matched)
+            other_ids = _text_ids(model, other_text)
+            if len(other_ids) == len(own_ids) and labeller(other_text).label == others[o]:
+                return {"own_topic": label.label, "other_topic": others[o], "own_start": own_text,
+                        "other_start": other_text, "own_ids": own_ids, "other_ids": other_ids}
     return None
 
 

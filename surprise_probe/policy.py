@@ -250,6 +250,14 @@ def sample_writer(
     kept = [r for key, r in done.items() if key[0] in wanted]
     todo = [i for i, p in enumerate(prompts) if any((p.id, j) not in done for j in range(n_samples))]
     prefixes = {i: prefix_ids(model, prompts[i].prompt, fmt) for i in todo}
+    n_ctx = int(model.cfg.n_ctx)
+    for i, ids in prefixes.items():
+        if len(ids) + max_new_tokens > n_ctx:
+            raise ValueError(
+                f"prompt {prompts[i].id!r} is {len(ids)} tokens in {name}'s {fmt} format; with max_new_tokens "
+                f"{max_new_tokens} that exceeds its context of {n_ctx} tokens (shorten or drop that prompt, or "
+                "lower --max-new-tokens)"
+            )
     chunk_prompts = max(1, batch_size // n_samples)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"sample {name}", unit="prompt",
                disable=not progress)

@@ -260,3 +260,76 @@ def test_cli_runs_end_to_end_on_a_local_folder_and_resumes(tiny_tokenizer, tmp_p
     assert "holds this result already" in capsys.readouterr().out
     assert main([*argv[:-3], "--n-samples", "3", "--out", str(out)]) == 2
     assert "n_samples=2, not n_samples=3" in capsys.readouterr().err
+
+
+HELD_OUT = [
+    {"id": "pet-1", "group": "pet", "prompt": "Which pet suits a small flat? Pick one.",
+     "topics": {"Cat": ["CAT", "kitten"], "dog": ["dog", "pupp"], "fish": ["fish"]}},
+    {"id": "pet-2", "group": "pet", "prompt": "Name one animal that makes a good pet.",
+     "topics": {"Cat": ["CAT", "kitten"], "dog": ["dog", "pupp"], "fish": ["fish"]}},
+    {"prompt": "Recommend one city: Zürich, Kraków or Lisboa? 🙂",
+     "topics": {"city_a": ["Zürich", "zurich"], "city_b": ["KRAKÓW"], "city_c": ["lisboa"]}},
+]
+
+
+def test_a_held_out_user_file_runs_end_to_end(tiny_tokenizer, tmp_path, capsys, one_thread):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "tiny-lm-256"
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in HELD_OUT) + "\n\n", encoding="utf-8")
+    prompts = read_intention_prompts(path)
+    assert [p.group for p in prompts] == ["pet", "pet", "line3"]
+    assert prompts[2].topics == {"city_a": ("zürich", "zurich"), "city_b": ("kraków",), "city_c": ("lisboa",)}
+    out = tmp_path / "out"
+    argv = ["intention", "--models", str(folder), "--prompts", str(path), "--n-samples", "2", "--max-new-tokens", "4",
+            "--ks", "0", "1", "--n-boot", "20", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((out / "intention.json").read_text())
+    (model,) = data["models"]
+    assert [row["id"] for row in model["rows"]] == ["pet-1", "pet-2", "line3"]
+    labels = [s["label"] for row in model["rows"] for s in row["samples"]]
+    assert len(labels) == 6 and all(label["label"] in {"Cat", "dog", "fish", "city_a", "city_b", "city_c",
+                                                       "other", "ambiguous"} for label in labels)
+
+
+def test_a_prompt_longer_than_the_context_is_named(tmp_path, tiny_hf_folder, capsys):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"id": "essay", "prompt": "word " * 80, "topics": {"a": ["a"], "b": ["b"]}}) + "\n")
+    argv = ["intention", "--models", str(tiny_hf_folder), "--prompts", str(path), "--n-samples", "2",
+            "--max-new-tokens", "4", "--ks", "0", "1", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prompt 'essay'" in err and "context of 64 tokens" in err
+
+
+class _WordModel:
+    """A stand-in whose tokenizer gives one id per word (equal word count = equal token count)."""
+
+    class tokenizer:  # noqa: N801 - mimics the attribute of a model
+        def __new__(cls, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+
+
+def test_prefill_names_the_other_topic_and_uses_a_stem_only_when_the_name_is_not_a_match():
+    from surprise_probe.intention import _prefill_pair
+    from surprise_probe.topics import Labeller
+
+    lexicon = validate_lexicon({"apple": ["apple"], "city_1": ["paris", "rome"], "cherry": ["cherr"]})
+    prompt = IntentionPrompt("x", "x", "Pick one.", lexicon)
+    labeller = Labeller(lexicon)
+    text = "I like Apples a lot"
+    record = {"text": text, "label": labeller(text).to_dict()}
+    starts = {_prefill_pair(_WordModel, prompt, labeller, record, seed)["other_start"] for seed in range(20)}
+    # "cherry" is matched by its stem, so its name stands in (capitalised, plural kept); "city_1" is
+    # not ("city 1" is also two words), so its first stem of one word does.
+    assert starts == {"I like Cherrys", "I like Paris"}
+    pair = _prefill_pair(_WordModel, prompt, labeller, record, 0)
+    assert pair["own_start"] == "I like Apples" and pair["own_topic"] == "apple"

@@ -205,7 +205,7 @@ def test_a_valid_prompt_file_with_answers(tmp_path):
         (["--n-prompts", "-1"], "expected an integer >= 0"),
         (["--k", "0"], "expected an integer >= 1"),
         (["--models", "MODEL", "MODEL"], "lists a model twice"),
-        (["--probe", "nowhere/probe"], "probe.npz does not exist"),
+        (["--probe", "nowhere/probe"], "probe.json does not exist"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_model_loads(tmp_path, tiny_hf_folder, monkeypatch, capsys, argv, message):
@@ -239,3 +239,54 @@ def test_gap_command_end_to_end_and_resume(tmp_path, tiny_hf_folder, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert "already" in capsys.readouterr().out
+
+
+HELD_OUT = (
+    '{"prompt": "Why does bread go stale?", "answer": "Starch recrystallizes as it ages."}\n'
+    '{"prompt": "¿Cuál es la capital de Australia?", "answer": "Canberra, elegida como compromiso."}\n'
+    "\n"
+    '{"id": "kanji", "prompt": "What does 猫 mean?", "answer": "猫 means \\"cat\\" 🙂"}\n'
+    '{"prompt": "Give me one tip for sleeping better."}\n'
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_long_folder(tmp_path_factory, tiny_tokenizer):
+    """A random Llama with 256 positions (the tiny byte-level tokenizer spends many tokens on unicode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-lm-256")
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_held_out_user_file_runs_end_to_end(tmp_path, tiny_long_folder, capsys):
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text(HELD_OUT, encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["gap", "--models", str(tiny_long_folder), "--prompts", str(prompts), "--n-prompts", "0", "--out", str(out),
+            "--max-new-tokens", "4", "--n-boot", "20", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads((out / "gap.json").read_text())
+    assert [p["id"] for p in result["prompts"]] == ["line-1", "line-2", "kanji", "line-5"]
+    assert [p["has_answer"] for p in result["prompts"]] == [True, True, True, False]
+    human = [r for r in result["per_response"] if r["source"] == "human"]
+    # One human read per answered prompt in each of the three formats; the missing answer is no row.
+    assert sorted({r["prompt_index"] for r in human}) == [0, 1, 2] and len(human) == 3 * 3
+    assert all(r["n_tokens"] > 0 for r in human)
+
+
+def test_a_prompt_longer_than_the_context_is_named(tmp_path, tiny_hf_folder, capsys):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text('{"prompt": "short"}\n{"id": "essay", "prompt": "' + "word " * 80 + '"}\n')
+    argv = ["gap", "--models", str(tiny_hf_folder), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+            "--max-new-tokens", "4", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prompt 'essay'" in err and "context of 64 tokens" in err
