@@ -547,11 +547,16 @@ class GapResult:
                     r, f, sign = row["span"]["ratio_off_on"], row[f"first_{k}"], row["span"]["sign_count"]
                     a = row["auroc_entropy"]
                     first = f.get("ratio_off_on", {}).get("value", float("nan"))
+                    probe = row.get("auroc_probe")
                     lines.append(
                         f"    {row['source']:<28} off/on {r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
                         f"  first {k}: {first:.3f}  off higher {sign['off_higher']}/{row['span']['n_prompts']}"
                         f"  AUROC {a['auroc']:.2f} [{a['low']:.2f}, {a['high']:.2f}]"
+                        + (f"  probe AUROC {probe['auroc']:.2f} [{probe['low']:.2f}, {probe['high']:.2f}]"
+                           if probe else "")
                     )
+        if self.config.get("probe") and not any(m.get("probe") for m in self.models):
+            lines.append(f"probe {self.config['probe']}: fitted on none of these models, so no probe AUROC")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

@@ -290,3 +290,34 @@ def test_a_prompt_longer_than_the_context_is_named(tmp_path, tiny_hf_folder, cap
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "prompt 'essay'" in err and "context of 64 tokens" in err
+
+
+def test_probe_readout_auroc_for_the_reader_it_was_fitted_on(trained, tmp_path):
+    from surprise_probe.probes.direction import ProbeDirection
+
+    from surprise_probe.models import model_id
+
+    model, other = trained
+    rng = np.random.default_rng(3)
+    vector = rng.normal(size=model.cfg.d_model)
+    hook = "blocks.1.hook_resid_post"
+    ProbeDirection(vector / np.linalg.norm(vector), mean=0.0, std=1.0, hook=hook, layer=1,
+                   model_id=model_id(model), d_model=model.cfg.d_model, target="surprise").save(tmp_path / "probe")
+    result = policy_gap({"trained": model, "untrained": other}, PROMPTS[:6], formats=["assistant"],
+                        max_new_tokens=6, n_boot=20, probe_path=tmp_path / "probe", progress=False)
+    assert result.models[0]["probe"]["hook"] == hook and result.models[1]["probe"] is None
+    own = [r for r in result.readings if (r.reader, r.source) == ("trained", "own")]
+    # The readout of one response equals the mean projection of its span, from an independent forward.
+    first = next(r for r in own if len(r.entropy))
+    response = next(w for w in result.responses["trained"] if w.prompt_index == first.prompt_index)
+    prefix = prefix_ids(model, PROMPTS[first.prompt_index].prompt, "assistant")
+    _, cache = model.run_with_cache(torch.tensor([prefix + response.content_ids]))
+    span = cache[hook][0, len(prefix):].numpy().astype(np.float64)
+    assert first.probe_readout == pytest.approx(float((span @ (vector / np.linalg.norm(vector))).mean()), rel=1e-4)
+    row = result.comparison("trained", "assistant", "writer:untrained")
+    off = [r.probe_readout for r in result.readings if (r.reader, r.source) == ("trained", "writer:untrained")
+           and len(r.entropy)]
+    on = [r.probe_readout for r in own if len(r.entropy)]
+    expected = roc_auc_score([1] * len(on) + [0] * len(off), -np.array(on + off))
+    assert row["auroc_probe"]["auroc"] == pytest.approx(expected)
+    assert "auroc_probe" not in result.comparison("untrained", "assistant", "writer:trained")

@@ -20,6 +20,7 @@ from surprise_probe.devices import DTYPES
 from surprise_probe.models import EMBEDDED_MODELS, available_models, load_model
 from surprise_probe.outputs import claim_output
 from surprise_probe.policy import FORMATS, builtin_gap_prompts, policy_gap, read_gap_prompts
+from surprise_probe.probes.direction import ProbeDirection
 
 __all__ = ["add_parser", "run", "DEFAULT_MODELS"]
 
@@ -56,7 +57,7 @@ def add_parser(subparsers) -> None:
                         help="sampling temperature (1.0 samples the model's own distribution: the on-policy case)")
     parser.add_argument("--k", type=positive_int, default=8, help="matched positions: the first k response tokens")
     parser.add_argument("--probe", type=Path, default=None,
-                        help="a saved surprise-probe direction (path stem of .npz/.json): adds the AUROC from the "
+                        help="a saved surprise-probe direction (path stem of .json + .safetensors): adds the AUROC from the "
                              "probe's readout for the model it was fitted on")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples")
     parser.add_argument("--level", type=level_float, default=0.95, help="confidence level of the CIs")
@@ -83,12 +84,12 @@ def _check_models(names: list[str]) -> None:
             raise UsageError(f"--models {name}: a folder without config.json; expected a Hugging Face model folder")
 
 
-def _probe_files(stem: Path) -> None:
-    base = stem.with_suffix("") if stem.suffix in (".npz", ".json") else stem
-    for suffix in (".npz", ".json"):
-        if not base.with_name(base.name + suffix).exists():
-            raise UsageError(f"--probe {stem}: {base.name + suffix} does not exist; expected a probe direction "
-                             "saved by `surprise-probe fit` (a .npz + .json pair)")
+def _check_probe(stem: Path) -> None:
+    """Read the probe direction now (both files, hashes), so a bad --probe fails before any model loads."""
+    try:
+        ProbeDirection.load(stem)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--probe {stem}: {error}; expected a probe direction saved by `surprise-probe fit`") from None
 
 
 def run(args) -> int:
@@ -98,7 +99,7 @@ def run(args) -> int:
             prompts = prompts[: args.n_prompts] if args.n_prompts else prompts
             _check_models(args.models)
             if args.probe is not None:
-                _probe_files(args.probe)
+                _check_probe(args.probe)
             claim = stack.enter_context(claim_output(args.out, "gap", command_config(args), overwrite=args.overwrite))
         if claim.finished:
             print(f"{args.out} holds this result already (gap.json); --overwrite recomputes it")
