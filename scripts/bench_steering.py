@@ -10,13 +10,32 @@ forward up to the hook plus, for the N conditions, forwards from the hook to the
 scored positions only (``start_at_layer``, same rows per forward as the sweep, no metrics). The
 floor has no key-value cache sharing, so a sweep that shares the prompt can come in under it.
 Prints a markdown table; with ``--out`` also writes ``bench_steering.json``.
+
+With ``--peers``: the same dose-response (all positions steered, ``--peer-directions`` directions
+= probe-like + orthogonal + random, x the strengths) through each method in its own child process
+(so CPU time and peak memory are its own), best of ``--repeats``: steering-vectors'
+``SteeringVector.apply`` loop on the Hugging Face model (one condition per forward over the padded
+batch of conversations), a TransformerLens ``run_with_hooks`` loop, and surprise-probe's
+``dose_response`` batched and ``batched=False``. Every method computes mean entropy, KL to the clean
+run and top-1 agreement over the scored (response) tokens, and the tables are compared. Peers are
+optional: after torch and the project, ``pip install -e .[bench]`` and
+``pip install --no-deps steering-vectors==0.12.2`` (a missing one is reported as skipped).
+
+    flock /tmp/sp-model.lock python scripts/bench_steering.py --peers --model smollm2-135m-instruct \
+        --layer 17 --strengths -4 -2 0 2 4 --repeats 2 --out runs/bench/steering_peers
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
+import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,6 +98,233 @@ def _floor(model, encoded, layer: int, n_conditions: int, batch_size: int, max_b
             unembed(model, final[:, at])
 
 
+# --- Peers (--peers): each method in its own child process -------------------------------------
+
+PEER_METHODS = ["sv_loop", "tl_hooks_loop", "sp_batched", "sp_loop"]
+PEER_NEEDS = {"sv_loop": "steering_vectors"}
+
+
+def _peer_folder(name: str, work: Path) -> Path:
+    """The Hugging Face folder every child loads: an embedded model's cache, a folder, or a tiny Llama."""
+    from surprise_probe.models import EMBEDDED_MODELS, embedded_folder
+
+    if name.lower() in EMBEDDED_MODELS:
+        return embedded_folder(name.lower())
+    if name != "tiny":
+        return Path(name)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surprise_probe.testing import tiny_tokenizer
+
+    folder = work / "tiny-model"
+    tokenizer = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _peer_job(args, folder: Path, work: Path) -> dict:
+    """Encode the conversations and build the directions once, for every child."""
+    from surprise_probe.interventions import SteeringDirection
+    from surprise_probe.interventions.dose_response import control_directions
+
+    from surprise_probe.inputs import encode_all
+    from surprise_probe.models import load_model
+
+    model = load_model(str(folder), device="cpu", backend="hooked", progress=False)
+    layer = int(model.cfg.n_layers) // 2 if args.layer is None else min(args.layer, int(model.cfg.n_layers) - 1)
+    hook = f"blocks.{layer}.hook_resid_post"
+    encoded = encode_all(model, _items(model, args.n_inputs), truncate=True)
+    d = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0))
+    d = d / d.norm()
+    std = _projection_std(model, encoded, hook, d)
+    vectors, labels = control_directions(SteeringDirection(d, hook, std), args.peer_directions - 2, seed=0)
+    job = {"layer": layer, "hook": hook, "std": std, "strengths": [float(a) for a in args.strengths],
+           "vectors": vectors.tolist(), "labels": labels, "pad_id": int(model.tokenizer.pad_token_id),
+           "items": [{"token_ids": e.token_ids.tolist(), "scored": e.scored.tolist()} for e in encoded]}
+    (work / "job.json").write_text(json.dumps(job))
+    return job
+
+
+def _padded(items: list[dict], pad: int):
+    """Right-padded token ids, attention mask and scored mask of all conversations (one batch)."""
+    width = max(len(item["token_ids"]) for item in items)
+    tokens = torch.full((len(items), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    scored = torch.zeros((len(items), width), dtype=torch.bool)
+    for row, item in enumerate(items):
+        n = len(item["token_ids"])
+        tokens[row, :n] = torch.tensor(item["token_ids"])
+        mask[row, :n] = 1
+        scored[row, :n] = torch.tensor(item["scored"])
+    return tokens, mask, scored
+
+
+def _peer_loop(forward, scored, vectors, strengths) -> dict[str, np.ndarray]:
+    """What a peer's user writes: the clean run, then one forward per (direction, strength) over the
+    batch; mean entropy, KL(steered || clean) and top-1 agreement over the scored tokens."""
+    clean = torch.log_softmax(forward(None, 0.0)[scored].float(), -1)
+    shape = (len(vectors), len(strengths))
+    out = {name: np.zeros(shape) for name in ("entropy", "kl", "agree")}
+    for i, vector in enumerate(vectors):
+        for j, strength in enumerate(strengths):
+            log_probs = torch.log_softmax(forward(vector, strength)[scored].float(), -1)
+            probs = log_probs.exp()
+            out["entropy"][i, j] = float(-(probs * log_probs).sum(-1).mean())
+            out["kl"][i, j] = float((probs * (log_probs - clean)).sum(-1).mean())
+            out["agree"][i, j] = float((log_probs.argmax(-1) == clean.argmax(-1)).double().mean())
+    return out
+
+
+def _peer_run(method: str, model, job: dict) -> tuple[dict[str, np.ndarray], int]:
+    """One dose-response by ``method``; returns the (direction x strength) tables and forwards run."""
+    vectors = torch.tensor(job["vectors"], dtype=torch.float32)
+    strengths, std, layer, hook = job["strengths"], job["std"], job["layer"], job["hook"]
+    n_forwards = 1 + len(vectors) * len(strengths)
+    if method in ("sp_batched", "sp_loop"):
+        from surprise_probe.interventions import SteeringDirection, dose_response
+
+        result = dose_response(model, job["items"], SteeringDirection(vectors[0], hook, std), strengths,
+                               random_directions=len(vectors) - 2, positions="all",
+                               batched=method == "sp_batched", seed=0, progress=False)
+        tables = {"entropy": np.asarray(result.entropy), "kl": np.asarray(result.kl),
+                  "agree": np.asarray(result.top1_agreement)}
+        return tables, result.n_forwards
+    tokens, mask, scored = _padded(job["items"], job["pad_id"])
+    if method == "sv_loop":
+        from steering_vectors import SteeringVector
+
+        def forward(vector, strength):
+            if vector is None:
+                return model(tokens, attention_mask=mask).logits
+            steering = SteeringVector(layer_activations={layer: vector * std}, layer_type="decoder_block")
+            with steering.apply(model, multiplier=strength, min_token_index=0):
+                return model(tokens, attention_mask=mask).logits
+    elif method == "tl_hooks_loop":
+        def forward(vector, strength):
+            if vector is None:
+                return model(tokens, attention_mask=mask)
+            added = strength * std * vector
+
+            def add(activation, hook):  # noqa: ARG001 - TransformerLens hook signature
+                return activation + added
+
+            return model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(hook, add)])
+    else:
+        raise ValueError(method)
+    return _peer_loop(forward, scored, vectors, strengths), n_forwards
+
+
+def _peer_child(method: str, folder: Path, work: Path, threads: int, repeats: int) -> dict:
+    from bench_capture import RssSampler
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    job = json.loads((work / "job.json").read_text())
+    if method == "sv_loop":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    else:
+        from surprise_probe.models import load_model
+
+        model = load_model(str(folder), device="cpu", backend="hooked", progress=False)
+    warm = dict(job, items=job["items"][:1], vectors=job["vectors"][:2], strengths=job["strengths"][:2])
+    with torch.inference_mode():
+        _peer_run(method, model, warm)
+    gc.collect()
+    cpu, wall = [], []
+    sampler = RssSampler().__enter__()
+    for _ in range(repeats):
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
+        with torch.inference_mode():
+            tables, n_forwards = _peer_run(method, model, job)
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start_wall)
+    sampler.__exit__(None, None, None)
+    np.savez(work / f"{method}.npz", **tables)
+    return {"method": method, "cpu_seconds": min(cpu), "all_cpu_seconds": [round(t, 2) for t in cpu],
+            "wall_seconds": min(wall), "all_wall_seconds": [round(t, 2) for t in wall],
+            "rss_before_mb": sampler.start_kb / 1024, "peak_rss_mb": sampler.peak_kb / 1024,
+            "n_forwards": n_forwards, "threads": torch.get_num_threads()}
+
+
+def peers_main(args) -> int:
+    from bench_capture import peer_versions
+
+    from surprise_probe.jsonio import software_versions, write_json
+
+    with tempfile.TemporaryDirectory(prefix="bench-steering-") as tmp:
+        work = Path(tmp)
+        folder = _peer_folder(args.model, work)
+        job = _peer_job(args, folder, work)
+        rows = []
+        for method in args.peer_methods:
+            if method in PEER_NEEDS and importlib.util.find_spec(PEER_NEEDS[method]) is None:
+                print(f"{method:<14} skipped: {PEER_NEEDS[method]} is not installed (pip install -e .[bench])")
+                continue
+            cmd = [sys.executable, __file__, "--peer-child", method, str(folder), str(work), str(args.threads or 2),
+                   str(args.repeats)]
+            with open(work / f"{method}.log", "w") as log:
+                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+                _, status, usage = os.wait4(process.pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                print((work / f"{method}.log").read_text()[-3000:], file=sys.stderr)
+                raise RuntimeError(f"{method} failed")
+            row = json.loads((work / f"{method}.json").read_text())
+            row["child_cpu_seconds_total"] = usage.ru_utime + usage.ru_stime
+            row["child_maxrss_mb"] = usage.ru_maxrss / 1024
+            rows.append(row)
+            print(f"{method:<14} {row['cpu_seconds']:8.2f} CPU s  {row['wall_seconds']:8.2f} wall s  "
+                  f"peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
+        tables = {row["method"]: dict(np.load(work / f"{row['method']}.npz")) for row in rows}
+    unit = next((r for r in rows if r["method"] == "sv_loop"), rows[0])
+    for row in rows:
+        ref, mine = tables[unit["method"]], tables[row["method"]]
+        row["max_abs_diff"] = {k: float(np.abs(mine[k] - ref[k]).max()) for k in ("entropy", "kl", "agree")}
+        row["cpu_ratio"] = row["cpu_seconds"] / unit["cpu_seconds"]
+        row["wall_ratio"] = row["wall_seconds"] / unit["wall_seconds"]
+        row["rss_ratio"] = row["peak_rss_mb"] / unit["peak_rss_mb"]
+        row["mean_entropy"] = tables[row["method"]]["entropy"].tolist()
+    n_tokens = sum(int(np.sum(item["scored"])) for item in job["items"])
+    lengths = [len(item["token_ids"]) for item in job["items"]]
+    lines = [
+        f"model `{args.model}`, `{job['hook']}`, {len(job['items'])} conversations ({sum(lengths)} tokens, "
+        f"{min(lengths)}-{max(lengths)} each, {n_tokens} scored), all positions steered, "
+        f"{len(job['vectors'])} directions x {len(job['strengths'])} strengths = "
+        f"{len(job['vectors']) * len(job['strengths'])} conditions, float32, CPU ({platform.machine()}, "
+        f"{os.cpu_count()} cores, {args.threads or 2} torch threads per child), each method in its own process, "
+        f"best of {args.repeats}; ratios and differences against `{unit['method']}`",
+        "",
+        "| method | forwards | CPU s | x sv loop (CPU) | wall s | x sv loop (wall) | peak RSS (MB) | x sv loop (RSS) "
+        "| max diff entropy | max diff KL | max diff top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        diff = row["max_abs_diff"]
+        lines.append(
+            f"| {row['method']} | {row['n_forwards']} | {row['cpu_seconds']:.2f} | {row['cpu_ratio']:.3f} | "
+            f"{row['wall_seconds']:.2f} | {row['wall_ratio']:.3f} | {row['peak_rss_mb']:.0f} | {row['rss_ratio']:.2f} | "
+            f"{diff['entropy']:.1e} | {diff['kl']:.1e} | {diff['agree']:.1e} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_steering_peers.md").write_text(table + "\n")
+        write_json(args.out / "bench_steering_peers.json", {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "peer_child"},
+            "hook": job["hook"], "std": job["std"], "labels": job["labels"], "rows": rows,
+            "versions": {**software_versions(), **peer_versions()},
+        })
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny', 'tiny-bridge', or a name for surprise_probe.load_model")
@@ -93,7 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--atol", type=float, default=1e-5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--peers", action="store_true", help="compare with the peers, each in its own process")
+    parser.add_argument("--peer-methods", nargs="+", default=PEER_METHODS, choices=PEER_METHODS)
+    parser.add_argument("--peer-directions", type=int, default=6, help="with --peers: probe + orthogonal + random")
+    parser.add_argument("--peer-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.peer_child:
+        method, folder, work, threads, repeats = args.peer_child
+        row = _peer_child(method, Path(folder), Path(work), int(threads), int(repeats))
+        (Path(work) / f"{method}.json").write_text(json.dumps(row))
+        return 0
+    if args.peers:
+        return peers_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 

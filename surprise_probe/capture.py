@@ -27,12 +27,13 @@ from surprise_probe.jsonio import read_json, software_versions, write_json
 from surprise_probe.metrics import chunked_surprise_and_entropy, surprise_and_entropy
 from surprise_probe.models import model_id
 from surprise_probe.store import (
+    COLUMNS,
     FORMAT_VERSION,
     Capture,
     CaptureShard,
+    ShardWriter,
     completed_shards,
     content_hash,
-    write_shard,
 )
 
 __all__ = [
@@ -241,8 +242,10 @@ def _prepare_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> bool:
 @torch.inference_mode()
 def _capture_shard(
     model, index: int, encoded: list[Encoded], first_id: int, hooks: list[str], batch_size: int,
-    np_dtype, padding_side: str, progress,
+    np_dtype, padding_side: str, progress, writer: ShardWriter | None = None,
 ) -> CaptureShard:
+    """One shard's forwards. With a ``writer`` each batch's activations go straight to disk (and
+    the returned shard holds only the per-token columns); otherwise they are kept in memory."""
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("token_ids", "sequence_ids", "positions",
                                                              "input_surprise", "output_entropy", "scored")}
     acts: dict[str, list[np.ndarray]] = {hook: [] for hook in hooks}
@@ -260,16 +263,24 @@ def _capture_shard(
         columns["input_surprise"].append(surprise[real].float().cpu().numpy())
         columns["output_entropy"].append(entropy[real].float().cpu().numpy())
         columns["scored"].append(batch.scored[real].numpy())
+        every = bool(real.all())
         for hook in hooks:
-            # Convert to the storage dtype on the model's device, then one copy to the CPU.
-            acts[hook].append(to_numpy(stored[hook][real.to(stored[hook].device)], np_dtype))
+            # Without padding every row is real: a view, no copy. Convert to the storage dtype on
+            # the model's device, then one copy to the CPU (none for float32 on the CPU).
+            value = stored[hook]
+            value = value.reshape(-1, value.shape[-1]) if every else value[real.to(value.device)]
+            rows = to_numpy(value, np_dtype)
+            if writer is not None:
+                writer.add(hook, rows)
+            else:
+                acts[hook].append(rows)
         del stored, surprise, entropy
         if progress is not None:
             progress.update(len(chunk))
     return CaptureShard(
         index=index,
         hooks=tuple(hooks),
-        _activations={hook: np.concatenate(parts) for hook, parts in acts.items()},
+        _activations={} if writer is not None else {hook: np.concatenate(parts) for hook, parts in acts.items()},
         **{name: np.concatenate(parts) for name, parts in columns.items()},
     )
 
@@ -364,13 +375,17 @@ def capture(
                 entries.append(done[index])
                 continue
             lo = index * shard_size
-            shard = _capture_shard(
-                model, index, encoded[lo : lo + shard_size], lo, hooks, batch_size, np_dtype, padding_side, bar
-            )
+            part = encoded[lo : lo + shard_size]
             if out_path is None:
-                in_memory.append(shard)
-            else:
-                entries.append(write_shard(out_path, shard))
+                in_memory.append(_capture_shard(model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar))
+                continue
+            # Stream each batch's activations into the shard's files (memory: one batch, not a shard).
+            n_tokens = sum(len(item.token_ids) for item in part)
+            with ShardWriter(out_path, index, hooks, n_tokens, int(model.cfg.d_model), np_dtype) as writer:
+                shard = _capture_shard(
+                    model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar, writer=writer
+                )
+                entries.append(writer.finish({name: shard.column(name) for name in COLUMNS}))
     finally:
         if bar is not None:
             bar.close()

@@ -13,6 +13,7 @@ A capture is a list of shards; each shard holds whole sequences, flattened to th
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ __all__ = [
     "load_capture",
     "hook_depth",
     "write_shard",
+    "ShardWriter",
     "verify_capture",
     "COLUMNS",
 ]
@@ -226,6 +228,95 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
     write_json(tmp / "shard.json", entry)
     os.replace(tmp, final)
     return entry
+
+
+class ShardWriter:
+    """Writes one shard as its batches arrive, with the same files and entry as :func:`write_shard`.
+
+    Each hook's ``.npy`` gets its header first (the shape is known from the token count) and then
+    each batch's rows, hashed as they are written: the shard's activations never sit in memory
+    whole, nothing is concatenated, and no file is read back to hash it. ``finish`` checks every
+    row arrived, writes the per-token columns and ``shard.json``, and renames the folder into place
+    (atomic, like ``write_shard``); leaving the ``with`` block without ``finish`` closes the files
+    and leaves only the temp folder, which the next attempt replaces.
+    """
+
+    def __init__(self, root: Path, index: int, hooks: tuple[str, ...] | list[str], n_tokens: int, d_model: int,
+                 dtype) -> None:
+        self.root, self.index, self.hooks = Path(root), index, tuple(hooks)
+        self.n_tokens, self.d_model, self.dtype = int(n_tokens), int(d_model), np.dtype(dtype)
+        shards_dir = self.root / "shards"
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        self.final = shards_dir / shard_name(index)
+        self.tmp = shards_dir / f".tmp-{shard_name(index)}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        self.rows = dict.fromkeys(self.hooks, 0)
+        self.files, self.digests = {}, {}
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": (self.n_tokens, self.d_model),
+        })
+        for hook in self.hooks:
+            handle = open(self.tmp / f"{hook}.npy", "wb")  # noqa: SIM115 - closed in finish/close
+            self.files[hook], self.digests[hook] = handle, hashlib.sha256()
+            self._write(hook, header.getvalue())
+
+    def _write(self, hook: str, data) -> None:
+        self.files[hook].write(data)
+        self.digests[hook].update(data)
+
+    def add(self, hook: str, rows: np.ndarray) -> None:
+        """Append ``rows`` (tokens x d_model, in the shard's dtype) to ``hook``'s file."""
+        if rows.dtype != self.dtype or rows.ndim != 2 or rows.shape[1] != self.d_model:
+            raise ValueError(f"{hook}: expected rows of ({self.d_model},) {self.dtype}, got {rows.shape} {rows.dtype}")
+        if self.rows[hook] + len(rows) > self.n_tokens:
+            raise ValueError(f"{hook}: more than the shard's {self.n_tokens} tokens were written")
+        self._write(hook, memoryview(np.ascontiguousarray(rows)).cast("B"))
+        self.rows[hook] += len(rows)
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def finish(self, columns: dict[str, np.ndarray]) -> dict:
+        """Write the per-token columns and ``shard.json``, rename into place; return the entry."""
+        short = {hook: n for hook, n in self.rows.items() if n != self.n_tokens}
+        if short:
+            raise ValueError(f"shard {self.index} expected {self.n_tokens} tokens per hook, got {short}")
+        self.close()
+        files = {}
+        for name in COLUMNS:
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(columns[name], dtype=_COLUMN_DTYPES[name]))
+            (self.tmp / f"{name}.npy").write_bytes(buffer.getvalue())
+            files[f"{name}.npy"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        for hook in self.hooks:
+            files[f"{hook}.npy"] = self.digests[hook].hexdigest()
+        sizes = {name: (self.tmp / name).stat().st_size for name in files}
+        sequence_ids = np.asarray(columns["sequence_ids"])
+        entry = {
+            "name": self.final.name,
+            "index": self.index,
+            "n_tokens": self.n_tokens,
+            "n_sequences": len(np.unique(sequence_ids)),
+            "n_scored": int(np.asarray(columns["scored"]).sum()),
+            "first_sequence": int(sequence_ids.min()),
+            "last_sequence": int(sequence_ids.max()),
+            "files": files,
+            "sizes": sizes,
+        }
+        write_json(self.tmp / "shard.json", entry)
+        os.replace(self.tmp, self.final)
+        return entry
 
 
 def _load_npy(file: Path, mmap_mode: str | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ import pytest
 
 import surprise_probe as sp
 from surprise_probe.metrics import surprise_and_entropy
+from surprise_probe.store import ShardWriter
 from tests.conftest import CONVERSATION, TEXTS
 
 # `surprise_probe.capture` the function shadows the module of the same name on the package.
@@ -89,24 +90,24 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_hooked, tmp_path, 
     items = TEXTS * 3  # 15 sequences, 8 shards of 2
     reference = sp.capture(tiny_hooked, items, shard_size=2, out_dir=tmp_path / "full", progress=False)
 
-    real_write = capture_module.write_shard
+    real_finish = ShardWriter.finish
     written = []
 
-    def crash_after_three(root, shard):
+    def crash_after_three(writer, columns):  # killed after shard 3's files, before its rename
         if len(written) == 3:
             raise KeyboardInterrupt("simulated kill")
-        written.append(shard.index)
-        return real_write(root, shard)
+        written.append(writer.index)
+        return real_finish(writer, columns)
 
-    monkeypatch.setattr(capture_module, "write_shard", crash_after_three)
+    monkeypatch.setattr(ShardWriter, "finish", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         sp.capture(tiny_hooked, items, shard_size=2, out_dir=tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed" / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match=r"incomplete \(3 shard\(s\) written"):
         sp.load_capture(tmp_path / "resumed")
     # A half-written shard folder (killed mid-write) must be ignored and redone.
-    (tmp_path / "resumed" / "shards" / ".tmp-000003").mkdir()
-    monkeypatch.setattr(capture_module, "write_shard", real_write)
+    assert (tmp_path / "resumed" / "shards" / ".tmp-000003").is_dir()
+    monkeypatch.setattr(ShardWriter, "finish", real_finish)
     resumed = sp.capture(tiny_hooked, items, shard_size=2, out_dir=tmp_path / "resumed", progress=False)
 
     assert resumed.manifest["content_hash"] == reference.manifest["content_hash"]
