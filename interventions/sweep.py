@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import einops
 import numpy as np
 import torch
 from jaxtyping import Bool, Float
@@ -276,7 +277,7 @@ def run_sweep(
                                     positions=where.expand(len(block), -1), **extra)
                 edited = _edit(intervention, hook, prefix.residual)
                 final = run_from_hook(model, prefix, edited)[:, at]  # (rows, n_at, d_model)
-                flat = final.reshape(-1, final.shape[-1])
+                flat = einops.rearrange(final, "rows at d -> (rows at) d")  # row-major, as row_ids below
                 row_ids = torch.arange(len(block)).repeat_interleave(n_at)
                 clean_rep = _RepeatedRows(clean[s])
                 store([(s, c) for c in block], _sum_per_row(

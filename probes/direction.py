@@ -1,9 +1,18 @@
 """A probe direction: the unit vector in activation space that a probe reads, with its metadata.
 
-Saved as two files next to each other: ``<path>.npz`` (the direction) and ``<path>.json`` (model id,
-hook, layer, target, data hash, metrics, projection statistics, software versions, and the sha256
-of the direction so a mismatched pair is caught). Loading with ``model=`` refuses a model whose id
-or ``d_model`` differs from the one the probe was fitted on.
+Saved as two files next to each other, the convention of SAELens and Hugging Face (weights in
+safetensors, configuration in JSON): ``<path>.safetensors`` (one float64 tensor ``direction``,
+shape ``(d_model,)``) and ``<path>.json`` (model id, hook, layer, target, data hash, metrics,
+projection statistics, software versions, the model's fingerprint -- TransformerLens weight
+processing as loaded and a sha256 of the weights, see :mod:`surprise_probe.basis` -- and hashes of
+the direction and of the whole artifact, so an edited field or a mismatched pair is caught).
+Loading with ``model=`` refuses a model whose id, ``d_model``, weight processing or weights differ
+from the one the probe was fitted on. Directions saved in the earlier format (``<path>.npz`` +
+``<path>.json``, format 1) still load.
+
+Use outside this toolkit: :meth:`ProbeDirection.to_sklearn` gives a fitted ``RidgeProbe``;
+:meth:`ProbeDirection.export_vector` gives the plain vector (a torch tensor) with the layer it
+belongs to, for steering-vectors or nnsight (see docs/probes.md, "Using a probe elsewhere").
 """
 
 from __future__ import annotations
@@ -11,18 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from jaxtyping import Float
+from safetensors.numpy import load_file, save_file
+from surprise_probe.probes.ridge import RidgeProbe
 
+from surprise_probe.basis import model_fingerprint
 from surprise_probe.jsonio import software_versions, to_json
 from surprise_probe.models import model_id as model_id_of
 
 __all__ = ["ProbeDirection"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # safetensors + JSON; format 1 (.npz + JSON) still loads
+_SUFFIXES = (".safetensors", ".npz", ".json")
 
 
 def _model_identity(model) -> tuple[str, int]:
@@ -31,7 +46,11 @@ def _model_identity(model) -> tuple[str, int]:
 
 def _stem(path: str | Path) -> Path:
     path = Path(path)
-    return path.with_suffix("") if path.suffix in (".npz", ".json") else path
+    return path.with_suffix("") if path.suffix in _SUFFIXES else path
+
+
+def _sibling(stem: Path, suffix: str) -> Path:
+    return stem.with_name(stem.name + suffix)
 
 
 def _float(value) -> float:
@@ -79,6 +98,7 @@ class ProbeDirection:
     coef_norm: float = float("nan")
     intercept: float = float("nan")
     versions: dict = field(default_factory=software_versions)
+    model: dict = field(default_factory=dict)  # surprise_probe.basis.model_fingerprint ({} if unknown)
 
     def __post_init__(self):
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(-1)
@@ -107,7 +127,14 @@ class ProbeDirection:
         return self.coef_norm * self.project(activations) + self.intercept
 
     def check_model(self, model) -> None:
-        """Raise unless ``model`` has this direction's model id and ``d_model``."""
+        """Raise unless ``model`` is the model this direction was fitted on.
+
+        Always compared: model id and ``d_model``. When the probe records the model's fingerprint
+        (probes fitted from a capture since format 2): the weight processing as measured on the
+        weights (another processing is another basis) and the weights' sha256. A weights mismatch
+        at another dtype or backend (e.g. a bfloat16 load of the same checkpoint) only warns, since
+        its weights differ by rounding or naming; at the same dtype and backend it is refused.
+        """
         other_id, other_d = _model_identity(model)
         if other_id != self.model_id or other_d != self.d_model:
             raise ValueError(
@@ -115,6 +142,93 @@ class ProbeDirection:
                 f"(d_model {self.d_model}) but the given model is {other_id!r} (d_model {other_d}); "
                 "use it with the model it was fitted on, or refit with `surprise-probe fit`"
             )
+        if not self.model.get("weights_sha256"):
+            return
+        other = model_fingerprint(model)
+        mine_processing, other_processing = self.model.get("weight_processing", {}), other["weight_processing"]
+        for key in ("normalization_type", "writing_weights_centered", "unembed_centered"):
+            if key in mine_processing and mine_processing[key] != other_processing.get(key):
+                raise ValueError(
+                    f"probe direction at {self.hook!r} was fitted in a basis with {key}="
+                    f"{mine_processing[key]!r} but the given model {other_id!r} has {key}="
+                    f"{other_processing.get(key)!r} (another TransformerLens weight processing); "
+                    "load the model as it was loaded for the fit, or refit"
+                )
+        if other["weights_sha256"] != self.model["weights_sha256"]:
+            same_form = (other["dtype"], other["backend"]) == (self.model.get("dtype"), self.model.get("backend"))
+            message = (
+                f"probe direction at {self.hook!r} was fitted on {self.model_id!r} with weights sha256 "
+                f"{self.model['weights_sha256'][:12]}... ({self.model.get('dtype')}, {self.model.get('backend')}) "
+                f"but the given model's weights hash to {other['weights_sha256'][:12]}... "
+                f"({other['dtype']}, {other['backend']})"
+            )
+            if same_form:
+                raise ValueError(message + "; same name, other weights: refit the probe on this model")
+            warnings.warn(message + "; the dtype or backend differs, so the basis is the same only up to "
+                          "rounding", stacklevel=2)
+
+    def to_sklearn(self) -> RidgeProbe:
+        """A fitted :class:`~surprise_probe.probes.ridge.RidgeProbe` that predicts what this probe does.
+
+        ``coef_ = coef_norm * direction`` and ``intercept_`` act on raw activations; ``alpha`` is the
+        penalty chosen by cross-validation (from ``metrics``), recorded for reference only (the
+        estimator is already fitted). Refitting it (``.fit``) trains a new probe.
+
+        >>> d = ProbeDirection(np.array([0.6, 0.8]), mean=0.0, std=1.0, hook="blocks.0.hook_resid_post",
+        ...                    layer=0, model_id="m", d_model=2, target="surprise", coef_norm=2.0, intercept=1.0)
+        >>> d.to_sklearn().predict(np.array([[1.0, 1.0]])).tolist()
+        [3.8]
+        """
+        if not np.isfinite(self.coef_norm) or not np.isfinite(self.intercept):
+            raise ValueError("this direction was saved without the probe's scale and intercept; "
+                             "it cannot become a predicting RidgeProbe")
+        probe = RidgeProbe(alpha=float(self.metrics.get("alpha") or 1.0))
+        probe.coef_ = self.coef_norm * self.direction
+        probe.intercept_ = float(self.intercept)
+        probe.n_features_in_ = self.d_model
+        return probe
+
+    def export_vector(self, scale: str | float = "unit", *, basis: str = "transformer_lens") -> dict:
+        """The plain vector for other tools (steering-vectors, nnsight, raw PyTorch hooks).
+
+        Returns ``{"vector": float32 tensor (d_model,), "hook": ..., "layer": ..., "scale": ...,
+        "basis": ...}``. ``scale``: ``"unit"`` (norm 1), ``"std"`` (one standard deviation of the
+        projection over the training tokens, a natural steering step) or a number. ``basis``:
+        ``"transformer_lens"`` (the residual stream this toolkit hooks) or ``"hf"`` (the Hugging
+        Face model's hidden states). They differ only when TransformerLens centred the writing
+        weights (LayerNorm models): its residual is the HF one minus its mean over ``d_model``, so
+        the HF-basis vector is the direction minus its mean, which reads the same projection and,
+        added before a LayerNorm, steers the same. ``blocks.L.hook_resid_post`` is the output of
+        HF decoder layer ``L`` (``hidden_states[L + 1]``; steering-vectors ``layer=L``,
+        ``layer_type="decoder_block"``).
+
+        >>> d = ProbeDirection(np.array([0.6, 0.8]), mean=0.0, std=2.0, hook="blocks.0.hook_resid_post",
+        ...                    layer=0, model_id="m", d_model=2, target="surprise")
+        >>> d.export_vector("std")["vector"].tolist()
+        [1.2000000476837158, 1.600000023841858]
+        """
+        if basis not in ("transformer_lens", "hf"):
+            raise ValueError(f"basis must be 'transformer_lens' or 'hf', got {basis!r}")
+        if isinstance(scale, str):
+            if scale not in ("unit", "std"):
+                raise ValueError(f"scale must be 'unit', 'std' or a number, got {scale!r}")
+            factor = 1.0 if scale == "unit" else float(self.std)
+        else:
+            factor = float(scale)
+        if not np.isfinite(factor):
+            raise ValueError(f"scale must be finite, got {factor}")
+        vector = self.direction.copy()
+        centred = bool(self.model.get("weight_processing", {}).get("writing_weights_centered"))
+        if basis == "hf" and centred:
+            vector = vector - vector.mean()
+        return {
+            "vector": torch.tensor(factor * vector, dtype=torch.float32),
+            "hook": self.hook,
+            "layer": self.layer,
+            "scale": scale,
+            "basis": basis,
+            "centred_for_hf": basis == "hf" and centred,
+        }
 
     def metadata(self) -> dict:
         return {
@@ -132,6 +246,7 @@ class ProbeDirection:
             "data_hash": self.data_hash,
             "metrics": self.metrics,
             "versions": self.versions,
+            "model": self.model,
             "direction_sha256": _digest(self.direction),
         }
 
@@ -141,46 +256,64 @@ class ProbeDirection:
         return info
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path.npz`` and ``path.json`` (each atomically); return the JSON path."""
+        """Write ``path.safetensors`` and ``path.json`` (each atomically); return the JSON path."""
         stem = _stem(path)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        npz, meta = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
-        tmp_npz = npz.with_name(f".{npz.name}.tmp.npz")
-        np.savez(tmp_npz, direction=self.direction)
-        os.replace(tmp_npz, npz)
+        weights, meta = _sibling(stem, ".safetensors"), _sibling(stem, ".json")
+        info = self._metadata_with_hash()
+        info["weights_file"] = weights.name
+        info["artifact_sha256"] = _artifact_digest(self.direction, info)
+        tmp_weights = weights.with_name(f".{weights.name}.tmp")
+        save_file({"direction": np.ascontiguousarray(self.direction, dtype=np.float64)}, str(tmp_weights),
+                  metadata={"kind": "probe_direction", "config": meta.name, "hook": self.hook,
+                            "model_id": self.model_id, "artifact_sha256": info["artifact_sha256"]})
+        os.replace(tmp_weights, weights)
         tmp_meta = meta.with_name(f".{meta.name}.tmp")
-
-        tmp_meta.write_text(to_json(self._metadata_with_hash()))
+        tmp_meta.write_text(to_json(info))
         os.replace(tmp_meta, meta)
         return meta
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> ProbeDirection:
-        """Read ``path.npz`` + ``path.json``; with ``model``, refuse another model id or d_model."""
+        """Read ``path.json`` and its weights (``path.safetensors``, or ``path.npz`` for format 1).
+
+        With ``model``, refuse another model (see :meth:`check_model`).
+        """
         stem = _stem(path)
-        npz, meta = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
-        for file in (npz, meta):
-            if not file.exists():
-                raise FileNotFoundError(
-                    f"probe direction file {file} does not exist (expected {npz} and {meta})"
-                )
+        meta = _sibling(stem, ".json")
+        if not meta.exists():
+            raise FileNotFoundError(
+                f"probe direction file {meta} does not exist (expected {meta} with "
+                f"{_sibling(stem, '.safetensors').name}, or {_sibling(stem, '.npz').name} for format 1)"
+            )
         try:
             info = json.loads(meta.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{meta} is not a readable probe direction JSON ({error})") from None
-        if not isinstance(info, dict) or info.get("kind") != "probe_direction" or info.get("format_version") != FORMAT_VERSION:
+        version = info.get("format_version") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or info.get("kind") != "probe_direction" or version not in (1, FORMAT_VERSION):
             raise ValueError(
-                f"{meta} is not a probe direction of format {FORMAT_VERSION} "
-                f"(kind {info.get('kind')!r}, format {info.get('format_version')!r})"
+                f"{meta} is not a probe direction of format 1 or {FORMAT_VERSION} "
+                f"(kind {info.get('kind') if isinstance(info, dict) else None!r}, format {version!r})"
+            )
+        weights = _sibling(stem, ".safetensors" if version == FORMAT_VERSION else ".npz")
+        if not weights.exists():
+            raise FileNotFoundError(
+                f"probe direction file {weights} does not exist (expected next to {meta}, format {version})"
             )
         try:
-            with np.load(npz) as data:
-                direction = data["direction"]
-        except Exception as error:  # noqa: BLE001 - truncated zip, bad pickle, missing key: all "damaged"
-            raise ValueError(f"{npz} cannot be read ({type(error).__name__}: {error}); the probe file is damaged") from None
+            if version == FORMAT_VERSION:
+                direction = load_file(str(weights))["direction"]
+            else:
+                with np.load(weights) as data:
+                    direction = data["direction"]
+        except Exception as error:  # noqa: BLE001 - truncated file, bad header, missing key: all "damaged"
+            raise ValueError(
+                f"{weights} cannot be read ({type(error).__name__}: {error}); the probe file is damaged"
+            ) from None
         if _digest(direction) != info.get("direction_sha256"):
             raise ValueError(
-                f"{npz} does not match the direction hash in {meta}; the pair was mixed up"
+                f"{weights} does not match the direction hash in {meta}; the pair was mixed up"
             )
         if "artifact_sha256" in info and _artifact_digest(direction, info) != info["artifact_sha256"]:
             raise ValueError(
@@ -201,7 +334,14 @@ class ProbeDirection:
             coef_norm=_float(info["coef_norm"]),
             intercept=_float(info["intercept"]),
             versions=info["versions"],
+            model=info.get("model") or {},
         )
         if model is not None:
             loaded.check_model(model)
         return loaded
+
+    @staticmethod
+    def files(path: str | Path) -> list[Path]:
+        """The files of the artifact at ``path`` that exist (JSON first, then the weights)."""
+        stem = _stem(path)
+        return [file for file in (_sibling(stem, s) for s in (".json", ".safetensors", ".npz")) if file.exists()]

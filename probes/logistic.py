@@ -28,15 +28,15 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
     True
     """
 
-    def __init__(
-        self, C: float = 1.0, standardize: bool = True, max_iter: int = 1000, class_weight=None
-    ):
+    # No annotations or checks here (the scikit-learn contract: __init__ stores, fit validates).
+    def __init__(self, C=1.0, standardize=True, max_iter=1000, class_weight=None):
         self.C = C
         self.standardize = standardize
         self.max_iter = max_iter
         self.class_weight = class_weight
 
-    def fit(self, X: Float[np.ndarray, "n d"], y) -> LogisticProbe:
+    # X: an array-like (the scikit-learn contract), validated by validate_data.
+    def fit(self, X, y) -> LogisticProbe:
         X, y = validate_data(self, X, y, dtype=np.float64)
         self.mean_ = X.mean(0)
         scale = X.std(0) if self.standardize else np.ones(X.shape[1])
@@ -50,13 +50,13 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         self.n_iter_ = model.n_iter_
         return self
 
-    def decision_function(self, X: Float[np.ndarray, "n d"]) -> np.ndarray:
+    def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self, "coef_")
         X = validate_data(self, X, dtype=np.float64, reset=False)
         scores = X @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
-    def predict_proba(self, X: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n classes"]:
+    def predict_proba(self, X) -> Float[np.ndarray, "n classes"]:
         scores = self.decision_function(X)
         if scores.ndim == 1:
             positive = 1 / (1 + np.exp(-scores))
@@ -65,7 +65,7 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         weights = np.exp(scores)
         return weights / weights.sum(1, keepdims=True)
 
-    def predict(self, X: Float[np.ndarray, "n d"]) -> np.ndarray:
+    def predict(self, X) -> np.ndarray:
         check_is_fitted(self, "coef_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 

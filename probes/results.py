@@ -129,6 +129,7 @@ class SweepResult:
     data_hash: str
     predictions: dict = field(repr=False, default_factory=dict)  # held-out predictions per token
     by_source: dict = field(default_factory=dict)  # per source label: sizes, R^2, calibration
+    model_fingerprint: dict = field(default_factory=dict)  # surprise_probe.basis, from the capture
 
     def __getitem__(self, hook: str) -> HookResult:
         for result in self.hooks:
@@ -260,4 +261,5 @@ class SweepResult:
             data_hash=hashlib.sha256(f"{self.data_hash}|{result.hook}".encode()).hexdigest(),
             coef_norm=norm,
             intercept=result.intercept,
+            model=self.model_fingerprint,
         )

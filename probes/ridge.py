@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import einops
 import numpy as np
 from jaxtyping import Float
 from sklearn.base import BaseEstimator, RegressorMixin
@@ -160,7 +161,7 @@ def solve_ridge(stats: RidgeStats, alphas, standardize: bool = True) -> RidgeSol
     eigvals = np.maximum(eigvals, 0.0)
     rotated = eigvecs.T @ cross  # (d, t)
     shrunk = rotated[None, :, :] / (eigvals[None, :, None] + alphas[:, None, None])  # (a, d, t)
-    weights = np.matmul(eigvecs, shrunk).transpose(0, 2, 1)  # (a, t, d)
+    weights = einops.einsum(eigvecs, shrunk, "d e, a e t -> a t d")  # back from the eigenbasis
     coef = weights / scale  # back to activation space
     # shifted coordinates: y - sy = (x - sx) @ coef + ybar - mu @ coef
     intercept = ybar[None, :] - coef @ mu + stats.shift_y[None, :] - coef @ stats.shift_x
@@ -210,12 +211,16 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
     0.99
     """
 
-    def __init__(self, alpha: float = 1.0, standardize: bool = True):
+    # No annotations or checks here (the scikit-learn contract: __init__ stores, fit validates).
+    def __init__(self, alpha=1.0, standardize=True):
         self.alpha = alpha
         self.standardize = standardize
 
-    def fit(self, X: Float[np.ndarray, "n d"], y: Float[np.ndarray, " n"]) -> RidgeProbe:
+    # X, y: array-likes (the scikit-learn contract: lists, other dtypes, pandas), validated by
+    # validate_data, so they carry no ndarray annotation.
+    def fit(self, X, y) -> RidgeProbe:
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        y = np.asarray(y, dtype=np.float64)
         # Shift by the data mean: exact centring, so no precision is lost in X^T X.
         stats = RidgeStats(X.shape[1], 1, shift_x=X.mean(0), shift_y=np.array([y.mean()]))
         stats.update(X, y)
@@ -226,7 +231,7 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
         self.scale_ = solution.feature_scale
         return self
 
-    def predict(self, X: Float[np.ndarray, "n d"]) -> Float[np.ndarray, " n"]:
+    def predict(self, X) -> Float[np.ndarray, " n"]:
         check_is_fitted(self, "coef_")
         X = validate_data(self, X, dtype=np.float64, reset=False)
         return X @ self.coef_ + self.intercept_

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import einops
 import numpy as np
 from surprise_probe.probes.controls import (
     bigram_mean_fitter,
@@ -417,10 +418,8 @@ def fit_sweep(
         for hook in hooks:
             X = np.asarray(shard.activations(hook)[mask], dtype=np.float64).reshape(count, -1)
             fit = fits[hook]
-            k = fit.outer_coef.shape[0]
-            per_fold = (X @ fit.outer_coef.reshape(k * (1 + n_sets), -1).T).reshape(
-                count, k, 1 + n_sets
-            ) + fit.outer_intercept[None]
+            # every token through every outer fold's probe, for the target and each residual target
+            per_fold = einops.einsum(X, fit.outer_coef, "n d, fold t d -> n fold t") + fit.outer_intercept[None]
             predictions[hook][chunk] = per_fold[np.arange(count), shard_folds]
     if distributed.is_distributed():
         predictions = dict(zip(hooks, distributed.all_reduce_sum([predictions[h] for h in hooks]), strict=True))
@@ -532,6 +531,7 @@ def fit_sweep(
     return SweepResult(
         model_id=str(run.model_id),
         d_model=int(run.d_model),
+        model_fingerprint=dict((getattr(run, "manifest", None) or {}).get("model_fingerprint") or {}),
         target=data.name,
         config=config,
         hooks=results,

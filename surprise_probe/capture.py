@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from surprise_probe import distributed
+from surprise_probe.basis import model_fingerprint, weights_sha256
 from surprise_probe.devices import STORAGE_DTYPES, model_device, to_numpy
 from surprise_probe.inputs import Batch, Encoded, encode, encode_all, pad_batch, pad_id
 from surprise_probe.jsonio import read_json, software_versions, write_json
@@ -335,6 +336,8 @@ def capture(
     identity = {
         "format_version": FORMAT_VERSION,
         "model_id": model_id(model),
+        # Same name, other weights (a re-downloaded or fine-tuned checkpoint) must not resume.
+        "weights_sha256": weights_sha256(model),
         "hooks": hooks,
         "dtype": str(dtype).replace("torch.", ""),
         "inputs_hash": _inputs_hash(encoded),
@@ -402,6 +405,7 @@ def capture(
     manifest = {
         **identity,
         "d_model": int(model.cfg.d_model),
+        "model_fingerprint": model_fingerprint(model),
         "model_dtype": str(getattr(model.cfg, "dtype", "")).replace("torch.", ""),
         "n_layers": int(model.cfg.n_layers),
         "n_ctx": int(model.cfg.n_ctx),

@@ -324,6 +324,13 @@ def _load_folder(
             model.enable_compatibility_mode()
     model.cfg.model_name = name
     model.cfg.default_prepend_bos = False
+    # What was asked of TransformerLens (both paths use its defaults; it skips centering the
+    # writing weights of RMSNorm models). surprise_probe.basis measures what was actually applied.
+    softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    model.weight_processing_requested = {
+        "fold_ln": True, "center_writing_weights": True, "center_unembed": softcap <= 0,
+        "fold_value_biases": True,
+    }
     _keep_original_tokenizer(model, tokenizer)
     return model.eval()
 

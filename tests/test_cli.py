@@ -167,10 +167,10 @@ def built_workspace(tmp_path_factory, tiny_hooked):
     probe.__class__(probe.direction, mean=0.0, std=1.0, hook=probe.hook, layer=1, model_id="another-model",
                     d_model=probe.d_model, target="surprise").save(w / "other_probe")
     edited = json.loads((w / "probe.json").read_text())
-    shutil.copy(w / "probe.npz", w / "edited.npz")
+    shutil.copy(w / "probe.safetensors", w / "edited.safetensors")
     edited["std"] = 99.0
     (w / "edited.json").write_text(json.dumps(edited))
-    (w / "truncated.npz").write_bytes((w / "probe.npz").read_bytes()[:50])
+    (w / "truncated.safetensors").write_bytes((w / "probe.safetensors").read_bytes()[:50])
     shutil.copy(w / "probe.json", w / "truncated.json")
     damaged = w / "damaged"
     shutil.copytree(w / "cap", damaged)
@@ -263,7 +263,7 @@ CASES = [
     ("steer-max-new-tokens-0", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --max-new-tokens 0", 2, "'0'"),
     ("steer-temperature-nan", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --temperature nan", 2, "'nan'"),
     ("steer-missing-probe", "steer --probe {w}/nope.json --input {w}/in.txt --out {w}/s", 2, "nope"),
-    ("steer-truncated-probe", "steer --probe {w}/truncated.json --input {w}/in.txt --out {w}/s", 2, "truncated.npz"),
+    ("steer-truncated-probe", "steer --probe {w}/truncated.json --input {w}/in.txt --out {w}/s", 2, "truncated.safetensors"),
     ("steer-edited-probe", "steer --probe {w}/edited.json --input {w}/in.txt --out {w}/s", 2, "artifact hash"),
     ("steer-empty-input", f"steer --probe {P} --input {{w}}/empty.jsonl --out {{w}}/s", 2, "empty.jsonl"),
     ("steer-bad-position", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --positions middle", 2, "'middle'"),

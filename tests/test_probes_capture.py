@@ -72,7 +72,7 @@ def test_cli_fit_writes_table_plot_and_probe(capture_dir, model, tmp_path, token
     )
     assert code == 0
     assert "best hook" in capsys.readouterr().out
-    for name in ("sweep.csv", "sweep.json", "sweep.html", "probe.npz", "probe.json", "heldout.npz"):
+    for name in ("sweep.csv", "sweep.json", "sweep.html", "probe.safetensors", "probe.json", "heldout.npz"):
         assert (out / name).exists(), name
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["target"] == "entropy" and summary["config"]["n_folds"] == 3
@@ -145,7 +145,7 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/probes.md", "exec"), {})
-    assert (tmp_path / "runs" / "doc-probe.npz").exists()
+    assert (tmp_path / "runs" / "doc-probe.safetensors").exists()
     assert (tmp_path / "runs" / "doc-sweep.html").stat().st_size > 1_000_000  # plotly.js embedded
 
 

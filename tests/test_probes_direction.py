@@ -1,11 +1,19 @@
 """Probe directions: activation-space mapping, save/load roundtrip, refusal of other models."""
 
+import hashlib
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.numpy
+import torch
+from sklearn.utils.validation import check_is_fitted
 from surprise_probe.probes import ArrayCapture, ProbeDirection, RidgeProbe, fit_sweep
+
+from surprise_probe.capture import capture
+from surprise_probe.jsonio import to_json
+from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
 
 
 def _model(name="planted", d_model=6):
@@ -50,10 +58,14 @@ def test_direction_is_the_unit_weight_in_activation_space(sweep_and_data):
 def test_save_load_roundtrip(sweep_and_data, tmp_path):
     d = sweep_and_data[0].direction()
     meta = d.save(tmp_path / "probe")
-    assert meta == tmp_path / "probe.json" and (tmp_path / "probe.npz").exists()
+    weights = tmp_path / "probe.safetensors"
+    assert meta == tmp_path / "probe.json" and weights.exists() and not (tmp_path / "probe.npz").exists()
+    # The weights file is plain safetensors: any reader gets the direction back.
+    np.testing.assert_array_equal(safetensors.numpy.load_file(str(weights))["direction"], d.direction)
     info = json.loads(meta.read_text())
-    assert {"model_id", "hook", "layer", "target", "data_hash", "metrics", "versions"} <= set(info)
-    for path in (tmp_path / "probe", tmp_path / "probe.npz", tmp_path / "probe.json"):
+    assert {"model_id", "hook", "layer", "target", "data_hash", "metrics", "versions", "model"} <= set(info)
+    assert info["format_version"] == 2 and info["weights_file"] == "probe.safetensors"
+    for path in (tmp_path / "probe", weights, tmp_path / "probe.json"):
         loaded = ProbeDirection.load(path, model=_model())
         np.testing.assert_array_equal(loaded.direction, d.direction)
         assert (loaded.mean, loaded.std, loaded.hook, loaded.target) == (
@@ -64,6 +76,123 @@ def test_save_load_roundtrip(sweep_and_data, tmp_path):
         )
         assert loaded.metrics["r2"]["value"] == pytest.approx(d.metrics["r2"]["value"])
         assert loaded.data_hash == d.data_hash
+
+
+def _old_format_files(stem, direction, with_artifact_hash):
+    """A probe as format 1 wrote it (.npz + JSON), built here without ProbeDirection.save."""
+    info = {"format_version": 1, "kind": "probe_direction", "model_id": "planted", "d_model": 3,
+            "hook": "blocks.2.hook_resid_post", "layer": 2, "target": "surprise", "mean": 0.25, "std": 1.5,
+            "coef_norm": 2.0, "intercept": -1.0, "data_hash": "abc", "metrics": {"alpha": 10.0},
+            "versions": {"numpy": np.__version__},
+            "direction_sha256": hashlib.sha256(direction.astype(np.float64).tobytes()).hexdigest()}
+    if with_artifact_hash:  # files written between the artifact-hash fix and format 2
+        digest = hashlib.sha256(direction.astype(np.float64).tobytes())
+        digest.update(to_json(info).encode())
+        info["artifact_sha256"] = digest.hexdigest()
+    np.savez(stem.with_name(stem.name + ".npz"), direction=direction)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("with_artifact_hash", [False, True])
+def test_directions_saved_in_format_1_still_load(tmp_path, with_artifact_hash):
+    direction = np.array([2.0, -1.0, 2.0]) / 3.0
+    _old_format_files(tmp_path / "old", direction, with_artifact_hash)
+    loaded = ProbeDirection.load(tmp_path / "old.npz", model=_model(d_model=3))
+    np.testing.assert_array_equal(loaded.direction, direction)
+    assert (loaded.std, loaded.coef_norm, loaded.intercept, loaded.model) == (1.5, 2.0, -1.0, {})
+    x = np.array([[3.0, 0.0, 3.0]])
+    assert loaded.predict(x).tolist() == [2.0 * 4.0 - 1.0]
+    # Saved again, it is format 2 and reads back the same.
+    again = ProbeDirection.load(loaded.save(tmp_path / "new"))
+    assert json.loads((tmp_path / "new.json").read_text())["format_version"] == 2
+    np.testing.assert_array_equal(again.direction, direction)
+
+
+def test_to_sklearn_is_a_fitted_ridge_probe_with_the_same_predictions(sweep_and_data):
+    sweep, X, y = sweep_and_data
+    d = sweep.direction()
+    estimator = d.to_sklearn()
+    assert isinstance(estimator, RidgeProbe) and estimator.alpha == sweep["blocks.2.hook_resid_post"].alpha
+    check_is_fitted(estimator)
+    keep = np.tile(np.arange(10), 40) > 0
+    # Reference: an independently fitted RidgeProbe at the chosen alpha on the probe's training tokens.
+    reference = RidgeProbe(alpha=estimator.alpha).fit(X[keep], y[keep])
+    np.testing.assert_allclose(estimator.predict(X), reference.predict(X), rtol=1e-6)
+    assert estimator.score(X[keep], y[keep]) == pytest.approx(reference.score(X[keep], y[keep]), rel=1e-9)
+    with pytest.raises(ValueError, match="X has 5 features, but RidgeProbe is expecting 6"):
+        estimator.predict(X[:, :5])
+    unscaled = ProbeDirection(np.array([1.0, 0.0]), 0.0, 1.0, "h", 0, "m", 2, "surprise")
+    with pytest.raises(ValueError, match="without the probe's scale"):
+        unscaled.to_sklearn()
+
+
+def test_export_vector_reads_the_same_projection_in_the_hf_basis():
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=5) + 0.7
+    d = ProbeDirection(raw / np.linalg.norm(raw), mean=0.0, std=3.0, hook="blocks.4.hook_resid_post", layer=4,
+                       model_id="m", d_model=5, target="surprise",
+                       model={"weight_processing": {"writing_weights_centered": True}, "weights_sha256": "x"})
+    unit = d.export_vector()
+    assert (unit["hook"], unit["layer"], unit["basis"]) == ("blocks.4.hook_resid_post", 4, "transformer_lens")
+    np.testing.assert_allclose(unit["vector"].numpy(), d.direction, rtol=1e-6)
+    np.testing.assert_allclose(d.export_vector("std")["vector"].numpy(), 3.0 * d.direction, rtol=1e-6)
+    # TransformerLens with centred writing weights: resid_TL = resid_HF - mean over d_model.
+    hf_residual = rng.normal(size=(7, 5)) + 2.0
+    tl_residual = hf_residual - hf_residual.mean(1, keepdims=True)
+    hf_vector = d.export_vector(basis="hf")["vector"].double().numpy()
+    np.testing.assert_allclose(hf_residual @ hf_vector, tl_residual @ d.direction, rtol=1e-5, atol=1e-6)
+    # Uncentred (RMSNorm models such as SmolLM2): the bases coincide.
+    plain = ProbeDirection(d.direction, 0.0, 3.0, "h", 4, "m", 5, "surprise")
+    np.testing.assert_allclose(plain.export_vector(basis="hf")["vector"].numpy(), d.direction, rtol=1e-6)
+    with pytest.raises(ValueError, match="scale must be 'unit', 'std' or a number, got 'big'"):
+        d.export_vector("big")
+    with pytest.raises(ValueError, match="basis must be 'transformer_lens' or 'hf', got 'nnsight'"):
+        d.export_vector(basis="nnsight")
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(one_thread):
+    model = tiny_hooked_transformer()
+    run = capture(model, TINY_CORPUS * 3, progress=False)
+    direction = fit_sweep(run, hooks=run.hooks[-1:], n_folds=3, n_shuffles=0, n_boot=10, nested=False,
+                          progress=False).direction()
+    return model, direction
+
+
+def test_a_probe_records_the_model_basis_and_weights(tiny_probe, tmp_path):
+    model, direction = tiny_probe
+    loaded = ProbeDirection.load(direction.save(tmp_path / "probe"), model=model)
+    expected = hashlib.sha256()  # reference: hashed here from the parameters, not by surprise_probe.basis
+    for name, parameter in sorted(model.named_parameters(), key=lambda item: item[0]):
+        tensor = parameter.detach().contiguous()
+        expected.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        expected.update(tensor.numpy().tobytes())
+    assert loaded.model["weights_sha256"] == expected.hexdigest()
+    processing = loaded.model["weight_processing"]
+    assert processing["backend"] == "HookedTransformer" and processing["normalization_type"] == "LN"
+    # The tiny model is built unprocessed: its writing weights are not centred.
+    assert float(model.W_E.detach().mean(-1).abs().max()) > 1e-3 and processing["writing_weights_centered"] is False
+
+
+def test_a_probe_refuses_the_same_name_with_other_weights_or_processing(tiny_probe, tmp_path):
+    model, direction = tiny_probe
+    other = tiny_hooked_transformer(seed=1)
+    other.cfg.model_name = model.cfg.model_name  # same name, other weights
+    with pytest.raises(ValueError, match="same name, other weights: refit"):
+        direction.check_model(other)
+    centred = tiny_hooked_transformer()
+    with torch.no_grad():
+        centred.W_E.sub_(centred.W_E.mean(-1, keepdim=True))
+        for block in centred.blocks:
+            block.attn.W_O.sub_(block.attn.W_O.mean(-1, keepdim=True))
+            block.mlp.W_out.sub_(block.mlp.W_out.mean(-1, keepdim=True))
+    with pytest.raises(ValueError, match="writing_weights_centered=False but the given model .* has "
+                                         "writing_weights_centered=True"):
+        direction.check_model(centred)
+    in_bf16 = tiny_hooked_transformer().to(torch.bfloat16)
+    in_bf16.cfg.dtype = torch.bfloat16
+    with pytest.warns(UserWarning, match="dtype or backend differs"):
+        direction.check_model(in_bf16)
 
 
 def test_load_refuses_another_model(sweep_and_data, tmp_path):
@@ -81,10 +210,13 @@ def test_load_refuses_another_model(sweep_and_data, tmp_path):
 def test_load_detects_a_mixed_up_pair(sweep_and_data, tmp_path):
     d = sweep_and_data[0].direction()
     d.save(tmp_path / "probe")
-    np.savez(tmp_path / "probe.npz", direction=-d.direction)
+    safetensors.numpy.save_file({"direction": -d.direction}, str(tmp_path / "probe.safetensors"))
     with pytest.raises(ValueError, match="does not match the direction hash"):
         ProbeDirection.load(tmp_path / "probe")
-    with pytest.raises(FileNotFoundError, match="missing.npz does not exist"):
+    (tmp_path / "probe.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"probe\.safetensors does not exist"):
+        ProbeDirection.load(tmp_path / "probe")
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
         ProbeDirection.load(tmp_path / "missing")
 
 

@@ -77,9 +77,9 @@ def test_an_edited_probe_field_is_refused(tmp_path):
         with pytest.raises(ValueError, match="does not match its artifact hash"):
             ProbeDirection.load(meta)
         meta.write_text(json.dumps(original))
-    npz = tmp_path / "probe.npz"
-    npz.write_bytes(npz.read_bytes()[:40])  # truncated
-    with pytest.raises(ValueError, match=r"probe\.npz cannot be read"):
+    weights = tmp_path / "probe.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match=r"probe\.safetensors cannot be read"):
         ProbeDirection.load(meta)
 
 
@@ -133,7 +133,17 @@ KILL_SCRIPT = textwrap.dedent("""
             if ".tmp-000002" in str(path) and count[0] > 0:
                 print("WRITING", path, flush=True)  # inside shard 2's temporary folder, files half written
                 time.sleep(60)
-        store.np.save = slow_save
+        store.np.save = slow_save  # write_shard: a whole shard saved file by file
+        if hasattr(store, "ShardWriter"):  # streaming writer: a shard's rows written batch by batch
+            real_add = store.ShardWriter.add
+            def slow_add(self, hook, rows):
+                real_add(self, hook, rows)
+                if self.index == 2:
+                    for handle in self.files.values():
+                        handle.flush()
+                    print("WRITING", self.tmp / hook, flush=True)  # shard 2's rows half written
+                    time.sleep(60)
+            store.ShardWriter.add = slow_add
     run = sp.capture(model, TEXTS * 3, out_dir=out, shard_size=3, batch_size=2, progress=False)
     print("HASH", run.manifest["content_hash"], flush=True)
 """)
