@@ -6,7 +6,8 @@ launches ``torchrun --standalone --nproc_per_node N`` on itself (``--worker``) w
 ``OMP_NUM_THREADS=T``.
 Each worker loads the model (not timed), waits at a barrier, then times a capture into a fresh
 folder and a probe fit on it (barriers before and after each, so the time is the slowest rank's).
-Rank 0 records the times and the capture's content hash (equal across world sizes, or the script
+Rank 0 records the times (wall clock of the slowest rank, and CPU seconds summed over ranks: on
+a shared machine the wall clock also counts other processes' work) and the capture's content hash (equal across world sizes, or the script
 fails). Run real models under the model lock::
 
     flock /tmp/sp-model.lock python scripts/bench_distributed.py --out /work/runs/G/bench_distributed
@@ -40,6 +41,7 @@ def _corpus(model, n_sequences: int, seq_len: int) -> list[dict]:
 
 
 def worker(args) -> None:
+    import numpy as np
     import torch
     from surprise_probe.probes import fit_sweep
 
@@ -58,24 +60,32 @@ def worker(args) -> None:
     folder = Path(args.out) / f"capture-{distributed.world_size()}x{torch.get_num_threads()}-repeat{args.repeat}"
     if distributed.is_main() and folder.exists():
         shutil.rmtree(folder)
+    model(torch.as_tensor([items[0]["token_ids"]] * args.batch_size))  # warm-up (first-call costs), not timed
     distributed.barrier()
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     run = sp.capture(model, items, layers=args.layers, out_dir=folder, batch_size=args.batch_size,
                      shard_size=args.shard_size, progress=False)
+    capture_cpu = time.process_time() - started_cpu
     distributed.barrier()
     capture_seconds = time.perf_counter() - started
 
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     fit_sweep(sp.load_capture(folder), n_folds=5, n_shuffles=5, n_boot=200, progress=False)
+    fit_cpu = time.process_time() - started_cpu
     distributed.barrier()
     fit_seconds = time.perf_counter() - started
+    # CPU seconds summed over ranks: the work done, whatever else shares the cores.
+    capture_cpu, fit_cpu = (float(x[0]) for x in distributed.all_reduce_sum([np.array([capture_cpu]),
+                                                                             np.array([fit_cpu])]))
     if distributed.is_main():
         write_json(Path(args.out) / f"{distributed.world_size()}x{torch.get_num_threads()}-repeat{args.repeat}.json", {
             "world_size": distributed.world_size(),
             "threads_per_process": torch.get_num_threads(),
             "capture_seconds": round(capture_seconds, 3),
             "fit_seconds": round(fit_seconds, 3),
+            "capture_cpu_seconds": round(capture_cpu, 3),
+            "fit_cpu_seconds": round(fit_cpu, 3),
             "content_hash": run.manifest["content_hash"],
             "n_sequences": run.n_sequences,
             "n_tokens": run.n_tokens,
@@ -130,8 +140,10 @@ def main() -> int:
             row["config"] = spec
             row["launch_seconds"] = round(time.perf_counter() - started, 2)
             rows.append(row)
-            print(f"{spec} (processes x threads): capture {row['capture_seconds']:.2f} s, "
-                  f"fit {row['fit_seconds']:.2f} s (launch incl. imports and model load {row['launch_seconds']:.1f} s)")
+            print(f"{spec} (processes x threads): capture {row['capture_seconds']:.2f} s "
+                  f"({row['capture_cpu_seconds']:.2f} CPU s), fit {row['fit_seconds']:.2f} s "
+                  f"({row['fit_cpu_seconds']:.2f} CPU s) (launch incl. imports and model load "
+                  f"{row['launch_seconds']:.1f} s)", flush=True)
     hashes = {row["content_hash"] for row in rows}
     if len(hashes) != 1:
         raise SystemExit(f"content hashes differ across world sizes: {sorted(hashes)}")
@@ -143,6 +155,8 @@ def main() -> int:
             "fit_seconds_best": min(r["fit_seconds"] for r in mine),
             "capture_seconds_all": [r["capture_seconds"] for r in mine],
             "fit_seconds_all": [r["fit_seconds"] for r in mine],
+            "capture_cpu_seconds_best": min(r["capture_cpu_seconds"] for r in mine),
+            "fit_cpu_seconds_best": min(r["fit_cpu_seconds"] for r in mine),
         }
     write_json(args.out / "bench_distributed.json", {"config": {k: str(v) for k, v in vars(args).items()},
                                                      "content_hash": hashes.pop(), "runs": rows, "summary": summary})
@@ -151,7 +165,8 @@ def main() -> int:
         s = summary[spec]
         print(f"{spec}: capture best {s['capture_seconds_best']:.2f} s "
               f"(x{base['capture_seconds_best'] / s['capture_seconds_best']:.2f}), fit best {s['fit_seconds_best']:.2f} s "
-              f"(x{base['fit_seconds_best'] / s['fit_seconds_best']:.2f})")
+              f"(x{base['fit_seconds_best'] / s['fit_seconds_best']:.2f}); CPU seconds summed over ranks: capture "
+              f"{s['capture_cpu_seconds_best']:.2f}, fit {s['fit_cpu_seconds_best']:.2f}")
     print(f"wrote {args.out / 'bench_distributed.json'}")
     return 0
 
