@@ -155,7 +155,9 @@ def _surprise_from_log_probs(
 
 def _entropy_from_log_probs(log_probs: Float[Tensor, "*batch vocab"]) -> Float[Tensor, "*batch"]:
     terms = torch.exp(log_probs)
-    entropy = terms.mul_(log_probs).sum(-1).neg_()
+    # in place only without autograd: exp's output is saved for its backward (attribution patching)
+    product = (terms * log_probs) if log_probs.requires_grad else terms.mul_(log_probs)
+    entropy = product.sum(-1).neg_()
     # exp(log p) * log p is 0 * -inf = nan where a logit is -inf (p exactly 0); those terms are 0.
     # Such rows are rare (masked logits), so only they take the extra pass.
     bad = torch.isnan(entropy)
