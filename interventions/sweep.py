@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from surprise_probe import distributed
 from surprise_probe.capture import unembed
 from surprise_probe.devices import model_device
-from surprise_probe.metrics import CHUNK_ELEMENTS
+from surprise_probe.metrics import CACHE_ELEMENTS, CHUNK_ELEMENTS
 
 __all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics"]
 
@@ -82,14 +82,27 @@ def token_metrics(
     logits: Float[Tensor, "tokens vocab"], clean_log_probs: Float[Tensor, "tokens vocab"]
 ) -> tuple[Float[Tensor, " tokens"], Float[Tensor, " tokens"], Float[Tensor, " tokens"], Bool[Tensor, " tokens"]]:
     """Per token: output entropy, KL(steered || clean), top-1 agreement with clean, and whether
-    every logit is finite; float32 (float64 stays float64) whatever the model's dtype."""
+    every logit is finite; float32 (float64 stays float64) whatever the model's dtype. Runs over
+    cache-sized blocks of tokens (``metrics.CACHE_ELEMENTS``), so each logit leaves memory once."""
+    block = max(1, CACHE_ELEMENTS // max(1, int(logits.shape[-1])))
+    if len(logits) > block:
+        parts = [token_metrics(logits[a : a + block], clean_log_probs[a : a + block])
+                 for a in range(0, len(logits), block)]
+        return tuple(torch.cat(values) for values in zip(*parts))
     finite = torch.isfinite(logits).all(-1)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_probs = torch.log_softmax(logits.to(dtype), -1)
     probs = log_probs.exp()
-    entropy = -torch.nan_to_num(probs * log_probs, nan=0.0).sum(-1)
     clean = clean_log_probs.to(device=log_probs.device, dtype=dtype)
-    kl = torch.nan_to_num(probs * (log_probs - clean), nan=0.0).sum(-1)
+    entropy = (probs * log_probs).sum(-1).neg_()
+    kl = torch.sub(log_probs, clean).mul_(probs).sum(-1)
+    # 0 * -inf = nan where a probability is exactly 0: those terms are 0. Only rows with a nan
+    # (rare: -inf logits) take the extra pass.
+    for values, other, sign in ((entropy, None, -1.0), (kl, clean, 1.0)):
+        bad = torch.isnan(values)
+        if bad.any():
+            terms = log_probs[bad] if other is None else log_probs[bad] - other[bad]
+            values[bad] = sign * torch.nan_to_num(probs[bad] * terms, nan=0.0).sum(-1)
     agree = (log_probs.argmax(-1) == clean.argmax(-1)).to(dtype)
     return entropy, kl, agree, finite
 

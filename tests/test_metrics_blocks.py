@@ -32,3 +32,24 @@ def test_blocks_and_chunks_give_the_reference(monkeypatch, budget, cache):
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=2e-5)
     torch.testing.assert_close(surprise.double(), ref_surprise, rtol=0, atol=2e-5, equal_nan=True)
     assert torch.isnan(surprise[:, 0]).all() and not torch.isnan(surprise[:, 1:]).any()
+
+
+@pytest.mark.parametrize("cache", [2**20, 64, 1])
+def test_sweep_token_metrics_blocks_give_the_reference(monkeypatch, cache):
+    import surprise_probe.interventions.sweep as sweep
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 40, generator=generator) * 3
+    logits[4, :7] = float("-inf")  # steered probabilities exactly 0 at seven tokens
+    clean = torch.log_softmax(torch.randn(9, 40, generator=generator) * 3, -1)
+    monkeypatch.setattr(sweep, "CACHE_ELEMENTS", cache)
+    entropy, kl, agree, finite = sweep.token_metrics(logits, clean)
+    log_probs = torch.log_softmax(logits.double(), -1)
+    probs = log_probs.exp()
+    zero = torch.zeros_like(probs)
+    torch.testing.assert_close(entropy.double(), -torch.where(probs > 0, probs * log_probs, zero).sum(-1),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl.double(), torch.where(probs > 0, probs * (log_probs - clean.double()), zero).sum(-1),
+                               rtol=0, atol=1e-5)
+    assert agree.tolist() == (log_probs.argmax(-1) == clean.argmax(-1)).double().tolist()
+    assert finite.tolist() == [i != 4 for i in range(9)]
