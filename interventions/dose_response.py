@@ -56,10 +56,21 @@ class DoseResponse:
     n_forwards: int
 
     def to_dict(self) -> dict:
+        """Every field as plain JSON-ready values."""
         return asdict(self)
 
     def rows(self, prefix: str) -> list[int]:
+        """Indices of the directions whose label starts with ``prefix`` (e.g. ``"random"``)."""
         return [i for i, label in enumerate(self.labels) if label.startswith(prefix)]
+
+    def table(self) -> list[dict]:
+        """One plain dict per direction x strength: mean entropy, KL from clean, top-1 agreement."""
+        return [
+            {"direction": label, "strength": strength, "entropy": self.entropy[i][j], "kl": self.kl[i][j],
+             "top1_agreement": self.top1_agreement[i][j], "slope": self.slopes[i]}
+            for i, label in enumerate(self.labels)
+            for j, strength in enumerate(self.strengths)
+        ]
 
 
 @dataclass
@@ -82,7 +93,16 @@ class Ablation:
     level: float
 
     def to_dict(self) -> dict:
+        """Every field as plain JSON-ready values."""
         return asdict(self)
+
+    def table(self) -> list[dict]:
+        """One plain dict per direction: entropy change, KL and top-1 agreement when ablated."""
+        return [
+            {"direction": label, "entropy_change": change, "kl": kl, "top1_agreement": top1}
+            for label, change, kl, top1 in zip(self.labels, self.entropy_change, self.kl, self.top1_agreement,
+                                                strict=True)
+        ]
 
 
 def control_directions(direction: SteeringDirection, k: int, seed: int, orthogonal: bool = True):

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from surprise_probe.interventions.directions import from_probe
 from surprise_probe.interventions.dose_response import (
     Ablation,
@@ -45,6 +46,7 @@ from surprise_probe.inputs import encode_all
 from surprise_probe.jsonio import software_versions, write_json
 from surprise_probe.models import model_id
 from surprise_probe.plots import write_html
+from surprise_probe.stats import small_sample_warnings
 
 __all__ = [
     "SteeringExperiment",
@@ -94,8 +96,18 @@ class SteeringExperiment:
             "samples": self.samples,
             "n_sequences": self.dose_response.n_sequences,
             "n_tokens": self.dose_response.n_tokens,
+            "warnings": self.warnings(),
             "software_versions": software_versions(),
         }
+
+    def warnings(self) -> list[str]:
+        """Samples too small to trust (random directions behind the z, sequences behind the CIs)."""
+        n_random = len(self.dose_response.rows("random"))
+        return small_sample_warnings(random_directions=n_random or None, units=self.dose_response.n_sequences)
+
+    def table(self) -> list[dict]:
+        """One plain dict per condition x strength: mean entropy, KL from clean, top-1 agreement."""
+        return self.dose_response.table()
 
     def summary(self) -> str:
         result = self.dose_response
@@ -109,6 +121,7 @@ class SteeringExperiment:
             ab = self.ablation
             lines.append(f"ablation: entropy change {ab.entropy_change[0]:.4g} nats "
                          f"(random {ab.random_change_mean:.4g} +/- {ab.random_change_std:.4g}; z = {ab.z_score:.2f})")
+        lines += [f"warning: {note}" for note in self.warnings()]
         return "\n".join(lines)
 
     def save(self, folder: str | Path) -> dict[str, Path]:
@@ -190,16 +203,37 @@ class PatchingExperiment:
             "software_versions": software_versions(),
         }
 
+    def table(self) -> list[dict]:
+        """One plain dict per hook x group (see ``PatchingResult.table``)."""
+        return self.patching.table()
+
     def summary(self) -> str:
         result = self.patching
         lines = [f"mean entropy over the measured span: source {result.entropy_source:.4f}, "
                  f"destination {result.entropy_destination:.4f} nats ({result.n_measured_tokens} tokens, "
                  f"{result.n_pairs} pairs)"]
+
+        def cells(row):
+            return "".join(f"{'n/a':>10}" if v is None else f"{v:10.3f}" for v in row)
+
         for component in result.components:
             lines.append(f"fraction of the gap closed ({component}):")
             lines.append(f"  {'hook':<28}" + "".join(f"{g:>10}" for g in result.groups))
-            for hook_name, row in zip(result.hooks, result.fraction[component]):
-                lines.append(f"  {hook_name:<28}" + "".join(f"{v:10.3f}" for v in row))
+            for hook_name, row in zip(result.hooks, result.fraction[component], strict=True):
+                lines.append(f"  {hook_name:<28}" + cells(row))
+        if result.random_directions:
+            lines.append(f"{result.random_directions} random directions (control for 'direction'): mean fraction "
+                         "closed [min, max], and z of the direction against them:")
+            lines.append(f"  {'hook':<28}" + "".join(f"{g:>22}" for g in result.groups))
+            for h, hook_name in enumerate(result.hooks):
+                parts = []
+                for g in range(len(result.groups)):
+                    values, zed = result.random_fraction[h][g], result.z[h][g]
+                    parts.append(f"{'n/a':>22}" if values is None else
+                                 f"{np.mean(values):+.3f} [{min(values):+.2f},{max(values):+.2f}]"
+                                 f" z {'n/a' if zed is None else f'{zed:.1f}'}".rjust(22))
+                lines.append(f"  {hook_name:<28}" + "".join(parts))
+        lines += [f"warning: {note}" for note in result.warnings]
         return "\n".join(lines)
 
     def save(self, folder: str | Path) -> dict[str, Path]:
@@ -224,10 +258,15 @@ def patching_experiment(
     batch_size: int = 32,
     n_boot: int = 1000,
     seed: int = 0,
+    random_directions: int = 0,
     progress: bool = True,
     config: dict | None = None,
 ) -> PatchingExperiment:
-    """Patch source into destination at ``layers`` (default: all) along ``probe``; see module doc."""
+    """Patch source into destination at ``layers`` (default: all) along ``probe``; see module doc.
+
+    ``random_directions``: seeded random unit directions patched like the probe direction, as its
+    control (``interventions.patching``).
+    """
     direction = from_probe(model, probe)
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -236,6 +275,7 @@ def patching_experiment(
         raise ValueError(f"layer {bad[0]} is out of range; this model has layers 0..{n_layers - 1}")
     result = activation_patching(
         model, pairs, hooks=resid_hooks(model, layers), groups=groups, direction=direction,
-        components=components, batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress,
+        components=components, batch_size=batch_size, n_boot=n_boot, seed=seed,
+        random_directions=random_directions if "direction" in components else 0, progress=progress,
     )
     return PatchingExperiment(model_id(model), probe_artifact(probe_path), result, dict(config or {}))

@@ -23,13 +23,35 @@ of the response span (the first scored token), truncating to the shorter run:
   prompts the two runs agree there (causal attention), so this patch should close ~0: a check.
 
 A pair where either run has no scored (response) tokens is refused with an error naming the pair.
+A group with no positions in any pair (e.g. ``prompt`` for plain-text pairs, which have no prompt
+before the scored span) is reported as n/a (``None``), not as a fraction of 0.
+
+**Random-direction control** (``random_directions=k``): the ``direction`` patch is repeated along
+``k`` seeded random unit directions at every hook and group; the result reports their fractions,
+mean and std, and ``z = (fraction along d - mean) / std`` per cell. With fewer than 10 random
+directions or 10 pairs the result carries a warning (``warnings``) saying so.
+
+>>> from surprise_probe.testing import tiny_hooked_transformer
+>>> from surprise_probe.interventions.directions import SteeringDirection, random_directions
+>>> model = tiny_hooked_transformer()
+>>> d = SteeringDirection(random_directions(model.cfg.d_model, 1, seed=1)[0], "blocks.0.hook_resid_post", 1.0)
+>>> pairs = [("The cat sat on the mat.", "A dog ran in the park."),
+...          ("Rain fell all night long.", "The sun was out early.")]
+>>> result = activation_patching(model, pairs, hooks=["blocks.0.hook_resid_post"], groups=["prompt", "response"],
+...                              direction=d, random_directions=3, n_boot=50, progress=False)
+>>> result.fraction["all"][0]  # plain texts have no prompt before the scored span: n/a
+[None, 1.0]
+>>> len(result.random_fraction[0][1]), result.warnings[0][:31]
+(3, 'z from 3 random directions: its')
+>>> result.table()[1]["group"], sorted(result.to_dict())[:3]
+('response', ['components', 'direction_hook', 'entropy_destination'])
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -37,7 +59,7 @@ from surprise_probe.interventions.hooks import Patch, apply_all
 from tqdm.auto import tqdm
 
 from surprise_probe import distributed
-from surprise_probe.stats import bootstrap_sums
+from surprise_probe.stats import bootstrap_sums, small_sample_warnings, zscore
 
 __all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group"]
 
@@ -80,14 +102,20 @@ def align_positions(source, destination, group: str, pair: int = 0) -> tuple[np.
 
 @dataclass
 class PatchingResult:
-    """Fractions of the entropy difference closed, ``[component][hook][group]``."""
+    """Fractions of the entropy difference closed, ``[component][hook][group]``.
+
+    A cell is ``None`` (n/a) when its group has no positions in any pair. ``random_fraction``
+    ``[hook][group][k]`` holds the random-direction controls of the ``direction`` component,
+    ``random_mean`` / ``random_std`` / ``z`` ``[hook][group]`` their summary. ``table()`` gives
+    one plain row per hook x group; ``to_dict()`` is the JSON.
+    """
 
     hooks: list[str]
     groups: list[str]
     components: list[str]  # "direction" (component along d) and/or "all" (whole activation)
-    fraction: dict[str, list[list[float]]]
-    fraction_ci: dict[str, list[list[tuple[float, float]]]]
-    entropy_patched: dict[str, list[list[float]]]  # mean over pairs of the measured-span mean
+    fraction: dict[str, list[list[float | None]]]
+    fraction_ci: dict[str, list[list[tuple[float, float] | None]]]
+    entropy_patched: dict[str, list[list[float | None]]]  # mean over pairs of the measured-span mean
     entropy_source: float
     entropy_destination: float
     per_pair_gap: list[float]  # H_source - H_destination per pair
@@ -95,9 +123,41 @@ class PatchingResult:
     n_measured_tokens: int
     direction_hook: str | None
     level: float
+    group_positions: dict[str, int] = field(default_factory=dict)  # patched positions per group, all pairs
+    random_directions: int = 0
+    random_fraction: list[list[list[float] | None]] = field(default_factory=list)  # [hook][group][k]
+    random_mean: list[list[float | None]] = field(default_factory=list)
+    random_std: list[list[float | None]] = field(default_factory=list)
+    z: list[list[float | None]] = field(default_factory=list)  # direction vs random, [hook][group]
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def table(self) -> list[dict]:
+        """One plain dict per hook x group: fraction [CI] per component, random mean/std and z."""
+        rows = []
+        for h, hook in enumerate(self.hooks):
+            for g, group in enumerate(self.groups):
+                row = {"hook": hook, "layer": _layer(hook), "group": group,
+                       "positions": self.group_positions.get(group)}
+                for component in self.components:
+                    ci = self.fraction_ci[component][h][g]
+                    row[f"fraction_{component}"] = self.fraction[component][h][g]
+                    row[f"fraction_{component}_low"] = None if ci is None else ci[0]
+                    row[f"fraction_{component}_high"] = None if ci is None else ci[1]
+                if self.random_directions:
+                    row["random_mean"] = self.random_mean[h][g]
+                    row["random_std"] = self.random_std[h][g]
+                    row["z_vs_random"] = self.z[h][g]
+                row["n_pairs"] = self.n_pairs
+                rows.append(row)
+        return rows
+
+
+def _layer(hook: str) -> int | None:
+    match = re.match(r"blocks\.(\d+)\.", hook)
+    return int(match.group(1)) if match else None
 
 
 def _measured_entropy(entropy, positions: np.ndarray, row: int) -> float:
@@ -119,17 +179,20 @@ def activation_patching(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    random_directions: int = 0,
     progress: bool = True,
 ) -> PatchingResult:
     """Patch source into destination per hook x group x component; see the module doc.
 
     ``pairs``: ``(source, destination)`` items (texts / conversations / ``Encoded``).
     ``direction``: a probe direction (``probes.ProbeDirection`` or ``SteeringDirection``); needed
-    for the ``"direction"`` component. Every forward has at most ``batch_size`` rows and
+    for the ``"direction"`` component. ``random_directions``: how many seeded random unit
+    directions to patch along as controls for it (``seed`` seeds them). Every forward has at most ``batch_size`` rows and
     ``max_batch_tokens`` tokens, and entropy comes from position-chunked logits, so memory does
     not grow with the number of conditions or the vocabulary.
     """
     from surprise_probe.interventions.directions import SteeringDirection, from_probe
+    from surprise_probe.interventions.directions import random_directions as make_random
 
     from surprise_probe.capture import forward_metrics, resolve_hooks
     from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
@@ -142,6 +205,10 @@ def activation_patching(
         if component not in ("direction", "all"):
             raise ValueError(f"unknown patch component {component!r}; expected 'direction' or 'all'")
     vector, direction_hook = None, None
+    if random_directions < 0:
+        raise ValueError(f"random_directions must be >= 0, got {random_directions}")
+    if random_directions and "direction" not in components:
+        raise ValueError("random directions are controls for the 'direction' component; include it in components")
     if "direction" in components:
         if direction is None:
             raise ValueError("the 'direction' component needs a direction (probe); pass direction= or use components=('all',)")
@@ -160,7 +227,14 @@ def activation_patching(
             alignments[i, group] = align_positions(src, dst, group, i)
         alignments[i, "measured"] = align_positions(src, dst, "response", i)
 
-    conditions = [(c, h, g) for c in components for h in hooks for g in groups]
+    group_positions = {group: int(sum(len(alignments[i, group][0]) for i in range(len(encoded)))) for group in groups}
+    vectors = {"direction": vector, "all": None}
+    controls = [f"random{k}" for k in range(random_directions)]
+    if controls:
+        vectors.update(zip(controls, make_random(int(model.cfg.d_model), random_directions, seed=seed), strict=True))
+    run_components = components + controls
+    # a group with no positions in any pair is n/a: nothing to patch, so it is not run
+    conditions = [(c, h, g) for c in run_components for h in hooks for g in groups if group_positions[g]]
     pad = pad_id(model)
     n_pairs = len(encoded)
     h_source, h_destination = np.zeros(n_pairs), np.zeros(n_pairs)
@@ -189,7 +263,7 @@ def activation_patching(
             batch = pad_batch([encoded[chunk[row]][1] for row, _ in block], pad)
             width = batch.tokens.shape[1]
             patches = []
-            for component in components:
+            for component in run_components:
                 for hook in hooks:
                     mask = torch.zeros(len(block), width, dtype=torch.bool)
                     index = torch.zeros(len(block), width, dtype=torch.long)
@@ -203,7 +277,7 @@ def activation_patching(
                         source = source_acts[hook][torch.tensor([row for row, _ in block])]
                         patches.append(Patch(
                             hooks=hook, positions=mask, source=source, source_index=index,
-                            direction=vector if component == "direction" else None,
+                            direction=vectors[component],
                         ))
             with torch.no_grad(), apply_all(model, patches):
                 _, entropy, _ = forward_metrics(model, batch)
@@ -222,18 +296,34 @@ def activation_patching(
         )
     moved = h_patched - h_destination  # (n_cond, n_pairs)
     # mean over pairs of moved / mean of gap = ratio of sums over the same pairs
-    fractions, low, high = bootstrap_sums(
-        np.divide, moved, gap, n_boot=n_boot, level=level, seed=seed
-    )
-    fractions, low, high = (np.atleast_1d(v) for v in (fractions, low, high))
+    if conditions:
+        fractions, low, high = bootstrap_sums(
+            np.divide, moved, gap, n_boot=n_boot, level=level, seed=seed
+        )
+        fractions, low, high = (np.atleast_1d(v) for v in (fractions, low, high))
+    else:
+        fractions = low = high = np.zeros(0)
+
+    def cell(values, component, h, g):
+        key = (component, h, g)
+        return values[conditions.index(key)] if key in conditions else None
 
     def grid(values):
-        out = {}
-        for component in components:
-            out[component] = [
-                [values[conditions.index((component, h, g))] for g in groups] for h in hooks
-            ]
-        return out
+        return {component: [[cell(values, component, h, g) for g in groups] for h in hooks]
+                for component in components}
+
+    random_fraction, random_mean, random_std, z = [], [], [], []
+    for h in hooks:
+        per_group = [None if not group_positions[g] else [float(cell(fractions, c, h, g)) for c in controls]
+                     for g in groups]
+        random_fraction.append(per_group if controls else [])
+        random_mean.append([None if v is None else float(np.mean(v)) for v in per_group] if controls else [])
+        random_std.append([None if v is None or len(v) < 2 else float(np.std(v, ddof=1)) for v in per_group]
+                          if controls else [])
+        z.append([None if v is None or len(v) < 2 else zscore(float(cell(fractions, "direction", h, g)), np.asarray(v))
+                  for g, v in zip(groups, per_group, strict=True)] if controls else [])
+    notes = small_sample_warnings(random_directions=random_directions or None, units=n_pairs, unit_name="pairs")
+    notes += [f"group {g!r} has no positions in any pair; reported as n/a" for g in groups if not group_positions[g]]
 
     return PatchingResult(
         hooks=list(hooks),
@@ -242,6 +332,13 @@ def activation_patching(
         fraction=grid([float(f) for f in fractions]),
         fraction_ci=grid([(float(a), float(b)) for a, b in zip(low, high, strict=False)]),
         entropy_patched=grid([float(v) for v in h_patched.mean(1)]),
+        group_positions=group_positions,
+        random_directions=random_directions,
+        random_fraction=random_fraction,
+        random_mean=random_mean,
+        random_std=random_std,
+        z=z,
+        warnings=notes,
         entropy_source=float(h_source.mean()),
         entropy_destination=float(h_destination.mean()),
         per_pair_gap=gap.tolist(),

@@ -93,16 +93,26 @@ def ablation_figure(result) -> go.Figure:
 def patching_figure(result) -> go.Figure:
     """Layer x position-group heatmap of the fraction of the entropy gap closed, per component."""
     data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
-    components = data["components"]
+    components = list(data["components"])
     names = {"direction": "component along d", "all": "whole activation"}
+    grids = {c: (data["fraction"][c], data["fraction_ci"][c]) for c in components}
+    if data.get("random_directions"):  # the random-direction control: mean over k, CI = [min, max]
+        name = f"{data['random_directions']} random directions (mean; min..max)"
+        names[name] = name
+        components.append(name)
+        grids[name] = ([[None if v is None else float(np.mean(v)) for v in row] for row in data["random_fraction"]],
+                       [[None if v is None else (min(v), max(v)) for v in row] for row in data["random_fraction"]])
     fig = make_subplots(rows=1, cols=len(components), subplot_titles=[names[c] for c in components])
     for col, component in enumerate(components, start=1):
-        z = np.asarray(data["fraction"][component])
-        ci = np.asarray(data["fraction_ci"][component])
+        values, bounds = grids[component]
+        # a group with no positions is n/a (None): a blank cell labelled n/a, never a 0
+        z = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+        ci = np.array([[(np.nan, np.nan) if b is None else b for b in row] for row in bounds], dtype=float)
+        text = [["n/a" if v is None else f"{v:.2f}" for v in row] for row in values]
         fig.add_trace(go.Heatmap(
             z=z, x=data["groups"], y=data["hooks"], zmid=0, colorscale="RdBu_r", zmin=-1, zmax=1,
-            customdata=ci, text=np.round(z, 2), texttemplate="%{text}",
-            hovertemplate="%{y}<br>%{x}<br>fraction closed %{z:.3f}"
+            customdata=ci, text=text, texttemplate="%{text}",
+            hovertemplate="%{y}<br>%{x}<br>fraction closed %{text}"
                           "<br>CI [%{customdata[0]:.3f}, %{customdata[1]:.3f}]<extra></extra>",
             colorbar={"title": "fraction"}, showscale=col == len(components),
         ), row=1, col=col)

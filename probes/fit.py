@@ -75,12 +75,16 @@ class ProbeFit:
         result = self.sweep
         controls = result.controls
         best = result[result.best_hook()]
+        span = result.config.get("span_rule", "")
+        outside = result.config.get("n_tokens_outside_span", 0)
         lines = [f"target: {result.target} on {result.n_tokens} tokens in {result.n_sequences} sequences",
+                 f"tokens: {span}" + (f" ({outside} listed tokens outside it left out)" if outside else ""),
                  result.to_markdown(), "", "baselines (held-out R^2 of each control alone):",
                  result.controls_markdown()]
         if controls.get("surprise_entropy_r") is not None:
             lines.append(f"Pearson r(input surprise, output entropy): {controls['surprise_entropy_r']}")
         lines.append(f"best hook: {best.hook} (R^2 {best.r2}, shuffle p {best.shuffle_p:.3f})")
+        lines += [f"warning: {note}" for note in result.warnings]
         for label, scores in sorted(result.by_source.items()):
             at_best = scores.get("hooks", {}).get(best.hook)
             if at_best is not None:

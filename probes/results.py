@@ -129,6 +129,7 @@ class SweepResult:
     data_hash: str
     predictions: dict = field(repr=False, default_factory=dict)  # held-out predictions per token
     by_source: dict = field(default_factory=dict)  # per source label: sizes, R^2, calibration
+    warnings: list[str] = field(default_factory=list)  # controls missing, samples too small
     model_fingerprint: dict = field(default_factory=dict)  # surprise_probe.basis, from the capture
 
     def __getitem__(self, hook: str) -> HookResult:
@@ -210,6 +211,7 @@ class SweepResult:
             "controls": controls,
             "hooks": [r.to_dict() for r in self.hooks],
             "by_source": _plain(self.by_source),
+            "warnings": self.warnings,
         }
 
     def write_csv(self, path: str | Path) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from surprise_probe.probes.ridge import RidgeStats, heldout_sums, solve_ridge
 from surprise_probe.probes.scoring import SequenceBootstrap, r2_from_sums
 from surprise_probe.probes.sources import scores_by_source
 from surprise_probe.probes.targets import (
+    SPANS,
     TargetData,
     TokenTarget,
     load_target_file,
@@ -54,6 +56,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from surprise_probe import distributed
+from surprise_probe.stats import small_sample_warnings
 
 __all__ = ["DEFAULT_ALPHAS", "fit_sweep"]
 
@@ -289,6 +292,7 @@ def fit_sweep(
     standardize: bool = True,
     covariates: Mapping[str, TokenTarget | str | Path] | None = None,
     sources: Mapping[int, str] | None = None,
+    span: str = "scored",
     progress: bool = True,
 ) -> SweepResult:
     """Fit and score a ridge probe at every hook of ``run``, with controls.
@@ -304,7 +308,9 @@ def fit_sweep(
     R² on the target minus the control. ``covariates`` (name -> per-token table, e.g. another
     model's surprise) add "the target beyond the covariate" the same way; tokens a covariate
     lacks are dropped from the whole sweep (counted in ``config``). ``sources`` (sequence id ->
-    label, e.g. ``own-sample`` / ``human``) adds R² and calibration per source.
+    label, e.g. ``own-sample`` / ``human``) adds R² and calibration per source. ``span``: which
+    tokens, the same for every target by default (``"scored"``: the scored span at position > 0;
+    ``"all"``: see :mod:`probes.targets`); ``config["span"]`` says which.
 
     >>> import surprise_probe as sp                                # doctest: +SKIP
     >>> result = fit_sweep(sp.load_capture("runs/capture"))        # doctest: +SKIP
@@ -323,7 +329,7 @@ def fit_sweep(
     nested = bool(nested and n_folds >= 3)
 
     # step 0: tokens, targets, folds, control targets
-    data = select_target(run, target)
+    data = select_target(run, target, span=span)
     covariate_values = _covariate_values(data, covariates)
     n_selected = data.n_tokens
     if covariate_values:
@@ -489,8 +495,16 @@ def fit_sweep(
                 beyond_r2=beyond,
             )
         )
+    notes = []
     if controls["embedding_hook"]:
         controls["embedding_r2"] = next(r.r2 for r in results if r.hook == EMBEDDING_HOOK)
+    else:
+        notes.append(f"no embedding-layer control: {EMBEDDING_HOOK} is not among the fitted hooks, so the "
+                     "token-identity control is only the token-type mean; capture it (capture --layers adds "
+                     "it) and fit it")
+    notes += small_sample_warnings(units=data.n_sequences, unit_name="sequences")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
 
     by_source = (
         scores_by_source(
@@ -525,6 +539,9 @@ def fit_sweep(
             **{name: "ridge on the covariate and one-hot bins of its training quantiles" for name in covariate_values},
         },
         "covariates": sorted(covariate_values),
+        "span": data.span,
+        "span_rule": SPANS[data.span],
+        "n_tokens_outside_span": data.n_outside_span,
         "n_tokens_selected": n_selected,
         "n_tokens_dropped_for_covariates": n_selected - data.n_tokens,
     }
@@ -553,4 +570,5 @@ def fit_sweep(
             **{f"pred:{hook}": predictions[hook][:, 0] for hook in hooks},
         },
         by_source=by_source,
+        warnings=notes,
     )

@@ -1,15 +1,32 @@
 """What a probe predicts, token by token: input surprise, output entropy, or user values.
 
-Selection rules (the tokens a probe is fitted and scored on):
+Selection rules (the tokens a probe is fitted and scored on). By default (``span="scored"``)
+**every target uses the same tokens**: the scored span (assistant content of conversations,
+every token of plain texts, unless the capture used ``score_prompt``) at position > 0 (position 0
+has no input surprise; for a plain text it is BOS, whose entropy is a constant). So surprise,
+entropy and custom-target sweeps are comparable token for token:
 
-- ``"surprise"`` (default): scored tokens at position > 0 (position 0 has no input surprise);
-- ``"entropy"``: the same tokens (position 0 of a plain text is BOS, whose entropy is a constant;
-  equal token sets also make the surprise and entropy sweeps comparable);
-- a :class:`TokenTarget` table keyed by ``(sequence_id, position)``: exactly the listed tokens
-  (every key must exist in the capture, each once);
-- a 1-D array with one value per captured token in shard order: the scored tokens.
+- ``"surprise"`` / ``"entropy"``: the span's tokens;
+- a :class:`TokenTarget` table keyed by ``(sequence_id, position)``: the listed tokens inside the
+  span (every key must exist in the capture, each once; listed tokens outside the span, e.g.
+  chat-template markup, are left out and counted in ``TargetData.n_outside_span``);
+- a 1-D array with one value per captured token in shard order: the span's tokens.
+
+``span="all"``: every token at position > 0 for surprise and entropy (prompt included), every
+listed token of a table, every captured token of an array.
 
 Selected tokens must have finite targets; anything else is an error that names the token.
+
+>>> from surprise_probe.probes import ArrayCapture
+>>> run = ArrayCapture({"h": np.zeros((4, 2))}, model_id="m", token_ids=np.array([5, 6, 7, 8]),
+...     sequence_ids=np.array([0, 0, 0, 0]), positions=np.arange(4), scored=np.array([0, 1, 1, 1], bool),
+...     input_surprise=np.array([np.nan, 1.0, 2.0, 3.0]), output_entropy=np.ones(4))
+>>> every = TokenTarget("mine", np.zeros(4, int), np.arange(4), np.array([9.0, 1.0, 2.0, 4.0]))
+>>> data = select_target(run, every)
+>>> data.positions.tolist(), data.n_outside_span, data.span
+([1, 2, 3], 1, 'scored')
+>>> select_target(run, every, span="all").positions.tolist()
+[0, 1, 2, 3]
 """
 
 from __future__ import annotations
@@ -31,6 +48,10 @@ __all__ = [
 ]
 
 BUILTIN_TARGETS = ("surprise", "entropy")
+SPANS = {
+    "scored": "the scored span (assistant content / whole texts) at position > 0, as for surprise and entropy",
+    "all": "every token the target gives (surprise/entropy: every token at position > 0, prompt included)",
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,8 @@ class TargetData:
     pair_surprise: Float[np.ndarray, " m"]
     pair_entropy: Float[np.ndarray, " m"]
     pair_sequence_ids: Int[np.ndarray, " m"]
+    span: str = "scored"  # which tokens (see SPANS)
+    n_outside_span: int = 0  # tokens the target listed that the span left out
 
     @property
     def n_tokens(self) -> int:
@@ -120,6 +143,8 @@ class TargetData:
             pair_surprise=self.pair_surprise,
             pair_entropy=self.pair_entropy,
             pair_sequence_ids=self.pair_sequence_ids,
+            span=self.span,
+            n_outside_span=self.n_outside_span,
         )
 
 
@@ -203,8 +228,16 @@ def lookup_target(
     return out
 
 
-def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise") -> TargetData:
-    """Read the small per-token columns of every shard and select the probe's tokens and targets."""
+def select_target(
+    run, target: str | Path | TokenTarget | np.ndarray = "surprise", *, span: str = "scored"
+) -> TargetData:
+    """Read the small per-token columns of every shard and select the probe's tokens and targets.
+
+    ``span``: ``"scored"`` (default: the same tokens for every target) or ``"all"``; see the
+    module docstring.
+    """
+    if span not in SPANS:
+        raise ValueError(f"span must be one of {list(SPANS)}, got {span!r}")
     builtin = str(target) if isinstance(target, str) and target in BUILTIN_TARGETS else None
     if isinstance(target, np.ndarray):
         if target.ndim != 1:
@@ -234,17 +267,18 @@ def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise
 
     name = builtin or target.name
     masks, parts, pairs = [], [], []
-    offset, too_short = 0, False
+    offset, too_short, outside = 0, False, 0
     for index, shard in enumerate(run.shards()):
         label = shard_label(shard, index)
         seq, pos = np.asarray(shard.sequence_ids), np.asarray(shard.positions)
         scored = np.asarray(shard.scored, bool)
         surprise = np.asarray(shard.input_surprise, np.float64)
         entropy = np.asarray(shard.output_entropy, np.float64)
+        in_span = (scored if span == "scored" else np.ones(len(pos), bool)) & (pos > 0)
         if builtin == "surprise":
-            mask, values = scored & (pos > 0), surprise
+            mask, values = in_span, surprise
         elif builtin == "entropy":
-            mask, values = scored & (pos > 0), entropy
+            mask, values = in_span, entropy
         elif table is not None:
             width, table_keys, table_values, matched = table
             keys = _keys(seq, pos, width)
@@ -257,12 +291,15 @@ def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise
             matched[where[mask]] = True
             values = np.full(len(keys), np.nan)
             values[mask] = table_values[where[mask]]
+            if span == "scored":
+                outside += int((mask & ~in_span).sum())
+                mask = mask & in_span
         else:
             values = target.values[offset : offset + len(seq)]
             if len(values) != len(seq):
                 too_short = True
                 break  # reported below
-            mask = scored
+            mask = in_span if span == "scored" else np.ones(len(seq), bool)
         offset += len(seq)
         bad = mask & ~np.isfinite(values)
         if bad.any():
@@ -298,9 +335,10 @@ def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise
         )
     if not parts or sum(len(p[0]) for p in parts) == 0:
         raise ValueError(
-            f"target {name!r} selects no tokens in this capture (check the scored span)"
+            f"target {name!r} selects no tokens of this capture in span {span!r} ({SPANS[span]}); "
+            "check the scored span, or pass span='all'"
         )
-    y, token_ids, sequence_ids, positions, previous_ids, span = (
+    y, token_ids, sequence_ids, positions, previous_ids, in_span_positions = (
         np.concatenate([p[k] for p in parts]) for k in range(6)
     )
     if np.ptp(y) == 0:
@@ -315,8 +353,10 @@ def select_target(run, target: str | Path | TokenTarget | np.ndarray = "surprise
         sequence_ids=sequence_ids.astype(np.int64),
         positions=positions.astype(np.int64),
         previous_ids=previous_ids.astype(np.int64),
-        span_positions=span.astype(np.int64),
+        span_positions=in_span_positions.astype(np.int64),
         pair_surprise=np.concatenate([p[0] for p in pairs]),
         pair_entropy=np.concatenate([p[1] for p in pairs]),
         pair_sequence_ids=np.concatenate([p[2] for p in pairs]),
+        span=span,
+        n_outside_span=outside,
     )

@@ -45,9 +45,12 @@ __all__ = [
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
+EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
+
+
 def default_hooks(model) -> list[str]:
     """The embedding (``blocks.0.hook_resid_pre``) and every layer's ``hook_resid_post``."""
-    return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
+    return [EMBEDDING_HOOK] + [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
 
 
 def resolve_hooks(model, hooks: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> list[str]:
@@ -313,6 +316,11 @@ def capture(
     ``"float16"``) is how activations are stored, independent of the model's dtype (``dtype=`` is
     its earlier name); surprise and entropy are always float32.
 
+    Hooks: by default the embedding (``blocks.0.hook_resid_pre``) and every layer's
+    ``hook_resid_post``. ``layers=[5, 10]`` captures those layers' ``hook_resid_post`` *and* the
+    embedding, so the embedding-layer probe (the token-identity control of ``fit``) is always
+    there; ``hooks=[...]`` captures exactly the hooks named.
+
     >>> from surprise_probe.testing import tiny_hooked_transformer
     >>> run = capture(tiny_hooked_transformer(), ["One text.", "Another text."], progress=False)
     >>> run.n_sequences, run.hooks[-1]
@@ -330,6 +338,8 @@ def capture(
         raise ValueError(f"storage_dtype must be one of {list(_NUMPY_DTYPES)}, got {storage_dtype}")
     dtype = storage_dtype
     hooks = resolve_hooks(model, hooks, layers)
+    if layers is not None and EMBEDDING_HOOK not in hooks:  # cheap, and fit's token-identity control
+        hooks = [EMBEDDING_HOOK, *hooks]
     encoded = encode_all(model, list(items), max_tokens=max_tokens, truncate=truncate, score_prompt=score_prompt)
     if not encoded:
         raise ValueError("capture got no inputs")

@@ -35,7 +35,16 @@ __all__ = [
     "slope_with_ci",
     "zscore",
     "bootstrap_nested",
+    "MIN_RANDOM_DIRECTIONS",
+    "MIN_UNITS",
+    "small_sample_warnings",
 ]
+
+# Below these, a z-score against random directions / a bootstrap CI over units is too noisy to
+# trust: the std of k random controls is itself uncertain by ~1/sqrt(2(k-1)) (k = 10: +/-24%), and
+# a percentile bootstrap over fewer than ~10 units undercovers badly.
+MIN_RANDOM_DIRECTIONS = 10
+MIN_UNITS = 10
 
 # Largest resampled block (elements) held at once: scipy materialises (leading dims, batch, units).
 _MAX_BLOCK = 4_000_000
@@ -268,6 +277,26 @@ def zscore(value: float, controls: Float[np.ndarray, " k"]) -> float:
     if spread == 0:
         return float("inf") * np.sign(value - controls.mean()) if value != controls.mean() else 0.0
     return float((value - controls.mean()) / spread)
+
+
+def small_sample_warnings(
+    *, random_directions: int | None = None, units: int | None = None, unit_name: str = "sequences"
+) -> list[str]:
+    """One line per sample too small to trust, saying how many are needed (empty when fine).
+
+    >>> small_sample_warnings(random_directions=2, units=12, unit_name="pairs")
+    ['z from 2 random directions: its spread is too uncertain to trust; use at least 10']
+    >>> small_sample_warnings(random_directions=10, units=3, unit_name="pairs")
+    ['CIs from 3 pairs: the bootstrap over so few is unreliable; use at least 10']
+    """
+    lines = []
+    if random_directions is not None and 0 < random_directions < MIN_RANDOM_DIRECTIONS:
+        lines.append(f"z from {random_directions} random direction{'s' * (random_directions != 1)}: its spread "
+                     f"is too uncertain to trust; use at least {MIN_RANDOM_DIRECTIONS}")
+    if units is not None and units < MIN_UNITS:
+        lines.append(f"CIs from {units} {unit_name}: the bootstrap over so few is unreliable; "
+                     f"use at least {MIN_UNITS}")
+    return lines
 
 
 def bootstrap_nested(

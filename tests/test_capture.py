@@ -46,8 +46,11 @@ def test_batching_invariance(tiny_model, padding_side):
 
 
 def test_only_requested_hooks_and_shapes(tiny_model):
-    run = sp.capture(tiny_model, TEXTS[:2], layers=[1], progress=False)
+    run = sp.capture(tiny_model, TEXTS[:2], hooks=["blocks.1.hook_resid_post"], progress=False)
     assert run.hooks == ["blocks.1.hook_resid_post"]
+    # layers= always adds the embedding hook (fit's token-identity control), first
+    layered = sp.capture(tiny_model, TEXTS[:1], layers=[1], progress=False)
+    assert layered.hooks == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"]
     acts = run.activations("blocks.1.hook_resid_post")
     assert acts.shape == (run.n_tokens, tiny_model.cfg.d_model)
     with pytest.raises(KeyError, match="was not captured; captured hooks"):
@@ -133,7 +136,7 @@ def test_output_folder_of_another_run_is_refused(tiny_hooked, tmp_path):
     with pytest.raises(FileExistsError, match=r"different capture \(differs in: .*hooks"):
         sp.capture(tiny_hooked, TEXTS, layers=[0], out_dir=tmp_path / "r", progress=False)
     replaced = sp.capture(tiny_hooked, TEXTS, layers=[0], out_dir=tmp_path / "r", overwrite=True, progress=False)
-    assert replaced.hooks == ["blocks.0.hook_resid_post"]
+    assert replaced.hooks == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty and holds no capture"):

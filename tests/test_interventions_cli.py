@@ -60,7 +60,7 @@ def test_steer_writes_json_and_offline_html(use_tiny, probe_file, tmp_path, caps
     assert "entropy slope" in capsys.readouterr().out
 
 
-def test_patch_writes_heatmap(use_tiny, probe_file, tmp_path):
+def test_patch_writes_heatmap(use_tiny, probe_file, tmp_path, capsys):
     def conversation(answer):
         return [{"role": "user", "content": "Hello world, how are you today?"}, {"role": "assistant", "content": answer}]
 
@@ -71,13 +71,19 @@ def test_patch_writes_heatmap(use_tiny, probe_file, tmp_path):
     ])
     out = tmp_path / "patch"
     code = main(["patch", "--probe", str(probe_file), "--pairs", str(pairs), "--out", str(out),
-                 "--groups", "prompt", "response", "first2", "--n-boot", "50", "--no-progress"])
+                 "--groups", "prompt", "response", "first2", "--n-boot", "50", "--random-directions", "3",
+                 "--no-progress"])
     assert code == 0
     result = json.loads((out / "patch.json").read_text())["patching"]
     assert result["hooks"] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert np.asarray(result["fraction"]["all"]).shape == (2, 3)
     np.testing.assert_allclose(np.asarray(result["fraction"]["all"])[:, 1], 1.0, atol=1e-4)
-    assert "Plotly" in (out / "patching.html").read_text()
+    # random-direction controls in the JSON, the printout and the heatmap, with the small-sample warning
+    assert result["random_directions"] == 3 and np.asarray(result["random_fraction"]).shape == (2, 3, 3)
+    printed = capsys.readouterr().out
+    assert "3 random directions (control for 'direction')" in printed and "use at least 10" in printed
+    html = (out / "patching.html").read_text()
+    assert "Plotly" in html and "3 random directions (mean; min..max)" in html
 
 
 def test_cli_errors_name_the_bad_value(use_tiny, tiny_hooked, tmp_path, capsys):

@@ -121,3 +121,49 @@ def test_steered_generation_is_seeded_and_steering_changes_it(tiny_model):
     steered = generate(tiny_model, prompt, strong, max_new_tokens=4, temperature=0, stop_at_eos=False)
     assert steered[0].token_ids != greedy[0].token_ids
     assert all(len(p.fwd_hooks) == 0 for p in tiny_model.hook_dict.values())
+
+
+def test_random_direction_controls_equal_patching_along_each_random_direction(tiny_model):
+    from surprise_probe.interventions import random_directions
+
+    result = activation_patching(tiny_model, PAIRS, hooks=HOOKS, direction=_direction(tiny_model),
+                                 groups=["response", "first2"], components=["direction"], random_directions=3,
+                                 seed=4, progress=False, n_boot=50)
+    vectors = random_directions(tiny_model.cfg.d_model, 3, seed=4)
+    for k in range(3):  # each control is the same patch along the k-th seeded random unit direction
+        alone = activation_patching(tiny_model, PAIRS, hooks=HOOKS, direction=SteeringDirection(vectors[k], HOOKS[1], 1.0),
+                                    groups=["response", "first2"], components=["direction"], progress=False, n_boot=50)
+        for h in range(2):
+            for g in range(2):
+                assert result.random_fraction[h][g][k] == pytest.approx(alone.fraction["direction"][h][g], abs=1e-5)
+    cell = np.asarray(result.random_fraction[1][0])
+    expected_z = (result.fraction["direction"][1][0] - cell.mean()) / cell.std(ddof=1)
+    assert result.z[1][0] == pytest.approx(expected_z, rel=1e-6)
+    assert result.random_mean[1][0] == pytest.approx(cell.mean())
+    # 3 directions and 2 pairs are too few: both are said, with how many are needed
+    assert any("3 random directions" in w and "at least 10" in w for w in result.warnings)
+    assert any("CIs from 2 pairs" in w for w in result.warnings)
+    rows = result.table()
+    assert len(rows) == 4 and rows[0]["z_vs_random"] == result.z[0][0] and rows[0]["layer"] == 0
+
+
+def test_a_group_without_positions_is_na_not_zero(tiny_model):
+    from surprise_probe.interventions.experiments import PatchingExperiment
+    from surprise_probe.interventions.plots import patching_figure
+
+    texts = [("The cat sat on the mat today.", "A dog ran in the park at noon."),
+             ("Numbers like 12 appear in text.", "The quick brown fox jumps high.")]
+    result = activation_patching(tiny_model, texts, hooks=HOOKS, direction=_direction(tiny_model),
+                                 groups=["prompt", "response"], random_directions=2, progress=False, n_boot=50)
+    assert result.group_positions["prompt"] == 0 and result.group_positions["response"] > 0
+    for component in ("direction", "all"):
+        assert [row[0] for row in result.fraction[component]] == [None, None]
+        assert [row[0] for row in result.fraction_ci[component]] == [None, None]
+        assert all(np.isfinite(row[1]) for row in result.fraction[component])
+    assert result.random_fraction[0][0] is None and result.z[0][0] is None
+    assert any("'prompt' has no positions" in w for w in result.warnings)
+    summary = PatchingExperiment("tiny", {}, result).summary()
+    assert "n/a" in summary and "0.000" not in summary.split("fraction of the gap closed (direction)")[1].split("\n")[2]
+    heatmap = patching_figure(result).data[0]
+    assert heatmap.text[0][0] == "n/a" and np.isnan(heatmap.z[0][0])
+    assert result.to_dict()["fraction"]["all"][0][0] is None

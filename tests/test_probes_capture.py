@@ -130,7 +130,14 @@ def test_user_target_file_roundtrip(capture_dir, tmp_path):
     result = fit_sweep(
         run, tmp_path / "label.npz", hooks=run.hooks[-1:], n_shuffles=0, n_boot=10, progress=False
     )
-    assert result.target == "label" and result.n_tokens == run.n_tokens
+    # by default a custom target is fitted on the same tokens as surprise: the scored span at position > 0
+    in_span = run.column("scored").astype(bool) & (pos > 0)
+    assert result.target == "label" and result.n_tokens == int(in_span.sum()) < run.n_tokens
+    assert result.config["span"] == "scored" and result.config["n_tokens_outside_span"] == run.n_tokens - in_span.sum()
+    np.testing.assert_array_equal(result.predictions["target"], values[in_span])
+    every = fit_sweep(run, tmp_path / "label.npz", hooks=run.hooks[-1:], n_shuffles=0, n_boot=10, span="all",
+                      progress=False)
+    assert every.n_tokens == run.n_tokens and every.config["n_tokens_outside_span"] == 0
     np.save(tmp_path / "short.npy", np.stack([seq[:3], pos[:3] + 1000, values[:3]], axis=1))
     with pytest.raises(ValueError, match="position 1000"):
         fit_sweep(run, tmp_path / "short.npy", progress=False)
@@ -156,5 +163,5 @@ def test_a_target_file_named_like_a_builtin_is_read_as_a_file(capture_dir, tmp_p
     result = fit_sweep(
         run, tmp_path / "surprise.npy", hooks=run.hooks[:1], n_shuffles=0, n_boot=10, progress=False
     )
-    scored = run.column("scored")
+    scored = run.column("scored").astype(bool) & (run.column("positions") > 0)
     np.testing.assert_allclose(result.predictions["target"], values[scored])

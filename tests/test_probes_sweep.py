@@ -14,12 +14,12 @@ SIGNAL_HOOK, NOISE_HOOK, EMBED_HOOK = (
 )
 
 
-def planted(seed=0, noise=0.3, **overrides):
+def planted(seed=0, noise=0.3, n_seq=N_SEQ, **overrides):
     """Input surprise = a linear function of the activations at SIGNAL_HOOK, plus noise."""
     rng = np.random.default_rng(seed)
-    n = N_SEQ * LENGTH
-    sequence_ids = np.repeat(np.arange(N_SEQ), LENGTH)
-    positions = np.tile(np.arange(LENGTH), N_SEQ)
+    n = n_seq * LENGTH
+    sequence_ids = np.repeat(np.arange(n_seq), LENGTH)
+    positions = np.tile(np.arange(LENGTH), n_seq)
     token_ids = rng.integers(0, 30, n)
     embedding_table = rng.normal(size=(30, D))
     signal = rng.normal(size=(n, D)) * rng.uniform(0.5, 5, D) + 3.0
@@ -142,7 +142,10 @@ def test_user_target_table_is_aligned_by_sequence_and_position():
     np.testing.assert_allclose(
         got["target"], got["sequence_ids"] * 100.0 + got["positions"], atol=5
     )
-    assert result.n_tokens == len(seq)
+    # the same tokens as surprise by default (position 0 left out, counted); every listed one with span="all"
+    assert result.n_tokens == N_SEQ * (LENGTH - 1) and result.config["n_tokens_outside_span"] == N_SEQ
+    every = fit_sweep(run, target, hooks=[NOISE_HOOK], n_shuffles=0, n_boot=10, span="all", progress=False)
+    assert every.n_tokens == len(seq)
 
 
 def test_entropy_target_and_capture_order_array():
@@ -151,6 +154,8 @@ def test_entropy_target_and_capture_order_array():
     assert result.target == "entropy" and result.n_tokens == N_SEQ * (LENGTH - 1)
     values = np.arange(N_SEQ * LENGTH, dtype=float) % 7
     result = fit_sweep(run, values, hooks=[NOISE_HOOK], n_shuffles=0, n_boot=10, progress=False)
+    np.testing.assert_array_equal(result.predictions["target"], values[np.tile(np.arange(LENGTH), N_SEQ) > 0])
+    result = fit_sweep(run, values, hooks=[NOISE_HOOK], n_shuffles=0, n_boot=10, span="all", progress=False)
     np.testing.assert_array_equal(result.predictions["target"], values)
 
 
@@ -219,3 +224,15 @@ def test_misaligned_user_targets_are_errors():
         )
     with pytest.raises(ValueError, match=r"has 5 values but the capture has 720 tokens"):
         fit_sweep(run, np.arange(5.0), progress=False)
+
+
+def test_missing_embedding_control_and_few_sequences_warn_loudly():
+    full = fit_sweep(planted(), n_shuffles=0, n_boot=50, progress=False)
+    assert full.warnings == []  # 60 sequences and the embedding hook: nothing to say
+    with pytest.warns(UserWarning, match="no embedding-layer control: blocks.0.hook_resid_pre"):
+        without = fit_sweep(planted(), hooks=[SIGNAL_HOOK], n_shuffles=0, n_boot=50, progress=False)
+    assert "embedding_r2" not in without.controls and "no embedding-layer control" in without.warnings[0]
+    assert without.to_dict()["warnings"] == without.warnings
+    with pytest.warns(UserWarning, match="CIs from 6 sequences"):
+        result = fit_sweep(planted(n_seq=6), n_folds=3, n_shuffles=0, n_boot=50, progress=False)
+    assert result.warnings == ["CIs from 6 sequences: the bootstrap over so few is unreliable; use at least 10"]

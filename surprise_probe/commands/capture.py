@@ -50,7 +50,8 @@ def add_parser(subparsers) -> None:
     add_input_argument(parser)
     add_out_argument(parser, "output folder (shards + manifest); a rerun with the same settings resumes")
     parser.add_argument("--layers", nargs="+", type=nonneg_int,
-                        help="layer indices (hook_resid_post); default: the embedding and every layer")
+                        help="layer indices (their hook_resid_post; the embedding blocks.0.hook_resid_pre, the token-identity "
+                             "control, is always added); default: the embedding and every layer")
     parser.add_argument("--hooks", nargs="+", help="explicit TransformerLens hook names instead of --layers")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     parser.add_argument("--shard-size", type=positive_int, default=64, help="sequences per shard on disk")

@@ -53,6 +53,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--sources", type=Path,
                         help="the .jsonl the capture was made from; its 'source' keys (e.g. own-sample, human) split "
                              "the held-out R^2 and calibration by source")
+    parser.add_argument("--span", choices=["scored", "all"], default="scored",
+                        help="tokens to fit and score: 'scored' = the scored span at position > 0, the same for "
+                             "every target (custom targets' other tokens are left out and counted); 'all' = every "
+                             "token the target gives")
     add_out_argument(parser, "output folder")
     parser.add_argument("--hooks", nargs="+", help="hooks to fit (default: every captured hook)")
     parser.add_argument("--alphas", nargs="+", type=float, help="ridge penalties (default: 17 values, 1e-2..1e6)")
@@ -108,7 +112,7 @@ def run(args) -> int:
         result = fit_probes(
             capture, target, hooks=args.hooks, verify=not args.no_verify, config=command_config(args),
             alphas=args.alphas, n_folds=args.folds, seed=args.seed, n_shuffles=args.shuffles, n_boot=args.n_boot,
-            nested=not args.no_nested, covariates=covariates, sources=sources, progress=progress,
+            nested=not args.no_nested, covariates=covariates, sources=sources, span=args.span, progress=progress,
         )
         if not main:
             return 0

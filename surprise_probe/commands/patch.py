@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
                         help="position groups: prompt, response, first<K>")
     parser.add_argument("--components", nargs="+", choices=["direction", "all"], default=["direction", "all"],
                         help="patch the component along the direction, the whole activation, or both")
+    parser.add_argument("--random-directions", type=nonneg_int, default=10,
+                        help="seeded random unit directions patched like the probe direction, as its control "
+                             "(each adds one 'direction' run per layer and group; 0: none)")
     parser.set_defaults(func=run)
 
 
@@ -60,7 +63,7 @@ def run(args) -> int:
         result = patching_experiment(
             model, pairs, probe, probe_path=args.probe, layers=args.layers, groups=args.groups,
             components=args.components, batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
-            progress=not args.no_progress, config=command_config(args),
+            random_directions=args.random_directions, progress=not args.no_progress, config=command_config(args),
         )
         if not main:
             return 0
