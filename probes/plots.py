@@ -14,6 +14,9 @@ from surprise_probe.probes.results import EMBEDDING_HOOK, SweepResult
 __all__ = ["layer_sweep_figure", "alpha_curve_figure", "source_figure"]
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+# the two controls every sweep shows, in colours no other trace uses: token identity (the
+# token-type mean line and the embedding probe) purple long-dashed, shuffled labels grey dashed
+TOKEN_IDENTITY_COLOUR, SHUFFLE_COLOUR = "#5e2b97", "#8c8c8c"
 # one colour per control: its baseline is a horizontal line, the probe on its residual a dotted curve
 _CONTROL_STYLE = {
     "position": ("#17becf", "dashdot", "position (sequence + scored span)"),
@@ -106,6 +109,7 @@ def _band(x, low, high, color: str, name: str, group: str, opacity: float = 0.18
         x=list(x) + list(x)[::-1],
         y=list(high) + list(low)[::-1],
         fill="toself",
+        mode="lines",
         fillcolor=color,
         opacity=opacity,
         line={"width": 0},
@@ -200,7 +204,7 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
     shuffles = [r for r in ordered if r.shuffle_r2]
     if shuffles:
         label = f"shuffled labels ({len(shuffles[0].shuffle_r2)} shuffles)"
-        grey = "#7f7f7f"
+        grey = SHUFFLE_COLOUR
         x = [r.depth for r in shuffles]
         fig.add_trace(
             _band(
@@ -227,9 +231,8 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
     if depth:
         x = [min(depth), max(depth)]
         label = "token-identity mean"
-        black = "#222222"
         fig.add_trace(
-            _band(x, [token_mean.low] * 2, [token_mean.high] * 2, black, label, label, 0.1)
+            _band(x, [token_mean.low] * 2, [token_mean.high] * 2, TOKEN_IDENTITY_COLOUR, label, label, 0.14)
         )
         fig.add_trace(
             go.Scatter(
@@ -238,7 +241,7 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
                 mode="lines",
                 name=label,
                 legendgroup=label,
-                line={"color": black, "dash": "longdash", "width": 1.5},
+                line={"color": TOKEN_IDENTITY_COLOUR, "dash": "longdash", "width": 2},
                 hovertemplate=f"token-identity mean R^2 {token_mean}<extra></extra>",
             )
         )
@@ -250,7 +253,7 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
                 x=[embedding.depth],
                 y=[embedding.r2.value],
                 mode="markers",
-                marker={"symbol": "diamond-open", "size": 14, "color": "#222222"},
+                marker={"symbol": "diamond-open", "size": 14, "color": TOKEN_IDENTITY_COLOUR, "line": {"width": 2}},
                 name="embedding probe (token identity)",
                 hovertemplate=f"{EMBEDDING_HOOK}<br>R^2 {embedding.r2}<extra></extra>",
             )

@@ -20,7 +20,7 @@ def _as_dict(result) -> dict:
 
 def _band(fig, xs, low, high, colour, name, row=None, col=None):
     kwargs = {} if row is None else {"row": row, "col": col}
-    fig.add_trace(go.Scatter(x=list(xs) + list(xs)[::-1], y=list(high) + list(low)[::-1], fill="toself",
+    fig.add_trace(go.Scatter(x=list(xs) + list(xs)[::-1], y=list(high) + list(low)[::-1], fill="toself", mode="lines",
                              fillcolor=colour, opacity=0.2, line={"width": 0}, hoverinfo="skip",
                              showlegend=False, legendgroup=name), **kwargs)
 

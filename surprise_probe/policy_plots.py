@@ -135,7 +135,7 @@ def entropy_by_position(result) -> go.Figure:
         mean, low, high = (np.asarray(curve[key], np.float64)[keep] for key in ("mean", "low", "high"))
         color = _color(curve["source"], sources)
         fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([high, low[::-1]]),
-                                 fill="toself", fillcolor=color, opacity=0.15, line={"width": 0},
+                                 fill="toself", mode="lines", fillcolor=color, opacity=0.15, line={"width": 0},
                                  hoverinfo="skip", showlegend=False), row=i, col=j)
         fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=curve["source"], line={"color": color},
                                  legendgroup=curve["source"], showlegend=curve["source"] not in shown,

@@ -32,6 +32,7 @@ import plotly.graph_objects as go
 
 from surprise_probe.jsonio import read_json, software_versions
 from surprise_probe.plots import write_report
+from surprise_probe.probes.plots import SHUFFLE_COLOUR, TOKEN_IDENTITY_COLOUR
 
 __all__ = [
     "Number",
@@ -49,6 +50,9 @@ __all__ = [
     "patch_section",
     "attribution_section",
     "token_view_section",
+    "compare_section",
+    "gap_section",
+    "intention_section",
     "fit_figure",
     "STUDY_STAGES",
 ]
@@ -230,8 +234,9 @@ def fit_figure(data: Mapping) -> go.Figure:
     """Held-out R^2 per hook (95% CI band) beside its controls, from a saved ``sweep.json``.
 
     Red: the probe; dashed red: the probe on the target minus its token-type mean (what the
-    activations add beyond the token's identity); grey dotted: shuffled labels; black line: the
-    token-type mean baseline; green diamond: the embedding-layer probe.
+    activations add beyond the token's identity); grey dashed with a grey band: shuffled labels;
+    purple long-dashed line: the token-type mean baseline; purple diamond: the embedding-layer probe
+    (both token identity; the colours are those of ``probes.plots.layer_sweep_figure``).
     """
     hooks = [row for row in data["hooks"] if row.get("hook") != "blocks.0.hook_resid_pre"]
     names = [row["hook"] for row in hooks]
@@ -239,7 +244,7 @@ def fit_figure(data: Mapping) -> go.Figure:
     r2 = [row["r2"] for row in hooks]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=x + x[::-1], y=[e["high"] for e in r2] + [e["low"] for e in r2][::-1],
-                             fill="toself", fillcolor="rgba(214,39,40,0.18)", line={"width": 0}, hoverinfo="skip",
+                             fill="toself", mode="lines", fillcolor="rgba(214,39,40,0.18)", line={"width": 0}, hoverinfo="skip",
                              name="probe 95% CI"))
     fig.add_trace(go.Scatter(x=x, y=[e["value"] for e in r2], mode="lines+markers", name="probe (held-out R²)",
                              line={"color": "#d62728", "width": 3}, text=names,
@@ -250,19 +255,32 @@ def fit_figure(data: Mapping) -> go.Figure:
         fig.add_trace(go.Scatter(x=x, y=[e["value"] for e in residual], mode="lines", name="beyond token-type mean",
                                  line={"color": "#d62728", "dash": "dash"}, text=names,
                                  hovertemplate="%{text}<br>R² beyond token mean %{y:.3f}<extra></extra>"))
-    shuffle = [float(np.mean(row["shuffle_r2"])) if row.get("shuffle_r2") else None for row in hooks]
-    if any(v is not None for v in shuffle):
-        fig.add_trace(go.Scatter(x=x, y=shuffle, mode="lines", name="shuffled labels (mean)",
-                                 line={"color": "#555", "dash": "dot"}))
+    shuffled = [(xi, row["shuffle_r2"]) for xi, row in zip(x, hooks, strict=True) if row.get("shuffle_r2")]
+    if shuffled:
+        sx = [xi for xi, _ in shuffled]
+        fig.add_trace(go.Scatter(x=sx + sx[::-1], y=[max(v) for _, v in shuffled] + [min(v) for _, v in shuffled][::-1],
+                                 fill="toself", mode="lines", fillcolor="rgba(140,140,140,0.22)", line={"width": 0},
+                                 hoverinfo="skip", name="shuffled labels (min..max)", legendgroup="shuffle"))
+        fig.add_trace(go.Scatter(x=sx, y=[float(np.mean(v)) for _, v in shuffled], mode="lines",
+                                 name="shuffled labels (mean)", legendgroup="shuffle",
+                                 line={"color": SHUFFLE_COLOUR, "dash": "dash", "width": 2}))
     controls = data.get("controls") or {}
-    token_mean = _value(controls.get("token_mean_r2"))
-    if token_mean is not None and x:
-        fig.add_trace(go.Scatter(x=[-1, max(x)], y=[token_mean, token_mean], mode="lines",
-                                 name="token-type mean", line={"color": "#111", "width": 1.5}))
+    token_mean = controls.get("token_mean_r2")
+    if _value(token_mean) is not None and x:
+        span = [-1, max(x)]
+        ci = _ci(token_mean)
+        if ci is not None and None not in ci:
+            fig.add_trace(go.Scatter(x=span + span[::-1], y=[ci[1], ci[1], ci[0], ci[0]], fill="toself", mode="lines",
+                                     fillcolor="rgba(94,43,151,0.14)", line={"width": 0}, hoverinfo="skip",
+                                     showlegend=False, legendgroup="token"))
+        fig.add_trace(go.Scatter(x=span, y=[_value(token_mean)] * 2, mode="lines", legendgroup="token",
+                                 name="token-type mean (token identity)",
+                                 line={"color": TOKEN_IDENTITY_COLOUR, "dash": "longdash", "width": 2}))
     embedding = _value(controls.get("embedding_r2"))
     if embedding is not None and x:
         fig.add_trace(go.Scatter(x=[-1], y=[embedding], mode="markers", name="embedding-layer probe",
-                                 marker={"symbol": "diamond", "size": 11, "color": "#2ca02c"}))
+                                 marker={"symbol": "diamond-open", "size": 13, "color": TOKEN_IDENTITY_COLOUR,
+                                         "line": {"width": 2}}))
         ticks["tickvals"] = [-1, *[v for v in ticks["tickvals"] if v != -1]]
         ticks["ticktext"] = ["embed" if v == -1 else f"{v:g}" for v in ticks["tickvals"]]
     fig.update_xaxes(**ticks)
@@ -299,8 +317,8 @@ def fit_section(folder: str | Path, target: str | None = None) -> StageSection:
     return StageSection(
         f"fit_{target}", title,
         caption=("Held-out R² of a ridge probe at every layer (sequence-grouped CV; band: 95% bootstrap CI over "
-                 "sequences).<br>Read the gap between the red curve and the black token-type line: that is what the "
-                 "residual stream encodes beyond the token's identity; the dotted shuffle line should sit near 0."),
+                 "sequences).<br>Read the gap between the red curve and the purple token-identity line: that is what the "
+                 "residual stream encodes beyond the token's identity; the grey shuffled-label band should sit near 0."),
         figures=[fit_figure(data)], numbers=numbers, json_paths=[path], sample=n,
     )
 
@@ -353,8 +371,13 @@ def patch_section(folder: str | Path) -> StageSection:
         h, g = np.unravel_index(np.nanargmax(np.abs(fraction)), fraction.shape)
         ci = result["fraction_ci"][component][h][g]
         label = {"direction": "component along d", "all": "whole activation"}.get(component, component)
-        control = ("whole-activation patch: " + _fmt(result["fraction"]["all"][h][g])
-                   if component == "direction" and "all" in result["fraction"] else "")
+        controls = []
+        if component == "direction" and "all" in result["fraction"]:
+            controls.append("whole-activation patch: " + _fmt(result["fraction"]["all"][h][g]))
+        if component == "direction" and result.get("random_directions"):
+            controls.append(f"{result['random_directions']} random directions: {_fmt(result['random_mean'][h][g])} ± "
+                            f"{_fmt(result['random_std'][h][g])} (z = {_fmt(result['z'][h][g])})")
+        control = "; ".join(controls)
         numbers.append(Number(f"largest fraction closed ({label}) at {hooks[h]}, {groups[g]}", float(fraction[h, g]),
                               _ci(ci), control=control, n=n))
     return StageSection(
@@ -414,6 +437,155 @@ def token_view_section(source, element_id: str = "token-view") -> StageSection:
     )
 
 
+def compare_section(folder: str | Path) -> StageSection:
+    """From ``direction_comparison.json``: steering along the surprise vs the entropy directions."""
+    from surprise_probe.interventions.direction_comparison import (
+        DirectionComparison,
+        direction_comparison_figure,
+    )
+    from surprise_probe.interventions.dose_response import DoseResponse
+
+    path = Path(folder) / "direction_comparison.json"
+    data = read_json(path)
+    n = f"{data['n_sequences']} sequences, {data['n_tokens']} scored tokens"
+    numbers = []
+    for row in data["summary"]:
+        k = data["config"].get("random_directions", "")
+        numbers.append(Number(
+            f"entropy slope along {row['label']}", row["entropy_slope"], _ci(row["entropy_slope_ci"]),
+            control=f"{k} random directions at {row['hook']}: {_fmt(row['random_slope_mean'])} ± "
+                    f"{_fmt(row['random_slope_std'])} (z = {_fmt(row['z_vs_random'])})", n=n, unit="nats/std"))
+    labels = data["labels"]
+    cosines = "; ".join(f"cos({labels[i]}, {labels[j]}) = {_fmt(data['cosines'][i][j])}"
+                        for i in range(len(labels)) for j in range(i + 1, len(labels)))
+    result = DirectionComparison(
+        model_id=data["model_id"], labels=labels, hooks=data["hooks"], stds=data["stds"],
+        strengths=data["strengths"], cosines=data["cosines"], config=data["config"],
+        responses=[_dose_response(DoseResponse, data["dose_responses"][label]) for label in labels])
+    return StageSection(
+        "compare", "Surprise direction vs entropy directions",
+        caption=("The same dose-response along the surprise probe's direction and the entropy probe's directions "
+                 f"(each in units of its own projection std); {escape(cosines)}.<br>If the entropy direction moves "
+                 "entropy as much per nat of KL, the surprise direction is not special; grey: random directions."),
+        figures=[direction_comparison_figure(result)], numbers=numbers, json_paths=[path], sample=n,
+    )
+
+
+def _nan_for_none(value):
+    if value is None:
+        return float("nan")
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return value
+
+
+def _dose_response(cls, saved: Mapping):
+    """A ``DoseResponse`` back from its JSON (null -> NaN, CI pairs -> tuples)."""
+    fields = {k: (v if k in ("hook", "positions", "labels") else _nan_for_none(v)) for k, v in saved.items()}
+    fields["probe_entropy_ci"] = [tuple(pair) for pair in fields["probe_entropy_ci"]]
+    fields["probe_slope_ci"] = tuple(fields["probe_slope_ci"])
+    return cls(**fields)
+
+
+class _SavedGap:
+    """A saved ``gap.json`` with the attributes the policy-gap figures read."""
+
+    def __init__(self, data: Mapping):
+        self.data, self.models, self.summary, self.config = data, data["models"], data["summary"], data["config"]
+
+    def to_dict(self) -> Mapping:
+        return self.data
+
+
+def gap_section(folder: str | Path) -> StageSection:
+    """From ``gap.json``: each reader's off/on-policy entropy ratio, beside the base reader's."""
+    from surprise_probe import policy_plots
+
+    path = Path(folder) / "gap.json"
+    data = read_json(path)
+    k = data["config"]["k"]
+    kinds = {m["name"]: ("post-trained" if m["post_trained"] else "base" if m["post_trained"] is False else "")
+             for m in data["models"]}
+    rows = [r for r in data["summary"]["comparisons"] if r["span"].get("n_prompts")]
+    numbers = []
+    for m in data["models"]:
+        fmt = "assistant" if "assistant" in m["formats_read"] else m["formats_read"][0]
+        for row in [r for r in rows if r["reader"] == m["name"] and r["format"] == fmt]:
+            ratio, auroc = row["span"]["ratio_off_on"], row.get("auroc_entropy") or {}
+            others = [r for r in rows if r["reader"] != m["name"] and r["source"] == row["source"]]
+            controls = [f"{r['reader']} ({kinds.get(r['reader'], '')}, {r['format']}): "
+                        f"{_fmt(r['span']['ratio_off_on']['value'])}" for r in others[:1]]
+            plain = [r for r in rows if r["reader"] == m["name"] and r["source"] == row["source"]
+                     and r["format"] == "plain" and fmt != "plain"]
+            controls += [f"plain format: {_fmt(r['span']['ratio_off_on']['value'])}" for r in plain]
+            controls.append(f"AUROC {_fmt(auroc.get('auroc'))} [{_fmt(auroc.get('low'))}, {_fmt(auroc.get('high'))}]")
+            numbers.append(Number(
+                f"{m['name']} ({kinds[m['name']] or 'kind unknown'}, {fmt} format) reading {row['source']}: "
+                "off/on mean entropy", ratio["value"], _ci(ratio), control="; ".join(controls),
+                n=f"{row['span']['n_prompts']} prompts"))
+    n = f"{data['n_prompts']} prompts, {data['config']['n_samples']} sample(s) each, readers " + ", ".join(
+        f"{m['name']} ({kinds[m['name']] or '?'})" for m in data["models"])
+    saved = _SavedGap(data)
+    figures = [policy_plots.gap_ratios(saved), policy_plots.reader_writer_heatmap(saved),
+               policy_plots.entropy_by_position(saved)]
+    return StageSection(
+        "gap", "Policy gap: on-policy vs off-policy entropy",
+        caption=("Each reader's mean output entropy on others' text divided by its entropy on its own sampled "
+                 f"answers (95% paired bootstrap CI over prompts; first {k} tokens and AUROC in the JSON).<br>"
+                 "1 = no gap; the claim is a ratio well above 1 for a post-trained reader and near 1 for a base "
+                 "reader; the plain format is the formatting control."),
+        figures=[f for f in figures if f.data], numbers=numbers, json_paths=[path], sample=n,
+    )
+
+
+def intention_section(folder: str | Path) -> StageSection:
+    """From ``intention.json``: topic entropy before the first token, commitment, readout, prefill."""
+    from surprise_probe.intention_plots import commitment_figure, prefill_figure, readout_figure
+
+    path = Path(folder) / "intention.json"
+    data = read_json(path)
+    numbers = []
+    for m in data["models"]:
+        te = m["topic_entropy"]
+        n = f"{te['n_prompts']} prompts, {te['n_rows']} phrasings x {te['n_samples']} samples"
+        numbers.append(Number(f"{m['model_id']}: topic entropy at k = 0", te["value"], _ci(te),
+                              control=f"uniform over the lexicon, same n: {_fmt(m['uniform_reference'])}", n=n,
+                              unit="nats"))
+        curve = [c for c in m["commitment"] if c.get("value") is not None]
+        if curve:
+            last = curve[-1]
+            numbers.append(Number(f"{m['model_id']}: topic entropy after k = {last['k']} revealed tokens",
+                                  last["value"], _ci(last), control=f"k = 0: {_fmt(te['value'])}",
+                                  n=f"{last.get('n_rows', '')} phrasings", unit="nats"))
+        probe = m["readout"].get("probe")
+        if probe:
+            best = max(probe, key=lambda row: row["accuracy"])
+            shuffled = m["readout"]["shuffled"][probe.index(best)]
+            numbers.append(Number(f"{m['model_id']}: topic probe accuracy before the first token (depth {best['depth']})",
+                                  best["accuracy"], _ci(best), control=f"shuffled {_fmt(shuffled['accuracy'])}, "
+                                  f"majority {_fmt(best['majority'])}", n=f"{m['readout']['n_rows']} phrasings"))
+        else:
+            numbers.append(Number(f"{m['model_id']}: topic probe", "not fitted",
+                                  control=str(m["readout"].get("skipped", ""))))
+        prefill = m["prefill"]
+        if prefill.get("difference"):
+            d = prefill["difference"]
+            numbers.append(Number(f"{m['model_id']}: prefill other - own topic, entropy", d["mean"], _ci(d),
+                                  control="0 if the topic was not cached",
+                                  n=f"{prefill['n_pairs']} pairs, other higher in {prefill['n_other_higher']}",
+                                  unit="nats"))
+    figures = [commitment_figure(data), readout_figure(data), prefill_figure(data)]
+    return StageSection(
+        "intention", "Cached intention: has the model chosen its topic before writing?",
+        caption=("Topic entropy of sampled answers to open-ended prompts as k tokens of a reference answer are "
+                 "revealed (k = 0: before the first output token), a topic probe on the last prompt token, and the "
+                 "entropy after an own-topic vs other-topic prefill.<br>A model that has cached its choice starts "
+                 "below the uniform line and is more uncertain after an other-topic prefill."),
+        figures=[f for f in figures if f.data], numbers=numbers, json_paths=[path],
+        sample=f"{data['n_prompts']} prompts, {data['n_phrasings']} phrasings",
+    )
+
+
 # --- the study ---------------------------------------------------------------------------------------
 
 # (stage name in study.json, title, folder, adapter): the order of the report.
@@ -422,11 +594,12 @@ STUDY_STAGES: list[tuple[str, str, str, object]] = [
     ("fit_surprise", "Probes: decoding input surprise", "fit_surprise", lambda f: fit_section(f, "surprise")),
     ("fit_entropy", "Probes: decoding output entropy", "fit_entropy", lambda f: fit_section(f, "entropy")),
     ("steer", "Steering and ablation along the surprise direction", "steer", steer_section),
+    ("compare", "Surprise direction vs entropy directions", "compare", compare_section),
     ("patch", "Activation patching along the surprise direction", "patch", patch_section),
     ("attribution", "Attribution patching, validated against exact patching", "attribution", attribution_section),
     ("token_view", "Token view: one conversation, token by token", "attribution", token_view_section),
-    ("gap", "Policy gap: on-policy vs off-policy entropy", "gap", None),
-    ("intention", "Cached intention", "intention", None),
+    ("gap", "Policy gap: on-policy vs off-policy entropy", "gap", gap_section),
+    ("intention", "Cached intention: has the model chosen its topic before writing?", "intention", intention_section),
 ]
 
 
@@ -468,7 +641,7 @@ def study_sections(
             continue
         try:
             section = adapter(out / folder)
-        except (FileNotFoundError, KeyError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - one unreadable stage must not take the report down
             sections.append(failed_section(name, title, f"could not read its results: {type(error).__name__}: {error}",
                                            status="missing" if isinstance(error, FileNotFoundError) else "failed",
                                            seconds=seconds))
@@ -506,7 +679,8 @@ def write_study_report(
     stages = stages if stages is not None else record.get("stages", {})
     if total_seconds is None and stages:
         total_seconds = sum(float(s.get("seconds") or 0) for s in stages.values())
-    models = [str(settings[key]) for key in ("model", "base_model", "reader") if settings.get(key)]
+    models = [str(settings[key]) + (" (base reader in the policy gap)" if key == "base_reader" else "")
+              for key in ("model", "base_model", "reader", "base_reader") if settings.get(key)]
     header = ReportHeader(
         title=f"surprise-probe study: {', '.join(models) or out.name}",
         models=models or ["(not recorded)"],
@@ -622,13 +796,21 @@ def write_report_html(path: str | Path, header: ReportHeader, sections: Iterable
                        + (f"; not ok: {', '.join(s.title for s in failed)}" if failed else ""))]
     if header.notes:
         rows.append(("settings", header.notes))
+    key_rows = "".join(
+        f"<tr><td><a href='#stage-{escape(s.key)}'>{escape(s.title)}</a></td>"
+        + "".join(f"<td>{escape(cell)}</td>" for cell in s.numbers[0].cells()) + "</tr>"
+        for s in sections if s.ok and s.numbers)
+    key_numbers = ("<h2 style='font-size:18px;margin:14px 0 4px'>Key numbers</h2><table class='sp-numbers'><tr>"
+                   + "".join(f"<th>{h}</th>" for h in ("stage", "measure", "effect", "95% CI", "control beside it",
+                                                       "sample"))
+                   + f"</tr>{key_rows}</table>") if key_rows else ""
     toc = " · ".join(f"<a href='#stage-{escape(s.key)}'>{escape(s.title)}</a>{'' if s.ok else ' (' + escape(s.status) + ')'}"
                      for s in sections)
     intro = (
         _CSS + "<div class='sp-header'><table>"
         + "".join(f"<tr><td><b>{escape(k)}</b></td><td>{escape(v)}</td></tr>" for k, v in rows)
         + f"</table><div class='versions'>software: {escape(versions)}</div></div>"
-        + f"<div class='sp-toc'>{toc}</div>"
+        + f"<div class='sp-toc'>{toc}</div>" + key_numbers
     )
     blocks: list[tuple[str, go.Figure | str]] = []
     for section in sections:

@@ -32,31 +32,21 @@ PAIRS = [(_conv(TINY_CORPUS[i], TINY_CORPUS[(i + 1) % 6]), _conv(TINY_CORPUS[i],
          for i in range(4)]
 
 
-def build_tiny_study(out: Path) -> Path:
-    """A study folder as the default study writes it, on a random 3-layer model (about 15 s):
-    capture, probes, steering (run_study), then patching, attribution and the token view."""
-    from surprise_probe.interventions.attribution import validate_attribution
-    from surprise_probe.interventions.experiments import patching_experiment
-    from surprise_probe.probes import ProbeDirection
+TINY_SETTINGS = {"model": "tiny-random-3l", "input": "12 tiny conversations", "n_boot": 50, "steer_inputs": 3,
+                 "random_directions": 2, "strengths": [-2.0, 0.0, 2.0], "patch_pairs": 4, "patch_layers": 3,
+                 "sample_tokens": 12, "token_view_tokens": 64, "gap_prompts": 4, "intention_prompts": 2,
+                 "intention_samples": 3, "intention_tokens": 8, "intention_ks": [0, 1, 4]}
 
+
+def build_tiny_study(out: Path) -> Path:
+    """The whole study (every default stage, report included) on a random 3-layer model (about 15 s)."""
     from surprise_probe.study import run_study
     from surprise_probe.testing import tiny_hooked_transformer
-    from surprise_probe.token_view import token_view_data
 
     warnings.simplefilter("ignore")
-    model = tiny_hooked_transformer(n_layers=3, n_ctx=128, seed=5)
-    result = run_study(model, ITEMS, out, progress=False,
-                       settings={"model": "tiny-random-3l", "input": "12 tiny conversations", "n_boot": 50,
-                                 "steer_inputs": 3, "random_directions": 2})
-    probe = ProbeDirection.load(out / "fit_surprise" / "probe", model=model)
-    patching_experiment(model, PAIRS, probe, n_boot=50, progress=False).save(out / "patch")
-    validate_attribution(model, PAIRS, direction=probe, progress=False).save(out / "attribution")
-    token_view_data(model, ITEMS[1], probe, probes={probe.hook: probe}, title="tiny-random-3l reading conversation 1").save(out / "attribution")
-    stages = dict(result.stages)
-    stages["patch"] = {"status": "done", "seconds": 1.0}
-    stages["attribution"] = {"status": "done", "seconds": 1.0}
-    stages["gap"] = {"status": "failed", "seconds": 0.5, "error": "RuntimeError: sampler crashed (test)"}
-    write_json(out / "study.json", {**read_json(out / "study.json"), "stages": stages})
+    model = tiny_hooked_transformer(n_layers=3, n_ctx=256, seed=5)
+    result = run_study(model, ITEMS, out, progress=False, settings=dict(TINY_SETTINGS))
+    assert result.ok, result.stages
     return out
 
 
@@ -80,14 +70,14 @@ def test_report_is_one_self_contained_page(tiny_study):
     assert len(re.findall(r"<script[^>]*>\s*/\*\*\s*\n?\s*\* plotly\.js", html)) <= 1
     assert html.count("plotly.js v") <= 2 and "<script src=" not in html  # inlined once, nothing fetched
     assert path.stat().st_size < 10_000_000
-    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "patch", "attribution", "token_view", "gap"):
+    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "compare", "patch", "attribution", "token_view",
+                  "gap", "intention"):
         assert f"id='stage-{stage}'" in html, stage
-    # the failed stage is named with its error, and counted in the header
-    assert "sampler crashed (test)" in html and "failed" in html
-    assert re.search(r"\d+ of \d+ ok; not ok: Policy gap", html)
+    assert "10 of 10 ok" in html and "Key numbers" in html
     # every stage's JSON is linked relative to the report
-    for link in ("capture/capture_summary.json", "fit_surprise/sweep.json", "steer/steer.json", "patch/patch.json",
-                 "attribution/attribution.json", "attribution/token_view.json"):
+    for link in ("capture/capture_summary.json", "fit_surprise/sweep.json", "steer/steer.json",
+                 "compare/direction_comparison.json", "patch/patch.json", "attribution/attribution.json",
+                 "attribution/token_view.json", "gap/gap.json", "intention/intention.json"):
         assert f"href='{link}'" in html, link
         assert (tiny_study / link).exists()
     assert "tiny-random-3l" in html and "12 tiny conversations" in html
@@ -106,7 +96,17 @@ def test_numbers_carry_ci_control_and_sample(tiny_study):
     assert f"{steer['n_sequences']} sequences" in slope.n
     attribution = read_json(tiny_study / "attribution" / "attribution.json")
     assert sections["attribution"].numbers[0].value == attribution["pearson_r"]
-    assert sections["gap"].status == "failed" and not sections["gap"].ok
+    compare = read_json(tiny_study / "compare" / "direction_comparison.json")
+    assert [n.value for n in sections["compare"].numbers] == [row["entropy_slope"] for row in compare["summary"]]
+    assert all("random directions" in n.control for n in sections["compare"].numbers)
+    gap = read_json(tiny_study / "gap" / "gap.json")
+    row = next(r for r in gap["summary"]["comparisons"] if r["format"] == "assistant" and r["source"] == "human")
+    number = next(n for n in sections["gap"].numbers if "reading human" in n.measure)
+    assert number.value == row["span"]["ratio_off_on"]["value"] and "AUROC" in number.control
+    assert number.n == f"{row['span']['n_prompts']} prompts"
+    intention = read_json(tiny_study / "intention" / "intention.json")["models"][0]
+    assert sections["intention"].numbers[0].value == intention["topic_entropy"]["value"]
+    assert "uniform" in sections["intention"].numbers[0].control
 
 
 def test_a_stage_recorded_done_without_results_is_named(tmp_path):

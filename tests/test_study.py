@@ -10,6 +10,8 @@ from surprise_probe.cli import main
 from surprise_probe.commands import _common
 from surprise_probe.jsonio import read_json
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def long_context_folder(tmp_path_factory):
@@ -53,39 +55,53 @@ def _inputs(tmp_path):
 
 
 def _argv(folder, inputs, out, *extra):
-    return ["study", "--model", str(folder), "--input", str(inputs), "--out", str(out), "--steer-inputs", "3",
-            "--random-directions", "2", "--strengths", "-2", "0", "2", "--n-boot", "50", "--no-progress", *extra]
+    return ["study", "--model", str(folder), "--input", str(inputs), "--out", str(out), "--quick", "--steer-inputs", "3",
+            "--random-directions", "2", "--strengths", "-2", "0", "2", "--n-boot", "50", "--patch-pairs", "3",
+            "--gap-prompts", "3", "--intention-samples", "2", "--no-progress", *extra]
 
 
 def _strict(path):
     return json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"{path}: {token}"))
 
 
+STAGES = ["capture", "fit_surprise", "fit_entropy", "steer", "compare", "patch", "attribution", "gap", "intention",
+          "report"]
+
+
 def test_study_runs_end_to_end_loads_the_model_once_and_resumes(long_context_folder, tmp_path, counted_loads, capsys):
     out = tmp_path / "s"
     argv = _argv(long_context_folder, _inputs(tmp_path), out)
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "study sizes (--quick)" in printed and "estimated time:" in printed and "patch + attribution" in printed
     assert len(counted_loads) == 1  # one load for every stage
     for path in ("capture/manifest.json", "fit_surprise/sweep.json", "fit_surprise/probe.json",
-                 "fit_entropy/sweep.json", "steer/steer.json", "steer/dose_response.html", "token_view.html",
-                 "index.html", "study.json", "config.json"):
+                 "fit_entropy/sweep.json", "steer/steer.json", "compare/direction_comparison.json",
+                 "patch/pairs.json", "patch/patch.json", "attribution/attribution.json", "attribution/token_view.json",
+                 "gap/gap.json", "intention/intention.json", "report.html", "index.html", "study.json", "config.json"):
         assert (out / path).exists(), path
-    for path in out.rglob("*.json"):  # every JSON file is strict JSON (no NaN / Infinity tokens)
+    jsons = list(out.rglob("*.json"))
+    assert len(jsons) > 20
+    for path in jsons:  # every JSON file is strict JSON (no NaN / Infinity tokens)
         _strict(path)
-    index = (out / "index.html").read_text()
-    assert "fit_surprise/sweep.html" in index and "steer/dose_response.html" in index
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert report.count("plotly.js v") <= 2 and "<script src=" not in report and len(report) < 10_000_000
+    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "compare", "patch", "attribution", "token_view",
+                  "gap", "intention"):
+        assert f"id='stage-{stage}'" in report, stage
+    assert "report.html" in (out / "index.html").read_text()
+    pairs = read_json(out / "patch" / "pairs.json")["pairs"]
+    assert len(pairs) == 3 and all(p["destination_answer_from"] != p["id"] for p in pairs)
     steer = read_json(out / "steer" / "steer.json")
     assert steer["dose_response"]["strengths"] == [-2.0, 0.0, 2.0]
     assert len(steer["probe"]["sha256"]) == 64 and steer["n_sequences"] == 3
     stages = read_json(out / "study.json")["stages"]
-    assert [s["status"] for s in stages.values()] == ["done"] * 5
+    assert sorted(stages) == sorted(STAGES) and [s["status"] for s in stages.values()] == ["done"] * len(STAGES)
     # A rerun with the same settings resumes every stage that writes a folder.
-    capsys.readouterr()
     assert main(argv) == 0
     stages = read_json(out / "study.json")["stages"]
     assert {name: s["status"] for name, s in stages.items()} == {
-        "capture": "resumed", "fit_surprise": "resumed", "fit_entropy": "resumed", "steer": "resumed",
-        "report": "done"}
+        **{name: "resumed" for name in STAGES}, "report": "done"}
     assert len(counted_loads) == 2
 
 
@@ -124,10 +140,14 @@ def test_a_failing_stage_is_recorded_and_the_others_run(long_context_folder, tmp
     assert main(_argv(long_context_folder, _inputs(tmp_path), out)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fit_entropy" in err[0] and "entropy probe exploded" in err[0]
-    status = {name: s["status"] for name, s in read_json(out / "study.json")["stages"].items()}
-    assert status == {"capture": "done", "fit_surprise": "done", "fit_entropy": "failed", "steer": "done",
-                      "report": "done"}
-    assert "entropy probe exploded" in read_json(out / "study.json")["stages"]["fit_entropy"]["error"]
+    record = read_json(out / "study.json")["stages"]
+    status = {name: s["status"] for name, s in record.items()}
+    # compare needs both probes: skipped; every stage that does not need fit_entropy still ran
+    assert status == {**{name: "done" for name in STAGES}, "fit_entropy": "failed", "compare": "skipped"}
+    assert "entropy probe exploded" in record["fit_entropy"]["error"]
+    assert record["compare"]["error"] == "needs stage 'fit_entropy', which did not finish"
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "RuntimeError: entropy probe exploded" in report and "8 of 10 ok" in report
 
 
 def test_study_reads_a_txt_input(long_context_folder, tmp_path):
