@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import plotly.graph_objects as go
-from surprise_probe.probes.results import EMBEDDING_HOOK, SweepResult
+from surprise_probe.probes.results import EMBEDDING_HOOK, SweepResult, layer_label
 
 __all__ = ["layer_sweep_figure", "alpha_curve_figure", "source_figure"]
 
@@ -126,7 +126,7 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
     Curves: the probe (one per kind of hook, e.g. ``hook_resid_post``); the probe on the target
     minus its token-identity mean (what the activations add beyond the token's identity); the
     shuffled-label control (mean, band = min..max over shuffles). Horizontal line + band: the
-    per-token-type mean baseline. The embedding-layer probe is marked at depth 0. Each further
+    per-token-type mean baseline. The embedding-layer probe is marked at ``embed``. Each further
     control (position, bigram, covariates) has one colour: its baseline R^2 as a horizontal
     line in its own dash, and the probe on the target minus that baseline as a dotted curve.
     """
@@ -264,13 +264,25 @@ def layer_sweep_figure(result: SweepResult, title: str | None = None) -> go.Figu
             f"Linear probe for {result.target} — {result.model_id} "
             f"({result.n_tokens} tokens, {result.n_sequences} sequences, {result.config['n_folds']}-fold grouped CV)"
         ),
-        xaxis_title="hook depth (blocks the residual stream has passed)",
+        xaxis=_layer_axis(result),
         yaxis_title="held-out R² (95% CI over sequences)",
         template="plotly_white",
         hovermode="closest",
         legend={"orientation": "h", "yanchor": "top", "y": -0.18},
     )
     return fig
+
+
+def _layer_axis(result: SweepResult) -> dict:
+    """x axis ticks named by layer index as TransformerLens users read them (``embed``, ``0``,
+    ``17``: ``blocks.17.hook_resid_post``), placed in residual-stream order."""
+    ticks = sorted({(r.depth, layer_label(r.hook)) for r in result.hooks if np.isfinite(r.depth)})
+    return {
+        "title": {"text": "layer (L = blocks.L.hook_resid_post; embed = blocks.0.hook_resid_pre)"},
+        "tickmode": "array",
+        "tickvals": [depth for depth, _ in ticks],
+        "ticktext": [label for _, label in ticks],
+    }
 
 
 def alpha_curve_figure(result: SweepResult, hooks: list[str] | None = None) -> go.Figure:
@@ -333,7 +345,7 @@ def source_figure(result: SweepResult) -> go.Figure:
                 col=col,
             )
     fig.add_hline(y=1.0, line={"color": "#7f7f7f", "dash": "dot", "width": 1}, row=1, col=2)
-    fig.update_xaxes(title_text="hook depth")
+    fig.update_xaxes(**_layer_axis(result))
     fig.update_layout(
         title=f"{result.target} probe by source — {result.model_id}",
         template="plotly_white",

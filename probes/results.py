@@ -15,7 +15,7 @@ from surprise_probe.probes.scoring import Estimate
 from surprise_probe.jsonio import to_json
 from surprise_probe.store import hook_depth as depth
 
-__all__ = ["EMBEDDING_HOOK", "HookResult", "SweepResult", "hook_depth", "hook_layer"]
+__all__ = ["EMBEDDING_HOOK", "HookResult", "SweepResult", "hook_depth", "hook_layer", "layer_label"]
 
 EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
 
@@ -26,9 +26,33 @@ def hook_depth(hook: str) -> float:
 
 
 def hook_layer(hook: str) -> int | None:
-    """The block index in a hook name (``blocks.3.hook_resid_post`` -> 3), else None."""
+    """The block index in a hook name (``blocks.3.hook_resid_post`` -> 3), else None.
+
+    >>> hook_layer("blocks.17.hook_resid_post"), hook_layer("ln_final.hook_normalized")
+    (17, None)
+    """
     match = re.match(r"blocks\.(\d+)\.", hook)
     return int(match.group(1)) if match else None
+
+
+def layer_label(hook: str) -> str:
+    """How tables and plots name a hook's layer, as TransformerLens users read it.
+
+    The block index for a block's hooks; ``embed`` for the embedding (``blocks.0.hook_resid_pre``,
+    the residual stream before block 0); the hook name otherwise.
+
+    >>> layer_label("blocks.17.hook_resid_post"), layer_label("blocks.0.hook_resid_pre")
+    ('17', 'embed')
+    >>> layer_label("blocks.3.hook_resid_mid")
+    '3 (resid_mid)'
+    """
+    if hook == EMBEDDING_HOOK:
+        return "embed"
+    layer = hook_layer(hook)
+    if layer is None:
+        return hook
+    kind = hook.rsplit(".", 1)[-1]
+    return str(layer) if kind == "hook_resid_post" else f"{layer} ({kind.removeprefix('hook_')})"
 
 
 def _plain(value):
@@ -166,7 +190,7 @@ class SweepResult:
     def to_markdown(self) -> str:
         beyond = list(self.hooks[0].beyond_r2) if self.hooks else []
         head = (
-            "| hook | depth | alpha | R^2 [95% CI] | r | beyond token mean | "
+            "| hook | layer | alpha | R^2 [95% CI] | r | beyond token mean | "
             + "".join(f"beyond {name} | " for name in beyond)
             + "shuffle R^2 (p) |"
         )
@@ -174,7 +198,7 @@ class SweepResult:
         for r in self.hooks:
             row = r.row()
             lines.append(
-                f"| {r.hook} | {r.depth:g} | {r.alpha:.3g} | {r.r2} | {r.pearson_r.value:.3f} | "
+                f"| {r.hook} | {layer_label(r.hook)} | {r.alpha:.3g} | {r.r2} | {r.pearson_r.value:.3f} | "
                 f"{r.residual_r2.value:.3f} | "
                 + "".join(f"{r.beyond_r2[name].value:.3f} | " for name in beyond)
                 + f"{row['shuffle_r2_mean']:.3f} ({r.shuffle_p:.3f}) |"

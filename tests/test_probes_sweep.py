@@ -236,3 +236,16 @@ def test_missing_embedding_control_and_few_sequences_warn_loudly():
     with pytest.warns(UserWarning, match="CIs from 6 sequences"):
         result = fit_sweep(planted(n_seq=6), n_folds=3, n_shuffles=0, n_boot=50, progress=False)
     assert result.warnings == ["CIs from 6 sequences: the bootstrap over so few is unreliable; use at least 10"]
+
+
+def test_tables_and_plots_name_layers_as_transformer_lens_does():
+    from surprise_probe.probes.plots import layer_sweep_figure
+
+    result = fit_sweep(planted(), n_shuffles=0, n_boot=20, progress=False)
+    table = result.to_markdown()
+    # blocks.1.hook_resid_post is layer 1 (not depth 2); the embedding is "embed"
+    assert "| blocks.1.hook_resid_post | 1 |" in table and "| blocks.0.hook_resid_pre | embed |" in table
+    assert "| hook | layer |" in table and "depth" not in table
+    axis = layer_sweep_figure(result).layout.xaxis
+    assert list(axis.ticktext) == ["embed", "0", "1"] and list(axis.tickvals) == [0, 1, 2]
+    assert "blocks.L.hook_resid_post" in axis.title.text
