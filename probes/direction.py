@@ -126,6 +126,35 @@ class ProbeDirection:
             )
         return self.coef_norm * self.project(activations) + self.intercept
 
+    def steer(self, model, strength: float = 1.0, *, positions=None, hook: str | None = None):
+        """Context manager adding ``strength`` stds of this direction at its hook (steering-vectors style).
+
+        Inside the ``with`` block every forward pass of ``model`` is steered: ``x + strength * std
+        * d`` at ``hook`` (default: the probe's), at ``positions`` (default every position; a list
+        of ints, a slice, or a bool mask as in ``interventions.Steer``); the hook is removed on
+        exit, even after an error. Input is whatever ``model`` takes, e.g. ``model.to_tokens``
+        output. The direction is checked against ``model`` first (id, ``d_model``). Yields the
+        :class:`~surprise_probe.interventions.hooks.Touched` record of the entries edited.
+
+        >>> import torch
+        >>> from surprise_probe.testing import tiny_hooked_transformer
+        >>> model = tiny_hooked_transformer()
+        >>> d = ProbeDirection(np.ones(model.cfg.d_model) / np.sqrt(model.cfg.d_model), mean=0.0, std=2.0,
+        ...                    hook="blocks.1.hook_resid_post", layer=1, model_id=model.cfg.model_name,
+        ...                    d_model=model.cfg.d_model, target="surprise")
+        >>> tokens = model.to_tokens("Hello world")
+        >>> with d.steer(model, 4.0):
+        ...     steered = model(tokens)
+        >>> bool((steered != model(tokens)).any())
+        True
+        """
+        from surprise_probe.interventions.directions import from_probe
+        from surprise_probe.interventions.hooks import Steer
+
+        checked = from_probe(model, self, hook=hook)
+        return Steer(direction=checked.direction, hooks=checked.hook, strength=strength, scale=checked.std,
+                     positions=positions).apply(model)
+
     def check_model(self, model) -> None:
         """Raise unless ``model`` is the model this direction was fitted on.
 
