@@ -206,3 +206,54 @@ def test_token_view_refuses_bad_values(tiny_hooked):
     data = token_view_data(tiny_hooked, "Hi there.", direction, attribution=False)
     with pytest.raises(ValueError, match="element_id must be letters"):
         token_view_html(data, element_id="x'><script>")
+
+
+def _colour(trace):
+    return (trace.line.color if trace.line is not None and trace.line.color else None) or trace.fillcolor
+
+
+def test_dose_response_fits_the_page_and_random_directions_share_one_neutral_colour(tiny_study):
+    """#16.6: no fixed width (a 1400 px figure was clipped at 1300 px), random directions in one
+    grey distinct from the orthogonal control, no stray markers on the bands."""
+    from surprise_probe.interventions.plots import ablation_figure, dose_response_figure
+
+    steer = read_json(tiny_study / "steer" / "steer.json")
+    fig = dose_response_figure(steer["dose_response"])
+    assert fig.layout.width is None and "<br>" in fig.layout.title.text
+    random = [t for t in fig.data if t.legendgroup in ("random", "randmean")]
+    orthogonal = [t for t in fig.data if t.legendgroup == "ortho"]
+    assert random and orthogonal
+    assert {t.line.color for t in random if t.mode == "lines" and t.fill is None} == {"#7f7f7f"}
+    assert all(t.mode == "lines" for t in fig.data if t.fill == "toself")  # bands draw no markers
+    assert {t.line.color for t in orthogonal} == {"#1f77b4"}
+    bars = ablation_figure(steer["ablation"]).data[0]
+    colours = dict(zip(bars.x, bars.marker.color, strict=True))
+    assert {colours[k] for k in colours if k.startswith("random")} == {"#7f7f7f"}
+    assert colours["orthogonal"] == "#1f77b4" != colours["probe"]
+
+
+def test_patching_heatmap_prints_the_ci_and_labels_layers_once(tiny_study):
+    from surprise_probe.interventions.plots import patching_figure
+
+    patch = read_json(tiny_study / "patch" / "patch.json")["patching"]
+    fig = patching_figure(patch)
+    first = fig.data[0]
+    value, (low, high) = patch["fraction"]["direction"][0][0], patch["fraction_ci"]["direction"][0][0]
+    assert first.text[0][0] == f"{value:.2f}<br>[{low:.2f}, {high:.2f}]"  # the CI in the cell, not only on hover
+    assert list(first.y) == [f"L{h.split('.')[1]} resid_post" for h in patch["hooks"]]
+    assert all(getattr(fig.layout, f"yaxis{i}").matches == "y" for i in range(2, len(fig.data) + 1))
+    assert fig.layout.width is None
+
+
+def test_sweep_controls_have_distinct_colours_and_matching_dashes(tiny_study):
+    """Token identity (purple, long dash) and shuffled labels (grey, dash): bands and lines apart."""
+    from surprise_probe.report import fit_figure
+
+    fig = fit_figure(read_json(tiny_study / "fit_surprise" / "sweep.json"))
+    traces = {t.name: t for t in fig.data if t.name}
+    token, shuffle = traces["token-type mean (token identity)"], traces["shuffled labels (mean)"]
+    assert token.line.color != shuffle.line.color and (token.line.dash, shuffle.line.dash) == ("longdash", "dash")
+    token_band = next(t for t in fig.data if t.legendgroup == "token" and t.fill == "toself")
+    shuffle_band = next(t for t in fig.data if t.legendgroup == "shuffle" and t.fill == "toself")
+    assert token_band.fillcolor != shuffle_band.fillcolor
+    assert traces["embedding-layer probe"].marker.color == token.line.color
