@@ -76,7 +76,12 @@ class DirectionComparison:
             )
         return rows
 
+    def table(self) -> list[dict]:
+        """One plain dict per direction (the same rows as :meth:`summary_rows`)."""
+        return self.summary_rows()
+
     def to_dict(self) -> dict:
+        """The JSON: summary rows, cosines, every dose-response, sample sizes, config, versions."""
         return {
             "model_id": self.model_id,
             "labels": self.labels,

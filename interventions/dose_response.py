@@ -32,7 +32,28 @@ __all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", 
 
 @dataclass
 class DoseResponse:
-    """Means over the scored span per direction (rows of ``labels``) and steering strength."""
+    """Means over the scored span per direction (rows of ``labels``) and steering strength.
+
+    Fields: ``labels`` the directions (``"probe"``, ``"orthogonal"``, ``"random 0"``, ...), one row
+    each of ``entropy`` (token-weighted mean output entropy, nats), ``kl`` (mean KL(steered ||
+    clean)) and ``top1_agreement`` (fraction of scored tokens whose top-1 token is unchanged),
+    one column per ``strengths`` value (in std units of the probe's projection, scale ``std``).
+    ``slopes``: least-squares entropy slope of each row over strength; ``probe_slope`` with its
+    sequence-bootstrap ``probe_slope_ci``; ``z_score`` = (probe slope - mean of the random slopes)
+    / their std. ``n_sequences`` / ``n_tokens``: the sample. ``table()`` flattens it, one dict per
+    direction x strength; ``rows("random")`` indexes the random controls.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> from surprise_probe.interventions import SteeringDirection, random_directions
+    >>> model = tiny_hooked_transformer()
+    >>> d = SteeringDirection(random_directions(model.cfg.d_model, 1, seed=3)[0], "blocks.1.hook_resid_post", 1.0)
+    >>> result = dose_response(model, ["A cat sat on the mat.", "Rain fell."], d, [-2.0, 0.0, 2.0],
+    ...                        random_directions=2, n_boot=20, progress=False)
+    >>> result.labels, result.strengths
+    (['probe', 'orthogonal', 'random 0', 'random 1'], [-2.0, 0.0, 2.0])
+    >>> result.kl[0][1], result.rows("random"), len(result.table())
+    (0.0, [2, 3], 12)
+    """
 
     hook: str
     std: float

@@ -41,7 +41,12 @@ class ProbeFit:
     verified: str  # "sizes+hashes", "skipped", or "in memory"
     config: dict = field(default_factory=dict)
 
+    def table(self) -> list[dict]:
+        """One plain dict per hook (``SweepResult.table``)."""
+        return self.sweep.table()
+
     def to_dict(self) -> dict:
+        """The sweep's JSON plus where the capture came from, the command config and versions."""
         payload = self.sweep.to_dict()
         payload["capture"] = {"path": self.capture_path, "content_hash": self.capture_hash,
                               "verified": self.verified}

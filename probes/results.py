@@ -66,7 +66,12 @@ def _plain(value):
 
 @dataclass
 class HookResult:
-    """One row of the sweep: the held-out scores of the probe at one hook, and its controls."""
+    """One row of the sweep: the held-out scores of the probe at one hook, and its controls.
+
+    ``r2`` is the pooled held-out R² (see :class:`SweepResult`), ``fold_r2`` each fold's own;
+    ``residual_r2`` the probe on the target minus its token-type mean, ``beyond_r2[name]`` on the
+    target minus each other control; ``row()`` / ``to_dict()`` plain dicts.
+    """
 
     hook: str
     depth: float
@@ -140,7 +145,34 @@ class HookResult:
 
 @dataclass
 class SweepResult:
-    """Every hook's probe scores, the controls, and what is needed to save a probe direction."""
+    """Every hook's probe scores, the controls, and what is needed to save a probe direction.
+
+    Reading it: ``result[hook]`` is that hook's :class:`HookResult`; ``result[hook].r2`` its
+    held-out R² with a sequence-bootstrap CI; ``result.best_hook()`` the best non-embedding hook;
+    ``result.controls`` the run-wide baselines (token-type mean, position, bigram, embedding
+    probe); ``result.table()`` one plain dict per hook (the CSV rows), ``result.to_dict()`` the
+    JSON, ``result.to_markdown()`` the printed table, ``result.direction(hook)`` the probe
+    direction.
+
+    **Pooled vs fold-averaged R².** ``r2`` (the number reported everywhere) is *pooled*: every
+    token's held-out prediction (each from the fold that did not see its sequence) goes into one
+    ``1 - SSE / SST`` around the mean of all tokens. ``fold_r2`` lists each fold's own R², around
+    that fold's mean; their average is usually a little lower (each fold's SST is smaller) and
+    noisier. Both are held-out; pooled is the one with a CI.
+
+    >>> import surprise_probe as sp
+    >>> from surprise_probe.probes import fit_sweep
+    >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
+    >>> run = sp.capture(tiny_hooked_transformer(), TINY_CORPUS * 2, progress=False)
+    >>> result = fit_sweep(run, n_folds=3, n_shuffles=0, n_boot=50, progress=False)
+    >>> [row["hook"] for row in result.table()]
+    ['blocks.0.hook_resid_pre', 'blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']
+    >>> best = result[result.best_hook()]
+    >>> len(best.fold_r2), best.r2.low <= best.r2.value <= best.r2.high
+    (3, True)
+    >>> sorted(result.to_dict())[:4]
+    ['best_hook', 'by_source', 'config', 'controls']
+    """
 
     model_id: str
     d_model: int

@@ -238,6 +238,11 @@ class RidgeProbe(RegressorMixin, BaseEstimator):
 
     @property
     def direction_(self) -> Float[np.ndarray, " d"]:
-        """Unit vector in activation space along which the prediction grows."""
+        """Unit vector in activation space along which the prediction grows (``coef_`` / its norm).
+
+        >>> probe = RidgeProbe(alpha=1e-6).fit(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), np.array([0.0, 3.0, 4.0]))
+        >>> np.round(probe.direction_, 3).tolist()
+        [0.6, 0.8]
+        """
         check_is_fitted(self, "coef_")
         return self.coef_ / np.linalg.norm(self.coef_)

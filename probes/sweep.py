@@ -312,9 +312,19 @@ def fit_sweep(
     tokens, the same for every target by default (``"scored"``: the scored span at position > 0;
     ``"all"``: see :mod:`probes.targets`); ``config["span"]`` says which.
 
-    >>> import surprise_probe as sp                                # doctest: +SKIP
-    >>> result = fit_sweep(sp.load_capture("runs/capture"))        # doctest: +SKIP
-    >>> print(result.to_markdown())                                # doctest: +SKIP
+    ``hooks``: the captured hooks to fit (default every one); keep ``blocks.0.hook_resid_pre``
+    among them, it is the embedding-layer (token-identity) control.
+
+    >>> import surprise_probe as sp
+    >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
+    >>> run = sp.capture(tiny_hooked_transformer(), TINY_CORPUS * 2, progress=False)  # or sp.load_capture(folder)
+    >>> result = fit_sweep(run, "surprise", hooks=["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"],
+    ...                    n_folds=3, n_shuffles=2, n_boot=50, progress=False)
+    >>> result.best_hook(), result.n_sequences
+    ('blocks.1.hook_resid_post', 12)
+    >>> row = result["blocks.1.hook_resid_post"]          # one HookResult per hook
+    >>> round(row.r2.value, 3) == round(result.table()[1]["r2"], 3)
+    True
     """
     hooks = _check_hooks(run, hooks)
     alphas = np.sort(

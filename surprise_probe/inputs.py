@@ -43,7 +43,22 @@ class Encoded:
 
 @dataclass
 class Batch:
-    """Padded batch. ``attention_mask`` marks real tokens; ``scored`` is False on padding."""
+    """Padded batch. ``attention_mask`` marks real tokens; ``scored`` is False on padding.
+
+    Built with :func:`encode` (one item: a text, a conversation or ``{"token_ids": ...}``) and
+    :func:`pad_batch`; ``scored`` is the mask interventions take as ``positions=`` to edit only
+    the scored span (the assistant's content in a conversation, every token of a plain text).
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    >>> batch = pad_batch([encode(model, chat), encode(model, "Plain text.", index=1)], pad_id(model))
+    >>> batch.tokens.shape == batch.scored.shape, batch.lengths[0] > batch.lengths[1]
+    (True, True)
+    >>> logits = model(batch.tokens, attention_mask=batch.attention_mask)
+    >>> model.tokenizer.decode(batch.tokens[0][batch.scored[0]])  # the scored span: the answer
+    'Hello there'
+    """
 
     tokens: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
