@@ -61,14 +61,25 @@ def from_probe(model, probe, *, hook: str | None = None) -> SteeringDirection:
 
 
 def random_directions(d_model: int, k: int, seed: int = 0) -> Float[Tensor, "k d_model"]:
-    """``k`` seeded Gaussian directions, unit norm (same magnitude as the probe's unit ``d``)."""
+    """``k`` seeded Gaussian directions, unit norm (same magnitude as the probe's unit ``d``).
+
+    >>> vectors = random_directions(16, 3, seed=0)
+    >>> tuple(vectors.shape), torch.allclose(vectors.norm(dim=-1), torch.ones(3))
+    ((3, 16), True)
+    """
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randn(k, d_model, generator=generator, dtype=torch.float64)
     return (vectors / vectors.norm(dim=-1, keepdim=True)).float()
 
 
 def orthogonal_direction(direction: Float[Tensor, " d_model"], seed: int = 0) -> Float[Tensor, " d_model"]:
-    """A seeded random unit direction with its component along ``direction`` removed."""
+    """A seeded random unit direction with its component along ``direction`` removed.
+
+    >>> d = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    >>> o = orthogonal_direction(d)
+    >>> abs(float(o @ d)) < 1e-6, round(float(o.norm()), 4)
+    (True, 1.0)
+    """
     d = direction.double() / direction.double().norm()
     generator = torch.Generator().manual_seed(seed + 7919)
     vector = torch.randn(d.numel(), generator=generator, dtype=torch.float64)

@@ -67,7 +67,11 @@ _FIRST = re.compile(r"^first(\d+)$")
 
 
 def parse_group(name: str) -> tuple[str, int | None]:
-    """``"prompt"``, ``"response"`` or ``"first{K}"`` -> (kind, K)."""
+    """``"prompt"``, ``"response"`` or ``"first{K}"`` -> (kind, K).
+
+    >>> parse_group("first4"), parse_group("response")
+    (('first', 4), ('response', None))
+    """
     if name in ("prompt", "response"):
         return name, None
     match = _FIRST.match(name)
@@ -87,7 +91,16 @@ def _response_positions(encoded, pair: int, side: str) -> np.ndarray:
 
 
 def align_positions(source, destination, group: str, pair: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(destination_positions, source_positions)`` aligned for ``group`` (see module doc)."""
+    """``(destination_positions, source_positions)`` aligned for ``group`` (see module doc).
+
+    >>> from types import SimpleNamespace
+    >>> source = SimpleNamespace(scored=np.array([0, 0, 1, 1, 1], bool))       # response at 2..4
+    >>> destination = SimpleNamespace(scored=np.array([0, 0, 0, 1, 1], bool))  # response at 3..4
+    >>> [p.tolist() for p in align_positions(source, destination, "response")]
+    [[3, 4], [2, 3]]
+    >>> [p.tolist() for p in align_positions(source, destination, "prompt")]  # backwards from the response
+    [[1, 2], [0, 1]]
+    """
     kind, k = parse_group(group)
     src, dst = _response_positions(source, pair, "source"), _response_positions(destination, pair, "destination")
     m = min(len(src), len(dst))

@@ -74,7 +74,14 @@ def _global_mean_fitter(y: Float[np.ndarray, " n"]) -> Fitter:
 
 
 def token_mean_fitter(token_ids: Int[np.ndarray, " n"], y: Float[np.ndarray, " n"]) -> Fitter:
-    """Mean target per token type on the training rows (unseen types: the training mean)."""
+    """Mean target per token type on the training rows (unseen types: the training mean).
+
+    Returns ``fit(train_mask) -> predictions for every row``.
+
+    >>> fit = token_mean_fitter(np.array([7, 7, 8, 9]), np.array([1.0, 3.0, 5.0, 10.0]))
+    >>> fit(np.array([True, True, True, False])).tolist()  # token 9 unseen in training: the mean
+    [2.0, 2.0, 5.0, 3.0]
+    """
     _, groups = np.unique(token_ids, return_inverse=True)
     return _group_mean_fitter(groups.reshape(-1), np.asarray(y, np.float64), _global_mean_fitter(y))
 
@@ -82,7 +89,12 @@ def token_mean_fitter(token_ids: Int[np.ndarray, " n"], y: Float[np.ndarray, " n
 def bigram_mean_fitter(
     previous_ids: Int[np.ndarray, " n"], token_ids: Int[np.ndarray, " n"], y: Float[np.ndarray, " n"]
 ) -> Fitter:
-    """Mean target per (previous, current) token pair; unseen pairs: the token-type mean, then the training mean."""
+    """Mean target per (previous, current) token pair; unseen pairs: the token-type mean, then the training mean.
+
+    >>> fit = bigram_mean_fitter(np.array([1, 2, 1, 2]), np.array([5, 5, 5, 5]), np.array([0.0, 4.0, 2.0, 9.0]))
+    >>> fit(np.array([True, True, True, False])).tolist()  # (2, 5) seen once in training
+    [1.0, 4.0, 1.0, 4.0]
+    """
     pairs = np.stack([np.asarray(previous_ids, np.int64), np.asarray(token_ids, np.int64)], axis=1)
     _, groups = np.unique(pairs, axis=0, return_inverse=True)
     return _group_mean_fitter(groups.reshape(-1), np.asarray(y, np.float64), token_mean_fitter(token_ids, y))
@@ -126,7 +138,12 @@ def covariate_fitter(covariate: Float[np.ndarray, " n"], y: Float[np.ndarray, " 
 
 
 def fold_predictions(fit: Fitter, folds: Int[np.ndarray, " n"], n_folds: int) -> Float[np.ndarray, "n k"]:
-    """Column ``f``: the control fitted on the tokens outside fold ``f``, predicting every token."""
+    """Column ``f``: the control fitted on the tokens outside fold ``f``, predicting every token.
+
+    >>> fit = token_mean_fitter(np.array([1, 1, 1, 1]), np.array([1.0, 2.0, 3.0, 4.0]))
+    >>> fold_predictions(fit, np.array([0, 0, 1, 1]), 2)[:, 0].tolist()  # fitted on fold 1 only
+    [3.5, 3.5, 3.5, 3.5]
+    """
     return np.stack([fit(folds != fold) for fold in range(n_folds)], axis=1)
 
 

@@ -17,13 +17,24 @@ __all__ = ["Estimate", "SequenceBootstrap", "r2_from_sums", "pearson_from_sums"]
 
 
 def r2_from_sums(n, sum_y, sum_yy, sse):
-    """``1 - SSE / SST`` with ``SST`` around the mean of the scored targets."""
+    """``1 - SSE / SST`` with ``SST`` around the mean of the scored targets.
+
+    >>> y, pred = np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 2.0])
+    >>> float(r2_from_sums(3, y.sum(), (y ** 2).sum(), ((y - pred) ** 2).sum()))
+    0.5
+    """
     sst = sum_yy - sum_y**2 / n
     with np.errstate(divide="ignore", invalid="ignore"):
         return 1.0 - sse / sst
 
 
 def pearson_from_sums(n, sum_a, sum_aa, sum_b, sum_bb, sum_ab):
+    """Pearson r from sums, so bootstrap resamples need only per-sequence sums.
+
+    >>> a, b = np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 7.0])
+    >>> round(float(pearson_from_sums(3, a.sum(), (a * a).sum(), b.sum(), (b * b).sum(), (a * b).sum())), 4)
+    0.9934
+    """
     cov = sum_ab - sum_a * sum_b / n
     var_a = sum_aa - sum_a**2 / n
     var_b = sum_bb - sum_b**2 / n
