@@ -87,13 +87,14 @@ DEFAULT_SETTINGS = {
     "batch_size": 8,
     "steer_inputs": 8,
     "strengths": [-4.0, -2.0, 0.0, 2.0, 4.0],
+    "compare_strengths": [-4.0, 0.0, 4.0],  # the entropy-direction comparison (3 directions, so fewer)
     "random_directions": 4,
     "n_boot": 1000,
     "seed": 0,
     "patch_pairs": 8,  # on/off-policy pairs (the model samples one answer per pair)
     "patch_layers": 10,  # evenly spaced layers patched exactly (and validated by attribution)
     "sample_tokens": 48,  # longest sampled answer (patch pairs and policy gap)
-    "token_view_tokens": 128,
+    "token_view_tokens": 112,
     "gap_prompts": 16,
     "base_reader": None,  # e.g. "gemma-3-270m": a base model that also reads and writes in the gap
     "intention_prompts": 4,  # prompt groups (x 3 phrasings each)
@@ -252,7 +253,7 @@ def _run_compare(ctx: StudyContext, folder: Path):
         directions[f"entropy (surprise hook, {surprise.hook})"] = ProbeDirection.load(at_surprise_hook, model=ctx.model)
     settings = ctx.settings
     result = entropy_direction_comparison(
-        ctx.model, ctx.items[: settings["steer_inputs"]], surprise, directions, settings["strengths"],
+        ctx.model, ctx.items[: settings["steer_inputs"]], surprise, directions, settings["compare_strengths"],
         random_directions=settings["random_directions"], n_boot=settings["n_boot"], seed=settings["seed"],
         progress=ctx.progress,
     )
@@ -414,7 +415,8 @@ def default_stages() -> list[Stage]:
         _fit_stage("entropy"),
         Stage("steer", _steer_config, _run_steer, load=lambda ctx, folder: read_json(folder / "steer.json"),
               needs=("fit_surprise",), owned=("steer.json",)),
-        Stage("compare", lambda s, i: {**_steer_config(s, i), "directions": "surprise vs entropy"}, _run_compare,
+        Stage("compare", lambda s, i: {**_steer_config(s, i), "compare_strengths": s["compare_strengths"],
+                                       "directions": "surprise vs entropy"}, _run_compare,
               load=lambda ctx, folder: folder / "direction_comparison.json", needs=("fit_surprise", "fit_entropy"),
               owned=("direction_comparison.json",)),
         Stage("patch", _patch_config, _run_patch, load=lambda ctx, folder: folder, needs=("fit_surprise",),
@@ -437,7 +439,7 @@ def describe_sizes(settings: dict, n_items: int) -> str:
     return "\n".join([
         f"  capture + probes : {n_items} inputs, every layer; bootstrap {s['n_boot']}",
         f"  steer + compare  : {s['steer_inputs']} inputs x strengths {s['strengths']} x (probe, orthogonal, "
-        f"{s['random_directions']} random)",
+        f"{s['random_directions']} random); compare: 3 directions x {s['compare_strengths']}",
         f"  patch + attribution: {s['patch_pairs']} on/off-policy pairs (answers up to {s['sample_tokens']} tokens), "
         f"{s['patch_layers']} layers; token view {s['token_view_tokens']} tokens",
         f"  policy gap       : {s['gap_prompts']} prompts, base reader: {base}",
@@ -487,7 +489,7 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         "fit_surprise": 0.02 * n_items * n_layers * (1 + s["n_boot"] / 1000),
         "fit_entropy": 0.02 * n_items * n_layers * (1 + s["n_boot"] / 1000),
         "steer": 0.25 * f * s["steer_inputs"] * (strengths * controls + controls),
-        "compare": 0.25 * f * s["steer_inputs"] * strengths * (s["random_directions"] + 1) * 3,
+        "compare": 0.25 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
         "patch": 0.06 * f * s["patch_pairs"] * (s["sample_tokens"] + 4 * len(layers) * len(PATCH_GROUPS)),
         "attribution": 0.06 * f * (s["patch_pairs"] * (6 + len(layers) * len(PATCH_GROUPS))
                                    + s["token_view_tokens"] * n_layers / 4),

@@ -156,3 +156,24 @@ def test_study_reads_a_txt_input(long_context_folder, tmp_path):
     out = tmp_path / "s"
     assert main(_argv(long_context_folder, texts, out)) == 0
     assert read_json(out / "steer" / "steer.json")["n_sequences"] == 3
+
+
+@pytest.mark.real_model
+def test_the_whole_study_on_the_embedded_model(tmp_path, capsys):
+    """Every stage on SmolLM2-135M-Instruct at the smallest sizes (about a minute on 2 cores): the
+    chain holds together on a real model with a chat template, and report.html has every section."""
+    out = tmp_path / "s"
+    argv = ["study", "--out", str(out), "--quick", "--max-inputs", "6", "--steer-inputs", "2", "--strengths", "-4", "4",
+            "--random-directions", "1", "--n-boot", "50", "--patch-pairs", "2", "--patch-layers", "2",
+            "--sample-tokens", "8", "--token-view-tokens", "24", "--gap-prompts", "2", "--intention-prompts", "1",
+            "--intention-samples", "2", "--no-progress"]
+    assert main(argv) == 0
+    stages = read_json(out / "study.json")["stages"]
+    assert {name: s["status"] for name, s in stages.items()} == {name: "done" for name in STAGES}
+    for path in out.rglob("*.json"):
+        _strict(path)
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "10 of 10 ok" in report and "smollm2-135m-instruct" in report
+    assert (out / "report.html").stat().st_size < 10_000_000
+    view = read_json(out / "attribution" / "token_view.json")
+    assert view["tokens"][0] == "<|im_start|>" and view["positions"][0] == 0  # starts at the beginning
