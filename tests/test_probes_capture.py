@@ -71,7 +71,14 @@ def test_cli_fit_writes_table_plot_and_probe(capture_dir, model, tmp_path, token
         ]
     )
     assert code == 0
-    assert "best hook" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best hook" in printed
+    # the printout names the tokens, every baseline and the probe beyond each control, by layer
+    assert "tokens: the scored span (assistant content / whole texts) at position > 0" in printed
+    for line in ("position (sequence and scored span) R^2:", "bigram (previous + current token) R^2:",
+                 "embedding-layer probe R^2:", "| hook | layer |", "beyond position", "beyond bigram",
+                 "| blocks.0.hook_resid_pre | embed |"):
+        assert line in printed, line
     for name in ("sweep.csv", "sweep.json", "sweep.html", "probe.safetensors", "probe.json", "heldout.npz"):
         assert (out / name).exists(), name
     summary = json.loads((out / "sweep.json").read_text())
