@@ -96,6 +96,8 @@ def token_view(
 ) -> go.Figure:
     """Tokens laid out as text in a grid, coloured by input surprise; hover shows every metric.
 
+    (The study's report uses the flowing-text view, :func:`surprise_probe.token_view.token_view_html`.)
+
     ``extra`` adds hover rows such as ``{"probe prediction": ..., "steering effect": ...}``.
     Unscored tokens are drawn faded. A second panel shows the same tokens coloured by entropy.
     """
@@ -116,9 +118,14 @@ def token_view(
     labels = [t.replace("\n", "\\n")[:10] for t in tokens]
     for panel, (values, scale) in enumerate(((input_surprise, "Reds"), (output_entropy, "Blues")), start=1):
         shown = np.where(np.isfinite(values), values, np.nan)
+        # white text on the dark end of the scale, black elsewhere (never dark on dark)
+        finite = shown[np.isfinite(shown)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        level = (shown - low) / (high - low) if high > low else np.zeros(n)
+        ink = ["#ffffff" if np.isfinite(v) and v > 0.55 else "#000000" for v in level]
         fig.add_trace(
             go.Scatter(
-                x=grid_x, y=-grid_y, mode="markers+text", text=labels, textfont={"size": 11},
+                x=grid_x, y=-grid_y, mode="markers+text", text=labels, textfont={"size": 11, "color": ink},
                 hovertext=hover, hoverinfo="text",
                 marker={"symbol": "square", "size": 38, "color": shown, "colorscale": scale,
                         "opacity": np.where(scored, 1.0, 0.35),

@@ -9,9 +9,10 @@ inlined once), so the file opens offline.
 
 Adapters build sections from what the stages save: :func:`capture_section`
 (``capture_summary.json``), :func:`fit_section` (``sweep.json``), :func:`steer_section`
-(``steer.json``), :func:`patch_section` (``patch.json``), :func:`attribution_section`
-(``attribution.json``) and :func:`token_view_section` (``token_view.json``). Analyses without an
-adapter (policy gap, cached intention) plug in through :func:`result_section`, or by giving their
+(``steer.json``), :func:`compare_section` (``direction_comparison.json``), :func:`patch_section`
+(``patch.json``), :func:`attribution_section` (``attribution.json``), :func:`token_view_section`
+(``token_view.json``), :func:`gap_section` (``gap.json``) and :func:`intention_section`
+(``intention.json``). Other analyses plug in through :func:`result_section`, or by giving their
 result class a ``report_section(json_path)`` method returning a :class:`StageSection`.
 :func:`write_study_report` assembles a study folder; a stage that failed or did not run is named
 with its error, never left out.
