@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from surprise_probe.chat import encode_conversation
 from surprise_probe.inputs import pad_id
 
-__all__ = ["Sampled", "sample", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed"]
+__all__ = ["Sampled", "sample", "decoding_layout", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed"]
 
 # The documented prompt format for models read or sampled without a chat template (base models).
 PLAIN_FORMAT = "Question: {prompt}\nAnswer:"
@@ -195,7 +195,7 @@ def sample(
     order = sorted(range(len(rows)), key=lambda r: (len(prompts[rows[r][0]]), r))
     results: dict[int, Sampled] = {}
     bar = tqdm(total=len(rows), desc="sample", unit="resp", disable=not progress, leave=False)
-    with torch.inference_mode():
+    with decoding_layout(model), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             seeds = [row_seed(seed, rows[r][1], prompts[rows[r][0]]) for r in chunk]
@@ -247,6 +247,48 @@ def _sample_batch(model, prompts, seeds, max_new_tokens, temperature, stop, forw
                 break
             logits = step(next_token)
     return torch.stack(out, 1).tolist()
+
+
+# Weights TransformerLens re-lays out on every forward (``F.linear(x, W.T.contiguous())``, an einops
+# rearrange): module class -> {parameter: the permutation TL applies}. Stored in that order, TL's
+# copy becomes a view. A one-token decoding step is dominated by these copies otherwise (each step
+# copies every weight matrix: measured ~3x the matmul time of SmolLM2's MLPs at batch 8).
+_TL_FORWARD_LAYOUT = {
+    "GatedMLP": {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)},
+    "Unembed": {"W_U": (1, 0)},
+    "Attention": {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "W_O": (2, 0, 1)},
+    "GroupedQueryAttention": {"W_Q": (0, 2, 1), "_W_K": (0, 2, 1), "_W_V": (0, 2, 1), "W_O": (2, 0, 1)},
+}
+
+
+@contextlib.contextmanager
+def decoding_layout(model):
+    """Store a ``HookedTransformer``'s weights in the memory order its forward asks for, then restore.
+
+    Values are unchanged (every forward gives the same numbers); only the per-step weight copies
+    disappear. Attention with split inputs (``use_split_qkv_input``/``use_attn_in``) is left as is.
+    Any other model passes through untouched.
+    """
+    if type(model).__name__ != "HookedTransformer" or model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
+        yield model
+        return
+    changed = []
+    # Outside inference mode (a caller may be inside it): parameters must stay ordinary tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            for name, perm in _TL_FORWARD_LAYOUT.get(type(module).__name__, {}).items():
+                param = module._parameters.get(name)
+                if param is None or param.dim() != len(perm):
+                    continue
+                inverse = tuple(int(i) for i in np.argsort(perm))
+                param.data = param.data.permute(perm).contiguous().permute(inverse)
+                changed.append(param)
+    try:
+        yield model
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for param in changed:
+                param.data = param.data.contiguous()
 
 
 def _cached_stepper(model, tokens, mask, context):

@@ -153,3 +153,44 @@ def test_steered_generation_with_the_cache_equals_steering_full_forwards(tiny_mo
     assert got[0].token_ids == tokens[0, n_prompt:].tolist()
     plain = generate(tiny_model, prompt, max_new_tokens=5, temperature=0, stop_at_eos=False)
     assert plain[0].token_ids != got[0].token_ids  # the steering changed what was sampled
+
+
+def _gated_gqa_model(tokenizer):
+    """A tiny Llama-like HookedTransformer: gated MLP, grouped-query attention, RMSNorm, rotary."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, n_key_value_heads=2, d_mlp=64, n_ctx=64,
+        d_vocab=len(tokenizer), act_fn="silu", gated_mlp=True, normalization_type="RMS",
+        positional_embedding_type="rotary", seed=3,
+    )
+    return HookedTransformer(cfg, tokenizer).eval()
+
+
+def test_decoding_layout_removes_weight_copies_and_changes_nothing_else(tiny_tokenizer, monkeypatch):
+    import contextlib
+
+    import einops
+
+    import surprise_probe.sampling as sampling
+
+    model = _gated_gqa_model(tiny_tokenizer)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompts = _prompts(model)
+    with sampling.decoding_layout(model):
+        block = model.blocks[0]
+        # TransformerLens' own per-forward transforms are now views of the stored weights.
+        assert block.mlp.W_gate.T.contiguous().data_ptr() == block.mlp.W_gate.data_ptr()
+        assert model.unembed.W_U.T.contiguous().data_ptr() == model.unembed.W_U.data_ptr()
+        w_o = einops.rearrange(block.attn.W_O, "h d m -> m (h d)").contiguous()
+        assert w_o.data_ptr() == block.attn.W_O.data_ptr()
+        w_k = einops.rearrange(block.attn._W_K, "h m d -> (h d) m")
+        assert w_k.data_ptr() == block.attn._W_K.data_ptr()
+    for name, p in model.named_parameters():
+        assert p.is_contiguous() and not p.is_inference() and torch.equal(p, before[name]), name
+    greedy = sample(model, prompts[:1], max_new_tokens=6, temperature=0, stop_ids=())
+    assert greedy[0].response_ids == _greedy_reference(model, prompts[0], 6)
+    with_layout = sample(model, prompts, n_samples=2, max_new_tokens=8, seed=5, batch_size=3)
+    monkeypatch.setattr(sampling, "decoding_layout", lambda model: contextlib.nullcontext(model))
+    without = sample(model, prompts, n_samples=2, max_new_tokens=8, seed=5, batch_size=3)
+    assert [s.response_ids for s in with_layout] == [s.response_ids for s in without]
