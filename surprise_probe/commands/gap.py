@@ -9,6 +9,7 @@ from surprise_probe.commands._common import (
     UsageError,
     add_command,
     add_out_argument,
+    check_chat_templates,
     command_config,
     level_float,
     nonneg_float,
@@ -98,6 +99,9 @@ def run(args) -> int:
             prompts = builtin_gap_prompts() if args.prompts == "builtin" else read_gap_prompts(args.prompts)
             prompts = prompts[: args.n_prompts] if args.n_prompts else prompts
             _check_models(args.models)
+            if args.formats and set(args.formats) - {"plain"}:
+                check_chat_templates(args.models, f"--formats {' '.join(args.formats)}",
+                                     "use --formats plain, or leave --formats out (plain for such models)")
             if args.probe is not None:
                 _check_probe(args.probe)
             claim = stack.enter_context(claim_output(args.out, "gap", command_config(args), overwrite=args.overwrite))

@@ -9,6 +9,7 @@ from surprise_probe.commands._common import (
     UsageError,
     add_command,
     add_out_argument,
+    check_chat_templates,
     command_config,
     finite_float,
     level_float,
@@ -106,6 +107,8 @@ def run(args) -> int:
             }
             IntentionConfig(**settings)  # every value checked before a model loads
             _check_models(args.models)
+            if args.prompt_format == "chat":
+                check_chat_templates(args.models, "--prompt-format chat", "use --prompt-format plain or auto")
             claim = stack.enter_context(claim_output(args.out, "intention", command_config(args),
                                                      overwrite=args.overwrite))
         if claim.finished:
