@@ -615,6 +615,7 @@ def policy_gap(
     k: int = 8,
     seed: int = 0,
     batch_size: int = 8,
+    sample_batch_size: int = 32,
     probe_path: str | Path | None = None,
     work_dir: str | Path | None = None,
     overwrite: bool = False,
@@ -630,7 +631,9 @@ def policy_gap(
     in reverse order, so the last one is loaded once). ``formats=None`` reads every format a model
     can (all three with a chat template, ``plain`` without); explicit chat formats for a model
     without a template are an error. ``work_dir`` keeps the sampled responses (resumable).
-    ``probe_path`` (a saved probe direction) adds the probe-readout AUROC for the reader it was
+    ``batch_size`` sequences go through one teacher-forced read; ``sample_batch_size`` rows are
+    sampled together (a one-token decoding step reads every weight once whatever the batch, so
+    larger sampling batches are nearly free on a CPU). ``probe_path`` (a saved probe direction) adds the probe-readout AUROC for the reader it was
     fitted on.
     """
     started = time.perf_counter()
@@ -678,7 +681,7 @@ def policy_gap(
         store = Path(work_dir) / "responses" / f"{_safe(name)}.jsonl" if work_dir is not None else None
         responses[name] = sample_writer(
             model, name, prompts, fmt=sample_format, n_samples=n_samples, max_new_tokens=max_new_tokens,
-            temperature=temperature, seed=seed, batch_size=batch_size, store=store, overwrite=overwrite,
+            temperature=temperature, seed=seed, batch_size=sample_batch_size, store=store, overwrite=overwrite,
             progress=progress,
         )
         info[name]["n_empty_responses"] = sum(not r.content_ids for r in responses[name])
@@ -702,7 +705,7 @@ def policy_gap(
     config = {
         "models": names, "formats": None if formats is None else list(formats), "n_samples": n_samples,
         "max_new_tokens": max_new_tokens, "temperature": temperature, "k": k, "seed": seed,
-        "batch_size": batch_size, "probe": None if probe_path is None else str(probe_path),
+        "batch_size": batch_size, "sample_batch_size": sample_batch_size, "probe": None if probe_path is None else str(probe_path),
         "n_boot": n_boot, "level": level, "plain_format": PLAIN_FORMAT, "user_turn_join": USER_TURN_JOIN,
         "scored_span": "response content tokens (stop id excluded)",
         "own_other_prompt": "the reader's own response to prompt i+1 (cyclic)",
