@@ -54,6 +54,12 @@ def token_char_spans(tokenizer, token_ids) -> tuple[str, Int[np.ndarray, "n 2"]]
 
     Decoding keeps special tokens and spaces exactly (``skip_special_tokens=False``,
     ``clean_up_tokenization_spaces=False``); see the module docstring for the rule.
+
+    >>> from surprise_probe.testing import tiny_tokenizer
+    >>> tokenizer = tiny_tokenizer()
+    >>> text, spans = token_char_spans(tokenizer, tokenizer("Hello world")["input_ids"])
+    >>> text, spans.tolist()
+    ('Hello world', [[0, 5], [5, 11]])
     """
     ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
 
