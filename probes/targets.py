@@ -56,7 +56,14 @@ SPANS = {
 
 @dataclass(frozen=True)
 class TokenTarget:
-    """User per-token values keyed by ``(sequence_id, position)``."""
+    """User per-token values keyed by ``(sequence_id, position)``.
+
+    >>> import tempfile
+    >>> target = TokenTarget("label", np.array([0, 0, 1]), np.array([1, 2, 1]), np.array([0.5, 1.5, 2.0]))
+    >>> paths = target.save(Path(tempfile.mkdtemp()) / "label")   # label.npz + label.json
+    >>> load_target_file(paths["npz"]).values.tolist()
+    [0.5, 1.5, 2.0]
+    """
 
     name: str
     sequence_ids: Int[np.ndarray, " m"]
