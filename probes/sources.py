@@ -28,6 +28,14 @@ def read_sources(path, n_sequences: int | None = None) -> dict[int, str]:
     Sequence ``i`` of a capture is the ``i``-th non-blank line of its input file; lines without a
     ``source`` key are left unlabelled. With ``n_sequences``, a file with another number of
     lines is refused (it is not the capture's input).
+
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> path = Path(tempfile.mkdtemp()) / "inputs.jsonl"
+    >>> rows = [{"text": "mine", "source": "own-sample"}, {"text": "theirs", "source": "human"}, {"text": "?"}]
+    >>> _ = path.write_text("".join(json.dumps(row) + chr(10) for row in rows))
+    >>> read_sources(path, n_sequences=3)
+    {0: 'own-sample', 1: 'human'}
     """
     labels, count = {}, 0
     for index, (number, value) in enumerate(read_jsonl(path)):
