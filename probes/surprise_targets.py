@@ -220,6 +220,14 @@ def computed_target(
 
     ``load_model(name)`` loads models by name (default ``surprise_probe.load_model``); the
     captured model is loaded by the capture's ``model_id``.
+
+    >>> import surprise_probe as sp
+    >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> run = sp.capture(model, TINY_CORPUS[:2], progress=False)
+    >>> target, info = computed_target(run, "local:2", load_model=lambda name: model, progress=False)
+    >>> target.name, len(target.values) == info["n_selected_tokens"], info["rule"]
+    ('local-2', True, '-log p(x_t | previous 2 tokens), same model, capture token ids')
     """
     if isinstance(spec, str):
         parsed = parse_target_spec(spec)
