@@ -92,7 +92,8 @@ DEFAULT_SETTINGS = {
     "n_boot": 1000,
     "seed": 0,
     "patch_pairs": 8,  # on/off-policy pairs (the model samples one answer per pair)
-    "patch_layers": 10,  # evenly spaced layers patched exactly (and validated by attribution)
+    "patch_layers": 8,  # evenly spaced layers patched exactly (and validated by attribution)
+    "patch_random_directions": 2,  # random directions patched like the probe direction (the control)
     "sample_tokens": 48,  # longest sampled answer (patch pairs and policy gap)
     "token_view_tokens": 112,
     "gap_prompts": 16,
@@ -113,6 +114,7 @@ QUICK_SETTINGS = {
     "n_boot": 200,
     "patch_pairs": 4,
     "patch_layers": 4,
+    "patch_random_directions": 1,
     "sample_tokens": 24,
     "token_view_tokens": 64,
     "gap_prompts": 6,
@@ -265,7 +267,8 @@ def _run_compare(ctx: StudyContext, folder: Path):
 
 def _patch_config(settings: dict, inputs: str) -> dict:
     return {**_capture_config(settings, inputs),
-            **_keys(settings, "patch_pairs", "patch_layers", "sample_tokens", "n_boot", "seed"),
+            **_keys(settings, "patch_pairs", "patch_layers", "patch_random_directions", "sample_tokens", "n_boot",
+                    "seed"),
             "groups": list(PATCH_GROUPS)}
 
 
@@ -312,8 +315,8 @@ def _run_patch(ctx: StudyContext, folder: Path):
     layers = patch_layers(int(ctx.model.cfg.n_layers), settings["patch_layers"])
     result = patching_experiment(
         ctx.model, [(p["source"], p["destination"]) for p in pairs], probe, probe_path=probe_path, layers=layers,
-        groups=PATCH_GROUPS, n_boot=settings["n_boot"], seed=settings["seed"], progress=ctx.progress,
-        config=_patch_config(settings, ""),
+        groups=PATCH_GROUPS, random_directions=settings["patch_random_directions"], n_boot=settings["n_boot"],
+        seed=settings["seed"], progress=ctx.progress, config=_patch_config(settings, ""),
     )
     result.save(folder)
     return folder
@@ -441,7 +444,8 @@ def describe_sizes(settings: dict, n_items: int) -> str:
         f"  steer + compare  : {s['steer_inputs']} inputs x strengths {s['strengths']} x (probe, orthogonal, "
         f"{s['random_directions']} random); compare: 3 directions x {s['compare_strengths']}",
         f"  patch + attribution: {s['patch_pairs']} on/off-policy pairs (answers up to {s['sample_tokens']} tokens), "
-        f"{s['patch_layers']} layers; token view {s['token_view_tokens']} tokens",
+        f"{s['patch_layers']} layers, {s['patch_random_directions']} random directions; token view "
+        f"{s['token_view_tokens']} tokens",
         f"  policy gap       : {s['gap_prompts']} prompts, base reader: {base}",
         f"  intention        : {s['intention_prompts']} prompts x 3 phrasings x {s['intention_samples']} samples "
         f"of {s['intention_tokens']} tokens, ks {s['intention_ks']}",
@@ -490,7 +494,8 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         "fit_entropy": 0.02 * n_items * n_layers * (1 + s["n_boot"] / 1000),
         "steer": 0.25 * f * s["steer_inputs"] * (strengths * controls + controls),
         "compare": 0.25 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
-        "patch": 0.06 * f * s["patch_pairs"] * (s["sample_tokens"] + 4 * len(layers) * len(PATCH_GROUPS)),
+        "patch": 0.06 * f * s["patch_pairs"] * (s["sample_tokens"] + (2 + s["patch_random_directions"]) * 2
+                                                 * len(layers) * len(PATCH_GROUPS)),
         "attribution": 0.06 * f * (s["patch_pairs"] * (6 + len(layers) * len(PATCH_GROUPS))
                                    + s["token_view_tokens"] * n_layers / 4),
         "gap": 0.08 * f * s["gap_prompts"] * (s["sample_tokens"] + 12) + base_reader_seconds,
