@@ -43,6 +43,8 @@ _SIZES = [
     ("--n-boot", "n_boot", positive_int, "bootstrap resamples"),
     ("--patch-pairs", "patch_pairs", positive_int, "on/off-policy pairs for patching and attribution (>= 2)"),
     ("--patch-layers", "patch_layers", positive_int, "evenly spaced layers patched exactly"),
+    ("--patch-random-directions", "patch_random_directions", nonneg_int,
+     "random directions patched like the probe direction (the control)"),
     ("--sample-tokens", "sample_tokens", positive_int, "longest sampled answer (patch pairs, policy gap)"),
     ("--token-view-tokens", "token_view_tokens", positive_int, "tokens shown in the token view"),
     ("--gap-prompts", "gap_prompts", positive_int, "prompts for the policy gap"),
