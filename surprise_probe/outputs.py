@@ -8,7 +8,9 @@ Every folder (or file) the toolkit writes results into goes through :func:`claim
   the user owns is ever deleted); an empty folder is fine;
 - a folder written by the same step with the same settings is reused (resume / already done);
   with other settings it is refused, naming the first setting that differs, unless
-  ``overwrite=True``, which clears what the toolkit wrote there;
+  ``overwrite=True``, which clears what the toolkit wrote there; a folder holding only the
+  record of an unfinished run of the same step (it stopped before writing anything, e.g. on a
+  bad ``--device``) is claimed afresh with the new settings;
 - a lock file (``.lock``: pid, host, start time) keeps a second writer out; a lock left by a
   process that no longer exists on this host is cleared.
 
@@ -235,6 +237,8 @@ def claim_output(
         resumed = finished = False
         present = path.exists() and (path.stat().st_size > 0 if is_file else
                                      any(e.name != LOCK_NAME for e in path.iterdir()))
+        if present and not is_file and _only_an_unfinished_claim(path, record, command):
+            present = False  # a run of this step that stopped before writing anything: nothing to keep
         if present:
             existing = None
             if record.exists():
@@ -271,6 +275,16 @@ def claim_output(
         if not resumed:
             claim.write_record()  # first, so an interrupted run is recognised and resumed
         yield claim
+
+
+def _only_an_unfinished_claim(path: Path, record: Path, command: str) -> bool:
+    if any(entry.name not in (LOCK_NAME, record.name) for entry in path.iterdir()):
+        return False
+    try:
+        existing = read_json(record)
+    except (ValueError, OSError):
+        return False
+    return isinstance(existing, dict) and existing.get("command") == command and not existing.get("finished")
 
 
 def _clear(path: Path, is_file: bool, record: Path) -> None:

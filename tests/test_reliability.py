@@ -187,3 +187,22 @@ def test_sigkill_in_the_middle_of_a_shard_then_resume_gives_the_same_content(tmp
     assert resumed.returncode == 0
     assert resumed_out.split("HASH ")[1].split()[0] == clean_hash
     sp.load_capture(killed_dir, verify=True)
+
+
+def test_a_run_that_wrote_nothing_does_not_block_other_settings(tmp_path):
+    folder = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="bad device"):
+        with claim_output(folder, "capture", {"device": "tpu"}):
+            raise RuntimeError("bad device")  # stopped before writing anything but its record
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    with claim_output(folder, "capture", {"device": "cpu"}) as claim:
+        (folder / "result.txt").write_text("done")
+        claim.finish()
+    assert json.loads((folder / "config.json").read_text())["config"] == {"device": "cpu"}
+    # Once something is written, other settings are refused again.
+    with pytest.raises(FileExistsError, match="device=cpu, not device=cuda"):
+        with claim_output(folder, "capture", {"device": "cuda"}):
+            pass
+    with pytest.raises(FileExistsError, match="holds a capture run"):
+        with claim_output(tmp_path / "out", "fit", {"device": "cpu"}):
+            pass

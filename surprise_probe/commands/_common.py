@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from surprise_probe.devices import DTYPES
+from surprise_probe.devices import DTYPES, resolve_device
 from surprise_probe.jsonio import finite_or_none, read_json
 from surprise_probe.models import (
     DEFAULT_MODEL,
@@ -35,7 +35,7 @@ __all__ = [
     "add_out_argument",
     "usage_errors",
     "command_config",
-    "check_model_names",
+    "check_model_arguments",
     "check_chat_templates",
     "positive_int",
     "input_spec",
@@ -147,8 +147,15 @@ def check_out(path: Path, is_file: bool = False) -> None:
         raise UsageError(str(error)) from None
 
 
-def check_model_names(args) -> None:
-    """Refuse a ``--model`` / ``--models`` name that cannot be loaded here (usage error, nothing loaded)."""
+def check_model_arguments(args) -> None:
+    """Refuse a ``--device`` that does not exist here, and a ``--model`` / ``--models`` name that
+    cannot be loaded here (usage errors; nothing is loaded)."""
+    device = getattr(args, "device", None)
+    if device is not None:
+        try:
+            resolve_device(device)
+        except ValueError as error:
+            raise UsageError(f"--device {device}: {_message(error)}") from None
     names = [getattr(args, "model", None)] + list(getattr(args, "models", None) or [])
     for name in names:
         if name is None or str(name) in _CHECKED_NAMES:
@@ -180,10 +187,11 @@ def command_config(args) -> dict:
     """The settings of a parsed command (what ``--config`` replays), JSON-ready.
 
     Every command takes its settings from here after reading its inputs and before claiming its
-    output folder, so the model names are checked here too (:func:`check_model_names`): an unknown
-    model is a usage error before any folder is created or model loaded.
+    output folder, so the model names and device are checked here too
+    (:func:`check_model_arguments`): an unknown model or device is a usage error before any folder
+    is created or model loaded.
     """
-    check_model_names(args)
+    check_model_arguments(args)
     return finite_or_none({k: v for k, v in vars(args).items() if k not in NOT_SETTINGS})
 
 

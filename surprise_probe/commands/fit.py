@@ -15,6 +15,7 @@ from surprise_probe.commands._common import (
     positive_int,
     usage_errors,
 )
+from surprise_probe.models import check_model_name
 from surprise_probe.outputs import claim_output
 from surprise_probe.probes.fit import fit_probes
 from surprise_probe.probes.sources import read_sources
@@ -71,6 +72,20 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_target_models(capture, specs: list[tuple[str, str]]) -> None:
+    """A computed target (local:W, model:NAME) loads models: check they exist before any work."""
+    for flag, spec in specs:
+        parsed = parse_target_spec(spec) if not Path(spec).is_file() else None
+        if parsed is None:
+            continue
+        for name in ([parsed.model] if parsed.kind == "model" else []) + [capture.model_id]:
+            try:
+                check_model_name(name)
+            except ValueError as error:
+                whose = "the capture's model" if name == capture.model_id else "the model"
+                raise ValueError(f"{flag} {spec}: {whose} {name!r} cannot be loaded here ({error})") from None
+
+
 def run(args) -> int:
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -90,6 +105,8 @@ def run(args) -> int:
                 raise ValueError(f"--residualize-on names must be distinct and not {list(RESERVED_CONTROLS)}, "
                                  f"got {covariate_names}")
             capture = load_capture(args.activations)
+            _check_target_models(capture, [("--target", args.target)]
+                                 + [("--residualize-on", s) for s in args.residualize_on])
             sources = read_sources(args.sources, capture.n_sequences) if args.sources else None
             missing = [hook for hook in args.hooks or [] if hook not in capture.hooks]
             if missing:
