@@ -70,10 +70,11 @@ def add_parser(subparsers) -> None:
                              "--base-reader names one): every stage runs, the numbers are rough")
     for flag, key, kind, text in _SIZES:
         parser.add_argument(flag, type=kind, default=None,
-                            help=f"{text} (default {DEFAULT_SETTINGS[key]}; --quick {QUICK_SETTINGS[key]})")
+                            # "%(default).0s" prints nothing; it only stops argparse adding "(default: None)"
+                            help=f"{text} (default {DEFAULT_SETTINGS[key]}; --quick {QUICK_SETTINGS[key]})%(default).0s")
     parser.add_argument("--strengths", type=finite_float, nargs="+", default=None,
                         help=f"steering strengths in units of the probe projection's std (default "
-                             f"{DEFAULT_SETTINGS['strengths']}; --quick {QUICK_SETTINGS['strengths']})")
+                             f"{DEFAULT_SETTINGS['strengths']}; --quick {QUICK_SETTINGS['strengths']})%(default).0s")
     parser.add_argument("--base-reader", default="auto",
                         help="a base model that also samples and reads in the policy gap: 'auto' (gemma-3-270m when "
                              "its package is installed, not with --quick), 'none', or a model name")
