@@ -57,7 +57,12 @@ def test_steer_writes_json_and_offline_html(use_tiny, probe_file, tmp_path, caps
         html = (out / name).read_text()
         assert "plotly.js" in html or "Plotly" in html
         assert len(html) > 1_000_000  # plotly.js embedded: opens offline
-    assert "entropy slope" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "entropy slope" in printed
+    # 3 random directions and 3 sequences are too few: said in the printout and the JSON
+    assert "warning: z from 3 random directions" in printed and "CIs from 3 sequences" in printed
+    assert payload["warnings"] == [line.removeprefix("warning: ") for line in printed.splitlines()
+                                   if line.startswith("warning: ")]
 
 
 def test_patch_writes_heatmap(use_tiny, probe_file, tmp_path, capsys):
