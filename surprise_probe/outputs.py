@@ -196,9 +196,16 @@ class OutputClaim:
         return write_json(self.record, payload)
 
     def finish(self, extra: dict | None = None) -> Path:
-        """Mark the result complete (a rerun with the same settings then skips the work)."""
+        """Mark the result complete (a rerun with the same settings then skips the work).
+
+        The record lists the outputs present now; a rerun that finds one missing redoes the work.
+        """
         self.finished = True
-        return self.write_record(True, extra)
+        if self.path.is_dir():
+            outputs = sorted(e.name for e in self.path.iterdir() if e.name not in (LOCK_NAME, self.record.name))
+        else:
+            outputs = [self.path.name] if self.path.exists() else []
+        return self.write_record(True, {"outputs": outputs, **(extra or {})})
 
 
 def _ours(entry: Path, kinds: tuple[str, ...]) -> bool:
@@ -261,6 +268,10 @@ def claim_output(
             if difference is None and (not legacy or not check_config):
                 resumed = True
                 finished = bool(existing.get("finished")) if isinstance(existing, dict) else False
+                # A finished record whose outputs were removed since is not finished: resume and redo.
+                if finished and not all((path.parent if is_file else path).joinpath(name).exists()
+                                        for name in existing.get("outputs", [])):
+                    finished = False
             elif not overwrite:
                 article = "an" if command[:1] in "aeiou" else "a"
                 why = (f"it holds {article} {command} run with {_fmt(difference)}" if difference

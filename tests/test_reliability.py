@@ -206,3 +206,22 @@ def test_a_run_that_wrote_nothing_does_not_block_other_settings(tmp_path):
     with pytest.raises(FileExistsError, match="holds a capture run"):
         with claim_output(tmp_path / "out", "fit", {"device": "cpu"}):
             pass
+
+
+def test_a_finished_record_whose_result_was_removed_is_redone(tmp_path):
+    folder = tmp_path / "out"
+    with claim_output(folder, "gap", {"seed": 0}) as claim:
+        (folder / "gap.json").write_text("{}")
+        claim.finish()
+    with claim_output(folder, "gap", {"seed": 0}) as claim:
+        assert claim.resumed and claim.finished
+    (folder / "gap.json").unlink()  # the user removed the result by hand
+    with claim_output(folder, "gap", {"seed": 0}) as claim:
+        assert claim.resumed and not claim.finished  # the command resumes and writes it again
+    single = tmp_path / "g.jsonl"
+    with claim_output(single, "generate", {"seed": 0}, is_file=True) as claim:
+        single.write_text('{"id": "a"}\n')
+        claim.finish()
+    single.unlink()
+    with claim_output(single, "generate", {"seed": 0}, is_file=True) as claim:
+        assert not claim.finished
