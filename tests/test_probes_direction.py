@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,8 +12,10 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from surprise_probe.probes import ArrayCapture, ProbeDirection, RidgeProbe, fit_sweep
 
+from surprise_probe.basis import model_fingerprint
 from surprise_probe.capture import capture
 from surprise_probe.jsonio import to_json
+from surprise_probe.models import model_id
 from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
 
 
@@ -225,3 +228,55 @@ def test_direction_must_be_unit_and_match_d_model():
         ProbeDirection(np.array([2.0, 0.0]), 0.0, 1.0, "h", 0, "m", 2, "surprise")
     with pytest.raises(ValueError, match=r"shape \(3,\) but d_model is 2"):
         ProbeDirection(np.ones(3) / np.sqrt(3), 0.0, 1.0, "h", 0, "m", 2, "surprise")
+
+
+def _tiny_folder(tmp_path, tokenizer, architecture):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":  # LayerNorm: TransformerLens centres the writing weights
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        hf_model = GPT2LMHeadModel(config).eval()
+    else:  # RMSNorm, like SmolLM2 and gemma: no centring
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        hf_model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norm weights, so folding them changes the weights
+        for name, parameter in hf_model.named_parameters():
+            if "ln" in name or "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    folder = tmp_path / architecture
+    hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, hf_model
+
+
+@pytest.mark.parametrize("architecture, centred", [("gpt2", True), ("llama", False)])
+def test_hf_basis_export_reads_the_hugging_face_hidden_states(tmp_path, tiny_tokenizer, one_thread,
+                                                              architecture, centred):
+    import surprise_probe as sp
+
+    folder, hf_model = _tiny_folder(tmp_path, tiny_tokenizer, architecture)
+    with warnings.catch_warnings():  # a tiny folder may load through the bridge (it says so)
+        warnings.simplefilter("ignore")
+        model = sp.load_model(str(folder), device="cpu", progress=False)
+    fingerprint = model_fingerprint(model)
+    processing = fingerprint["weight_processing"]
+    assert processing["writing_weights_centered"] is centred and processing["unembed_centered"] is True
+    assert processing["loader"] == {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+                                    "fold_value_biases": True}
+    raw = np.random.default_rng(0).normal(size=32) + 0.5  # a direction with a mean component
+    probe = ProbeDirection(raw / np.linalg.norm(raw), mean=0.0, std=1.0, hook="blocks.0.hook_resid_post", layer=0,
+                           model_id=model_id(model), d_model=32, target="surprise", model=fingerprint)
+    ids = torch.tensor([tiny_tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    _, cache = model.run_with_cache(ids, names_filter=probe.hook)
+    toolkit = cache[probe.hook][0].double().numpy() @ probe.direction
+    with torch.no_grad():  # reference: the Hugging Face model itself, output of decoder layer 0
+        hidden = hf_model(ids, output_hidden_states=True).hidden_states[1][0].double().numpy()
+    exported = probe.export_vector(basis="hf")
+    assert exported["centred_for_hf"] is centred
+    np.testing.assert_allclose(hidden @ exported["vector"].double().numpy(), toolkit, rtol=1e-4, atol=1e-4)
+    if centred:  # the unedited direction would read the HF hidden states wrongly
+        assert np.abs(hidden @ probe.direction - toolkit).max() > 1e-2
