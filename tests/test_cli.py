@@ -158,6 +158,7 @@ def built_workspace(tmp_path_factory, tiny_hooked, tiny_tokenizer):
     (w / "folder.jsonl").mkdir()
     (w / "locked").mkdir()  # another live run (pid 1 on this host) is writing here
     (w / "locked" / ".lock").write_text(json.dumps({"pid": 1, "host": os.uname().nodename, "started": 0}))
+    (w / "locked.jsonl.lock").write_text(json.dumps({"pid": 1, "host": os.uname().nodename, "started": 0}))
     (w / "userdir" / "notes.txt").write_text("keep me")
     (w / "texts.txt").write_text("\n".join(TEXTS * 2) + "\n")
     with pytest.MonkeyPatch.context() as patch:
@@ -301,6 +302,12 @@ CASES = [
     ("capture-out-user-folder-overwrite", "capture --input {w}/in.txt --out {w}/userdir --overwrite", 2, "did not write"),
     ("capture-other-settings", "capture --input {w}/texts.txt --out {w}/cap --layers 0", 2, "layers=None, not layers=[0]"),
     ("capture-locked-by-another-run", "capture --input {w}/in.txt --out {w}/locked", 1, "pid 1 on host"),
+    ("generate-locked-by-another-run", "generate --prompts {w}/prompts.jsonl --out {w}/locked.jsonl", 1,
+     "pid 1 on host"),
+    ("fit-locked-by-another-run", "fit --activations {w}/cap --out {w}/locked", 1, "pid 1 on host"),
+    ("steer-locked-by-another-run", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/locked", 1, "pid 1 on host"),
+    ("patch-locked-by-another-run", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/locked", 1,
+     "pid 1 on host"),
     ("study-locked-by-another-run", "study --input {w}/in.txt --out {w}/locked --steer-inputs 2", 1, "pid 1 on host"),
     ("capture-unknown-flag", "capture --input {w}/in.txt --out {w}/o --bogus", 2, "--bogus"),
     ("capture-missing-out", "capture --input {w}/in.txt", 2, "--out"),
