@@ -50,7 +50,7 @@ def weights_sha256(model) -> str:
         for name, parameter in parameters:
             tensor = parameter.detach().cpu().contiguous()
             digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     _HASHES[model] = (key, digest.hexdigest())
     return digest.hexdigest()
 
