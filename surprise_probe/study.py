@@ -460,6 +460,7 @@ def calibration_forward_seconds(model) -> float:
     tokens = torch.randint(0, int(model.cfg.d_vocab), (8, length), generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
     with torch.no_grad():
+        model(tokens[:1, :8].to(device), return_type="logits")  # warm-up: the first call pays one-off costs
         started = time.perf_counter()
         model(tokens.to(device), return_type="logits")
         seconds = time.perf_counter() - started
@@ -490,8 +491,8 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
     layers = patch_layers(n_layers, s["patch_layers"])
     est = {
         "capture": 0.55 * f * n_items,
-        "fit_surprise": 0.02 * n_items * n_layers * (1 + s["n_boot"] / 1000),
-        "fit_entropy": 0.02 * n_items * n_layers * (1 + s["n_boot"] / 1000),
+        "fit_surprise": 10 + 0.06 * n_items * n_layers,
+        "fit_entropy": 10 + 0.06 * n_items * n_layers,
         "steer": 0.25 * f * s["steer_inputs"] * (strengths * controls + controls),
         "compare": 0.25 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
         "patch": 0.06 * f * s["patch_pairs"] * (s["sample_tokens"] + (2 + s["patch_random_directions"]) * 2
