@@ -107,10 +107,10 @@ DEFAULT_SETTINGS = {
 # --quick: every stage on small sizes (about 2 minutes on the embedded default; CI's smoke run).
 QUICK_SETTINGS = {
     **DEFAULT_SETTINGS,
-    "max_inputs": 16,
-    "steer_inputs": 4,
+    "max_inputs": 12,
+    "steer_inputs": 2,
     "strengths": [-4.0, 0.0, 4.0],
-    "random_directions": 2,
+    "random_directions": 1,
     "n_boot": 200,
     "patch_pairs": 4,
     "patch_layers": 4,
