@@ -14,7 +14,7 @@ rounding of 2**-8 = 0.4% per operation, which compounds through the layers):
 - patched / source / destination entropies: <= 0.05 nats (measured <= 0.02), against a patch
   effect of about 0.2 nats; greedy generation: at least 3 of the first 4 tokens equal.
 
-The real-model version (SmolLM2 in bfloat16 against float32, wider tolerances) is
+The real-model version (SmolLM2 in bfloat16 against float32, its own measured tolerances) is
 ``test_bf16_chain_on_the_embedded_model`` below, marked ``real_model``.
 """
 
@@ -39,6 +39,16 @@ from surprise_probe.testing import TINY_CORPUS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.0.hook_resid_post"
+# SmolLM2 in bfloat16 vs float32 (test_bf16_chain_on_the_embedded_model): tolerances about 2-3x
+# what was measured on 2026-11-24 (the measured value in brackets).
+REAL_TOLERANCES = {
+    "activations": 0.01,  # relative (Frobenius) error at the middle layer (0.0036)
+    "token_metrics": 0.1,  # mean abs difference of per-token surprise / entropy, nats (0.042 / 0.034)
+    "r2": 0.01,  # held-out R² of the surprise probe at the middle layer, 0.475 in both (0.0002)
+    "steering": 0.01,  # mean entropy and KL per condition, nats (0.0049 / 0.0021), effects 0.06-0.09
+    "patching": 0.01,  # patched entropy, nats (0.0046), against a source-destination gap of 0.47
+    "greedy_tokens": 6,  # of the first 8 greedy tokens, at least this many equal (8 of 8)
+}
 CONVERSATIONS = [
     [{"role": "user", "content": TINY_CORPUS[i % 6]}, {"role": "assistant", "content": TINY_CORPUS[(i + 2) % 6]}]
     for i in range(10)
@@ -149,25 +159,62 @@ def test_greedy_and_steered_generation_in_bfloat16(models):
 
 
 @pytest.mark.real_model
-def test_bf16_chain_on_the_embedded_model(tmp_path):
-    """SmolLM2-135M-Instruct in bfloat16 against float32: capture and a steering sweep at the
-    middle layer, on 2 built-in conversations. Tolerances measured on this model and stated:
-    mean entropy within 0.1 nats, activations within 5% of the largest, steering means within 0.1."""
+def test_bf16_chain_on_the_embedded_model():
+    """SmolLM2-135M-Instruct in bfloat16 against float32 of the same weights, the whole chain on 6
+    built-in conversations at the middle layer: capture (embedding + middle), fit, steer, patch,
+    generate. Tolerances (2-3x what was measured here, stated in REAL_TOLERANCES) are far
+    below the effects checked alongside them."""
     from surprise_probe.io import read_items
 
-    items = read_items("builtin")[:2]
-    runs, sweeps = [], []
+    items = read_items("builtin")[:6]
+    prompt = items[0]["messages"][:1]
+    # patch pairs: the same prompt read with its own answer (source) and another item's (destination)
+    pairs = [(items[i], {"messages": [items[i]["messages"][0], items[i + 1]["messages"][1]]}) for i in (0, 2)]
+    out = {}
     for dtype in ("float32", "bfloat16"):
-        model = load_model("smollm2-135m-instruct", dtype=dtype, progress=False)
+        model = load_model("smollm2-135m-instruct", dtype=dtype, device="cpu", progress=False)
         hook = f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"
-        runs.append(capture(model, items, hooks=[hook], progress=False))
+        run = capture(model, items, hooks=["blocks.0.hook_resid_pre", hook], progress=False)
+        fit = fit_sweep(run, "surprise", hooks=[hook], alphas=[1000.0], nested=False, n_folds=3, n_shuffles=2,
+                        n_boot=20, progress=False)
         d = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0))
-        sweeps.append(dose_response(model, items, SteeringDirection(d / d.norm(), hook, 2.0), [-4.0, 0.0, 4.0],
-                                    random_directions=1, progress=False, n_boot=20))
+        sweep = dose_response(model, items[:2], SteeringDirection(d / d.norm(), hook, 3.0), [-8.0, 0.0, 8.0],
+                              random_directions=1, progress=False, n_boot=20)
+        patch = activation_patching(model, pairs, hooks=[hook], groups=("response",), components=("all",),
+                                    n_boot=20, progress=False)
+        text = generate(model, prompt, max_new_tokens=8, temperature=0, stop_at_eos=False)[0]
+        out[dtype] = dict(run=run, r2=fit[hook].r2.value, sweep=sweep, patch=patch, tokens=text.token_ids)
         del model
-    full, half = runs
-    a, b = full.activations(hook), half.activations(hook)
-    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
-    entropy_full, entropy_half = full.column("output_entropy"), half.column("output_entropy")
-    assert abs(entropy_full.mean() - entropy_half.mean()) <= 0.1
-    np.testing.assert_allclose(sweeps[1].entropy, sweeps[0].entropy, atol=0.1, rtol=0)
+    full, half = out["float32"], out["bfloat16"]
+    tol = REAL_TOLERANCES
+    a, b = full["run"].activations(hook), half["run"].activations(hook)
+    print("measured:", {
+        "activations": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+        **{c: float(np.nanmean(np.abs(full["run"].column(c) - half["run"].column(c))))
+           for c in ("input_surprise", "output_entropy")},
+        "r2": (full["r2"], half["r2"]),
+        **{k: float(np.abs(np.asarray(half["sweep"].__dict__[k]) - np.asarray(full["sweep"].__dict__[k])).max())
+           for k in ("entropy", "kl")},
+        "kl_effect": float(np.asarray(full["sweep"].kl)[:, [0, 2]].min()),
+        "patching": float(np.abs(np.asarray(half["patch"].entropy_patched["all"], dtype=float)
+                                 - np.asarray(full["patch"].entropy_patched["all"], dtype=float)).max()),
+        "gap": full["patch"].entropy_source - full["patch"].entropy_destination,
+        "tokens": (full["tokens"], half["tokens"]),
+    })
+    a, b = full["run"].activations(hook), half["run"].activations(hook)
+    assert b.dtype == np.float32
+    assert np.linalg.norm(a - b) <= tol["activations"] * np.linalg.norm(a)
+    assert not np.allclose(a, b, atol=1e-6, rtol=0)  # the bfloat16 run really is another computation
+    for column in ("input_surprise", "output_entropy"):
+        x, y = full["run"].column(column), half["run"].column(column)
+        assert np.nanmean(np.abs(x - y)) <= tol["token_metrics"], column
+    assert abs(full["r2"] - half["r2"]) <= tol["r2"]
+    assert full["r2"] > 0.1  # a probe that decodes something, so the comparison means something
+    for key in ("entropy", "kl"):
+        np.testing.assert_allclose(half["sweep"].__dict__[key], full["sweep"].__dict__[key], atol=tol["steering"], rtol=0)
+    assert np.asarray(full["sweep"].kl)[:, [0, 2]].min() > 4 * tol["steering"]  # steering moved the output
+    np.testing.assert_allclose(half["patch"].entropy_patched["all"], full["patch"].entropy_patched["all"],
+                               atol=tol["patching"], rtol=0)
+    gap = full["patch"].entropy_source - full["patch"].entropy_destination
+    assert abs(gap) > 5 * tol["patching"]  # the pairs differ, so the patch has something to close
+    assert sum(x == y for x, y in zip(full["tokens"], half["tokens"], strict=True)) >= tol["greedy_tokens"]
