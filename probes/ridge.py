@@ -21,15 +21,7 @@ import einops
 import numpy as np
 from jaxtyping import Float
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils.validation import check_is_fitted
-
-try:  # scikit-learn >= 1.6
-    from sklearn.utils.validation import validate_data
-except ImportError:  # pragma: no cover - older scikit-learn
-
-    def validate_data(estimator, X, y="no_validation", reset=True, **kwargs):
-        return estimator._validate_data(X, y, reset=reset, **kwargs)
-
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 __all__ = ["RidgeStats", "RidgeSolution", "solve_ridge", "heldout_sums", "RidgeProbe"]
 
