@@ -102,20 +102,9 @@ def peer_versions() -> dict[str, str]:
 
 def _tiny_folder(folder: Path) -> Path:
     """A random 4-layer Llama saved as a Hugging Face folder (offline smoke runs)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from surprise_probe.testing import tiny_llama_folder
 
-    from surprise_probe.testing import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(folder, n_layers=4, n_ctx=256, pad=True)[0]
 
 
 def _corpus(folder: Path, n_sequences: int, seq_len: int) -> np.ndarray:

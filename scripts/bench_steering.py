@@ -112,20 +112,9 @@ def _peer_folder(name: str, work: Path) -> Path:
         return embedded_folder(name.lower())
     if name != "tiny":
         return Path(name)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from surprise_probe.testing import tiny_llama_folder
 
-    from surprise_probe.testing import tiny_tokenizer
-
-    folder = work / "tiny-model"
-    tokenizer = tiny_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(work / "tiny-model", n_layers=4, n_ctx=256, pad=True)[0]
 
 
 def _peer_job(args, folder: Path, work: Path) -> dict:

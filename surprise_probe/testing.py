@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_hooked_transformer", "tiny_bridge", "TINY_CORPUS"]
+__all__ = [
+    "tiny_llama_folder", "tiny_tokenizer", "tiny_hooked_transformer", "tiny_bridge", "TINY_CORPUS"]
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -87,29 +88,53 @@ def tiny_hooked_transformer(
     return model.eval()
 
 
+def tiny_llama_folder(
+    folder: str | Path,
+    tokenizer=None,
+    *,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_ctx: int = 64,
+    seed: int = 0,
+    pad: bool = False,
+    **config,
+):
+    """Save a random Llama (seeded) and its tokenizer as a Hugging Face folder; return ``(folder, model)``.
+
+    ``pad=True`` also sets ``pad_token_id`` (which zeroes that embedding row); ``config`` overrides
+    any other ``LlamaConfig`` field (e.g. ``initializer_range``).
+
+    >>> import tempfile
+    >>> folder, model = tiny_llama_folder(tempfile.mkdtemp(), n_layers=1, d_model=32)
+    >>> (folder / "config.json").exists(), model.config.num_hidden_layers
+    (True, 1)
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    tokenizer = tokenizer or tiny_tokenizer(folder)
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_ctx,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    if pad:
+        settings["pad_token_id"] = tokenizer.pad_token_id
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
 def tiny_bridge(n_layers: int = 2, d_model: int = 64, n_ctx: int = 64, seed: int = 0, tokenizer=None):
     """A random Llama model wrapped as a ``TransformerBridge`` in compatibility mode."""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(tempfile.mkdtemp(prefix="sp-tiny-bridge-"))
     tokenizer = tokenizer or tiny_tokenizer(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=n_ctx,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    hf_model = LlamaForCausalLM(config).eval()
-    hf_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder, hf_model = tiny_llama_folder(folder, tokenizer, n_layers=n_layers, d_model=d_model, n_ctx=n_ctx,
+                                         seed=seed, pad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(

@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+from surprise_probe.testing import tiny_llama_folder
+
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
@@ -50,18 +52,7 @@ def tiny_model(request, tiny_hooked, tiny_bridge_model):
 @pytest.fixture(scope="session")
 def tiny_hf_folder(tmp_path_factory, tiny_tokenizer):
     """A random Llama saved as a local Hugging Face folder (what load_model reads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-random-lm")
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-random-lm"), tiny_tokenizer, seed=1)[0]
 
 
 TEXTS = [
