@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import einops
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from surprise_probe.interventions.hooks import Ablate, Steer
 from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, start_layer
 from torch import Tensor
@@ -79,61 +79,160 @@ def encode_items(model, items, **encode_kwargs) -> list:
 
 
 def token_metrics(
-    logits: Float[Tensor, "tokens vocab"], clean_log_probs: Float[Tensor, "tokens vocab"]
+    logits: Float[Tensor, "tokens vocab"],
+    clean_log_probs: Float[Tensor, "tokens vocab"],
+    clean_top1: Int[Tensor, " tokens"] | None = None,
 ) -> tuple[Float[Tensor, " tokens"], Float[Tensor, " tokens"], Float[Tensor, " tokens"], Bool[Tensor, " tokens"]]:
     """Per token: output entropy, KL(steered || clean), top-1 agreement with clean, and whether
-    every logit is finite; float32 (float64 stays float64) whatever the model's dtype. Runs over
-    cache-sized blocks of tokens (``metrics.CACHE_ELEMENTS``), so each logit leaves memory once."""
+    every logit is finite; float32 (float64 stays float64) whatever the model's dtype.
+
+    ``clean_top1``: the clean top-1 tokens (default: ``clean_log_probs.argmax(-1)``); a caller
+    that scores many conditions against the same clean run passes them once. Runs over
+    cache-sized blocks of tokens (``metrics.CACHE_ELEMENTS``), so each logit leaves memory once;
+    per block one softmax, three maxima, two subtractions and two dot products (no exp or argmax
+    pass, no copy of the clean rows); the finiteness check touches only rows whose entropy came
+    out NaN (exactly the rows with a non-finite logit).
+    """
+    if clean_top1 is None:
+        clean_top1 = clean_log_probs.argmax(-1)
     block = max(1, CACHE_ELEMENTS // max(1, int(logits.shape[-1])))
     if len(logits) > block:
-        parts = [token_metrics(logits[a : a + block], clean_log_probs[a : a + block])
+        parts = [token_metrics(logits[a : a + block], clean_log_probs[a : a + block], clean_top1[a : a + block])
                  for a in range(0, len(logits), block)]
         return tuple(torch.cat(values) for values in zip(*parts))
-    finite = torch.isfinite(logits).all(-1)
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    log_probs = torch.log_softmax(logits.to(dtype), -1)
-    probs = log_probs.exp()
-    clean = clean_log_probs.to(device=log_probs.device, dtype=dtype)
-    entropy = (probs * log_probs).sum(-1).neg_()
-    kl = torch.sub(log_probs, clean).mul_(probs).sum(-1)
-    # 0 * -inf = nan where a probability is exactly 0: those terms are 0. Only rows with a nan
-    # (rare: -inf logits) take the extra pass.
+    probs, log_probs, top = _distribution(logits)
+    clean = clean_log_probs.to(device=log_probs.device, dtype=log_probs.dtype)
+    agree = _top1_agrees(probs, top, clean_top1.to(probs.device)).to(probs.dtype)
+    entropy = torch.linalg.vecdot(probs, log_probs).neg_()
+    kl = torch.linalg.vecdot(probs, log_probs - clean)
+    finite = torch.ones(len(logits), dtype=torch.bool, device=probs.device)
+    # A NaN entropy means a non-finite logit: +inf or NaN make every probability NaN, -inf gives a
+    # probability of exactly 0 and 0 * -inf = NaN. Those terms are 0; only such rows (rare) take
+    # the extra passes, including the finiteness check.
+    bad = torch.isnan(entropy)
+    if bad.any():
+        finite[bad] = torch.isfinite(logits[bad]).all(-1).to(finite.device)
     for values, other, sign in ((entropy, None, -1.0), (kl, clean, 1.0)):
         bad = torch.isnan(values)
         if bad.any():
             terms = log_probs[bad] if other is None else log_probs[bad] - other[bad]
             values[bad] = sign * torch.nan_to_num(probs[bad] * terms, nan=0.0).sum(-1)
-    agree = (log_probs.argmax(-1) == clean.argmax(-1)).to(dtype)
     return entropy, kl, agree, finite
+
+
+def _distribution(
+    logits: Float[Tensor, "tokens vocab"],
+) -> tuple[Float[Tensor, "tokens vocab"], Float[Tensor, "tokens vocab"], Float[Tensor, "tokens 1"]]:
+    """Probabilities, log-probabilities and the largest probability, float32 (float64 stays).
+
+    One softmax gives the probabilities; the log-normaliser follows from the largest one
+    (``log Z = max logit - log max p``, as ``max p = 1 / sum exp(logit - max logit)``), so the
+    log-probabilities are one subtraction instead of a second pass of exponentials.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(dtype)
+    probs = torch.softmax(x, -1)
+    top = probs.amax(-1, keepdim=True)
+    log_probs = x - (x.amax(-1, keepdim=True) - top.log())
+    return probs, log_probs, top
+
+
+def _top1_agrees(
+    probs: Float[Tensor, "tokens vocab"], top: Float[Tensor, "tokens 1"], clean_top1: Int[Tensor, " tokens"]
+) -> Bool[Tensor, " tokens"]:
+    """Whether ``probs.argmax(-1) == clean_top1`` (the first index among ties, as argmax), from
+    two maxima instead of an argmax pass: the clean top-1 holds the maximum and nothing else does.
+    ``probs`` is changed at one entry per row and restored."""
+    at = clean_top1.unsqueeze(-1)
+    value = probs.gather(-1, at)
+    probs.scatter_(-1, at, -1.0)
+    second = probs.amax(-1, keepdim=True)
+    probs.scatter_(-1, at, value)
+    holds = (value == top).squeeze(-1)
+    tie = holds & (second == top).squeeze(-1)
+    agree = holds & ~tie
+    if tie.any():  # another token has the same largest probability: argmax takes the first index
+        agree[tie] = probs[tie].argmax(-1) == clean_top1[tie]
+    return agree
+
+
+def clean_distribution(
+    logits: Float[Tensor, "tokens vocab"],
+) -> tuple[Float[Tensor, "tokens vocab"], Int[Tensor, " tokens"], Float[Tensor, " tokens"]]:
+    """The clean run's log-probabilities, top-1 tokens and entropy, computed as ``token_metrics``
+    computes the steered ones (so identical logits give a KL of exactly 0), a cache-sized block
+    of tokens at a time."""
+    block = max(1, CACHE_ELEMENTS // max(1, int(logits.shape[-1])))
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    log_probs = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    top1 = torch.empty(len(logits), dtype=torch.long, device=logits.device)
+    entropy = torch.empty(len(logits), dtype=dtype, device=logits.device)
+    for a in range(0, len(logits), block):
+        probs, log_probs[a : a + block], _ = _distribution(logits[a : a + block])
+        top1[a : a + block] = probs.argmax(-1)
+        terms = probs * log_probs[a : a + block]
+        entropy[a : a + block] = -torch.nan_to_num(terms, nan=0.0).sum(-1)
+    return log_probs, top1, entropy
 
 
 def row_metrics(
     logits: Float[Tensor, "batch pos vocab"],
     scored: Bool[Tensor, "batch pos"],
     clean_log_probs: Float[Tensor, "tokens vocab"],
+    clean_top1: Int[Tensor, " tokens"] | None = None,
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"], Float[Tensor, " batch"], Bool[Tensor, " batch"]]:
     """Per-row sums over scored tokens of entropy, KL(steered || clean), top-1 agreement; and
-    whether every scored logit of the row is finite. ``clean_log_probs`` follow ``scored`` order.
-    Tokens are processed in chunks, so the temporaries stay bounded."""
+    whether every scored logit of the row is finite. ``clean_log_probs`` (and ``clean_top1``,
+    default their argmax) follow ``scored`` order. Tokens are processed in chunks, so the
+    temporaries stay bounded."""
     scored = scored.to(logits.device)
-    rows = torch.nonzero(scored, as_tuple=True)[0]
+    if clean_top1 is None:
+        clean_top1 = clean_log_probs.argmax(-1)
+    counts = scored.sum(-1).tolist()
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    segments = [(row, clean_log_probs[offsets[row] : offsets[row + 1]], clean_top1[offsets[row] : offsets[row + 1]])
+                for row in range(len(counts)) if counts[row]]
     flat = logits[scored]
-    return _sum_per_row(lambda a, b: flat[a:b], len(flat), int(logits.shape[-1]), rows,
-                        clean_log_probs, scored.shape[0])
+    return _segment_sums(lambda a, b: flat[a:b], segments, int(logits.shape[-1]), scored.shape[0])
 
 
-def _sum_per_row(logits_at, n_tokens: int, vocab: int, rows: Tensor, clean_log_probs: "Tensor | _RepeatedRows", n_rows: int):
-    """Sum token metrics per row; ``logits_at(a, b)`` gives the logits of flat tokens [a, b)."""
+def _segment_sums(logits_at, segments: list, vocab: int, n_rows: int):
+    """Sum token metrics per row. The flat tokens are the concatenation of ``segments``, each
+    ``(row, clean_log_probs, clean_top1)`` for that many consecutive tokens of ``row``;
+    ``logits_at(a, b)`` gives the logits of flat tokens [a, b), a chunk of ``metrics.CHUNK_ELEMENTS``
+    logits at a time. The clean rows are read in place (views), never gathered per condition."""
     sums = torch.zeros(3, n_rows, dtype=torch.float64)
     finite = torch.ones(n_rows, dtype=torch.bool)
-    rows = rows.cpu()
+    starts = np.concatenate([[0], np.cumsum([len(lp) for _, lp, _ in segments])]).astype(int)
+    n_tokens = int(starts[-1])
     step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    pieces: list[tuple[int, Tensor]] = []
+    oks: list[tuple[int, Tensor]] = []
+    k = 0  # first segment that may overlap the chunk
     for a in range(0, n_tokens, step):
         b = min(n_tokens, a + step)
-        entropy, kl, agree, ok = token_metrics(logits_at(a, b), clean_log_probs[a:b])
-        values = torch.stack([entropy, kl, agree]).double().cpu()
-        sums.index_add_(1, rows[a:b], values)
-        finite[rows[a:b][~ok.cpu()]] = False
+        logits = logits_at(a, b)
+        while starts[k + 1] <= a:
+            k += 1
+        for i in range(k, len(segments)):
+            lo, hi = max(a, int(starts[i])), min(b, int(starts[i + 1]))
+            if lo >= b:
+                break
+            if hi <= lo:
+                continue
+            row, clean, top1 = segments[i]
+            offset = int(starts[i])
+            entropy, kl, agree, ok = token_metrics(
+                logits[lo - a : hi - a], clean[lo - offset : hi - offset], top1[lo - offset : hi - offset]
+            )
+            pieces.append((row, torch.stack([entropy, kl, agree]).double().sum(-1)))
+            oks.append((row, ok.all()))
+        del logits
+    if pieces:
+        rows = torch.tensor([row for row, _ in pieces])
+        sums.index_add_(1, rows, torch.stack([values for _, values in pieces]).cpu().T)
+        bad = ~torch.stack([ok for _, ok in oks]).cpu()
+        finite[rows[bad]] = False
     return sums[0], sums[1], sums[2], finite
 
 
@@ -239,16 +338,21 @@ def run_sweep(
                 )
             table.entropy[i, j, s], table.kl[i, j, s], table.agree[i, j, s] = entropy[row], kl[row], agree[row]
 
-    def record(rows: list[tuple[int, int]], logits: Tensor, scored: Tensor, clean: dict[int, Tensor]) -> None:
-        store(rows, row_metrics(logits, scored, torch.cat([clean[s] for s, _ in rows])))
+    def record(rows: list[tuple[int, int]], logits: Tensor, scored: Tensor, clean: dict) -> None:
+        """Metrics of ``logits`` (one row per (sequence, condition) of ``rows``) at ``scored``."""
+        scored = scored.to(logits.device)
+        segments = [(row, *clean[s]) for row, (s, _) in enumerate(rows)]
+        flat = logits[scored]
+        store(rows, _segment_sums(lambda a, b: flat[a:b], segments, int(logits.shape[-1]), len(rows)))
 
-    def keep_clean(s: int, selected: Tensor, clean: dict[int, Tensor]) -> None:
-        """Clean log-probs at the scored tokens of sequence ``s`` (``selected``: their logits)."""
+    def keep_clean(s: int, selected: Tensor, clean: dict) -> None:
+        """Clean log-probs and top-1 tokens at the scored tokens of sequence ``s`` (``selected``:
+        their logits), computed once per sequence."""
         if not torch.isfinite(selected).all():
             raise ValueError(f"input {s} gives non-finite logits even without intervention")
-        dtype = torch.float64 if selected.dtype == torch.float64 else torch.float32
-        clean[s] = torch.log_softmax(selected.to(dtype), -1)
-        table.clean_entropy[s] = float(-(clean[s].exp() * clean[s]).nan_to_num(0.0).sum())
+        log_probs, top1, entropy = clean_distribution(selected)
+        clean[s] = (log_probs, top1)
+        table.clean_entropy[s] = float(entropy.double().sum())
 
     def condition_rows(block: list[int], n_rows: int, with_clean: bool):
         """Per-row directions and amounts of a block of conditions (row 0 clean if asked)."""
@@ -277,7 +381,6 @@ def run_sweep(
             suffix_scored = torch.as_tensor(item.scored[first:], dtype=torch.bool)
             where = suffix_scored if positions == "response" else torch.ones_like(suffix_scored)
             at = torch.nonzero(suffix_scored).squeeze(-1).to(device)
-            n_at = len(at)
             clean_final = run_from_hook(model, prefix, prefix.residual)[0, at]
             clean = {}
             keep_clean(s, _unembed_chunks(model, clean_final), clean)
@@ -290,12 +393,10 @@ def run_sweep(
                                     positions=where.expand(len(block), -1), **extra)
                 edited = _edit(intervention, hook, prefix.residual)
                 final = run_from_hook(model, prefix, edited)[:, at]  # (rows, n_at, d_model)
-                flat = einops.rearrange(final, "rows at d -> (rows at) d")  # row-major, as row_ids below
-                row_ids = torch.arange(len(block)).repeat_interleave(n_at)
-                clean_rep = _RepeatedRows(clean[s])
-                store([(s, c) for c in block], _sum_per_row(
+                flat = einops.rearrange(final, "rows at d -> (rows at) d")  # row-major: row r is segment r
+                store([(s, c) for c in block], _segment_sums(
                     lambda a, b, flat=flat: unembed(model, flat[a:b].unsqueeze(0))[0],
-                    len(flat), int(model.cfg.d_vocab_out), row_ids, clean_rep, len(block),
+                    [(r, *clean[s]) for r in range(len(block))], int(model.cfg.d_vocab_out), len(block),
                 ))
                 table.n_forwards += 1
                 bar.update()
@@ -399,13 +500,3 @@ def _unembed_chunks(model, final: Tensor) -> Tensor:
     step = max(1, CHUNK_ELEMENTS // int(model.cfg.d_vocab_out))
     return torch.cat([unembed(model, final[a : a + step].unsqueeze(0))[0] for a in range(0, len(final), step)])
 
-
-class _RepeatedRows:
-    """``clean`` (tokens x vocab) repeated row after row along the token axis, sliced lazily."""
-
-    def __init__(self, clean: Tensor):
-        self.clean, self.n = clean, len(clean)
-
-    def __getitem__(self, index: slice) -> Tensor:
-        rows = torch.arange(index.start, index.stop) % self.n
-        return self.clean[rows.to(self.clean.device)]
