@@ -148,6 +148,7 @@ def steering_experiment(
     hook: str | None = None,
     ablation: bool = True,
     batch_size: int = 32,
+    max_batch_tokens: int = 8192,
     batched: bool = True,
     truncate: bool = False,
     samples: int = 0,
@@ -158,18 +159,22 @@ def steering_experiment(
     progress: bool = True,
     config: dict | None = None,
 ) -> SteeringExperiment:
-    """Steer along ``probe`` at ``strengths`` (std units), ablate it, optionally sample; see module doc."""
+    """Steer along ``probe`` at ``strengths`` (std units), ablate it, optionally sample; see module doc.
+
+    Every sweep forward has at most ``batch_size`` rows and ``max_batch_tokens`` tokens.
+    """
     direction = from_probe(model, probe, hook=hook)
     encoded = encode_all(model, items, truncate=truncate)
     result = dose_response(
         model, encoded, direction, list(strengths), random_directions=random_directions, positions=positions,
-        batch_size=batch_size, batched=batched, seed=seed, n_boot=n_boot, progress=progress,
+        batch_size=batch_size, max_batch_tokens=max_batch_tokens, batched=batched, seed=seed, n_boot=n_boot,
+        progress=progress,
     )
     ablated = None
     if ablation:
         ablated = directional_ablation(
             model, encoded, direction, random_directions=random_directions, positions=positions,
-            batch_size=batch_size, seed=seed, n_boot=n_boot, progress=progress,
+            batch_size=batch_size, max_batch_tokens=max_batch_tokens, seed=seed, n_boot=n_boot, progress=progress,
         )
     rows = []
     for index, item in enumerate(list(items)[:samples]):
@@ -256,6 +261,7 @@ def patching_experiment(
     groups: Sequence[str] = ("prompt", "response", "first4"),
     components: Sequence[str] = ("direction", "all"),
     batch_size: int = 32,
+    max_batch_tokens: int = 8192,
     n_boot: int = 1000,
     seed: int = 0,
     random_directions: int = 0,
@@ -265,7 +271,8 @@ def patching_experiment(
     """Patch source into destination at ``layers`` (default: all) along ``probe``; see module doc.
 
     ``random_directions``: seeded random unit directions patched like the probe direction, as its
-    control (``interventions.patching``).
+    control (``interventions.patching``). Every patched forward has at most ``batch_size`` rows
+    and ``max_batch_tokens`` tokens.
     """
     direction = from_probe(model, probe)
     n_layers = int(model.cfg.n_layers)
@@ -275,7 +282,7 @@ def patching_experiment(
         raise ValueError(f"layer {bad[0]} is out of range; this model has layers 0..{n_layers - 1}")
     result = activation_patching(
         model, pairs, hooks=resid_hooks(model, layers), groups=groups, direction=direction,
-        components=components, batch_size=batch_size, n_boot=n_boot, seed=seed,
+        components=components, batch_size=batch_size, max_batch_tokens=max_batch_tokens, n_boot=n_boot, seed=seed,
         random_directions=random_directions if "direction" in components else 0, progress=progress,
     )
     return PatchingExperiment(model_id(model), probe_artifact(probe_path), result, dict(config or {}))

@@ -102,3 +102,44 @@ def test_cli_errors_name_the_bad_value(use_tiny, tiny_hooked, tmp_path, capsys):
     bad_pairs = _jsonl(tmp_path / "bad.jsonl", [{"source": {"text": TEXTS[0]}}])
     with pytest.raises(ValueError, match=r"bad.jsonl:1: expected an object with 'source' and 'destination'"):
         read_pairs(bad_pairs)
+
+
+def test_max_batch_tokens_is_validated_recorded_and_bounds_the_forwards(use_tiny, probe_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    from surprise_probe.interventions import experiments
+
+    items = [{"messages": CONVERSATION}, {"text": TEXTS[0]}]
+    inputs = _jsonl(tmp_path / "in.jsonl", items)
+    common = ["--probe", str(probe_file), "--n-boot", "20", "--no-progress"]
+    steer = ["steer", *common, "--input", str(inputs), "--strengths", "-1", "1", "--random-directions", "1",
+             "--no-ablation"]
+    for bad in ("0", "-3", "1.5"):
+        assert main([*steer, "--out", str(tmp_path / "bad"), "--max-batch-tokens", bad]) == 2
+        assert f"argument --max-batch-tokens: expected an integer >= 1, got {bad!r}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    # One token per forward: each condition row runs alone, so every input takes one clean forward
+    # plus one per condition (3 directions x 2 strengths), against fewer with the default budget.
+    payloads = {}
+    for name, extra in (("one", ["--max-batch-tokens", "1"]), ("default", [])):
+        assert main([*steer, "--out", str(tmp_path / name), *extra]) == 0
+        payloads[name] = json.loads((tmp_path / name / "steer.json").read_text())
+    assert payloads["one"]["config"]["max_batch_tokens"] == 1
+    assert payloads["default"]["config"]["max_batch_tokens"] == 8192
+    assert payloads["one"]["dose_response"]["n_forwards"] == len(items) * (1 + 3 * 2)
+    assert payloads["default"]["dose_response"]["n_forwards"] < len(items) * (1 + 3 * 2)
+    np.testing.assert_allclose(payloads["one"]["dose_response"]["entropy"],
+                               payloads["default"]["dose_response"]["entropy"], atol=1e-5, rtol=0)
+    # patch passes it through to the library call and records it
+    seen = []
+    real = experiments.activation_patching
+    monkeypatch.setattr(experiments, "activation_patching",
+                        lambda *args, **kwargs: seen.append(kwargs["max_batch_tokens"]) or real(*args, **kwargs))
+    def conversation(answer):
+        return [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": answer}]
+
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"source": conversation("A cat sat on the mat."),
+                                               "destination": conversation("Rivers flow to the sea.")}])
+    assert main(["patch", *common, "--pairs", str(pairs), "--out", str(tmp_path / "patch"), "--groups", "response",
+                 "--random-directions", "0", "--layers", "1", "--max-batch-tokens", "40"]) == 0
+    assert seen == [40]
+    assert json.loads((tmp_path / "patch" / "patch.json").read_text())["config"]["max_batch_tokens"] == 40

@@ -3,9 +3,8 @@ rows read in place) against an independent float64 computation: ties, -inf / +in
 segments that cross chunk and block boundaries, and identical logits giving a KL of exactly 0."""
 
 import pytest
-import torch
-
 import surprise_probe.interventions.sweep as sweep
+import torch
 
 
 def _reference(logits, clean_logits):

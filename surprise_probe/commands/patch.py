@@ -62,7 +62,8 @@ def run(args) -> int:
         print(f"[patch] {len(pairs)} pairs, groups {args.groups}")
         result = patching_experiment(
             model, pairs, probe, probe_path=args.probe, layers=args.layers, groups=args.groups,
-            components=args.components, batch_size=args.batch_size, n_boot=args.n_boot, seed=args.seed,
+            components=args.components, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+            n_boot=args.n_boot, seed=args.seed,
             random_directions=args.random_directions, progress=not args.no_progress, config=command_config(args),
         )
         if not main:

@@ -36,6 +36,8 @@ def add_probe_arguments(parser) -> None:
                         help="probe direction (the probe.json written by `surprise-probe fit`)")
     add_out_argument(parser, "output folder (JSON + HTML)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward pass (bounds memory)")
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=8192,
+                        help="tokens (rows x positions) per forward pass (bounds memory; a longer input runs alone)")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (over sequences / pairs)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for control directions, bootstrap, samples")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -92,7 +94,7 @@ def run(args) -> int:
         result = steering_experiment(
             model, items, probe, args.strengths, probe_path=args.probe, random_directions=args.random_directions,
             positions=args.positions, hook=args.hook, ablation=not args.no_ablation, batch_size=args.batch_size,
-            batched=not args.loop, truncate=args.truncate, samples=args.samples, max_new_tokens=args.max_new_tokens,
+            max_batch_tokens=args.max_batch_tokens, batched=not args.loop, truncate=args.truncate, samples=args.samples, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, seed=args.seed, n_boot=args.n_boot, progress=not args.no_progress,
             config=command_config(args),
         )
