@@ -55,13 +55,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from surprise_probe.interventions.hooks import Patch, apply_all
+from surprise_probe.interventions.hooks import Patch, Touched, apply_all
 from tqdm.auto import tqdm
 
 from surprise_probe import distributed
 from surprise_probe.stats import bootstrap_sums, small_sample_warnings, zscore
 
-__all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group"]
+__all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group", "patched_entropies"]
 
 _FIRST = re.compile(r"^first(\d+)$")
 
@@ -179,6 +179,156 @@ def _measured_entropy(entropy, positions: np.ndarray, row: int) -> float:
     return float(entropy[row, torch.as_tensor(positions, device=entropy.device)].mean())
 
 
+def _resid_post_layers(model, hooks: Sequence[str]) -> dict[str, int] | None:
+    """``{hook: layer}`` when the model is a HookedTransformer and every hook is a
+    ``blocks.{L}.hook_resid_post`` (patched runs can then start at block ``L``), else ``None``."""
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        return None
+    layers = {}
+    for hook in hooks:
+        match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+        if match is None:
+            return None
+        layers[hook] = int(match.group(1))
+    return layers
+
+
+@torch.no_grad()
+def _entropy_at(model, residual, rows: Sequence[int], positions: Sequence[np.ndarray]) -> list[float]:
+    """Mean output entropy of ``residual[rows[r], positions[r]]`` per r: the final norm and the
+    unembedding run at those positions only, a bounded number of positions at a time."""
+    from surprise_probe.capture import unembed
+    from surprise_probe.metrics import chunk_positions, output_entropy
+
+    device = residual.device
+    row_index = torch.as_tensor(np.repeat(np.asarray(rows, dtype=np.int64), [len(p) for p in positions]),
+                                device=device)
+    pos_index = torch.as_tensor(np.concatenate([np.asarray(p, dtype=np.int64) for p in positions]), device=device)
+    step = chunk_positions(1, int(model.cfg.d_vocab_out))
+    entropy = torch.cat([
+        output_entropy(unembed(model, residual[row_index[a : a + step], pos_index[a : a + step]]).unsqueeze(0))[0]
+        for a in range(0, len(pos_index), step)
+    ])
+    bounds = np.cumsum([0] + [len(p) for p in positions])
+    return [float(entropy[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def patched_entropies(
+    model,
+    encoded: Sequence[tuple],
+    alignments: dict,
+    conditions: Sequence[tuple[str, str, str]],
+    vectors: dict,
+    pair_ids: Sequence[int],
+    *,
+    batch_size: int = 32,
+    max_batch_tokens: int = 8192,
+    bar=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Measured-span mean entropies of the source, the destination and every patched condition.
+
+    ``encoded``: ``(source, destination)`` encodings; ``alignments[i, group]`` and
+    ``alignments[i, "measured"]``: :func:`align_positions` of pair ``i``; ``conditions``:
+    ``(component, hook, group)``, patching along ``vectors[component]`` (``None``: the whole
+    activation). Returns ``(h_source (pairs,), h_destination (pairs,), h_patched (conditions,
+    pairs))``, filled for ``pair_ids`` only (zeros elsewhere). Each forward has at most
+    ``batch_size`` rows and ``max_batch_tokens`` tokens.
+
+    On a HookedTransformer whose hooks are all ``hook_resid_post``, nothing is computed twice: a
+    patch after block ``L`` changes only the blocks after it, so the patched run patches the clean
+    destination's residual after block ``L`` and runs blocks ``L + 1 ...`` from there (rows grouped
+    by layer), and the final norm and
+    unembedding run only at the measured positions (clean runs too). Otherwise (a
+    TransformerBridge) each patched row is a full forward with position-chunked metrics.
+    """
+    from surprise_probe.capture import final_residual, forward_metrics
+    from surprise_probe.devices import model_device
+    from surprise_probe.inputs import pad_batch, pad_id
+
+    hooks = list(dict.fromkeys(h for _, h, _ in conditions))
+    layers = _resid_post_layers(model, hooks)
+    pad = pad_id(model)
+    n_pairs = len(encoded)
+    h_source, h_destination = np.zeros(n_pairs), np.zeros(n_pairs)
+    h_patched = np.zeros((len(conditions), n_pairs))
+    pairs_per_step = max(1, batch_size // max(1, len(conditions)))
+    pair_ids = list(pair_ids)
+    for start in range(0, len(pair_ids), pairs_per_step):
+        chunk = pair_ids[start : start + pairs_per_step]
+        source_batch = pad_batch([encoded[i][0] for i in chunk], pad)
+        destination_batch = pad_batch([encoded[i][1] for i in chunk], pad)
+        measured_dst = [alignments[i, "measured"][0] for i in chunk]
+        measured_src = [alignments[i, "measured"][1] for i in chunk]
+        rows = [(row, c) for row in range(len(chunk)) for c in range(len(conditions))]
+        per_block = max(1, min(batch_size, max_batch_tokens // destination_batch.tokens.shape[1]))
+        if layers is not None:
+            with torch.no_grad():
+                source_residual, source_acts = final_residual(model, source_batch, hooks)
+                destination_residual, destination_acts = final_residual(model, destination_batch, hooks)
+            everyone = list(range(len(chunk)))
+            h_source[chunk] = _entropy_at(model, source_residual, everyone, measured_src)
+            h_destination[chunk] = _entropy_at(model, destination_residual, everyone, measured_dst)
+            # rows grouped by the patched layer: one block starts at one layer
+            rows.sort(key=lambda rc: layers[conditions[rc[1]][1]])
+            blocks, current = [], []
+            for rc in rows:
+                if current and (len(current) == per_block
+                                or layers[conditions[rc[1]][1]] != layers[conditions[current[0][1]][1]]):
+                    blocks.append(current)
+                    current = []
+                current.append(rc)
+            blocks += [current] if current else []
+        else:
+            with torch.no_grad():
+                _, source_entropy, source_acts = forward_metrics(model, source_batch, hooks)
+                _, destination_entropy, _ = forward_metrics(model, destination_batch)
+            for row, i in enumerate(chunk):
+                h_source[i] = _measured_entropy(source_entropy, measured_src[row], row)
+                h_destination[i] = _measured_entropy(destination_entropy, measured_dst[row], row)
+            blocks = [rows[k : k + per_block] for k in range(0, len(rows), per_block)]
+        for block in blocks:
+            block_rows = torch.tensor([row for row, _ in block])
+            if layers is None:
+                batch = pad_batch([encoded[chunk[row]][1] for row, _ in block], pad)
+            width = (destination_batch if layers is not None else batch).tokens.shape[1]
+            patches = []
+            for component, hook in dict.fromkeys((conditions[c][0], conditions[c][1]) for _, c in block):
+                mask = torch.zeros(len(block), width, dtype=torch.bool)
+                index = torch.zeros(len(block), width, dtype=torch.long)
+                for r, (row, c) in enumerate(block):
+                    if conditions[c][:2] != (component, hook):
+                        continue
+                    dst_pos, src_pos = alignments[chunk[row], conditions[c][2]]
+                    mask[r, torch.as_tensor(dst_pos, dtype=torch.long)] = True
+                    index[r, torch.as_tensor(dst_pos, dtype=torch.long)] = torch.as_tensor(src_pos, dtype=torch.long)
+                patches.append(Patch(hooks=hook, positions=mask, source=source_acts[hook][block_rows],
+                                     source_index=index, direction=vectors[component]))
+            if layers is not None:
+                layer = layers[conditions[block[0][1]][1]]
+                device = model_device(model)
+                # the clean destination's residual after block `layer`, patched by the hooks' own
+                # functions (as in a hooked forward), then blocks layer + 1 ... only
+                residual = destination_acts[f"blocks.{layer}.hook_resid_post"][block_rows.to(device)]
+                with torch.no_grad():
+                    for patch in patches:
+                        for name, hook_fn in patch.fwd_hooks(model, Touched()):
+                            residual = hook_fn(residual, model.hook_dict[name])
+                    residual = model(residual, start_at_layer=layer + 1, stop_at_layer=int(model.cfg.n_layers),
+                                     attention_mask=destination_batch.attention_mask[block_rows].to(device))
+                values = _entropy_at(model, residual, range(len(block)), [measured_dst[row] for row, _ in block])
+            else:
+                with torch.no_grad(), apply_all(model, patches):
+                    _, entropy, _ = forward_metrics(model, batch)
+                values = [_measured_entropy(entropy, measured_dst[row], r) for r, (row, _) in enumerate(block)]
+            for value, (row, c) in zip(values, block, strict=True):
+                h_patched[c, chunk[row]] = value
+            if bar is not None:
+                bar.update(len(block))
+    return h_source, h_destination, h_patched
+
+
 def activation_patching(
     model,
     pairs: Sequence[tuple],
@@ -207,8 +357,8 @@ def activation_patching(
     from surprise_probe.interventions.directions import SteeringDirection, from_probe
     from surprise_probe.interventions.directions import random_directions as make_random
 
-    from surprise_probe.capture import forward_metrics, resolve_hooks
-    from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
+    from surprise_probe.capture import resolve_hooks
+    from surprise_probe.inputs import Encoded, encode
 
     hooks = resolve_hooks(model, hooks=list(hooks))
     for group in groups:
@@ -248,55 +398,13 @@ def activation_patching(
     run_components = components + controls
     # a group with no positions in any pair is n/a: nothing to patch, so it is not run
     conditions = [(c, h, g) for c in run_components for h in hooks for g in groups if group_positions[g]]
-    pad = pad_id(model)
     n_pairs = len(encoded)
-    h_source, h_destination = np.zeros(n_pairs), np.zeros(n_pairs)
-    h_patched = np.zeros((len(conditions), n_pairs))
-    pairs_per_step = max(1, batch_size // max(1, len(conditions)))
     mine = distributed.split(n_pairs, "pairs")  # under torchrun: pairs rank, rank + world, ...
-    steps = range(0, len(mine), pairs_per_step)
     bar = tqdm(total=len(mine) * len(conditions), desc="patching", unit="run",
                disable=not (progress and distributed.is_main()))
-    for start in steps:
-        chunk = mine[start : start + pairs_per_step]
-        source_batch = pad_batch([encoded[i][0] for i in chunk], pad)
-        destination_batch = pad_batch([encoded[i][1] for i in chunk], pad)
-        with torch.no_grad():
-            _, source_entropy, source_acts = forward_metrics(model, source_batch, hooks)
-            _, destination_entropy, _ = forward_metrics(model, destination_batch)
-        for row, i in enumerate(chunk):
-            dst_measured, src_measured = alignments[i, "measured"]
-            h_source[i] = _measured_entropy(source_entropy, src_measured, row)
-            h_destination[i] = _measured_entropy(destination_entropy, dst_measured, row)
-        rows = [(row, c) for row in range(len(chunk)) for c in range(len(conditions))]
-        # At most batch_size rows and max_batch_tokens (rows x padded width) per patched forward.
-        per_block = max(1, min(batch_size, max_batch_tokens // destination_batch.tokens.shape[1]))
-        for k in range(0, len(rows), per_block):
-            block = rows[k : k + per_block]
-            batch = pad_batch([encoded[chunk[row]][1] for row, _ in block], pad)
-            width = batch.tokens.shape[1]
-            patches = []
-            for component in run_components:
-                for hook in hooks:
-                    mask = torch.zeros(len(block), width, dtype=torch.bool)
-                    index = torch.zeros(len(block), width, dtype=torch.long)
-                    for r, (row, c) in enumerate(block):
-                        if conditions[c][:2] != (component, hook):
-                            continue
-                        dst_pos, src_pos = alignments[chunk[row], conditions[c][2]]
-                        mask[r, torch.as_tensor(dst_pos, dtype=torch.long)] = True
-                        index[r, torch.as_tensor(dst_pos, dtype=torch.long)] = torch.as_tensor(src_pos, dtype=torch.long)
-                    if mask.any():
-                        source = source_acts[hook][torch.tensor([row for row, _ in block])]
-                        patches.append(Patch(
-                            hooks=hook, positions=mask, source=source, source_index=index,
-                            direction=vectors[component],
-                        ))
-            with torch.no_grad(), apply_all(model, patches):
-                _, entropy, _ = forward_metrics(model, batch)
-            for r, (row, c) in enumerate(block):
-                h_patched[c, chunk[row]] = _measured_entropy(entropy, alignments[chunk[row], "measured"][0], r)
-            bar.update(len(block))
+    h_source, h_destination, h_patched = patched_entropies(
+        model, encoded, alignments, conditions, vectors, mine, batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens, bar=bar)
     bar.close()
     # each rank filled only its own pairs (zeros elsewhere), so summing over ranks gathers them
     h_source, h_destination, h_patched = distributed.all_reduce_sum([h_source, h_destination, h_patched])

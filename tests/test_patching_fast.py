@@ -1,0 +1,110 @@
+"""The patched-run engine (start at the patched block, unembed only measured positions) against
+the straightforward computation: one full forward per pair x condition, full logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from surprise_probe.interventions import activation_patching
+from surprise_probe.interventions.directions import random_directions
+from surprise_probe.interventions.hooks import Patch, apply_all
+from surprise_probe.interventions.patching import align_positions, patched_entropies
+
+from surprise_probe.inputs import encode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+GROUPS = ["prompt", "response", "first2"]
+
+
+def _conversation(answer: str, prompt: str):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+PAIRS = [  # different prompts and lengths, so every group moves the entropy and batches are padded
+    (_conversation("A cat sat.", "Hi there?"), _conversation("Rivers flow to the sea.", "Tell me geography.")),
+    (_conversation("Numbers like 12.", "Count."), _conversation("The fox jumps.", "A sentence, quickly.")),
+    (_conversation("Yes.", "Rain?"), _conversation("No, it is sunny.", "Weather?")),
+]
+
+
+def _entropy64(logits: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def _reference(model, encoded, alignments, conditions, vectors):
+    """One full forward per run, full logits, float64 entropy."""
+    n = len(encoded)
+    h_src, h_dst, h_patched = np.zeros(n), np.zeros(n), np.zeros((len(conditions), n))
+    for i, (src, dst) in enumerate(encoded):
+        src_tokens = torch.as_tensor(src.token_ids).unsqueeze(0)
+        dst_tokens = torch.as_tensor(dst.token_ids).unsqueeze(0)
+        measured_dst, measured_src = alignments[i, "measured"]
+        with torch.no_grad():
+            src_logits, cache = model.run_with_cache(src_tokens, names_filter=lambda name: name in HOOKS)
+            dst_logits = model(dst_tokens)
+        h_src[i] = float(_entropy64(src_logits[0, measured_src]).mean())
+        h_dst[i] = float(_entropy64(dst_logits[0, measured_dst]).mean())
+        for c, (component, hook, group) in enumerate(conditions):
+            dst_pos, src_pos = alignments[i, group]
+            mask = torch.zeros(1, len(dst), dtype=torch.bool)
+            index = torch.zeros(1, len(dst), dtype=torch.long)
+            mask[0, dst_pos] = True
+            index[0, dst_pos] = torch.as_tensor(src_pos, dtype=torch.long)
+            patch = Patch(hooks=hook, positions=mask, source=cache[hook], source_index=index,
+                          direction=vectors[component])
+            with torch.no_grad(), apply_all(model, [patch]):
+                logits = model(dst_tokens)
+            h_patched[c, i] = float(_entropy64(logits[0, measured_dst]).mean())
+    return h_src, h_dst, h_patched
+
+
+@pytest.mark.parametrize(("batch_size", "max_batch_tokens"), [(32, 8192), (200, 100_000), (3, 8192)])
+def test_patched_entropies_match_full_forwards(tiny_model, batch_size, max_batch_tokens):
+    encoded = [(encode(tiny_model, s), encode(tiny_model, d)) for s, d in PAIRS]
+    alignments = {}
+    for i, (src, dst) in enumerate(encoded):
+        for group in [*GROUPS, "measured"]:
+            alignments[i, group] = align_positions(src, dst, "response" if group == "measured" else group, i)
+    d_model = int(tiny_model.cfg.d_model)
+    vectors = {"direction": random_directions(d_model, 1, seed=3)[0], "all": None,
+               "random0": random_directions(d_model, 1, seed=4)[0]}
+    conditions = [(c, h, g) for c in vectors for h in HOOKS for g in GROUPS]
+    got = patched_entropies(tiny_model, encoded, alignments, conditions, vectors, range(len(encoded)),
+                            batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    want = _reference(tiny_model, encoded, alignments, conditions, vectors)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5)
+    # what the analyses use: the entropy each patch moves
+    moved_got, moved_want = got[2] - got[1], want[2] - want[1]
+    np.testing.assert_allclose(moved_got, moved_want, rtol=0, atol=3e-6)
+    assert np.abs(moved_want).max() > 100 * 3e-6  # the patches do move the entropy
+
+
+
+def test_activation_patching_fractions_match_the_reference(tiny_hooked):
+    direction = random_directions(int(tiny_hooked.cfg.d_model), 1, seed=3)[0]
+    from surprise_probe.interventions import SteeringDirection
+
+    steering = SteeringDirection(direction, HOOKS[1], 1.0)
+    result = activation_patching(tiny_hooked, PAIRS, hooks=HOOKS, groups=GROUPS, direction=steering, n_boot=50,
+                                 progress=False)
+    encoded = [(encode(tiny_hooked, s), encode(tiny_hooked, d)) for s, d in PAIRS]
+    alignments = {}
+    for i, (src, dst) in enumerate(encoded):
+        for group in [*GROUPS, "measured"]:
+            alignments[i, group] = align_positions(src, dst, "response" if group == "measured" else group, i)
+    conditions = [(c, h, g) for c in ("direction", "all") for h in HOOKS for g in GROUPS]
+    h_src, h_dst, h_patched = _reference(tiny_hooked, encoded, alignments, conditions,
+                                         {"direction": direction, "all": None})
+    gap = (h_src - h_dst).mean()
+    expected = (h_patched - h_dst).mean(1) / gap
+    assert result.per_pair_gap == pytest.approx((h_src - h_dst).tolist(), abs=3e-6)
+    for c, (component, hook, group) in enumerate(conditions):
+        h, g = HOOKS.index(hook), GROUPS.index(group)
+        assert result.entropy_patched[component][h][g] == pytest.approx(h_patched[c].mean(), abs=3e-6)
+        # float32 noise of ~3e-6 nats over a gap of a few 1e-3 nats
+        assert result.fraction[component][h][g] == pytest.approx(expected[c], abs=6e-6 / abs(gap))
