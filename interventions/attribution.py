@@ -43,14 +43,15 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from surprise_probe.interventions.directions import SteeringDirection, from_probe
-from surprise_probe.interventions.hooks import Ablate, Patch, apply_all, unit_directions
-from surprise_probe.interventions.patching import align_positions, parse_group
+from surprise_probe.interventions.hooks import Ablate, apply_all, unit_directions
+from surprise_probe.interventions.patching import align_positions, parse_group, patched_entropies
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
 
-from surprise_probe.capture import forward, resolve_hooks
+from surprise_probe.capture import final_residual, forward, resolve_hooks, unembed
 from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
 from surprise_probe.metrics import output_entropy
 
@@ -73,11 +74,15 @@ def _unit_vector(model, direction) -> Float[Tensor, " d_model"]:
     return unit_directions(direction).reshape(-1)
 
 
-def _gradient_forward(model, tokens, attention_mask, hooks: Sequence[str]):
-    """Forward pass keeping the activations at ``hooks`` as graph nodes (for ``autograd.grad``).
+def _gradient_forward(model, tokens, attention_mask, hooks: Sequence[str],
+                      positions: Int[Tensor, "batch k"]):
+    """Forward pass keeping the activations at ``hooks`` as graph nodes (for ``autograd.grad``);
+    returns the logits at ``positions[b]`` of each row ``b`` only, ``(batch, k, vocab)``.
 
-    The first hook to fire becomes a leaf that requires grad when the model's parameters do not
-    (frozen models), so a graph always exists; later hooks are functions of it.
+    On a HookedTransformer the pass stops at the final residual and the final norm and
+    unembedding run at those positions only; otherwise (a TransformerBridge) the full logits are
+    gathered. The first hook to fire becomes a leaf that requires grad when the model's parameters
+    do not (frozen models), so a graph always exists; later hooks are functions of it.
     """
     known = model.hook_dict
     stored: dict[str, Tensor] = {}
@@ -95,9 +100,28 @@ def _gradient_forward(model, tokens, attention_mask, hooks: Sequence[str]):
         return hook_fn
 
     fwd_hooks = [(name, keeper(name, known[name].name or name)) for name in hooks]
+    rows = torch.arange(tokens.shape[0]).unsqueeze(1)
+    residual_only = isinstance(model, HookedTransformer) and not any(
+        h.startswith(("ln_final", "unembed")) for h in hooks)
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
-        logits = model(tokens, attention_mask=attention_mask, return_type="logits")
+        if residual_only:
+            residual = model(tokens, attention_mask=attention_mask, stop_at_layer=int(model.cfg.n_layers))
+            logits = unembed(model, residual[rows, positions])
+        else:
+            logits = model(tokens, attention_mask=attention_mask, return_type="logits")[rows, positions]
     return logits, stored
+
+
+@torch.no_grad()
+def _logits_at(model, batch, hooks: Sequence[str], positions) -> tuple[Tensor, dict[str, Tensor]]:
+    """The logits at ``positions`` (every row) and the ``hooks``' activations; on a
+    HookedTransformer only those positions are normed and unembedded."""
+    out = final_residual(model, batch, hooks)
+    if out is None:
+        logits, acts = forward(model, batch, hooks)
+        return logits[:, positions], acts
+    residual, acts = out
+    return unembed(model, residual[:, positions]), acts
 
 
 @dataclass
@@ -197,14 +221,14 @@ def attribution_patching(
         measured_dst, measured_src = align_positions(src, dst, "response", i)
         n_measured += len(measured_dst)
         source_batch, destination_batch = pad_batch([src], pad), pad_batch([dst], pad)
-        with torch.no_grad():
-            source_logits, source_acts = forward(model, source_batch, hooks)
-        logits, acts = _gradient_forward(model, destination_batch.tokens, destination_batch.attention_mask, hooks)
+        source_logits, source_acts = _logits_at(model, source_batch, hooks, torch.as_tensor(measured_src))
+        logits, acts = _gradient_forward(model, destination_batch.tokens, destination_batch.attention_mask, hooks,
+                                         torch.as_tensor(measured_dst).unsqueeze(0))
         with torch.enable_grad():
-            measured = output_entropy(logits[:, torch.as_tensor(measured_dst)]).mean()
+            measured = output_entropy(logits).mean()
             grads = torch.autograd.grad(measured, [acts[h] for h in hooks], allow_unused=True)
         h_dst.append(float(measured.detach()))
-        h_src.append(float(output_entropy(source_logits[:, torch.as_tensor(measured_src)]).mean()))
+        h_src.append(float(output_entropy(source_logits).mean()))
         pair_estimate, pair_positions = [], []
         for hook, grad in zip(hooks, grads, strict=True):
             x = acts[hook].detach()[0].double()
@@ -232,42 +256,22 @@ def attribution_patching(
 
 def _exact_patching(model, encoded, result: AttributionPatching, d: Tensor, batch_size: int,
                     progress: bool) -> list[list[list[float]]]:
-    """``M_patched - M_destination`` per pair x hook x group, one patched forward each (``Patch``)."""
-    pad = pad_id(model)
+    """``M_patched - M_destination`` per pair x hook x group, patching the component along ``d``
+    (:func:`surprise_probe.interventions.patching.patched_entropies`, as activation patching does)."""
     hooks, groups = result.hooks, result.groups
-    exact = [[[float("nan")] * len(groups) for _ in hooks] for _ in encoded]
-    jobs = [(i, h, g) for i in range(len(encoded)) for h in range(len(hooks)) for g in range(len(groups))]
-    bar = tqdm(total=len(jobs), desc="exact patching", unit="run", disable=not progress)
+    alignments = {}
     for i, (src, dst) in enumerate(encoded):
-        measured_dst, _ = align_positions(src, dst, "response", i)
-        with torch.no_grad():
-            _, source_acts = forward(model, pad_batch([src], pad), hooks)
-        conditions = [(h, g) for h in range(len(hooks)) for g in range(len(groups))]
-        for start in range(0, len(conditions), batch_size):
-            block = conditions[start : start + batch_size]
-            batch = pad_batch([dst] * len(block), pad)
-            width = batch.tokens.shape[1]
-            patches = []
-            for h, hook in enumerate(hooks):
-                rows = [r for r, (hh, _) in enumerate(block) if hh == h]
-                if not rows:
-                    continue
-                mask = torch.zeros(len(block), width, dtype=torch.bool)
-                index = torch.zeros(len(block), width, dtype=torch.long)
-                for r in rows:
-                    dst_pos, src_pos = align_positions(src, dst, groups[block[r][1]], i)
-                    mask[r, torch.as_tensor(dst_pos, dtype=torch.long)] = True
-                    index[r, torch.as_tensor(dst_pos, dtype=torch.long)] = torch.as_tensor(src_pos, dtype=torch.long)
-                source = source_acts[hook].expand(len(block), -1, -1)
-                patches.append(Patch(hooks=hook, positions=mask, source=source, source_index=index, direction=d))
-            with torch.no_grad(), apply_all(model, patches):
-                logits = model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")
-            measured = output_entropy(logits[:, torch.as_tensor(measured_dst)]).double().mean(-1)
-            for r, (h, g) in enumerate(block):
-                exact[i][h][g] = float(measured[r]) - result.entropy_destination[i]
-            bar.update(len(block))
+        for group in groups:
+            alignments[i, group] = align_positions(src, dst, group, i)
+        alignments[i, "measured"] = align_positions(src, dst, "response", i)
+    conditions = [("direction", hook, group) for hook in hooks for group in groups]
+    bar = tqdm(total=len(encoded) * len(conditions), desc="exact patching", unit="run", disable=not progress)
+    _, h_destination, h_patched = patched_entropies(model, encoded, alignments, conditions, {"direction": d},
+                                                    range(len(encoded)), batch_size=batch_size, bar=bar)
     bar.close()
-    return exact
+    moved = h_patched - h_destination  # (conditions, pairs)
+    return [[[float(moved[h * len(groups) + g, i]) for g in range(len(groups))] for h in range(len(hooks))]
+            for i in range(len(encoded))]
 
 
 def _pearson_with_ci(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, tuple[float, float]]:
@@ -324,7 +328,8 @@ def direction_attribution(
     """``attribution[h, t]`` for one text or conversation (module doc), NaN where not computed.
 
     ``targets``: the token positions whose entropy is attributed (default: every position).
-    ``chunk_size``: rows (target tokens) per forward/backward pass; memory grows with it.
+    ``chunk_size``: rows (target tokens) of the longest length per forward/backward pass (shorter
+    rows go more to a pass, at the same number of tokens); memory grows with it.
 
     >>> from surprise_probe.testing import tiny_hooked_transformer
     >>> model = tiny_hooked_transformer()
@@ -343,16 +348,23 @@ def direction_attribution(
         raise ValueError(f"target position {bad[0]} is outside the sequence of {n} tokens")
     out = np.full((len(hooks), n), np.nan)
     pad = pad_id(model)
-    if targets:  # causal: tokens after the last target change nothing, so they are not run
-        keep = max(targets) + 1
-        encoded = dataclasses.replace(encoded, token_ids=encoded.token_ids[:keep], scored=encoded.scored[:keep])
-    for start in range(0, len(targets), max(1, chunk_size)):
-        rows = targets[start : start + chunk_size]
-        batch = pad_batch([encoded] * len(rows), pad)
-        logits, acts = _gradient_forward(model, batch.tokens, batch.attention_mask, hooks)
+    # causal: row t needs tokens 0..t only. Targets run longest first, each chunk cut to its own
+    # longest row, with up to chunk_size x (longest target + 1) tokens per chunk (the memory of
+    # chunk_size full rows), so short rows go many to a pass.
+    order = sorted(dict.fromkeys(targets), reverse=True)
+    budget = max(1, chunk_size) * (order[0] + 1) if order else 0
+    start = 0
+    while start < len(order):
+        width = order[start] + 1
+        rows = order[start : start + max(1, budget // width)]
+        start += len(rows)
+        cut = dataclasses.replace(encoded, token_ids=encoded.token_ids[:width], scored=encoded.scored[:width])
+        batch = pad_batch([cut] * len(rows), pad)
+        logits, acts = _gradient_forward(model, batch.tokens, batch.attention_mask, hooks,
+                                         torch.as_tensor(rows).unsqueeze(1))
         with torch.enable_grad():
             # row r back-propagates the entropy at its own target position only
-            picked = output_entropy(logits[torch.arange(len(rows)), torch.as_tensor(rows)].unsqueeze(1)).sum()
+            picked = output_entropy(logits).sum()
             grads = torch.autograd.grad(picked, [acts[h] for h in hooks], allow_unused=True)
         for k, (hook, grad) in enumerate(zip(hooks, grads, strict=True)):
             if grad is None:

@@ -1,0 +1,56 @@
+"""direction_attribution (targets longest first, chunks cut to their longest row, logits only at
+the targets) against the straightforward computation: one full-sequence forward with full logits
+and one backward per target token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from surprise_probe.interventions.attribution import direction_attribution
+
+from surprise_probe.inputs import encode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ITEM = [{"role": "user", "content": "Hello there, how are you?"},
+        {"role": "assistant", "content": "A cat sat on the mat."}]
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def _reference(model, tokens: torch.Tensor, d: torch.Tensor, targets) -> np.ndarray:
+    out = np.full((len(HOOKS), tokens.shape[1]), np.nan)
+    for t in targets:
+        stored = {}
+
+        def keep(name, stored=stored):
+            def hook_fn(activation, hook):
+                activation = activation if activation.requires_grad else activation.detach().requires_grad_(True)
+                stored.setdefault(name, activation)
+                return activation
+            return hook_fn
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(h, keep(h)) for h in HOOKS]):
+            logits = model(tokens, return_type="logits")
+            log_p = torch.log_softmax(logits[0, t].double(), dim=-1)
+            entropy = -(log_p.exp() * log_p).sum()
+            grads = torch.autograd.grad(entropy, [stored[h] for h in HOOKS])
+        for k, h in enumerate(HOOKS):
+            x = stored[h].detach()[0].double() @ d.double()
+            g = grads[k][0].double() @ d.double()
+            out[k, t] = float((x * g).sum())
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_direction_attribution_matches_one_full_backward_per_target(tiny_model, chunk_size):
+    d = torch.randn(int(tiny_model.cfg.d_model), generator=torch.Generator().manual_seed(7))
+    d = d / d.norm()
+    encoded = encode(tiny_model, ITEM)
+    n = len(encoded)
+    targets = [n - 1, 0, 3, n // 2, 1, n - 2]  # unsorted, both ends
+    got = direction_attribution(tiny_model, encoded, d, hooks=HOOKS, targets=targets, chunk_size=chunk_size)
+    want = _reference(tiny_model, torch.as_tensor(encoded.token_ids).unsqueeze(0), d, targets)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))  # untouched positions stay NaN
+    np.testing.assert_allclose(got[:, targets], want[:, targets], rtol=1e-4, atol=1e-6)
+    assert np.abs(want[:, targets]).max() > 1e-4  # a real signal, not zeros on both sides
