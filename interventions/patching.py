@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from surprise_probe.interventions.hooks import Patch, Touched, apply_all
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from surprise_probe import distributed
@@ -217,6 +218,38 @@ def _entropy_at(model, residual, rows: Sequence[int], positions: Sequence[np.nda
     return [float(entropy[a:b].double().mean()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+@torch.no_grad()
+def _prefix_cache(model, batch, prefix: int):
+    """The keys and values of the first ``prefix`` tokens of ``batch`` at every layer (a frozen
+    TransformerLens cache), or ``None`` when ``prefix`` is 0."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from surprise_probe.devices import model_device
+
+    if prefix <= 0:
+        return None
+    device = model_device(model)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch.tokens.shape[0])
+    model(batch.tokens[:, :prefix].to(device), attention_mask=batch.attention_mask[:, :prefix].to(device),
+          past_kv_cache=cache, stop_at_layer=int(model.cfg.n_layers))
+    cache.freeze()
+    return cache
+
+
+def _rows_of(cache, rows: Tensor):
+    """A frozen copy of ``cache`` holding the batch ``rows`` only (``None`` stays ``None``)."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    if cache is None:
+        return None
+    entries = [TransformerLensKeyValueCacheEntry(entry.past_keys[rows.to(entry.past_keys.device)],
+                                                 entry.past_values[rows.to(entry.past_values.device)], frozen=True)
+               for entry in cache.entries]
+    return TransformerLensKeyValueCache(entries, cache.previous_attention_mask[rows.to(
+        cache.previous_attention_mask.device)], frozen=True)
+
+
 def patched_entropies(
     model,
     encoded: Sequence[tuple],
@@ -241,7 +274,8 @@ def patched_entropies(
     On a HookedTransformer whose hooks are all ``hook_resid_post``, nothing is computed twice: a
     patch after block ``L`` changes only the blocks after it, so the patched run patches the clean
     destination's residual after block ``L`` and runs blocks ``L + 1 ...`` from there (rows grouped
-    by layer), and the final norm and
+    by layer) over the positions from the first patched or measured one only (the keys and values
+    of the tokens before it are the clean destination's, computed once per pair); the final norm and
     unembedding run only at the measured positions (clean runs too). Otherwise (a
     TransformerBridge) each patched row is a full forward with position-chunked metrics.
     """
@@ -250,6 +284,7 @@ def patched_entropies(
     from surprise_probe.inputs import pad_batch, pad_id
 
     hooks = list(dict.fromkeys(h for _, h, _ in conditions))
+    groups = list(dict.fromkeys(g for _, _, g in conditions))
     layers = _resid_post_layers(model, hooks)
     pad = pad_id(model)
     n_pairs = len(encoded)
@@ -272,6 +307,12 @@ def patched_entropies(
             everyone = list(range(len(chunk)))
             h_source[chunk] = _entropy_at(model, source_residual, everyone, measured_src)
             h_destination[chunk] = _entropy_at(model, destination_residual, everyone, measured_dst)
+            # Tokens before the first patched or measured position are the clean destination's in
+            # every patched run (causal): their keys and values are computed once, and the patched
+            # runs cover only the positions from `prefix` on.
+            prefix = min(min([int(alignments[i, g][0][0]) for g in groups if len(alignments[i, g][0])]
+                             + [int(alignments[i, "measured"][0][0])]) for i in chunk)
+            cache = _prefix_cache(model, destination_batch, prefix)
             # rows grouped by the patched layer: one block starts at one layer
             rows.sort(key=lambda rc: layers[conditions[rc[1]][1]])
             blocks, current = [], []
@@ -305,21 +346,24 @@ def patched_entropies(
                     dst_pos, src_pos = alignments[chunk[row], conditions[c][2]]
                     mask[r, torch.as_tensor(dst_pos, dtype=torch.long)] = True
                     index[r, torch.as_tensor(dst_pos, dtype=torch.long)] = torch.as_tensor(src_pos, dtype=torch.long)
-                patches.append(Patch(hooks=hook, positions=mask, source=source_acts[hook][block_rows],
-                                     source_index=index, direction=vectors[component]))
+                skip = prefix if layers is not None else 0
+                patches.append(Patch(hooks=hook, positions=mask[:, skip:], source=source_acts[hook][block_rows],
+                                     source_index=index[:, skip:], direction=vectors[component]))
             if layers is not None:
                 layer = layers[conditions[block[0][1]][1]]
                 device = model_device(model)
                 # the clean destination's residual after block `layer`, patched by the hooks' own
                 # functions (as in a hooked forward), then blocks layer + 1 ... only
-                residual = destination_acts[f"blocks.{layer}.hook_resid_post"][block_rows.to(device)]
+                residual = destination_acts[f"blocks.{layer}.hook_resid_post"][block_rows.to(device), prefix:]
                 with torch.no_grad():
                     for patch in patches:
                         for name, hook_fn in patch.fwd_hooks(model, Touched()):
                             residual = hook_fn(residual, model.hook_dict[name])
                     residual = model(residual, start_at_layer=layer + 1, stop_at_layer=int(model.cfg.n_layers),
-                                     attention_mask=destination_batch.attention_mask[block_rows].to(device))
-                values = _entropy_at(model, residual, range(len(block)), [measured_dst[row] for row, _ in block])
+                                     attention_mask=destination_batch.attention_mask[block_rows].to(device),
+                                     past_kv_cache=_rows_of(cache, block_rows.to(device)))
+                values = _entropy_at(model, residual, range(len(block)),
+                                     [measured_dst[row] - prefix for row, _ in block])
             else:
                 with torch.no_grad(), apply_all(model, patches):
                     _, entropy, _ = forward_metrics(model, batch)

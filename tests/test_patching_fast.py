@@ -62,17 +62,35 @@ def _reference(model, encoded, alignments, conditions, vectors):
     return h_src, h_dst, h_patched
 
 
-@pytest.mark.parametrize(("batch_size", "max_batch_tokens"), [(32, 8192), (200, 100_000), (3, 8192)])
-def test_patched_entropies_match_full_forwards(tiny_model, batch_size, max_batch_tokens):
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_hf_folder):
+    """A random Llama (RMSNorm, grouped-query attention) loaded as a HookedTransformer."""
+    from surprise_probe.models import load_model
+
+    return load_model(str(tiny_hf_folder))
+
+
+@pytest.fixture(params=["hooked", "bridge", "llama"])
+def any_model(request, tiny_hooked, tiny_bridge_model, tiny_llama):
+    return {"hooked": tiny_hooked, "bridge": tiny_bridge_model, "llama": tiny_llama}[request.param]
+
+
+@pytest.mark.parametrize(("batch_size", "max_batch_tokens", "groups"), [
+    (32, 8192, GROUPS), (200, 100_000, GROUPS), (3, 8192, GROUPS),
+    (32, 8192, ["response", "first2"]),  # patched runs start at the response: the prompt comes from the cache
+    (200, 100_000, ["first2"]),
+])
+def test_patched_entropies_match_full_forwards(any_model, batch_size, max_batch_tokens, groups):
+    tiny_model = any_model
     encoded = [(encode(tiny_model, s), encode(tiny_model, d)) for s, d in PAIRS]
     alignments = {}
     for i, (src, dst) in enumerate(encoded):
-        for group in [*GROUPS, "measured"]:
+        for group in [*groups, "measured"]:
             alignments[i, group] = align_positions(src, dst, "response" if group == "measured" else group, i)
     d_model = int(tiny_model.cfg.d_model)
     vectors = {"direction": random_directions(d_model, 1, seed=3)[0], "all": None,
                "random0": random_directions(d_model, 1, seed=4)[0]}
-    conditions = [(c, h, g) for c in vectors for h in HOOKS for g in GROUPS]
+    conditions = [(c, h, g) for c in vectors for h in HOOKS for g in groups]
     got = patched_entropies(tiny_model, encoded, alignments, conditions, vectors, range(len(encoded)),
                             batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     want = _reference(tiny_model, encoded, alignments, conditions, vectors)
