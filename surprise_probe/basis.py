@@ -29,6 +29,7 @@ __all__ = ["model_fingerprint", "weights_sha256", "weight_processing", "CENTERED
 CENTERED_TOLERANCE = 1e-3
 
 _HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CENTERING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _parameters(model) -> list[tuple[str, torch.Tensor]]:
@@ -84,20 +85,33 @@ def weight_processing(model) -> dict:
     (``center_unembed``). ``loader`` is what :func:`surprise_probe.load_model` asked TransformerLens
     for, when the model was loaded by it (``None`` otherwise).
     """
+    writing, unembed = _centering(model)
+    return {
+        "backend": type(model).__name__,
+        "normalization_type": getattr(model.cfg, "normalization_type", None),
+        "compatibility_mode": getattr(model, "compatibility_mode", None),
+        "writing_weights_centered": writing,
+        "unembed_centered": unembed,
+        "loader": getattr(model, "weight_processing_requested", None),
+    }
+
+
+def _centering(model) -> tuple[bool | None, bool | None]:
+    """(writing weights centred, unembedding centred), measured once per model object until a
+    parameter is replaced or changed in place (every probe load checks it: 31 loads per study)."""
+    key = tuple((name, p.data_ptr(), p._version) for name, p in _parameters(model))
+    cached = _CENTERING.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     blocks = _get(model, "blocks") or []
     writers = [(_get(model, "W_E"), -1)]
     for block in blocks:
         writers += [(_get(block, "attn", "W_O"), -1), (_get(block, "mlp", "W_out"), -1)]
     measured = [_centered(weight, dim) for weight, dim in writers]
     known = [value for value in measured if value is not None]
-    return {
-        "backend": type(model).__name__,
-        "normalization_type": getattr(model.cfg, "normalization_type", None),
-        "compatibility_mode": getattr(model, "compatibility_mode", None),
-        "writing_weights_centered": all(known) if known else None,
-        "unembed_centered": _centered(_get(model, "W_U"), -1),
-        "loader": getattr(model, "weight_processing_requested", None),
-    }
+    result = (all(known) if known else None, _centered(_get(model, "W_U"), -1))
+    _CENTERING[model] = (key, result)
+    return result
 
 
 def model_fingerprint(model) -> dict:
