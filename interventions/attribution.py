@@ -25,9 +25,12 @@ the component along ``d`` at hook ``h``::
 
 the gradient times the activation along ``d``: the first-order estimate of
 ``H_t(clean) - H_t(d projected out at h at every position)``. Positive: the direction's component
-raises that token's entropy. Every token's own gradient is needed, so the sequence is replicated,
-one row per target token, and row ``t`` back-propagates ``H_t`` alone (one forward and one backward
-pass over a batch of rows, in chunks of ``chunk_size`` rows).
+raises that token's entropy. It is the derivative of ``H_t`` along the tangent ``(x_p . d) d`` at
+every position ``p`` of hook ``h``, so on a HookedTransformer whose hooks are all ``hook_resid_post``
+one forward-mode pass per hook (from the clean residual after that block) gives it for every token
+``t`` at once. Otherwise (a TransformerBridge, other hooks) every token's own gradient is taken: the
+sequence is replicated, one row per target token cut after it, and row ``t`` back-propagates ``H_t``
+alone (one forward and one backward pass per chunk of rows).
 
 Both are exact for a model that is linear in the activation (tested); how well they track exact
 patching on a real model is measured by :func:`validate_attribution` (Pearson r and a scatter).
@@ -46,12 +49,18 @@ import torch
 from jaxtyping import Float, Int
 from surprise_probe.interventions.directions import SteeringDirection, from_probe
 from surprise_probe.interventions.hooks import Ablate, apply_all, unit_directions
-from surprise_probe.interventions.patching import align_positions, parse_group, patched_entropies
+from surprise_probe.interventions.patching import (
+    align_positions,
+    parse_group,
+    patched_entropies,
+    resid_post_layers,
+)
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from surprise_probe.capture import final_residual, forward, resolve_hooks, unembed
+from surprise_probe.devices import model_device
 from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
 from surprise_probe.metrics import output_entropy
 
@@ -348,6 +357,10 @@ def direction_attribution(
         raise ValueError(f"target position {bad[0]} is outside the sequence of {n} tokens")
     out = np.full((len(hooks), n), np.nan)
     pad = pad_id(model)
+    layers = resid_post_layers(model, hooks)
+    if layers is not None and targets:
+        _forward_mode_attribution(model, encoded, d, hooks, layers, sorted(set(targets)), out)
+        return out
     # causal: row t needs tokens 0..t only. Targets run longest first, each chunk cut to its own
     # longest row, with up to chunk_size x (longest target + 1) tokens per chunk (the memory of
     # chunk_size full rows), so short rows go many to a pass.
@@ -374,6 +387,38 @@ def direction_attribution(
             g_along = grad.double() @ d.to(grad.device)
             out[k, rows] = (x_along * g_along).sum(-1).cpu().numpy()  # positions > t have zero gradient
     return out
+
+
+@torch.no_grad()
+def _forward_mode_attribution(model, encoded: Encoded, d: Tensor, hooks: Sequence[str], layers: dict[str, int],
+                              targets: list[int], out: np.ndarray) -> None:
+    """``attribution[h, t]`` for every target at once, one hook at a time, by forward-mode
+    differentiation: ``sum_p (x_p . d)(d . dH_t/dx_p)`` is the derivative of ``H_t`` along the
+    tangent ``(x_p . d) d`` at every position of hook ``h``, so one forward pass with that
+    tangent, from the clean residual after block ``L`` through blocks ``L + 1 ...``, gives it for
+    every ``t`` (a HookedTransformer whose hooks are all ``hook_resid_post``)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from surprise_probe.metrics import chunk_positions
+
+    keep = max(targets) + 1  # causal: later tokens change nothing
+    cut = dataclasses.replace(encoded, token_ids=encoded.token_ids[:keep], scored=encoded.scored[:keep])
+    batch = pad_batch([cut], pad_id(model))
+    device = model_device(model)
+    mask = batch.attention_mask.to(device)
+    _, acts = final_residual(model, batch, hooks)
+    positions = torch.as_tensor(targets, device=device)
+    step = chunk_positions(1, int(model.cfg.d_vocab_out))
+    for k, hook in enumerate(hooks):
+        x = acts[hook]
+        direction = d.to(device=x.device, dtype=x.dtype)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, (x @ direction).unsqueeze(-1) * direction)
+            residual = model(dual, start_at_layer=layers[hook] + 1, stop_at_layer=int(model.cfg.n_layers),
+                             attention_mask=mask)
+            for a in range(0, len(targets), step):
+                entropy = output_entropy(unembed(model, residual[:, positions[a : a + step]]))[0]
+                out[k, targets[a : a + step]] = fwAD.unpack_dual(entropy).tangent.double().cpu().numpy()
 
 
 @torch.no_grad()

@@ -180,7 +180,7 @@ def _measured_entropy(entropy, positions: np.ndarray, row: int) -> float:
     return float(entropy[row, torch.as_tensor(positions, device=entropy.device)].mean())
 
 
-def _resid_post_layers(model, hooks: Sequence[str]) -> dict[str, int] | None:
+def resid_post_layers(model, hooks: Sequence[str]) -> dict[str, int] | None:
     """``{hook: layer}`` when the model is a HookedTransformer and every hook is a
     ``blocks.{L}.hook_resid_post`` (patched runs can then start at block ``L``), else ``None``."""
     from transformer_lens import HookedTransformer
@@ -285,7 +285,7 @@ def patched_entropies(
 
     hooks = list(dict.fromkeys(h for _, h, _ in conditions))
     groups = list(dict.fromkeys(g for _, _, g in conditions))
-    layers = _resid_post_layers(model, hooks)
+    layers = resid_post_layers(model, hooks)
     pad = pad_id(model)
     n_pairs = len(encoded)
     h_source, h_destination = np.zeros(n_pairs), np.zeros(n_pairs)

@@ -1,6 +1,7 @@
-"""direction_attribution (targets longest first, chunks cut to their longest row, logits only at
-the targets) against the straightforward computation: one full-sequence forward with full logits
-and one backward per target token."""
+"""direction_attribution (forward mode on a HookedTransformer with resid_post hooks; otherwise
+targets longest first, chunks cut to their longest row, logits only at the targets) against the
+straightforward computation: one full-sequence forward with full logits and one backward per
+target token."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ITEM = [{"role": "user", "content": "Hello there, how are you?"},
         {"role": "assistant", "content": "A cat sat on the mat."}]
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+RESID_POST = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+MIXED = ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_post"]  # not all resid_post: the backward path
 
 
-def _reference(model, tokens: torch.Tensor, d: torch.Tensor, targets) -> np.ndarray:
-    out = np.full((len(HOOKS), tokens.shape[1]), np.nan)
+def _reference(model, tokens: torch.Tensor, d: torch.Tensor, targets, hooks) -> np.ndarray:
+    out = np.full((len(hooks), tokens.shape[1]), np.nan)
     for t in targets:
         stored = {}
 
@@ -30,27 +32,41 @@ def _reference(model, tokens: torch.Tensor, d: torch.Tensor, targets) -> np.ndar
                 return activation
             return hook_fn
 
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(h, keep(h)) for h in HOOKS]):
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(h, keep(h)) for h in hooks]):
             logits = model(tokens, return_type="logits")
             log_p = torch.log_softmax(logits[0, t].double(), dim=-1)
             entropy = -(log_p.exp() * log_p).sum()
-            grads = torch.autograd.grad(entropy, [stored[h] for h in HOOKS])
-        for k, h in enumerate(HOOKS):
+            grads = torch.autograd.grad(entropy, [stored[h] for h in hooks])
+        for k, h in enumerate(hooks):
             x = stored[h].detach()[0].double() @ d.double()
             g = grads[k][0].double() @ d.double()
             out[k, t] = float((x * g).sum())
     return out
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 64])
-def test_direction_attribution_matches_one_full_backward_per_target(tiny_model, chunk_size):
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_hf_folder):
+    """A random Llama (RMSNorm, grouped-query attention) loaded as a HookedTransformer."""
+    from surprise_probe.models import load_model
+
+    return load_model(str(tiny_hf_folder))
+
+
+@pytest.fixture(params=["hooked", "bridge", "llama"])
+def any_model(request, tiny_hooked, tiny_bridge_model, tiny_llama):
+    return {"hooked": tiny_hooked, "bridge": tiny_bridge_model, "llama": tiny_llama}[request.param]
+
+
+@pytest.mark.parametrize(("chunk_size", "hooks"), [(8, RESID_POST), (1, MIXED), (3, MIXED), (64, MIXED)])
+def test_direction_attribution_matches_one_full_backward_per_target(any_model, chunk_size, hooks):
+    tiny_model = any_model
     d = torch.randn(int(tiny_model.cfg.d_model), generator=torch.Generator().manual_seed(7))
     d = d / d.norm()
     encoded = encode(tiny_model, ITEM)
     n = len(encoded)
     targets = [n - 1, 0, 3, n // 2, 1, n - 2]  # unsorted, both ends
-    got = direction_attribution(tiny_model, encoded, d, hooks=HOOKS, targets=targets, chunk_size=chunk_size)
-    want = _reference(tiny_model, torch.as_tensor(encoded.token_ids).unsqueeze(0), d, targets)
+    got = direction_attribution(tiny_model, encoded, d, hooks=hooks, targets=targets, chunk_size=chunk_size)
+    want = _reference(tiny_model, torch.as_tensor(encoded.token_ids).unsqueeze(0), d, targets, hooks)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))  # untouched positions stay NaN
     np.testing.assert_allclose(got[:, targets], want[:, targets], rtol=1e-4, atol=1e-6)
     assert np.abs(want[:, targets]).max() > 1e-4  # a real signal, not zeros on both sides
