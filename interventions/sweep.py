@@ -12,11 +12,17 @@ Batched (default), two engines giving the same numbers as the loop:
   intervention hook copies it into one row per condition plus a clean row, so everything before
   the hook is computed once per sequence.
 
+Both batched engines run only the conditions that can differ from the clean run: a condition
+whose edit is the identity (additive steering at strength exactly 0, see ``identity_amounts``) is
+the clean run, so its metrics are filled from it (entropy = the clean entropy, KL = 0 exactly,
+top-1 agreement = 1) without a row; a repeated amount is run once and copied.
+
 ``batched=False`` runs the reference loop: one condition at a time over padded batches of
-sequences; every engine gives the same numbers (tested to 1e-5). Memory is bounded in every
-engine: at most ``batch_size`` rows and ``max_batch_tokens`` tokens per forward, and logits are
-turned into metrics a chunk of tokens at a time (``metrics.CHUNK_ELEMENTS``), so the full
-(rows x positions x vocab) logits never exist.
+sequences, every condition including the identity ones (what a hand-written loop does, and the
+check that they equal the clean run); every engine gives the same numbers (tested to 1e-5).
+Memory is bounded in every engine: at most ``batch_size`` rows and ``max_batch_tokens`` tokens
+per forward, and logits are turned into metrics a chunk of tokens at a time
+(``metrics.CHUNK_ELEMENTS``), so the full (rows x positions x vocab) logits never exist.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from surprise_probe.capture import unembed
 from surprise_probe.devices import model_device
 from surprise_probe.metrics import CACHE_ELEMENTS, CHUNK_ELEMENTS
 
-__all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics"]
+__all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics", "identity_amounts"]
 
 
 @dataclass
@@ -53,10 +59,28 @@ class SweepTable:
     clean_entropy: np.ndarray  # (n_seq,)
     n_tokens: np.ndarray  # (n_seq,) scored tokens per sequence
     n_forwards: int = 0
+    n_rows: int = 0  # (sequence, condition) rows run through the model, clean runs not counted
 
     def mean(self, name: str) -> np.ndarray:
         """Token-weighted mean over all sequences, ``(n_dir, n_amount)``."""
         return getattr(self, name).sum(-1) / self.n_tokens.sum()
+
+
+def identity_amounts(kind: str, amounts: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Which ``amounts`` make the edit the identity, so that their conditions are the clean run.
+
+    Only additive steering at strength exactly 0 (``kind="steer"``; -0.0 included): the edit is
+    ``x + 0 * scale * d`` with ``scale`` and ``d`` finite (``Steer`` checks both), which equals
+    ``x`` for every float ``x`` (inf and NaN included), and the float32 round trip of a bf16 or
+    fp16 activation is exact. Ablation at fraction 0 is *not* provably the identity: ``x - 0 *
+    <x, d> d`` is NaN wherever the projection ``<x, d>`` is inf or NaN (an inf in ``x``, or an
+    overflowing dot product), so it always runs, as does every other kind.
+
+    >>> identity_amounts("steer", [-2.0, 0.0, -0.0, 1e-9]).tolist(), identity_amounts("ablate", [0.0]).tolist()
+    ([False, True, True, False], [False])
+    """
+    amounts = np.asarray(amounts, dtype=np.float64).reshape(-1)
+    return (amounts == 0.0) if kind == "steer" else np.zeros(len(amounts), dtype=bool)
 
 
 def encode_items(model, items, **encode_kwargs) -> list:
@@ -277,9 +301,12 @@ def run_sweep(
     """Run every (direction, amount) condition on every sequence and measure the scored span.
 
     ``kind="steer"`` adds ``strength * scale * d`` for each strength in ``amounts``;
-    ``kind="ablate"`` removes each fraction in ``amounts`` of the component along ``d``. ``positions`` is where the edit is applied: ``"response"`` (the scored
-    span) or ``"all"`` (every real token). Every forward has at most ``batch_size`` rows and
-    ``max_batch_tokens`` tokens (rows x positions; a single sequence longer than that still runs).
+    ``kind="ablate"`` removes each fraction in ``amounts`` of the component along ``d``.
+    ``positions`` is where the edit is applied: ``"response"`` (the scored span) or ``"all"``
+    (every real token). Every forward has at most ``batch_size`` rows and ``max_batch_tokens``
+    tokens (rows x positions; a single sequence longer than that still runs). The batched engines
+    run each distinct non-identity condition once (strength 0 is the clean run:
+    ``identity_amounts``), the loop every condition; ``n_rows`` counts the rows run.
     Raises ``ValueError`` naming the amount and direction if a condition produces non-finite logits.
     """
     from surprise_probe.inputs import pad_batch, pad_id
@@ -316,6 +343,11 @@ def run_sweep(
         return _gather_rows(part, mine, len(encoded))
     n_dir, n_amount, n_seq = len(directions), len(amounts), len(encoded)
     conditions = [(i, j) for i in range(n_dir) for j in range(n_amount)]
+    # The batched engines run only these: not the identity edits (the clean run, filled in at the
+    # end) and each repeated amount once (copied to its repeats at the end).
+    identity = identity_amounts(kind, amounts)
+    first_of = [int(np.flatnonzero(amounts == a)[0]) for a in amounts]  # first index of each amount
+    to_run = [c for c, (_, j) in enumerate(conditions) if not identity[j] and first_of[j] == j]
     pad = pad_id(model)
     device = model_device(model)
     shape = (n_dir, n_amount, n_seq)
@@ -372,7 +404,7 @@ def run_sweep(
             max(1, min(batch_size, max_batch_tokens // max(1, len(e.token_ids) - _first_edited(e, positions))))
             for e in encoded
         ]
-        n_blocks = sum(-(-len(conditions) // r) for r in per_forward_rows)
+        n_blocks = sum(-(-len(to_run) // r) for r in per_forward_rows)
         bar = tqdm(total=n_blocks, desc=f"{kind} sweep", unit="fwd", disable=not progress)
         for s, item in enumerate(encoded):
             tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
@@ -386,8 +418,8 @@ def run_sweep(
             keep_clean(s, _unembed_chunks(model, clean_final), clean)
             table.n_forwards += 1
             rows = per_forward_rows[s]
-            for k in range(0, len(conditions), rows):
-                block = list(range(k, min(len(conditions), k + rows)))
+            for k in range(0, len(to_run), rows):
+                block = to_run[k : k + rows]
                 dirs, row_amounts = condition_rows(block, len(block), with_clean=False)
                 intervention = make(hooks=hook, direction=dirs, **{amount_name: row_amounts}, fan_out=len(block),
                                     positions=where.expand(len(block), -1), **extra)
@@ -399,6 +431,7 @@ def run_sweep(
                     [(r, *clean[s]) for r in range(len(block))], int(model.cfg.d_vocab_out), len(block),
                 ))
                 table.n_forwards += 1
+                table.n_rows += len(block)
                 bar.update()
             del prefix, clean
     elif batched:
@@ -408,8 +441,9 @@ def run_sweep(
         for s, item in enumerate(encoded):
             n_tok = len(item.token_ids)
             per_forward = max(1, min(batch_size, max_batch_tokens // max(1, n_tok)) - 1)
-            blocks = [list(range(k, min(len(conditions), k + per_forward)))
-                      for k in range(0, len(conditions), per_forward)]
+            # With nothing to run (every condition is the clean run), one block of no conditions
+            # still gives the clean row.
+            blocks = [to_run[k : k + per_forward] for k in range(0, len(to_run), per_forward)] or [[]]
             if bar is None:
                 bar = tqdm(total=n_seq * len(blocks), desc=f"{kind} sweep", unit="fwd", disable=not progress)
             tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
@@ -432,7 +466,9 @@ def run_sweep(
                     )
                 if s not in clean:
                     keep_clean(s, logits[0][scored[0].to(logits.device)], clean)
-                record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
+                if block:
+                    record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
+                table.n_rows += len(block)
                 del logits
     else:
         # The reference loop: one condition (scalar amount, one direction) per forward over padded
@@ -458,12 +494,29 @@ def run_sweep(
                 with intervention.apply(model):
                     logits = _forward(model, batch)
                 table.n_forwards += 1
+                table.n_rows += len(seqs)
                 bar.update()
                 record([(s, c) for s in seqs], logits, batch.scored, clean)
                 del logits
     if bar is not None:
         bar.close()
+    if batched:
+        _fill_skipped(table, identity, first_of)
     return table
+
+
+def _fill_skipped(table: SweepTable, identity: np.ndarray, first_of: list[int]) -> None:
+    """The conditions the batched engines did not run: an identity edit is the clean run (entropy
+    = the clean entropy, KL = 0 exactly, every top-1 token agrees); a repeated amount equals its
+    first occurrence."""
+    for j in range(len(identity)):
+        if identity[j]:
+            table.entropy[:, j] = table.clean_entropy
+            table.kl[:, j] = 0.0
+            table.agree[:, j] = table.n_tokens
+        elif first_of[j] != j:
+            for values in (table.entropy, table.kl, table.agree):
+                values[:, j] = values[:, first_of[j]]
 
 
 def _gather_rows(part: SweepTable, mine: list[int], n_seq: int) -> SweepTable:
@@ -476,8 +529,9 @@ def _gather_rows(part: SweepTable, mine: list[int], n_seq: int) -> SweepTable:
         full = np.zeros(values.shape[:-1] + (n_seq,))
         full[..., mine] = values
         spread.append(full)
-    summed = distributed.all_reduce_sum([*spread, np.array([part.n_forwards])])
-    return SweepTable(part.labels, part.amounts, *summed[: len(names)], n_forwards=int(summed[-1][0]))
+    summed = distributed.all_reduce_sum([*spread, np.array([part.n_forwards, part.n_rows])])
+    return SweepTable(part.labels, part.amounts, *summed[: len(names)], n_forwards=int(summed[-1][0]),
+                      n_rows=int(summed[-1][1]))
 
 
 def _first_edited(item, positions: str) -> int:

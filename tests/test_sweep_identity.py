@@ -1,0 +1,143 @@
+"""Identity conditions (steering at strength exactly 0) are the clean run: the batched sweep
+fills them from it without running rows, with the same numbers as running them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from surprise_probe.interventions import SteeringDirection, dose_response, run_sweep
+from surprise_probe.interventions import sweep as sweep_module
+from surprise_probe.interventions.direction_comparison import compare_directions
+from surprise_probe.interventions.sweep import encode_items, identity_amounts
+
+from tests.conftest import CONVERSATION, TEXTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOK = "blocks.0.hook_resid_post"
+ITEMS = [CONVERSATION, TEXTS[0], TEXTS[3]]
+
+
+def _steering(model, seed=0, std=1.5) -> SteeringDirection:
+    d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(seed))
+    return SteeringDirection(d / d.norm(), HOOK, std)
+
+
+def _run_every_condition(monkeypatch) -> None:
+    """The sweep as it was before identity conditions were recognised: every condition runs."""
+    monkeypatch.setattr(sweep_module, "identity_amounts", lambda kind, amounts: np.zeros(len(amounts), dtype=bool))
+
+
+class RowCounter:
+    """Rows that go through the model's last block, counted by a PyTorch forward hook."""
+
+    def __init__(self, model):
+        self.rows = 0
+        self.handle = model.blocks[-1].register_forward_hook(self._count)
+
+    def _count(self, module, inputs, output):  # noqa: ARG002 - PyTorch hook signature
+        self.rows += int((output[0] if isinstance(output, tuple) else output).shape[0])
+
+
+@pytest.fixture
+def counter(tiny_model):
+    counter = RowCounter(tiny_model)
+    yield counter
+    counter.handle.remove()
+
+
+def test_identity_amounts_is_only_steering_at_zero():
+    assert identity_amounts("steer", [-4.0, 0.0, -0.0, 1e-30, 4.0]).tolist() == [False, True, True, False, False]
+    # x - 0 * <x, d> d is NaN where the projection is inf: not the identity, so ablation always runs
+    assert identity_amounts("ablate", [0.0, 1.0]).tolist() == [False, False]
+    x, d = torch.tensor([[3.0e38, 3.0e38]]), torch.tensor([1.0, 1.0]) / 2**0.5
+    assert torch.isnan(x - 0.0 * (x @ d)[:, None] * d).all()
+
+
+def test_zero_strength_is_filled_from_the_clean_run_with_todays_numbers(tiny_model, counter, monkeypatch):
+    strengths = [-4.0, 0.0, 2.0, 6.0]
+    kwargs = dict(random_directions=2, batch_size=3, progress=False, n_boot=50)
+    new = dose_response(tiny_model, ITEMS, _steering(tiny_model), strengths, **kwargs)
+    new_rows, counter.rows = counter.rows, 0
+    with monkeypatch.context() as patched:
+        _run_every_condition(patched)
+        before = dose_response(tiny_model, ITEMS, _steering(tiny_model), strengths, **kwargs)
+    before_rows, counter.rows = counter.rows, 0
+    loop = dose_response(tiny_model, ITEMS, _steering(tiny_model), strengths, batched=False, **kwargs)
+    for key in ("entropy", "kl", "top1_agreement", "slopes", "probe_entropy_ci"):
+        np.testing.assert_allclose(getattr(new, key), getattr(before, key), atol=1e-6, rtol=0, err_msg=key)
+        np.testing.assert_allclose(getattr(new, key), getattr(loop, key), atol=1e-5, rtol=0, err_msg=key)
+    assert new.z_score == pytest.approx(before.z_score, abs=1e-4)
+    zero = strengths.index(0.0)
+    n_dir = len(new.labels)
+    assert np.asarray(new.kl)[:, zero].tolist() == [0.0] * n_dir  # exactly, not up to noise
+    assert np.asarray(new.top1_agreement)[:, zero].tolist() == [1.0] * n_dir
+    np.testing.assert_allclose(np.asarray(new.entropy)[:, zero], new.clean_entropy, rtol=0, atol=1e-12)
+    # fewer forwards (3 rows per forward) and at least one row less per (sequence, direction)
+    assert new.n_forwards < before.n_forwards
+    assert before_rows - new_rows >= len(ITEMS) * n_dir
+
+
+@pytest.mark.parametrize("positions", ["response", "all"])
+def test_rows_run_are_the_distinct_nonidentity_conditions(tiny_model, monkeypatch, positions):
+    encoded = encode_items(tiny_model, ITEMS)
+    directions = torch.randn(3, tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    amounts = [0.0, 2.0, -1.0, 2.0, -0.0]  # two identities, one repeat: 2 distinct conditions per direction
+    kwargs = dict(scale=1.5, positions=positions, progress=False)
+    new = run_sweep(tiny_model, encoded, HOOK, directions, amounts, **kwargs)
+    loop = run_sweep(tiny_model, encoded, HOOK, directions, amounts, batched=False, **kwargs)
+    with monkeypatch.context() as patched:
+        _run_every_condition(patched)
+        every = run_sweep(tiny_model, encoded, HOOK, directions, amounts, **kwargs)
+    assert new.n_rows == len(ITEMS) * 3 * 2
+    assert every.n_rows == len(ITEMS) * 3 * 3  # 0.0, 2.0, -1.0: the repeats (2.0, -0.0 == 0.0) run once
+    assert loop.n_rows == len(ITEMS) * 3 * len(amounts)  # the naive loop runs every condition
+    for name in ("entropy", "kl", "agree"):
+        np.testing.assert_allclose(getattr(new, name), getattr(loop, name), atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(getattr(new, name), getattr(every, name), atol=1e-6, rtol=0, err_msg=name)
+        np.testing.assert_array_equal(getattr(new, name)[:, 3], getattr(new, name)[:, 1])
+    for j in (0, 4):
+        assert (new.kl[:, j] == 0.0).all() and (new.agree[:, j] == new.n_tokens).all()
+        np.testing.assert_array_equal(new.entropy[:, j], np.broadcast_to(new.clean_entropy, (3, len(ITEMS))))
+    # the loop computed its zero-strength rows from real forwards: they equal the clean run
+    np.testing.assert_allclose(loop.kl[:, [0, 4]], 0.0, atol=1e-6)
+    np.testing.assert_allclose(loop.entropy[:, 0], new.entropy[:, 0], atol=1e-5, rtol=0)
+
+
+def test_only_identity_conditions_still_measure_the_clean_run(tiny_model):
+    encoded = encode_items(tiny_model, ITEMS)
+    direction = _steering(tiny_model).direction[None]
+    table = run_sweep(tiny_model, encoded, HOOK, direction, [0.0], progress=False)
+    loop = run_sweep(tiny_model, encoded, HOOK, direction, [0.0], batched=False, progress=False)
+    assert table.n_rows == 0 and table.n_forwards == len(ITEMS)  # one clean forward per sequence
+    np.testing.assert_allclose(table.clean_entropy, loop.clean_entropy, atol=1e-5, rtol=0)
+    assert (table.clean_entropy > 0).all()
+    np.testing.assert_array_equal(table.entropy[0, 0], table.clean_entropy)
+
+
+def test_ablation_at_fraction_zero_still_runs(tiny_model):
+    encoded = encode_items(tiny_model, ITEMS)
+    direction = _steering(tiny_model).direction[None]
+    table = run_sweep(tiny_model, encoded, HOOK, direction, [0.0, 1.0], kind="ablate", progress=False)
+    assert table.n_rows == len(ITEMS) * 2
+    np.testing.assert_allclose(table.kl[0, 0], 0.0, atol=1e-6)
+    assert (table.kl[0, 1] > 0).all()
+
+
+def test_direction_comparison_skips_the_zero_strength_rows(tiny_model, counter, monkeypatch):
+    """The study's compare stage (strengths [-4, 0, 4], random controls) runs a third fewer rows."""
+    directions = {"a": _steering(tiny_model, seed=0), "b": _steering(tiny_model, seed=5)}
+    kwargs = dict(random_directions=2, n_boot=20, progress=False)
+    new = compare_directions(tiny_model, ITEMS, directions, [-4.0, 0.0, 4.0], **kwargs)
+    new_rows, counter.rows = counter.rows, 0
+    with monkeypatch.context() as patched:
+        _run_every_condition(patched)
+        before = compare_directions(tiny_model, ITEMS, directions, [-4.0, 0.0, 4.0], **kwargs)
+    before_rows = counter.rows
+    for got, ref in zip(new.responses, before.responses, strict=True):
+        for key in ("entropy", "kl", "top1_agreement"):
+            np.testing.assert_allclose(getattr(got, key), getattr(ref, key), atol=1e-6, rtol=0, err_msg=key)
+        assert np.asarray(got.kl)[:, 1].tolist() == [0.0] * len(got.labels)
+    n_dir = 1 + 2  # each direction with its 2 random controls (no orthogonal one)
+    assert before_rows - new_rows >= len(directions) * len(ITEMS) * n_dir
