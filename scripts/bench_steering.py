@@ -4,11 +4,16 @@
     python scripts/bench_steering.py --model smollm2-135m-instruct --out runs/bench_steering
 
 In one run: the same dose-response (probe-like direction + orthogonal + k random directions,
-every strength, every input) through the one-condition loop (``batched=False``, the reference) and
-the batched sweep, which must agree to ``--atol``; and the *floor*: for each input, one clean
-forward up to the hook plus, for the N conditions, forwards from the hook to the logits at the
-scored positions only (``start_at_layer``, same rows per forward as the sweep, no metrics). The
-floor has no key-value cache sharing, so a sweep that shares the prompt can come in under it.
+every strength, every input) through the one-condition loop (``batched=False``, the naive
+reference: one forward per condition, every condition including strength 0, as a hand-written
+loop does) and the batched sweep, which must agree to ``--atol``; and the *floor*: for each
+input, one clean forward up to the hook plus, for the N conditions the sweep must actually run,
+forwards from the hook to the logits at the scored positions only (``start_at_layer``, same rows
+per forward as the sweep, no metrics). N counts the distinct non-identity conditions: a
+strength-0 condition is the clean run (``interventions.sweep.identity_amounts``) and a repeated
+strength repeats a condition, so the sweep runs neither and the floor does not count them (x floor
+time stays like for like). The floor has no key-value cache sharing, so a sweep that shares the
+prompt can come in under it.
 Prints a markdown table; with ``--out`` also writes ``bench_steering.json``.
 
 With ``--peers``: the same dose-response (all positions steered, ``--peer-directions`` directions
@@ -344,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from surprise_probe.interventions import SteeringDirection, dose_response
+    from surprise_probe.interventions.sweep import identity_amounts
 
     from surprise_probe.inputs import encode_all
     from surprise_probe.jsonio import software_versions, write_json
@@ -360,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     dose_response(model, encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)  # warm-up
 
     timings, results = {}, {}
-    n_conditions = (2 + args.random_directions) * len(args.strengths)
+    n_directions = 2 + args.random_directions
+    n_conditions = n_directions * len(args.strengths)
+    # What the sweep must run: each distinct strength that is not the identity, per direction.
+    identity = identity_amounts("steer", args.strengths)
+    n_run = n_directions * len({s for s, same in zip(args.strengths, identity, strict=True) if not same})
     wall = {}
     for mode in ("loop", "batched", "floor"):
         best, best_wall = float("inf"), float("inf")
@@ -369,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             # counts other processes' work (both are recorded).
             start, start_wall = time.process_time(), time.perf_counter()
             if mode == "floor":
-                _floor(model, encoded, layer, n_conditions, args.batch_size, args.max_batch_tokens)
+                _floor(model, encoded, layer, n_run, args.batch_size, args.max_batch_tokens)
             else:
                 results[mode] = dose_response(model, encoded, direction, args.strengths, batched=mode == "batched", **kwargs)
             best = min(best, time.process_time() - start)
@@ -382,19 +392,25 @@ def main(argv: list[str] | None = None) -> int:
     speedup = timings["loop"] / timings["batched"]
     over_floor = timings["batched"] / timings["floor"]
     n_tokens = results["batched"].n_tokens
+    n_skipped = n_conditions - n_run
     print(f"model {model.cfg.model_name}, hook {hook}, {len(encoded)} inputs ({n_tokens} scored tokens), "
           f"{len(results['batched'].labels)} directions x {len(args.strengths)} strengths = {n_conditions} conditions, "
-          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+          f"of which the sweep must run N = {n_run} (distinct, non-identity; {n_skipped} are the clean run "
+          f"(strength 0) or repeats), batch size {args.batch_size}, torch threads {torch.get_num_threads()}, "
+          f"{platform.processor() or platform.machine()}")
+    print("The loop is the naive reference: one forward per condition, all of them including strength 0, "
+          "as a hand-written loop does.")
     print()
     print(f"| mode | forward passes | CPU seconds (best of {args.repeats}) | wall seconds | x loop speed | "
-          "x floor time | max abs diff vs loop |")
+          f"x floor time (floor over N = {n_run} conditions) | max abs diff vs loop |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| loop (one condition at a time) | {results['loop'].n_forwards} | {timings['loop']:.2f} | "
+    print(f"| loop (naive: one condition per forward, all {n_conditions} incl. strength 0) | "
+          f"{results['loop'].n_forwards} | {timings['loop']:.2f} | "
           f"{wall['loop']:.2f} | 1.00 | {timings['loop'] / timings['floor']:.2f} | 0 |")
-    print(f"| batched sweep | {results['batched'].n_forwards} | {timings['batched']:.2f} | {wall['batched']:.2f} | "
-          f"{speedup:.2f} | {over_floor:.2f} | {diff:.2e} |")
-    print(f"| floor (clean to hook + N from hook to scored logits) | | {timings['floor']:.2f} | {wall['floor']:.2f} | "
-          f"{timings['loop'] / timings['floor']:.2f} | 1.00 | |")
+    print(f"| batched sweep ({n_run} conditions run, strength 0 from the clean run) | {results['batched'].n_forwards} | "
+          f"{timings['batched']:.2f} | {wall['batched']:.2f} | {speedup:.2f} | {over_floor:.2f} | {diff:.2e} |")
+    print(f"| floor (clean to hook + N = {n_run} from hook to scored logits) | | {timings['floor']:.2f} | "
+          f"{wall['floor']:.2f} | {timings['loop'] / timings['floor']:.2f} | 1.00 | |")
     ok = diff <= args.atol
     print(f"\nsame result within atol {args.atol}: {'yes' if ok else 'NO'}; batched is {speedup:.2f}x faster than "
           f"the loop and {over_floor:.2f}x the floor's time")
@@ -405,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             "model_id": str(model.cfg.model_name), "hook": hook, "n_tokens": n_tokens,
             "cpu_seconds": timings, "wall_seconds": wall, "forwards": {m: r.n_forwards for m, r in results.items()},
             "speedup": speedup, "batched_over_floor": over_floor, "n_conditions": n_conditions,
+            "n_conditions_run": n_run, "floor_conditions": "distinct non-identity conditions (the ones the sweep runs)",
+            "loop": "naive reference: one forward per condition, every condition including strength 0",
             "max_abs_diff": diff, "torch_threads": torch.get_num_threads(), "versions": software_versions(),
         })
     return 0 if ok else 1
