@@ -359,8 +359,11 @@ def direction_attribution(
     pad = pad_id(model)
     layers = resid_post_layers(model, hooks)
     if layers is not None and targets:
-        _forward_mode_attribution(model, encoded, d, hooks, layers, sorted(set(targets)), out)
-        return out
+        try:
+            _forward_mode_attribution(model, encoded, d, hooks, layers, sorted(set(targets)), out)
+            return out
+        except NotImplementedError:  # an operation without a forward-mode formula: backward below
+            out[:] = np.nan
     # causal: row t needs tokens 0..t only. Targets run longest first, each chunk cut to its own
     # longest row, with up to chunk_size x (longest target + 1) tokens per chunk (the memory of
     # chunk_size full rows), so short rows go many to a pass.

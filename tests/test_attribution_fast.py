@@ -70,3 +70,22 @@ def test_direction_attribution_matches_one_full_backward_per_target(any_model, c
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))  # untouched positions stay NaN
     np.testing.assert_allclose(got[:, targets], want[:, targets], rtol=1e-4, atol=1e-6)
     assert np.abs(want[:, targets]).max() > 1e-4  # a real signal, not zeros on both sides
+
+
+def test_without_forward_mode_the_backward_path_gives_the_same(tiny_hooked, monkeypatch):
+    """An operation without a forward-mode formula falls back to one backward per target."""
+    from surprise_probe.interventions import attribution
+
+    d = torch.randn(int(tiny_hooked.cfg.d_model), generator=torch.Generator().manual_seed(8))
+    encoded = encode(tiny_hooked, ITEM)
+    forward_mode = direction_attribution(tiny_hooked, encoded, d, hooks=RESID_POST)
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with an op that does not support it")
+
+    monkeypatch.setattr(attribution, "_forward_mode_attribution", unsupported)
+    backward = direction_attribution(tiny_hooked, encoded, d, hooks=RESID_POST, chunk_size=4)
+    want = _reference(tiny_hooked, torch.as_tensor(encoded.token_ids).unsqueeze(0), d / d.norm(),
+                      range(len(encoded)), RESID_POST)
+    np.testing.assert_allclose(backward, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(forward_mode, want, rtol=1e-4, atol=1e-6)
