@@ -314,8 +314,9 @@ def bootstrap_nested(
     share), so :func:`bootstrap_sums` cannot resample them. Each replicate draws groups of units
     with replacement (``groups``: e.g. the prompt of each phrasing; default: each unit alone) and,
     inside every drawn unit, its samples with replacement. ``statistic`` maps an array
-    ``(n_resamples, n_samples_of_the_unit)`` to ``(n_resamples,)``. Returns ``(point, low, high,
-    per-unit point values)``.
+    ``(n_resamples, n_samples_of_the_unit)`` to ``(n_resamples,)``. Each unit's replicates are
+    centred on its point value (bias-corrected), since resampling samples with replacement biases a
+    plug-in entropy low. Returns ``(point, low, high, per-unit point values)``.
 
     >>> spread = lambda draws: draws.std(axis=-1)
     >>> point, low, high, per_unit = bootstrap_nested(spread, [np.array([0.0, 2.0]), np.array([1.0, 1.0])])
@@ -337,6 +338,10 @@ def bootstrap_nested(
     boot_units = np.empty((n_boot, len(units)))
     for u, x in enumerate(units):
         boot_units[:, u] = statistic(x[rng.integers(0, len(x), size=(n_boot, len(x)))])
+    # Resampling a unit's samples biases statistics such as a plug-in entropy (repeats lower it), so
+    # each unit's replicates are shifted by their bias (replicate mean - point value); the spread
+    # is kept. For means the shift is ~0.
+    boot_units -= boot_units.mean(0) - per_unit
     unique, inverse = np.unique(groups, return_inverse=True)
     drawn = rng.integers(0, len(unique), size=(n_boot, len(unique)))
     weight = np.zeros((n_boot, len(unique)))

@@ -215,6 +215,22 @@ def test_nested_bootstrap_against_hand_cases():
     assert low == 0.0 and high == 1.0  # a replicate of two group-0 draws, or two group-1 draws
 
 
+def test_nested_bootstrap_interval_covers_a_plug_in_entropy():
+    from surprise_probe.intention import topic_entropy
+    from surprise_probe.stats import bootstrap_nested
+
+    def entropy(draws):
+        return np.array([topic_entropy([str(v) for v in row]) for row in draws])
+
+    # 8 distinct labels per unit: every resample with a repeat has a lower plug-in entropy than
+    # log 8, so uncentred replicates would put the whole interval below the point value
+    units = [np.arange(8), np.arange(8), np.array([0, 0, 0, 0, 1, 1, 2, 3])]
+    value, low, high, _ = bootstrap_nested(entropy, units, n_boot=400, seed=1)
+    assert value == pytest.approx((2 * np.log(8) + topic_entropy(list("00001123"))) / 3)
+    assert low < value < high
+    assert high - low < 1.5  # the spread is kept, not inflated
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--models", "no-such-model-xyz", "--prompts", "missing.jsonl"], "missing.jsonl"),
     (["--models", "smollm2-135m-instruct", "--n-samples", "1"], "n_samples"),
