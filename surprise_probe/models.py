@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -336,44 +338,23 @@ def _hub_folder(name: str, allow_download: bool) -> Path:
 
 def _load_folder(
     folder: Path, name: str, device: str, dtype: torch.dtype, backend: str,
-    device_map=None, n_devices: int = 1, max_memory=None,
+    device_map=None, n_devices: int = 1, max_memory=None, cache_processed: bool = False,
 ):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from surprise_probe.devices import release_memory
 
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        # A device_map places the Hugging Face modules (accelerate) and only the bridge runs them;
-        # without one, weights load on the CPU and TransformerLens moves them to `device`.
-        placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement).eval()
-        model = None
-        errors = []
-        if backend in ("auto", "hooked") and device_map is None:
-            try:
-                model = _hooked_from_hf(folder, hf_model, tokenizer, device, dtype, n_devices)
-            except Exception as error:  # noqa: BLE001 - unsupported architecture: fall back to bridge
-                if backend == "hooked":
-                    raise
-                errors.append(error)
+        cache_file = None
+        if cache_processed and backend in ("auto", "hooked") and device_map is None:
+            cache_file = _hooked_cache_file(folder, name, dtype)
+        model = _hooked_from_cache(cache_file, folder, tokenizer, device, dtype, n_devices) if cache_file else None
         if model is None:
-            if errors:
-                warnings.warn(
-                    f"HookedTransformer cannot load {folder} ({type(errors[0]).__name__}: {errors[0]}); "
-                    "using TransformerBridge instead (same hook names)",
-                    stacklevel=3,
-                )
-            from transformer_lens.model_bridge import TransformerBridge
-
-            if device_map is None and n_devices > 1:
-                raise ValueError(
-                    f"n_devices={n_devices} splits a HookedTransformer, but {folder} loads as a "
-                    "TransformerBridge; pass device_map='auto' (with max_memory=) instead"
-                )
-            model = TransformerBridge.boot_transformers(
-                str(folder), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
-                device=None if device_map is not None else device,
-            )
-            model.enable_compatibility_mode()
+            model = _convert(folder, tokenizer, device, dtype, backend, device_map, n_devices, max_memory)
+            release_memory()  # the Hugging Face model and the conversion's copies are gone: give them back
+            if cache_file is not None and not _is_bridge(model):
+                _write_hooked_cache(cache_file, model, folder, tokenizer, device, dtype, n_devices)
     model.cfg.model_name = name
     model.cfg.default_prepend_bos = False
     # What was asked of TransformerLens (both paths use its defaults; it skips centering the
@@ -385,6 +366,51 @@ def _load_folder(
     }
     _keep_original_tokenizer(model, tokenizer)
     return model.eval()
+
+
+def _is_bridge(model) -> bool:
+    return type(model).__name__ == "TransformerBridge"
+
+
+def _convert(folder: Path, tokenizer, device: str, dtype: torch.dtype, backend: str, device_map, n_devices: int,
+             max_memory):
+    """Load the Hugging Face model and convert it (HookedTransformer, else TransformerBridge).
+
+    Only the bridge keeps the Hugging Face model; a HookedTransformer returns without it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    # A device_map places the Hugging Face modules (accelerate) and only the bridge runs them;
+    # without one, weights load on the CPU and TransformerLens moves them to `device`.
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement).eval()
+    errors = []
+    if backend in ("auto", "hooked") and device_map is None:
+        try:
+            return _hooked_from_hf(folder, hf_model, tokenizer, device, dtype, n_devices)
+        except Exception as error:  # noqa: BLE001 - unsupported architecture: fall back to bridge
+            if backend == "hooked":
+                raise
+            errors.append(error)
+    if errors:
+        warnings.warn(
+            f"HookedTransformer cannot load {folder} ({type(errors[0]).__name__}: {errors[0]}); "
+            "using TransformerBridge instead (same hook names)",
+            stacklevel=4,
+        )
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device_map is None and n_devices > 1:
+        raise ValueError(
+            f"n_devices={n_devices} splits a HookedTransformer, but {folder} loads as a "
+            "TransformerBridge; pass device_map='auto' (with max_memory=) instead"
+        )
+    model = TransformerBridge.boot_transformers(
+        str(folder), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
+        device=None if device_map is not None else device,
+    )
+    model.enable_compatibility_mode()
+    return model
 
 
 def _keep_original_tokenizer(model, tokenizer) -> None:
@@ -406,26 +432,177 @@ def _keep_original_tokenizer(model, tokenizer) -> None:
     model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
 
 
+# The weight processing both HookedTransformer paths apply (as HookedTransformer.from_pretrained);
+# center_unembed is decided per model (see _hooked_from_hf).
+_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "fold_value_biases": True}
+
+
+def _hooked_config(folder: Path, hf_config: dict, device: str, dtype: torch.dtype, n_devices: int):
+    import transformer_lens.loading_from_pretrained as loading
+
+    return loading.get_pretrained_model_config(
+        str(folder), hf_cfg=hf_config, fold_ln=_PROCESSING["fold_ln"], device=device,
+        n_devices=n_devices, default_prepend_bos=False, dtype=dtype,
+    )
+
+
 def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch.dtype, n_devices: int = 1):
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
 
-    cfg = loading.get_pretrained_model_config(
-        str(folder), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=device,
-        n_devices=n_devices, default_prepend_bos=False, dtype=dtype,
-    )
+    cfg = _hooked_config(folder, hf_model.config.to_dict(), device, dtype, n_devices)
     state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype)
+    # The model's parameters are allocated but untouched (no random init for pretrained configs),
+    # so they take memory only as the processed weights are copied in.
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     # The same processing as HookedTransformer.from_pretrained. Centering the unembedding shifts
     # all logits of a position by one constant, which log_softmax ignores (but a logit softcap
     # does not, so softcapped models keep theirs uncentered, as in TransformerLens).
     softcap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
-    model.load_and_process_state_dict(
-        state_dict, fold_ln=True, center_writing_weights=True, center_unembed=softcap <= 0,
-        fold_value_biases=True,
-    )
+    model.load_and_process_state_dict(state_dict, center_unembed=softcap <= 0, **_PROCESSING)
+    del state_dict
     model.move_model_modules_to_device()
     return model
+
+
+# Processed HookedTransformer weights of an embedded model are cached beside its folder, so later
+# loads read them straight into the model's parameters: no Hugging Face model, no conversion and
+# no processing copies (peak memory one copy of the weights instead of about four). Bumped
+# whenever what such a file holds changes meaning; a file from another format is never read.
+HOOKED_CACHE_FORMAT = 1
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64",
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _hooked_cache_file(folder: Path, name: str, dtype: torch.dtype) -> Path:
+    """The cache file of ``folder``'s processed weights, named by a hash of everything that decides them.
+
+    The key covers every file of the folder (name, size, modification time) and the bytes of its
+    config and build marker, the dtype, the processing, the cache format and the versions of
+    TransformerLens, transformers and torch; any change gives another file.
+    """
+    files = sorted(path for path in folder.iterdir() if path.is_file())
+    key = {
+        "format": HOOKED_CACHE_FORMAT,
+        "dtype": _dtype_name(dtype),
+        "processing": {**_PROCESSING, "center_unembed": "unless the logits are softcapped"},
+        "versions": {package: importlib.metadata.version(package) for package in ("transformer-lens", "transformers")}
+        | {"torch": torch.__version__},
+        "files": [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+    for small in ("config.json", ".complete"):
+        if (folder / small).is_file():
+            digest.update((folder / small).read_bytes())
+    return folder.parent / f"{name}.hooked-{_dtype_name(dtype)}-{digest.hexdigest()[:16]}.safetensors"
+
+
+def _config_signature(cfg) -> str:
+    """A hash of a HookedTransformer config, without where the model runs (which the weights do not depend on)."""
+    settings = {key: value for key, value in cfg.to_dict().items() if key not in ("device", "n_devices")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def _config_from_files(folder: Path, device: str, dtype: torch.dtype, n_devices: int):
+    from transformers import AutoConfig
+
+    return _hooked_config(folder, AutoConfig.from_pretrained(folder).to_dict(), device, dtype, n_devices)
+
+
+def _write_hooked_cache(path: Path, model, folder: Path, tokenizer, device: str, dtype: torch.dtype,
+                        n_devices: int) -> None:
+    """Save ``model``'s weights and buffers as ``path`` (atomically), if a cached load rebuilds its config.
+
+    Best effort: a failure (disk full, read-only cache) warns and the load goes on uncached.
+    """
+    from safetensors.torch import save_file
+    from transformer_lens import HookedTransformer
+
+    cfg = _config_from_files(folder, device, dtype, n_devices)
+    signature = _config_signature(cfg)  # what a cached load compares before building the model
+    # The model a cached load would build (its parameters allocated, not yet touched): its config
+    # must be exactly the converted model's, else this folder is never cached.
+    if _config_signature(HookedTransformer(cfg, tokenizer, move_to_device=False).cfg) != _config_signature(model.cfg):
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_file(tensors, str(temporary), metadata={"format": str(HOOKED_CACHE_FORMAT), "config": signature})
+        del tensors
+        os.replace(temporary, path)
+        for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.safetensors"):
+            if stale != path:  # the same model and dtype under an older key (another version, a rebuilt folder)
+                stale.unlink(missing_ok=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        warnings.warn(f"could not cache the processed weights as {path} ({error}); later loads convert again",
+                      stacklevel=4)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _hooked_from_cache(path: Path, folder: Path, tokenizer, device: str, dtype: torch.dtype, n_devices: int):
+    """A HookedTransformer with the weights cached in ``path`` read straight into its parameters.
+
+    None when there is no such file or it does not fit (then the caller converts and rewrites it).
+    """
+    from transformer_lens import HookedTransformer
+
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            header, data_start = _safetensors_header(handle)
+            metadata = header.pop("__metadata__", None) or {}
+            cfg = _config_from_files(folder, device, dtype, n_devices)
+            if metadata.get("format") != str(HOOKED_CACHE_FORMAT) or metadata.get("config") != _config_signature(cfg):
+                return None
+            model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+            _read_into(handle, header, data_start, model.state_dict(), path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        warnings.warn(f"ignoring the processed-weights cache {path} ({error}); converting again", stacklevel=4)
+        return None
+    model.setup()  # as load_and_process_state_dict does after folding
+    model.move_model_modules_to_device()
+    return model
+
+
+def _safetensors_header(handle) -> tuple[dict, int]:
+    size = int.from_bytes(handle.read(8), "little")
+    if not 0 < size < 100_000_000:
+        raise ValueError(f"not a safetensors file (header size {size})")
+    header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (the header is not a JSON object)")
+    return header, 8 + size
+
+
+def _read_into(handle, header: dict, data_start: int, targets: dict[str, torch.Tensor], path: Path) -> None:
+    """Read every tensor of a safetensors file into the same-named CPU tensor of ``targets``, in place.
+
+    Plain reads into the tensors' own memory: no second copy, no memory map.
+    """
+    if set(header) != set(targets):
+        missing, extra = sorted(set(targets) - set(header)), sorted(set(header) - set(targets))
+        raise ValueError(f"{path.name} holds other tensors than the model (missing {missing[:3]}, extra {extra[:3]})")
+    for key, entry in header.items():
+        target = targets[key]
+        begin, end = entry["data_offsets"]
+        nbytes = target.numel() * target.element_size()
+        if (entry["dtype"] != _SAFETENSORS_DTYPES.get(target.dtype) or list(entry["shape"]) != list(target.shape)
+                or end - begin != nbytes or target.device.type != "cpu" or not target.is_contiguous()):
+            raise ValueError(f"{key}: cached {entry['dtype']} {entry['shape']} does not fit the model's "
+                             f"{_dtype_name(target.dtype)} {list(target.shape)}")
+        if nbytes == 0:
+            continue
+        handle.seek(data_start + begin)
+        if handle.readinto(target.detach().reshape(-1).view(torch.uint8).numpy()) != nbytes:
+            raise ValueError(f"{key}: {path.name} is truncated")
 
 
 def load_model(
@@ -454,7 +631,12 @@ def load_model(
     >>> model.cfg.n_layers, model.cfg.d_model, model.cfg.dtype          # doctest: +SKIP
     (30, 576, torch.bfloat16)
     """
-    from surprise_probe.devices import resolve_device, resolve_device_map, resolve_dtype
+    from surprise_probe.devices import (
+        release_memory,
+        resolve_device,
+        resolve_device_map,
+        resolve_dtype,
+    )
 
     if backend not in ("auto", "hooked", "bridge"):
         raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
@@ -479,4 +661,9 @@ def load_model(
         model_name = folder.resolve().name
     else:
         folder, model_name = _hub_folder(name, allow_download), name
-    return _load_folder(folder, model_name, device, dtype, backend, device_map, n_devices, max_memory)
+    # Only an embedded model's processed weights are cached (in the cache folder beside its own):
+    # a user's folder may be large and is theirs to change.
+    model = _load_folder(folder, model_name, device, dtype, backend, device_map, n_devices, max_memory,
+                         cache_processed=name.lower() in EMBEDDED_MODELS)
+    release_memory()
+    return model

@@ -1,0 +1,186 @@
+"""The processed-weights cache of embedded models, and handing freed memory back to the OS.
+
+The embedded model is simulated by the tiny random Llama folder placed where the dequantized
+SmolLM2 would be (``$SURPRISE_PROBE_CACHE/models/smollm2-135m-instruct`` with a complete marker),
+so ``load_model("smollm2-135m-instruct")`` runs the real code path on it.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import psutil
+import pytest
+import torch
+
+import surprise_probe as sp
+from surprise_probe import devices, models
+from surprise_probe.basis import model_fingerprint
+
+NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def embedded(tmp_path, monkeypatch, tiny_hf_folder):
+    monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / NAME
+    shutil.copytree(tiny_hf_folder, folder)
+    (folder / ".complete").write_text(json.dumps({"cache_format": models.CACHE_FORMAT}) + "\n")
+    return folder
+
+
+def cache_files(folder):
+    return sorted(folder.parent.glob(f"{NAME}.hooked-*.safetensors"))
+
+
+def reference(folder, dtype):
+    """The straightforward TransformerLens load (what load_model did before the cache)."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    cfg = loading.get_pretrained_model_config(
+        str(folder), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device="cpu", n_devices=1,
+        default_prepend_bos=False, dtype=dtype,
+    )
+    model = HookedTransformer(cfg, AutoTokenizer.from_pretrained(folder), move_to_device=False)
+    model.load_and_process_state_dict(loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=dtype),
+                                      fold_ln=True, center_writing_weights=True, center_unembed=True,
+                                      fold_value_biases=True)
+    return model
+
+
+def assert_same_model(model, expected):
+    ours, theirs = model.state_dict(), expected.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and ours[key].stride() == value.stride(), key
+        assert torch.equal(ours[key], value), key  # bit for bit
+    tokens = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected(tokens))
+
+
+def refuse_hugging_face_model(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached load built a Hugging Face model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_load_is_bit_identical_to_converting(embedded, monkeypatch, dtype):
+    expected = reference(embedded, dtype)
+    first = sp.load_model(NAME, device="cpu", dtype=dtype, progress=False)  # converts, writes the cache
+    files = cache_files(embedded)
+    assert [path.name.split("-")[3] for path in files] == [str(dtype).removeprefix("torch.")]
+    refuse_hugging_face_model(monkeypatch)
+    second = sp.load_model(NAME, device="cpu", dtype=dtype, progress=False)  # reads it
+    for model in (first, second):
+        assert type(model).__name__ == "HookedTransformer"
+        assert_same_model(model, expected)
+    assert second.cfg.to_dict() == first.cfg.to_dict()
+    assert model_fingerprint(second) == model_fingerprint(first)
+    assert second.weight_processing_requested == first.weight_processing_requested
+    assert sp.encode(second, "The quick brown fox.").token_ids.tolist() == \
+        first.tokenizer("The quick brown fox.")["input_ids"]
+    assert cache_files(embedded) == files
+
+
+def test_cache_key_follows_what_decides_the_weights(embedded, tmp_path):
+    key = models._hooked_cache_file(embedded, NAME, torch.float32)
+    assert key.parent == tmp_path / "models"
+    assert models._hooked_cache_file(embedded, NAME, torch.float32) == key
+    assert models._hooked_cache_file(embedded, NAME, torch.bfloat16) != key
+    config = embedded / "config.json"
+    stat = config.stat()
+    text = config.read_text()
+    assert "true" in text
+    config.write_text(text.replace("true", "null", 1))
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and time, other bytes
+    other = models._hooked_cache_file(embedded, NAME, torch.float32)
+    assert other != key
+    weights = next(embedded.glob("*.safetensors"))
+    os.utime(weights, ns=(stat.st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert models._hooked_cache_file(embedded, NAME, torch.float32) != other
+
+
+def test_a_changed_folder_replaces_its_stale_cache(embedded, monkeypatch):
+    sp.load_model(NAME, device="cpu", progress=False)
+    [old] = cache_files(embedded)
+    weights = next(embedded.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    sp.load_model(NAME, device="cpu", progress=False)
+    [new] = cache_files(embedded)
+    assert new != old and not old.exists()
+
+
+def test_damaged_cache_is_ignored_and_rewritten(embedded, monkeypatch):
+    expected = reference(embedded, torch.float32)
+    sp.load_model(NAME, device="cpu", progress=False)
+    [path] = cache_files(embedded)
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(size - 100)
+    with pytest.warns(UserWarning, match=r"ignoring the processed-weights cache .*truncated"):
+        model = sp.load_model(NAME, device="cpu", progress=False)
+    assert_same_model(model, expected)
+    assert cache_files(embedded) == [path] and path.stat().st_size == size
+    path.write_bytes(b"\xff" * 64)  # not a safetensors file at all
+    with pytest.warns(UserWarning, match="not a safetensors file"):
+        assert_same_model(sp.load_model(NAME, device="cpu", progress=False), expected)
+
+
+def test_cache_of_another_config_is_not_read(embedded, monkeypatch):
+    """A file under the right name whose recorded config differs is converted over, silently."""
+    sp.load_model(NAME, device="cpu", progress=False)
+    [path] = cache_files(embedded)
+    monkeypatch.setattr(models, "_config_signature", lambda cfg: "another config")
+    calls = []
+    convert = models._convert
+    monkeypatch.setattr(models, "_convert", lambda *args: calls.append(1) or convert(*args))
+    sp.load_model(NAME, device="cpu", progress=False)
+    assert calls == [1]
+
+
+def test_user_folders_and_the_bridge_are_not_cached(tiny_hf_folder, embedded):
+    sp.load_model(str(tiny_hf_folder), device="cpu", progress=False)
+    assert list(tiny_hf_folder.parent.glob("*.hooked-*.safetensors")) == []
+    bridge = sp.load_model(NAME, device="cpu", backend="bridge", progress=False)
+    assert type(bridge).__name__ == "TransformerBridge" and cache_files(embedded) == []
+
+
+def test_unwritable_cache_warns_and_loads(embedded, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr("safetensors.torch.save_file", refuse)
+    with pytest.warns(UserWarning, match="could not cache the processed weights.*read-only"):
+        model = sp.load_model(NAME, device="cpu", progress=False)
+    assert_same_model(model, reference(embedded, torch.float32))
+    assert cache_files(embedded) == [] and list(embedded.parent.glob(".*.tmp")) == []
+
+
+@pytest.mark.skipif(devices._malloc_trim() is None, reason="needs glibc's malloc_trim (Linux)")
+def test_release_memory_hands_freed_heap_back():
+    process = psutil.Process()
+    blocks = [bytearray(100_000) for _ in range(2000)]  # 200 MB of heap (below the mmap threshold)
+    keep = bytearray(100_000)  # above them on the heap, so free() alone cannot shrink it
+    del blocks
+    held = process.memory_info().rss
+    assert devices.release_memory() is True
+    assert held - process.memory_info().rss > 100e6
+    del keep
+
+
+def test_release_memory_elsewhere_only_collects(monkeypatch):
+    devices._malloc_trim.cache_clear()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    try:
+        assert devices._malloc_trim() is None and devices.release_memory() is False
+    finally:
+        devices._malloc_trim.cache_clear()
