@@ -307,17 +307,27 @@ def validate_attribution(
     batch_size: int = 16,
     level: float = 0.95,
     progress: bool = True,
+    exact: Sequence | Float[np.ndarray, "pairs hooks groups"] | None = None,
 ) -> AttributionPatching:
     """:func:`attribution_patching` plus the exact patch of every pair x hook x group, and their
     Pearson r over those points (with an approximate Fisher-z CI at ``level``).
 
     The exact values are what :func:`activation_patching` measures for the ``"direction"``
-    component (its ``entropy_patched - entropy_destination``, per pair instead of averaged).
+    component (its ``per_pair_moved["direction"]``, ``entropy_patched - entropy_destination`` per
+    pair). ``exact``: those values ``[pair][hook][group]`` when they were measured already (the
+    same pairs, hooks, groups and direction), so they are not patched again.
     """
     result = attribution_patching(model, pairs, direction=direction, hooks=hooks, groups=groups, progress=progress)
-    encoded = _encode_pairs(model, pairs)
-    d = _unit_vector(model, direction)
-    result.exact = _exact_patching(model, encoded, result, d, batch_size, progress)
+    if exact is not None:
+        shape = (result.n_pairs, len(result.hooks), len(result.groups))
+        given = np.asarray(exact, dtype=float)
+        if given.shape != shape:
+            raise ValueError(f"exact has shape {given.shape}; expected pairs x hooks x groups = {shape}")
+        result.exact = given.tolist()
+    else:
+        encoded = _encode_pairs(model, pairs)
+        d = _unit_vector(model, direction)
+        result.exact = _exact_patching(model, encoded, result, d, batch_size, progress)
     x, y = result.points()
     result.pearson_r, result.pearson_r_ci = _pearson_with_ci(x, y, level)
     result.n_points = int(np.isfinite(x).sum())

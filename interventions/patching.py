@@ -144,6 +144,8 @@ class PatchingResult:
     random_std: list[list[float | None]] = field(default_factory=list)
     z: list[list[float | None]] = field(default_factory=list)  # direction vs random, [hook][group]
     warnings: list[str] = field(default_factory=list)
+    # H_patched - H_destination per pair (measured-span means, nats), [component][hook][group][pair]
+    per_pair_moved: dict[str, list[list[list[float] | None]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -506,6 +508,7 @@ def activation_patching(
         random_std=random_std,
         z=z,
         warnings=notes,
+        per_pair_moved=grid([[float(v) for v in row] for row in moved]),
         entropy_source=float(h_source.mean()),
         entropy_destination=float(h_destination.mean()),
         per_pair_gap=gap.tolist(),

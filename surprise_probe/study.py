@@ -47,7 +47,11 @@ from surprise_probe.generate import sample_responses
 from surprise_probe.intention import analyze_intention, builtin_intention_prompts
 from surprise_probe.interventions.attribution import validate_attribution
 from surprise_probe.interventions.direction_comparison import entropy_direction_comparison
-from surprise_probe.interventions.experiments import patching_experiment, steering_experiment
+from surprise_probe.interventions.experiments import (
+    patching_experiment,
+    probe_artifact,
+    steering_experiment,
+)
 from surprise_probe.io import builtin_items
 from surprise_probe.jsonio import (
     finite_or_none,
@@ -328,6 +332,21 @@ def _attribution_config(settings: dict, inputs: str) -> dict:
             "strength": max(abs(s) for s in settings["strengths"])}
 
 
+def _patched_moves(patch_folder: Path, probe_path: Path, hooks: list[str], n_pairs: int) -> np.ndarray | None:
+    """The patch stage's per-pair entropy moves along the probe direction, ``[pair][hook][group]``:
+    exactly what attribution's validation would patch again (same pairs, probe, layers and
+    groups), or ``None`` when patch.json does not hold them for these (an older run)."""
+    record = read_json(patch_folder / "patch.json")
+    patching = record.get("patching", {})
+    moved = patching.get("per_pair_moved", {}).get("direction")
+    if (moved is None or record.get("probe", {}).get("sha256") != probe_artifact(probe_path)["sha256"]
+            or patching.get("hooks") != hooks or patching.get("groups") != list(PATCH_GROUPS)
+            or patching.get("n_pairs") != n_pairs
+            or any(cell is None for row in moved for cell in row)):
+        return None
+    return np.asarray(moved, dtype=float).transpose(2, 0, 1)
+
+
 def _run_attribution(ctx: StudyContext, folder: Path):
     settings = ctx.settings
     probe_path = Path(ctx.results["fit_surprise"])
@@ -336,7 +355,8 @@ def _run_attribution(ctx: StudyContext, folder: Path):
     hooks = [f"blocks.{layer}.hook_resid_post"
              for layer in patch_layers(int(ctx.model.cfg.n_layers), settings["patch_layers"])]
     validate_attribution(ctx.model, [(p["source"], p["destination"]) for p in pairs], direction=probe, hooks=hooks,
-                         groups=PATCH_GROUPS, progress=ctx.progress).save(folder)
+                         groups=PATCH_GROUPS, progress=ctx.progress,
+                         exact=_patched_moves(Path(ctx.results["patch"]), probe_path, hooks, len(pairs))).save(folder)
     probes = {}
     for layer in range(int(ctx.model.cfg.n_layers)):
         hook = f"blocks.{layer}.hook_resid_post"

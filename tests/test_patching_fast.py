@@ -126,3 +126,30 @@ def test_activation_patching_fractions_match_the_reference(tiny_hooked):
         assert result.entropy_patched[component][h][g] == pytest.approx(h_patched[c].mean(), abs=3e-6)
         # float32 noise of ~3e-6 nats over a gap of a few 1e-3 nats
         assert result.fraction[component][h][g] == pytest.approx(expected[c], abs=6e-6 / abs(gap))
+
+
+def test_per_pair_moves_are_the_attribution_stage_exact_values(tiny_hooked):
+    """activation_patching's per-pair moves along d are what validate_attribution patches, so the
+    study passes them on instead of patching again."""
+    from surprise_probe.interventions import SteeringDirection
+    from surprise_probe.interventions.attribution import validate_attribution
+
+    direction = random_directions(int(tiny_hooked.cfg.d_model), 1, seed=3)[0]
+    steering = SteeringDirection(direction, HOOKS[1], 1.0)
+    groups = ["response", "first2"]
+    patched = activation_patching(tiny_hooked, PAIRS, hooks=HOOKS, groups=groups, direction=steering, n_boot=20,
+                                  random_directions=1, progress=False)
+    moved = np.asarray(patched.per_pair_moved["direction"], float).transpose(2, 0, 1)  # pair, hook, group
+    measured = validate_attribution(tiny_hooked, PAIRS, direction=steering, hooks=HOOKS, groups=groups,
+                                    progress=False)
+    np.testing.assert_allclose(moved, measured.exact, rtol=0, atol=3e-6)
+    assert np.abs(moved).max() > 1e-3
+    # the per-pair moves average to the reported patched entropy minus the destination's
+    np.testing.assert_allclose(moved.mean(0), np.asarray(patched.entropy_patched["direction"], float)
+                               - patched.entropy_destination, rtol=0, atol=1e-9)
+    reused = validate_attribution(tiny_hooked, PAIRS, direction=steering, hooks=HOOKS, groups=groups,
+                                  progress=False, exact=moved)
+    assert reused.exact == moved.tolist() and reused.n_points == measured.n_points
+    with pytest.raises(ValueError, match=r"exact has shape \(2, 2, 2\); expected pairs x hooks x groups"):
+        validate_attribution(tiny_hooked, PAIRS, direction=steering, hooks=HOOKS, groups=groups, progress=False,
+                             exact=moved[:2])
