@@ -90,13 +90,13 @@ __all__ = [
 DEFAULT_SETTINGS = {
     "max_inputs": 60,  # the first N inputs are captured and probed
     "batch_size": 8,
-    "steer_inputs": 8,
+    "steer_inputs": 6,
     "strengths": [-4.0, -2.0, 0.0, 2.0, 4.0],
     "compare_strengths": [-4.0, 0.0, 4.0],  # the entropy-direction comparison (3 directions, so fewer)
     "random_directions": 4,
     "n_boot": 1000,
     "seed": 0,
-    "patch_pairs": 8,  # on/off-policy pairs (the model samples one answer per pair)
+    "patch_pairs": 6,  # on/off-policy pairs (the model samples one answer per pair)
     "patch_layers": 8,  # evenly spaced layers patched exactly (and validated by attribution)
     "patch_random_directions": 2,  # random directions patched like the probe direction (the control)
     "sample_tokens": 48,  # longest sampled answer (patch pairs and policy gap)
