@@ -510,18 +510,19 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         base_reader_seconds = (30.0 if cached else 150.0) + 2.5 * 0.08 * f * s["gap_prompts"] * (s["sample_tokens"] + 12)
     strengths, controls = len(s["strengths"]), s["random_directions"] + 2
     layers = patch_layers(n_layers, s["patch_layers"])
+    # unit costs from the default study on a fresh clone (2026-11-24, 2 idle cores, f = 2.13 s)
     est = {
-        "capture": 0.55 * f * n_items,
-        "fit_surprise": 10 + 0.06 * n_items * n_layers,
-        "fit_entropy": 10 + 0.06 * n_items * n_layers,
-        "steer": 0.25 * f * s["steer_inputs"] * (strengths * controls + controls),
-        "compare": 0.25 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
-        "patch": 0.06 * f * s["patch_pairs"] * (s["sample_tokens"] + (2 + s["patch_random_directions"]) * 2
-                                                 * len(layers) * len(PATCH_GROUPS)),
-        "attribution": 0.06 * f * (s["patch_pairs"] * (6 + len(layers) * len(PATCH_GROUPS))
-                                   + s["token_view_tokens"] * n_layers / 4),
-        "gap": 0.08 * f * s["gap_prompts"] * (s["sample_tokens"] + 12) + base_reader_seconds,
-        "intention": 0.02 * f * s["intention_prompts"] * 3 * s["intention_samples"]
+        "capture": 0.33 * f * n_items,
+        "fit_surprise": 10 + 0.015 * n_items * n_layers,
+        "fit_entropy": 10 + 0.015 * n_items * n_layers,
+        "steer": 0.11 * f * s["steer_inputs"] * (strengths * controls + controls),
+        "compare": 0.093 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
+        "patch": 0.0224 * f * s["patch_pairs"] * (s["sample_tokens"] + (2 + s["patch_random_directions"]) * 2
+                                                   * len(layers) * len(PATCH_GROUPS)),
+        "attribution": 0.0154 * f * (s["patch_pairs"] * (6 + len(layers) * len(PATCH_GROUPS))
+                                     + s["token_view_tokens"] * n_layers / 4),
+        "gap": 0.024 * f * s["gap_prompts"] * (s["sample_tokens"] + 12) + base_reader_seconds,
+        "intention": 0.00244 * f * s["intention_prompts"] * 3 * s["intention_samples"]
                      * s["intention_tokens"] * (2 + len(s["intention_ks"])),
         "report": 5.0,
     }
