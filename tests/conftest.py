@@ -55,6 +55,28 @@ def tiny_hf_folder(tmp_path_factory, tiny_tokenizer):
     return tiny_llama_folder(tmp_path_factory.mktemp("tiny-random-lm"), tiny_tokenizer, seed=1)[0]
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_hf_folder):
+    """A random Llama (RMSNorm, grouped-query attention) loaded as a HookedTransformer."""
+    from surprise_probe.models import load_model
+
+    return load_model(str(tiny_hf_folder))
+
+
+@pytest.fixture(params=["hooked", "bridge", "llama"])
+def any_model(request, tiny_hooked, tiny_bridge_model, tiny_llama):
+    """Run a test on a LayerNorm HookedTransformer, a bridge and a Llama HookedTransformer."""
+    return {"hooked": tiny_hooked, "bridge": tiny_bridge_model, "llama": tiny_llama}[request.param]
+
+
+def random_steering(model, seed: int = 0, std: float = 1.5, hook: str = "blocks.0.hook_resid_post"):
+    """A seeded random unit direction at ``hook`` as a SteeringDirection."""
+    from surprise_probe.interventions import SteeringDirection
+
+    d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(seed))
+    return SteeringDirection(d / d.norm(), hook, std)
+
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello world, how are you today?",

@@ -44,19 +44,6 @@ def _reference(model, tokens: torch.Tensor, d: torch.Tensor, targets, hooks) -> 
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_hf_folder):
-    """A random Llama (RMSNorm, grouped-query attention) loaded as a HookedTransformer."""
-    from surprise_probe.models import load_model
-
-    return load_model(str(tiny_hf_folder))
-
-
-@pytest.fixture(params=["hooked", "bridge", "llama"])
-def any_model(request, tiny_hooked, tiny_bridge_model, tiny_llama):
-    return {"hooked": tiny_hooked, "bridge": tiny_bridge_model, "llama": tiny_llama}[request.param]
-
-
 @pytest.mark.parametrize(("chunk_size", "hooks"), [(8, RESID_POST), (1, MIXED), (3, MIXED), (64, MIXED)])
 def test_direction_attribution_matches_one_full_backward_per_target(any_model, chunk_size, hooks):
     tiny_model = any_model

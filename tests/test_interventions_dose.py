@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from surprise_probe.interventions import (
-    SteeringDirection,
     directional_ablation,
     dose_response,
     from_probe,
@@ -20,7 +19,7 @@ from surprise_probe.interventions import (
 from surprise_probe.inputs import encode_all
 from surprise_probe.models import model_id
 from surprise_probe.stats import slope, zscore
-from tests.conftest import CONVERSATION, TEXTS
+from tests.conftest import CONVERSATION, TEXTS, random_steering
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,9 +27,8 @@ HOOK = "blocks.0.hook_resid_post"
 ITEMS = [CONVERSATION, TEXTS[0], TEXTS[3]]
 
 
-def _steering(model, seed=0, std=1.5) -> SteeringDirection:
-    d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(seed))
-    return SteeringDirection(d / d.norm(), HOOK, std)
+def _steering(model, seed=0, std=1.5):
+    return random_steering(model, seed, std, HOOK)
 
 
 def _probe_like(model, **overrides):

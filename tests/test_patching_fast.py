@@ -62,19 +62,6 @@ def _reference(model, encoded, alignments, conditions, vectors):
     return h_src, h_dst, h_patched
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_hf_folder):
-    """A random Llama (RMSNorm, grouped-query attention) loaded as a HookedTransformer."""
-    from surprise_probe.models import load_model
-
-    return load_model(str(tiny_hf_folder))
-
-
-@pytest.fixture(params=["hooked", "bridge", "llama"])
-def any_model(request, tiny_hooked, tiny_bridge_model, tiny_llama):
-    return {"hooked": tiny_hooked, "bridge": tiny_bridge_model, "llama": tiny_llama}[request.param]
-
-
 @pytest.mark.parametrize(("batch_size", "max_batch_tokens", "groups"), [
     (32, 8192, GROUPS), (200, 100_000, GROUPS), (3, 8192, GROUPS),
     (32, 8192, ["response", "first2"]),  # patched runs start at the response: the prompt comes from the cache

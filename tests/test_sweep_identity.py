@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from surprise_probe.interventions import SteeringDirection, dose_response, run_sweep
+from surprise_probe.interventions import dose_response, run_sweep
 from surprise_probe.interventions import sweep as sweep_module
 from surprise_probe.interventions.direction_comparison import compare_directions
 from surprise_probe.interventions.sweep import encode_items, identity_amounts
 
-from tests.conftest import CONVERSATION, TEXTS
+from tests.conftest import CONVERSATION, TEXTS, random_steering
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,9 +19,8 @@ HOOK = "blocks.0.hook_resid_post"
 ITEMS = [CONVERSATION, TEXTS[0], TEXTS[3]]
 
 
-def _steering(model, seed=0, std=1.5) -> SteeringDirection:
-    d = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(seed))
-    return SteeringDirection(d / d.norm(), HOOK, std)
+def _steering(model, seed=0, std=1.5):
+    return random_steering(model, seed, std, HOOK)
 
 
 def _run_every_condition(monkeypatch) -> None:
