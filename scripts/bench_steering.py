@@ -331,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=8192, help="tokens per forward, every mode")
     parser.add_argument("--repeats", type=int, default=3, help="best-of timing repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--atol", type=float, default=1e-5, help="entropy and KL, batched vs loop")
+    parser.add_argument("--no-fused-attention", action="store_true",
+                        help="the sweep runs the model's own attention (interventions.suffix.FUSE_ATTENTION)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--peers", action="store_true", help="compare with the peers, each in its own process")
     parser.add_argument("--peer-methods", nargs="+", default=PEER_METHODS, choices=PEER_METHODS)
@@ -348,13 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from surprise_probe.interventions import SteeringDirection, dose_response
+    from surprise_probe.interventions import SteeringDirection, dose_response, suffix
     from surprise_probe.interventions.sweep import identity_amounts
 
     from surprise_probe.inputs import encode_all
     from surprise_probe.jsonio import software_versions, write_json
 
     model = _model(args.model, args.device)
+    suffix.FUSE_ATTENTION = not args.no_fused_attention
     layer = int(model.cfg.n_layers) // 2 if args.layer is None else args.layer
     hook = f"blocks.{layer}.hook_resid_post"
     encoded = encode_all(model, _items(model, args.n_inputs), truncate=True)
@@ -385,10 +388,15 @@ def main(argv: list[str] | None = None) -> int:
             best = min(best, time.process_time() - start)
             best_wall = min(best_wall, time.perf_counter() - start_wall)
         timings[mode], wall[mode] = best, best_wall
-    diff = max(
-        float(np.abs(np.asarray(getattr(results["batched"], key)) - np.asarray(getattr(results["loop"], key))).max())
-        for key in ("entropy", "kl", "top1_agreement")
-    )
+    def gap(key: str) -> np.ndarray:
+        return np.abs(np.asarray(getattr(results["batched"], key)) - np.asarray(getattr(results["loop"], key)))
+
+    # Entropy and KL are continuous in the logits and must agree to atol. Top-1 agreement is not:
+    # where the two best logits of a row are within float rounding of each other, any change of
+    # accumulation order (a fused attention kernel, a different matmul blocking) can flip the
+    # argmax; such flips are counted in tokens and reported, not failed on.
+    diff = max(float(gap("entropy").max()), float(gap("kl").max()))
+    n_flipped = int(np.round(gap("top1_agreement") * results["batched"].n_tokens).sum())
     speedup = timings["loop"] / timings["batched"]
     over_floor = timings["batched"] / timings["floor"]
     n_tokens = results["batched"].n_tokens
@@ -402,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
           "as a hand-written loop does.")
     print()
     print(f"| mode | forward passes | CPU seconds (best of {args.repeats}) | wall seconds | x loop speed | "
-          f"x floor time (floor over N = {n_run} conditions) | max abs diff vs loop |")
+          f"x floor time (floor over N = {n_run} conditions) | max abs diff vs loop (entropy, KL) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| loop (naive: one condition per forward, all {n_conditions} incl. strength 0) | "
           f"{results['loop'].n_forwards} | {timings['loop']:.2f} | "
@@ -412,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| floor (clean to hook + N = {n_run} from hook to scored logits) | | {timings['floor']:.2f} | "
           f"{wall['floor']:.2f} | {timings['loop'] / timings['floor']:.2f} | 1.00 | |")
     ok = diff <= args.atol
-    print(f"\nsame result within atol {args.atol}: {'yes' if ok else 'NO'}; batched is {speedup:.2f}x faster than "
-          f"the loop and {over_floor:.2f}x the floor's time")
+    print(f"\nsame entropy and KL within atol {args.atol}: {'yes' if ok else 'NO'}; top-1 agreement differs by "
+          f"{n_flipped} token(s) in all {n_conditions} conditions together (argmax flips at float-rounding ties); "
+          f"batched is {speedup:.2f}x faster than the loop and {over_floor:.2f}x the floor's time")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "bench_steering.json", {
@@ -423,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             "speedup": speedup, "batched_over_floor": over_floor, "n_conditions": n_conditions,
             "n_conditions_run": n_run, "floor_conditions": "distinct non-identity conditions (the ones the sweep runs)",
             "loop": "naive reference: one forward per condition, every condition including strength 0",
-            "max_abs_diff": diff, "torch_threads": torch.get_num_threads(), "versions": software_versions(),
+            "max_abs_diff": diff, "max_abs_diff_of": ["entropy", "kl"], "top1_tokens_flipped": n_flipped,
+            "fused_attention": suffix.FUSE_ATTENTION, "torch_threads": torch.get_num_threads(), "versions": software_versions(),
         })
     return 0 if ok else 1
 

@@ -1,0 +1,97 @@
+"""The sweep's fused attention (interventions.suffix.fused_attention) computes what the model's
+own attention computes, falls back where it would not, and always puts the model back."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from surprise_probe.interventions import suffix
+from surprise_probe.interventions.suffix import clean_prefix, fused_attention, run_from_hook
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from surprise_probe.testing import tiny_hooked_transformer
+
+
+def _model(**overrides) -> HookedTransformer:
+    cfg = dict(
+        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=50, act_fn="gelu",
+        normalization_type="LN", positional_embedding_type="rotary", seed=0,
+    )
+    cfg.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return HookedTransformer(HookedTransformerConfig(**cfg)).eval()
+
+
+MODELS = {
+    "rotary": lambda: tiny_hooked_transformer(n_layers=3),
+    "standard positions": lambda: _model(positional_embedding_type="standard"),
+    "grouped-query, RMSNorm": lambda: _model(n_key_value_heads=2, normalization_type="RMS", act_fn="silu", gated_mlp=True),
+    "local window": lambda: _model(attn_types=["local", "global", "local"], window_size=5),
+    "scaled by layer": lambda: _model(scale_attn_by_inverse_layer_idx=True),
+}
+
+
+def _suffix_outputs(model, tokens, start: int, edits) -> torch.Tensor:
+    prefix = clean_prefix(model, tokens, 1, start)
+    return run_from_hook(model, prefix, prefix.residual + edits)
+
+
+@pytest.mark.parametrize("start", [0, 9])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_equals_the_models_attention(name, start, monkeypatch):
+    model = MODELS[name]()
+    with fused_attention(model, [1, 2]) as fused:
+        assert fused, f"{name}: expected the fused path to apply"
+    tokens = torch.randint(0, int(model.cfg.d_vocab), (1, 21), generator=torch.Generator().manual_seed(1))
+    edits = torch.randn(3, 21 - start, int(model.cfg.d_model), generator=torch.Generator().manual_seed(2))
+    fused_out = _suffix_outputs(model, tokens, start, edits)
+    monkeypatch.setattr(suffix, "FUSE_ATTENTION", False)
+    own_out = _suffix_outputs(model, tokens, start, edits)
+    torch.testing.assert_close(fused_out, own_out, atol=1e-5, rtol=1e-5)
+    # And both equal the plain full forward of the unedited sequence (row of zero edit).
+    clean = _suffix_outputs(model, tokens, start, torch.zeros_like(edits[:1]))
+    monkeypatch.setattr(suffix, "FUSE_ATTENTION", True)
+    clean_fused = _suffix_outputs(model, tokens, start, torch.zeros_like(edits[:1]))
+    _, cache = model.run_with_cache(tokens, names_filter=f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    full = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, start:]
+    torch.testing.assert_close(clean, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clean_fused, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["softcap", "hook", "attn_result"],
+)
+def test_falls_back_where_it_is_not_the_same_computation(change):
+    model = _model(attn_scores_soft_cap=5.0) if change == "softcap" else _model(use_attn_result=change == "attn_result")
+    seen = []
+    if change == "hook":
+        model.blocks[2].attn.hook_pattern.add_hook(lambda x, hook: seen.append(hook.name))
+    with fused_attention(model, [1, 2]) as fused:
+        assert not fused
+        assert all("forward" not in vars(block.attn) for block in model.blocks)
+    if change == "hook":  # and the model's attention (with its hook) is what runs
+        tokens = torch.arange(12).unsqueeze(0)
+        prefix = clean_prefix(model, tokens, 1, 4)
+        seen.clear()  # the clean prompt ran block 2 too
+        run_from_hook(model, prefix, prefix.residual)
+        assert seen == ["blocks.2.attn.hook_pattern"]
+
+
+def test_model_is_put_back_even_after_an_error():
+    model = _model()
+    with pytest.raises(RuntimeError, match="boom"), fused_attention(model, [0, 1, 2]) as fused:
+        assert fused and all("forward" in vars(block.attn) for block in model.blocks)
+        raise RuntimeError("boom")
+    assert all("forward" not in vars(block.attn) for block in model.blocks)
+
+
+def test_padding_is_refused():
+    model = _model()
+    x = torch.randn(2, 6, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with fused_attention(model, [0]), pytest.raises(ValueError, match="padding"):
+        model.blocks[0].attn(x, x, x, attention_mask=mask)
