@@ -109,7 +109,8 @@ DEFAULT_SETTINGS = {
     "intention_ks": [0, 1, 2, 4, 8],
 }
 
-# --quick: every stage on small sizes (about 2 minutes on the embedded default; CI's smoke run).
+# --quick: every stage on small sizes (2.6 min of stages, 2.8 min wall with the load, peak 2.2 GB on
+# the embedded default, 2 idle cores, 2026-11-24; CI's smoke run).
 QUICK_SETTINGS = {
     **DEFAULT_SETTINGS,
     "max_inputs": 12,
@@ -513,8 +514,10 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
     # unit costs from the default study on a fresh clone (2026-11-24, 2 idle cores, f = 2.13 s)
     est = {
         "capture": 0.33 * f * n_items,
-        "fit_surprise": 10 + 0.015 * n_items * n_layers,
-        "fit_entropy": 10 + 0.015 * n_items * n_layers,
+        # about 1 s per hook whatever the corpus (nested CV, controls, bootstrap) plus the data:
+        # 30.8 / 31.3 s at 12 items (the quick study), 36.7 / 35.9 s at 60 items, 31 hooks
+        "fit_surprise": (n_layers + 1) * (0.93 + 0.0049 * n_items),
+        "fit_entropy": (n_layers + 1) * (0.93 + 0.0049 * n_items),
         "steer": 0.11 * f * s["steer_inputs"] * (strengths * controls + controls),
         "compare": 0.093 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
         "patch": 0.0224 * f * s["patch_pairs"] * (s["sample_tokens"] + (2 + s["patch_random_directions"]) * 2
