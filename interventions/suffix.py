@@ -140,6 +140,7 @@ def _fusable(attn) -> bool:
     return (
         type(attn) in (Attention, GroupedQueryAttention)
         and "forward" not in vars(attn)  # not already replaced by someone else
+        and callable(getattr(attn, "_make_causal_mask", None))  # TransformerLens' mask, reused as is
         and not hooked
         and cfg.positional_embedding_type in ("standard", "rotary")
         and (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
