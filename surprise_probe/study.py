@@ -511,13 +511,14 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         base_reader_seconds = (30.0 if cached else 150.0) + 2.5 * 0.08 * f * s["gap_prompts"] * (s["sample_tokens"] + 12)
     strengths, controls = len(s["strengths"]), s["random_directions"] + 2
     layers = patch_layers(n_layers, s["patch_layers"])
+    # A fit: about 1 s per hook whatever the corpus (nested CV, controls, bootstrap) plus the data:
+    # 30.8 / 31.3 s at 12 items (the quick study), 36.7 / 35.9 s at 60 items, 31 hooks.
+    fit = (n_layers + 1) * (0.93 + 0.0049 * n_items)
     # unit costs from the default study on a fresh clone (2026-11-24, 2 idle cores, f = 2.13 s)
     est = {
         "capture": 0.33 * f * n_items,
-        # about 1 s per hook whatever the corpus (nested CV, controls, bootstrap) plus the data:
-        # 30.8 / 31.3 s at 12 items (the quick study), 36.7 / 35.9 s at 60 items, 31 hooks
-        "fit_surprise": (n_layers + 1) * (0.93 + 0.0049 * n_items),
-        "fit_entropy": (n_layers + 1) * (0.93 + 0.0049 * n_items),
+        "fit_surprise": fit,
+        "fit_entropy": fit,
         "steer": 0.11 * f * s["steer_inputs"] * (strengths * controls + controls),
         "compare": 0.093 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
         "patch": 0.0224 * f * s["patch_pairs"] * (s["sample_tokens"] + (2 + s["patch_random_directions"]) * 2
