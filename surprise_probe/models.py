@@ -22,6 +22,7 @@ The cached copy of an embedded tokenizer is checked against the GGUF original wh
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib.metadata
@@ -460,15 +461,59 @@ def _hooked_from_hf(folder: Path, hf_model, tokenizer, device: str, dtype: torch
     # all logits of a position by one constant, which log_softmax ignores (but a logit softcap
     # does not, so softcapped models keep theirs uncentered, as in TransformerLens).
     softcap = getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0
-    model.load_and_process_state_dict(state_dict, center_unembed=softcap <= 0, **_PROCESSING)
+    _load_processed(model, state_dict, center_unembed=softcap <= 0)
     del state_dict
     model.move_model_modules_to_device()
     return model
 
 
+def _load_processed(model, state_dict: dict[str, torch.Tensor], center_unembed: bool) -> None:
+    """Load ``state_dict`` into ``model`` with TransformerLens' weight processing, a block at a time.
+
+    ``ProcessWeights.process_weights`` clones the whole state dict at each of its steps, so
+    converting the embedded model peaked at about four copies of its weights (3.2 GB for 135M
+    parameters). None of its steps mixes the weights of two blocks: each block's layer norms fold
+    into that block's own projections, the final norm into the unembedding, and the centering and
+    value-bias folding act tensor by tensor. So TransformerLens' own ``process_weights`` runs here
+    on one block's weights at a time (renamed to block 0 of a one-block config), then on the
+    embeddings, final norm and unembedding: the same arithmetic on the same tensors, with one
+    block's copies alive at a time. tests/test_models.py checks the result bit for bit against
+    ``load_and_process_state_dict`` on LayerNorm and RMSNorm/grouped-query models.
+
+    Configs this was not checked for (no foldable norm, 4-bit weights) take TransformerLens' path.
+    """
+    from transformer_lens.weight_processing import ProcessWeights
+
+    cfg = model.cfg
+    state_dict = model.fill_missing_keys(state_dict)
+    has_norms = any(k.endswith((".ln1.w", ".ln2.w", "ln_final.w")) for k in state_dict)
+    if cfg.normalization_type not in ("LNPre", "RMSPre") or cfg.load_in_4bit or not has_norms:
+        model.load_and_process_state_dict(state_dict, center_unembed=center_unembed, **_PROCESSING)
+        return
+    flags = {**_PROCESSING, "refactor_factored_attn_matrices": False}
+    one_block, no_block = copy.copy(cfg), copy.copy(cfg)
+    one_block.n_layers, no_block.n_layers = 1, 0
+    # Centering the writing weights insists on finding the embeddings: empty stand-ins.
+    stand_ins = {"embed.W_E": torch.zeros(0, cfg.d_model), "pos_embed.W_pos": torch.zeros(0, cfg.d_model)}
+    for layer in range(cfg.n_layers):
+        prefix = f"blocks.{layer}."
+        keys = [k for k in state_dict if k.startswith(prefix)]
+        block = {"blocks.0." + k[len(prefix):]: state_dict.pop(k) for k in keys}
+        block = ProcessWeights.process_weights({**block, **stand_ins}, one_block, center_unembed=False, **flags)
+        for key, value in block.items():
+            if key.startswith("blocks.0."):
+                model.load_state_dict({prefix + key[len("blocks.0."):]: value}, strict=False)
+        del block
+    rest = ProcessWeights.process_weights(state_dict, no_block, center_unembed=center_unembed, **flags)
+    state_dict.clear()
+    for key in list(rest):
+        model.load_state_dict({key: rest.pop(key)}, strict=False)
+    model.setup()  # as load_and_process_state_dict does after folding
+
+
 # Processed HookedTransformer weights of an embedded model are cached beside its folder, so later
 # loads read them straight into the model's parameters: no Hugging Face model, no conversion and
-# no processing copies (peak memory one copy of the weights instead of about four). Bumped
+# no processing copies (peak memory one copy of the weights instead of about three). Bumped
 # whenever what such a file holds changes meaning; a file from another format is never read.
 HOOKED_CACHE_FORMAT = 1
 _SAFETENSORS_DTYPES = {

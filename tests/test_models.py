@@ -121,3 +121,88 @@ def test_loaded_model_keeps_the_original_tokenizer(tiny_hf_folder):
         assert model.tokenizer(text)["input_ids"] == original(text)["input_ids"], backend
         assert sp.encode(model, text).token_ids.tolist() == original(text)["input_ids"], backend
         assert model.to_tokens(text)[0].tolist() == original(text)["input_ids"], backend
+
+
+def _random_hf_folder(root, tokenizer, architecture: str):
+    """A seeded random Hugging Face model with non-trivial norms and biases (folding shows)."""
+    import transformers
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    config_class, model_class, extra = {
+        "Llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {"num_key_value_heads": 2}),
+        "Qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"num_key_value_heads": 2}),
+        "GPTNeoX": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, {}),
+    }[architecture]
+    torch.manual_seed(0)
+    model = model_class(config_class(**common, **extra))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):  # unit norms and zero biases would fold trivially
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    folder = root / "random-lm"  # not the architecture: TransformerLens reads meaning into 'llama' in a name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("architecture", ["Llama", "Qwen2", "GPTNeoX"])
+def test_block_by_block_processing_is_transformer_lens_bit_for_bit(tmp_path, tiny_tokenizer, architecture, dtype):
+    """RMSNorm with grouped-query attention (Llama), value biases under GQA (Qwen2), and LayerNorm
+    with biases and parallel attention/MLP (GPT-NeoX): the weights load_model gets block by block
+    are exactly those of TransformerLens' whole-state-dict processing."""
+    import copy
+
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    from surprise_probe.models import _PROCESSING, _hooked_config, _load_processed
+
+    folder, hf_model = _random_hf_folder(tmp_path, tiny_tokenizer, architecture)
+    cfg = _hooked_config(folder, hf_model.config.to_dict(), "cpu", dtype, 1)
+    assert cfg.normalization_type == ("LNPre" if architecture == "GPTNeoX" else "RMSPre")
+    state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model.to(dtype), dtype=dtype)
+    ours = HookedTransformer(copy.deepcopy(cfg), tiny_tokenizer, move_to_device=False)
+    _load_processed(ours, dict(state_dict), center_unembed=True)
+    theirs = HookedTransformer(copy.deepcopy(cfg), tiny_tokenizer, move_to_device=False)
+    theirs.load_and_process_state_dict(dict(state_dict), center_unembed=True, **_PROCESSING)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+    assert a["blocks.1.attn.W_Q"].dtype == dtype
+    # The processing did something: the folded weights differ from the unprocessed ones.
+    assert not torch.equal(a["blocks.1.attn.W_Q"], state_dict["blocks.1.attn.W_Q"].to(dtype))
+    tokens = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), theirs(tokens))
+
+
+def test_block_by_block_processing_leaves_unfoldable_configs_to_transformer_lens(tmp_path, tiny_tokenizer,
+                                                                                  monkeypatch):
+    import copy
+
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    from transformer_lens.weight_processing import ProcessWeights
+
+    from surprise_probe.models import _hooked_config, _load_processed
+
+    folder, hf_model = _random_hf_folder(tmp_path, tiny_tokenizer, "Llama")
+    cfg = _hooked_config(folder, hf_model.config.to_dict(), "cpu", torch.float32, 1)
+    state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model, dtype=torch.float32)
+    calls = []
+    original = ProcessWeights.process_weights
+    monkeypatch.setattr(ProcessWeights, "process_weights",
+                        lambda sd, cfg, **kw: calls.append(cfg.n_layers) or original(sd, cfg, **kw))
+    _load_processed(HookedTransformer(copy.deepcopy(cfg), tiny_tokenizer, move_to_device=False), dict(state_dict),
+                    center_unembed=True)
+    assert calls == [1, 1, 1, 0]  # three blocks, then embeddings/final norm/unembedding
+    calls.clear()
+    no_norms = {k: v for k, v in state_dict.items() if not k.endswith((".ln1.w", ".ln2.w", "ln_final.w"))}
+    _load_processed(HookedTransformer(copy.deepcopy(cfg), tiny_tokenizer, move_to_device=False), no_norms,
+                    center_unembed=True)
+    assert calls == [3]  # TransformerLens' own path, on the whole state dict
