@@ -15,7 +15,8 @@ rounding (tested against the one-condition loop).
 
 The blocks after the hook compute attention as one fused kernel
 (``torch.nn.functional.scaled_dot_product_attention``, with the block's own projections, rotary
-embedding and causal or local mask) where that is the same computation (``fused_attention``):
+embedding and causal or local mask) where that is the same computation
+(``surprise_probe.attention.fused_attention``):
 TransformerLens materialises the (rows x heads x query x key) scores in float32 and makes four
 passes over them, which on SmolLM2 was a fifth of a sweep's time and grows with the square of
 the context. Where it is not the same computation (soft-capped scores, ALiBi, attention sinks,
@@ -30,15 +31,13 @@ hooks on the attention, ...), or with ``FUSE_ATTENTION = False``, the model's ow
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from surprise_probe.attention import fused_attention
 
 __all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "fused_attention", "FUSE_ATTENTION"]
 
@@ -121,80 +120,3 @@ def run_from_hook(model, prefix: SharedPrefix, residual: Float[Tensor, "rows suf
                 mask = None if mask is None else mask.to(device)
             residual = model.blocks[i](residual, past_kv_cache_entry=entry, attention_mask=mask)
     return residual
-
-
-_OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-
-
-def _fusable(attn) -> bool:
-    """Whether ``_fused_forward`` computes exactly what ``attn.forward`` does (no padding mask)."""
-    from transformer_lens.components import Attention, GroupedQueryAttention
-    from transformer_lens.hook_points import HookPoint
-    from transformer_lens.utilities.activation_functions import softcap_enabled
-
-    cfg = attn.cfg
-    hooked = any(
-        point._forward_hooks or point._backward_hooks or point.fwd_hooks or point.bwd_hooks
-        for point in attn.modules() if isinstance(point, HookPoint)
-    )
-    return (
-        type(attn) in (Attention, GroupedQueryAttention)
-        and "forward" not in vars(attn)  # not already replaced by someone else
-        and callable(getattr(attn, "_make_causal_mask", None))  # TransformerLens' mask, reused as is
-        and not hooked
-        and cfg.positional_embedding_type in ("standard", "rotary")
-        and (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
-        and not softcap_enabled(cfg.attn_scores_soft_cap)
-        and not getattr(cfg, "use_attention_sinks", False)
-        and not getattr(cfg, "use_logn_attn", False)
-        and getattr(cfg, "clip_qkv", None) is None
-        and cfg.original_architecture not in _OLMO_QK_NORM
-        and not (cfg.use_attn_result or cfg.use_split_qkv_input or cfg.use_attn_in or cfg.load_in_4bit)
-    )
-
-
-def _fused_forward(attn, query_input, key_input, value_input, past_kv_cache_entry=None, attention_mask=None, **_):
-    """``attn.forward`` (an unpadded causal attention) with the scores never materialised."""
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("fused attention runs unpadded sequences only; got an attention mask with padding")
-    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # (batch, pos, heads, d_head)
-    offset = 0
-    if past_kv_cache_entry is not None:
-        offset = past_kv_cache_entry.past_keys.size(1)
-        k, v = past_kv_cache_entry.append(k, v)
-    if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(attn.apply_rotary(q, offset))
-        k = attn.hook_rot_k(attn.apply_rotary(k, 0))
-    # TransformerLens' own mask (causal, and the window of local layers) at these positions.
-    allowed = attn._make_causal_mask(q.shape[1], k.shape[1], offset, q.device)[0, 0]
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.to(q.dtype).transpose(1, 2),
-        attn_mask=allowed, scale=1.0 / float(attn.attn_scale), enable_gqa=k.shape[2] != q.shape[2],
-    )
-    z = attn.hook_z(z.transpose(1, 2))  # (batch, pos, heads, d_head)
-    w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1])  # (heads * d_head, d_model), a view
-    return z.reshape(*z.shape[:2], -1).to(w_o.dtype) @ w_o + attn.b_O
-
-
-@contextmanager
-def fused_attention(model, layers: Iterable[int]) -> Iterator[bool]:
-    """Within the block, the attention of ``layers`` runs as one fused kernel on unpadded input,
-    if every one of them can (``yield``s whether it does; otherwise nothing changes).
-
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
-    >>> with fused_attention(model, [1]) as fused:
-    ...     fused
-    True
-    """
-    attns = [model.blocks[i].attn for i in layers]
-    if not attns or not all(_fusable(attn) for attn in attns):
-        yield False
-        return
-    for attn in attns:
-        attn.forward = partial(_fused_forward, attn)  # the instance attribute shadows the method
-    try:
-        yield True
-    finally:
-        for attn in attns:
-            del attn.forward

@@ -4,8 +4,10 @@ Same weights (the embedded model's float32 Hugging Face folder, loaded into Tran
 ours and as a plain ``AutoModelForCausalLM`` for Hugging Face), same prompts (left-padded chat
 prompts), same settings: pure temperature sampling (``top_k=0``, ``top_p=1``), exactly
 ``--max-new-tokens`` new tokens per row (no early stop on either side), KV cache on both. The two
-run alternately, best of ``--repeats``, so machine load affects both alike. Prints and writes
-``bench_generate.json`` with the ratio ours / Hugging Face (target >= 0.8).
+run alternately, best of ``--repeats``, so machine load affects both alike. Ours runs twice per
+repeat: as it samples (fused attention where that is the same computation) and with
+TransformerLens' own attention (``sampling.FUSE_ATTENTION = False``), which checks the ids agree.
+Prints and writes ``bench_generate.json`` with the ratio ours / Hugging Face (target >= 0.8).
 
     flock /tmp/sp-model.lock .venv/bin/python scripts/bench_generate.py --out /tmp/bench-generate
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from surprise_probe import sampling
 from surprise_probe.io import builtin_prompts
 from surprise_probe.jsonio import software_versions, write_json
 from surprise_probe.models import EMBEDDED_MODELS, embedded_folder, load_model
@@ -54,12 +57,17 @@ def main() -> None:
         attention_mask[row, width - len(ids):] = 1
     n_tokens = len(prompts) * args.max_new_tokens
 
-    def run_ours() -> float:
+    samples = {}
+
+    def run_ours(fused: bool = True) -> float:
+        sampling.FUSE_ATTENTION = fused
         started = time.perf_counter()
         out = sample(ours, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      stop_ids=(), batch_size=len(prompts))
         elapsed = time.perf_counter() - started
+        sampling.FUSE_ATTENTION = True
         assert sum(len(s.response_ids) for s in out) == n_tokens
+        samples[fused] = [s.response_ids for s in out]
         return elapsed
 
     def run_hf() -> float:
@@ -72,11 +80,14 @@ def main() -> None:
         assert out.shape[1] - width == args.max_new_tokens
         return elapsed
 
-    run_ours(), run_hf()  # warm-up (allocator, kernels)
-    times = {"ours": [], "hf": []}
+    run_ours(), run_ours(False), run_hf()  # warm-up (allocator, kernels)
+    times = {"ours": [], "ours_own_attention": [], "hf": []}
     for _ in tqdm(range(args.repeats), desc="repeats"):
         times["ours"].append(run_ours())
+        times["ours_own_attention"].append(run_ours(False))
         times["hf"].append(run_hf())
+    # Same seeds: the ids agree unless a draw falls within float rounding of a token boundary.
+    differing = sum(a != b for a, b in zip(samples[True], samples[False], strict=True))
     best = {k: min(v) for k, v in times.items()}
     rate = {k: n_tokens / v for k, v in best.items()}
     result = {
@@ -84,6 +95,8 @@ def main() -> None:
         "prompt_tokens_max": width, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "threads": args.threads, "repeats": args.repeats, "seconds": times,
         "tokens_per_second": rate, "ratio_ours_over_hf": rate["ours"] / rate["hf"],
+        "ratio_own_attention_over_hf": rate["ours_own_attention"] / rate["hf"],
+        "rows_differing_fused_vs_own_attention": differing,
         "software_versions": software_versions(),
     }
     write_json(args.out / "bench_generate.json", result)
@@ -91,6 +104,8 @@ def main() -> None:
           f"T={args.temperature}, {args.threads} threads, best of {args.repeats}:")
     print(f"  ours {rate['ours']:.1f} tok/s   Hugging Face generate {rate['hf']:.1f} tok/s   "
           f"ratio {result['ratio_ours_over_hf']:.2f} (target >= 0.8)")
+    print(f"  ours with TransformerLens' own attention {rate['ours_own_attention']:.1f} tok/s   "
+          f"ratio {result['ratio_own_attention_over_hf']:.2f}; rows whose ids differ: {differing} of {len(prompts)}")
 
 
 if __name__ == "__main__":

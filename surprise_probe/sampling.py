@@ -9,7 +9,11 @@ prefix, e.g. ``prompt_ids + revealed_prefix_ids`` for N continuations of a prefi
   of ``batch_size`` rows, left-padded. A ``HookedTransformer`` uses TransformerLens' own
   key-value cache; a ``TransformerBridge`` passes the wrapped Hugging Face model's
   ``past_key_values`` through the bridge's forward (so bridge hooks still fire). The prompt is
-  read once, then each new token costs one single-position forward.
+  read once, then each new token costs one single-position forward. Only the last position is
+  unembedded. A ``HookedTransformer``'s attention runs as one fused kernel where that is the
+  same computation (:mod:`surprise_probe.attention`; with a hook on the attention, TransformerLens'
+  own runs): 0.88x Hugging Face ``generate``'s tokens/s on SmolLM2 (0.79x with TransformerLens'
+  attention; docs/benchmarks.md).
 - **Seeded per row, independent of batching.** Row ``(prompt, sample j)`` draws its uniforms from
   its own generator, seeded from ``(seed, j, the prompt's ids)``, and samples by inverse CDF. So the
   same seed gives the same ids whatever the batch size, the row order or the other prompts in the
@@ -53,10 +57,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from surprise_probe.attention import fused_attention
+from surprise_probe.capture import unembed
 from surprise_probe.chat import encode_conversation
 from surprise_probe.inputs import pad_id
 
 __all__ = ["Sampled", "sample", "decoding_layout", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed"]
+
+FUSE_ATTENTION = True
+"""Whether a HookedTransformer samples with ``surprise_probe.attention.fused_attention`` (where
+it is the same computation; a switch for benchmarks and debugging)."""
 
 # The documented prompt format for models read or sampled without a chat template (base models).
 PLAIN_FORMAT = "Question: {prompt}\nAnswer:"
@@ -298,13 +308,21 @@ def _cached_stepper(model, tokens, mask, context):
 
         cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
 
+        n_layers = int(model.cfg.n_layers)
+
         def hooked_step(next_token):
-            with context("prefill" if next_token is None else "step"):
-                if next_token is None:
-                    logits = model(tokens, attention_mask=mask, past_kv_cache=cache, padding_side="left")
-                else:
-                    logits = model(next_token[:, None], past_kv_cache=cache, padding_side="left")
-            return logits[:, -1].float()
+            # The step's tokens are all real: an explicit mask, or TransformerLens would guess
+            # padding from the pad id (which can be a sampled token).
+            step_tokens, step_mask = (tokens, mask) if next_token is None else (next_token[:, None], None)
+            if step_mask is None:
+                step_mask = torch.ones_like(step_tokens)
+            # Inside the caller's context, so a hook it adds on the attention keeps the model's own.
+            with context("prefill" if next_token is None else "step"), \
+                    fused_attention(model, range(n_layers) if FUSE_ATTENTION else ()):
+                residual = model(step_tokens, attention_mask=step_mask, past_kv_cache=cache,
+                                 padding_side="left", stop_at_layer=n_layers)
+                # Only the last position is unembedded: the prompt's other logits are never used.
+                return unembed(model, residual[:, -1]).float()
 
         return hooked_step
 

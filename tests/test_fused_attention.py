@@ -1,5 +1,6 @@
-"""The sweep's fused attention (interventions.suffix.fused_attention) computes what the model's
-own attention computes, falls back where it would not, and always puts the model back."""
+"""The fused attention (surprise_probe.attention.fused_attention) computes what the model's own
+attention computes (in the sweep's suffix engine, and on left-padded batches with a key-value
+cache as the sampler runs it), falls back where it would not, and always puts the model back."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import warnings
 import pytest
 import torch
 from surprise_probe.interventions import suffix
-from surprise_probe.interventions.suffix import clean_prefix, fused_attention, run_from_hook
+from surprise_probe.interventions.suffix import clean_prefix, run_from_hook
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from surprise_probe.attention import fused_attention
+from surprise_probe.sampling import decoding_layout
 from surprise_probe.testing import tiny_hooked_transformer
 
 
@@ -89,9 +92,37 @@ def test_model_is_put_back_even_after_an_error():
     assert all("forward" not in vars(block.attn) for block in model.blocks)
 
 
-def test_padding_is_refused():
-    model = _model()
-    x = torch.randn(2, 6, 32)
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-    with fused_attention(model, [0]), pytest.raises(ValueError, match="padding"):
-        model.blocks[0].attn(x, x, x, attention_mask=mask)
+def _padded_decode(model, tokens, mask, steps):
+    """Left-padded prefill with a key-value cache, then one-token steps: every step's logits."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])
+    outputs = [model(tokens, attention_mask=mask, past_kv_cache=cache)]
+    for step in steps.T:
+        outputs.append(model(step[:, None], attention_mask=torch.ones_like(step[:, None]), past_kv_cache=cache))
+    return outputs
+
+
+@pytest.mark.parametrize("layout", [False, True])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fused_equals_the_models_attention_on_left_padded_batches_with_a_cache(name, layout):
+    """What the sampler runs: rows of different lengths, left-padded, then decoding steps."""
+    model = MODELS[name]()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(1, int(model.cfg.d_vocab), (3, 10), generator=generator)
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0  # row 1 has 6 real tokens, row 2 has 1
+    mask[2, :9] = 0
+    steps = torch.randint(1, int(model.cfg.d_vocab), (3, 4), generator=generator)
+    with torch.no_grad(), decoding_layout(model) if layout else warnings.catch_warnings():
+        own = _padded_decode(model, tokens, mask, steps)
+        with fused_attention(model, range(model.cfg.n_layers)) as fused:
+            assert fused
+            ours = _padded_decode(model, tokens, mask, steps)
+    assert all("forward" not in vars(block.attn) for block in model.blocks)
+    for step, (a, b) in enumerate(zip(ours, own, strict=True)):
+        # Every position, pad positions included (TransformerLens zeroes their attention; so does the fused path).
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{name}, step {step}")
+    # Padding really changed something: row 2 alone (unpadded) gives the same last logits as in the batch.
+    alone = model(tokens[2:, 9:])
+    torch.testing.assert_close(ours[0][2, -1], alone[0, -1], atol=1e-5, rtol=1e-5)

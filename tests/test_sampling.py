@@ -194,3 +194,25 @@ def test_decoding_layout_removes_weight_copies_and_changes_nothing_else(tiny_tok
     monkeypatch.setattr(sampling, "decoding_layout", lambda model: contextlib.nullcontext(model))
     without = sample(model, prompts, n_samples=2, max_new_tokens=8, seed=5, batch_size=3)
     assert [s.response_ids for s in with_layout] == [s.response_ids for s in without]
+
+
+def test_fused_attention_samples_what_the_models_attention_samples(tiny_hooked, monkeypatch):
+    """The sampler's fused attention (left-padded batches, a key-value cache) draws the same ids
+    as TransformerLens' own attention, and a hook the caller puts on the attention still fires."""
+    from surprise_probe import sampling
+
+    prompts = _prompts(tiny_hooked) + [[5, 6, 7]]
+    fused = sample(tiny_hooked, prompts, n_samples=2, max_new_tokens=8, seed=3, stop_ids=(), batch_size=8)
+    monkeypatch.setattr(sampling, "FUSE_ATTENTION", False)
+    own = sample(tiny_hooked, prompts, n_samples=2, max_new_tokens=8, seed=3, stop_ids=(), batch_size=8)
+    assert [s.response_ids for s in fused] == [s.response_ids for s in own]
+    monkeypatch.setattr(sampling, "FUSE_ATTENTION", True)
+    seen = []
+
+    def context(phase):
+        return tiny_hooked.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: seen.append(x.shape[-2]))])
+
+    hooked = sample(tiny_hooked, prompts, n_samples=2, max_new_tokens=8, seed=3, stop_ids=(), batch_size=8,
+                    forward_context=context)
+    assert seen[0] > 1 and seen[1:] == [1] * 7  # the prompt's queries, then one per step
+    assert [s.response_ids for s in hooked] == [s.response_ids for s in own]
