@@ -313,8 +313,10 @@ def _cached_stepper(model, tokens, mask, context):
         def hooked_step(next_token):
             # The step's tokens are all real: an explicit mask, or TransformerLens would guess
             # padding from the pad id (which can be a sampled token).
-            step_tokens, step_mask = (tokens, mask) if next_token is None else (next_token[:, None], None)
-            if step_mask is None:
+            if next_token is None:
+                step_tokens, step_mask = tokens, mask
+            else:
+                step_tokens = next_token[:, None]
                 step_mask = torch.ones_like(step_tokens)
             # Inside the caller's context, so a hook it adds on the attention keeps the model's own.
             with context("prefill" if next_token is None else "step"), \
