@@ -79,21 +79,21 @@ def _fused_forward(
     if past_kv_cache_entry is not None:
         offset = past_kv_cache_entry.past_keys.size(1)
         k, v = past_kv_cache_entry.append(k, v)
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    mask = attention_mask if padded else None
+    # A mask is applied as given, all ones or not (checking would cost a device sync per layer).
+    mask = attention_mask
     if attn.cfg.positional_embedding_type == "rotary":
         # With left padding TransformerLens counts positions from each row's first real token.
         q = attn.hook_rot_q(attn.apply_rotary(q, offset, mask))
         k = attn.hook_rot_k(attn.apply_rotary(k, 0, mask))
     # TransformerLens' own mask (causal, and the window of local layers) at these positions.
     allowed = attn._make_causal_mask(q.shape[1], k.shape[1], offset, q.device)[0, 0]  # (pos, kv_pos)
-    if padded:
+    if mask is not None:
         allowed = allowed & mask.to(q.device).bool()[:, None, None, :]  # (batch, 1, pos, kv_pos)
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.to(q.dtype).transpose(1, 2),
         attn_mask=allowed, scale=1.0 / float(attn.attn_scale), enable_gqa=k.shape[2] != q.shape[2],
     )  # (batch, heads, pos, d_head)
-    if padded:
+    if mask is not None:
         # A query that may attend to nothing (a pad position) gets zeros, as TransformerLens'
         # NaN-zeroing gives it (kernels differ there: the CPU kernel gives zeros, others NaN).
         z = z.masked_fill(~allowed.any(-1, keepdim=True), 0.0)

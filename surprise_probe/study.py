@@ -508,7 +508,9 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         from surprise_probe.models import available_models
 
         cached = {row["name"]: row["cached"] for row in available_models()}.get(base_reader, False)
-        base_reader_seconds = (30.0 if cached else 150.0) + 2.5 * 0.08 * f * s["gap_prompts"] * (s["sample_tokens"] + 12)
+        # Its load, then its sampling and reading and the model's reading of its answers: 133 s for
+        # the whole gap stage with gemma-3-270m (cached) at the default sizes, f = 2.41 s (2026-11-24).
+        base_reader_seconds = (30.0 if cached else 150.0) + 0.021 * f * s["gap_prompts"] * (s["sample_tokens"] + 12)
     strengths, controls = len(s["strengths"]), s["random_directions"] + 2
     layers = patch_layers(n_layers, s["patch_layers"])
     # A fit: about 1 s per hook whatever the corpus (nested CV, controls, bootstrap) plus the data:
