@@ -12,8 +12,8 @@ prefix, e.g. ``prompt_ids + revealed_prefix_ids`` for N continuations of a prefi
   read once, then each new token costs one single-position forward. Only the last position is
   unembedded. A ``HookedTransformer``'s attention runs as one fused kernel where that is the
   same computation (:mod:`surprise_probe.attention`; with a hook on the attention, TransformerLens'
-  own runs): 0.88x Hugging Face ``generate``'s tokens/s on SmolLM2 (0.79x with TransformerLens'
-  attention; docs/benchmarks.md).
+  own runs): 0.85-0.88x Hugging Face ``generate``'s tokens/s on SmolLM2 (0.77-0.80x with
+  TransformerLens' attention; docs/benchmarks.md).
 - **Seeded per row, independent of batching.** Row ``(prompt, sample j)`` draws its uniforms from
   its own generator, seeded from ``(seed, j, the prompt's ids)``, and samples by inverse CDF. So the
   same seed gives the same ids whatever the batch size, the row order or the other prompts in the
