@@ -39,7 +39,7 @@ from torch import Tensor
 
 from surprise_probe.attention import fused_attention
 
-__all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "fused_attention", "FUSE_ATTENTION"]
+__all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "FUSE_ATTENTION"]
 
 FUSE_ATTENTION = True
 """Whether ``run_from_hook`` fuses attention where that is the same computation (a switch for

@@ -200,7 +200,10 @@ def test_fused_attention_samples_what_the_models_attention_samples(tiny_hooked, 
     """The sampler's fused attention (left-padded batches, a key-value cache) draws the same ids
     as TransformerLens' own attention, and a hook the caller puts on the attention still fires."""
     from surprise_probe import sampling
+    from surprise_probe.attention import fused_attention
 
+    with fused_attention(tiny_hooked, range(tiny_hooked.cfg.n_layers)) as fusable:
+        assert fusable  # so the comparison below is fused against TransformerLens' attention
     prompts = _prompts(tiny_hooked) + [[5, 6, 7]]
     fused = sample(tiny_hooked, prompts, n_samples=2, max_new_tokens=8, seed=3, stop_ids=(), batch_size=8)
     monkeypatch.setattr(sampling, "FUSE_ATTENTION", False)
