@@ -217,32 +217,50 @@ def _inputs_hash(encoded: list[Encoded]) -> str:
     return digest.hexdigest()
 
 
+# What a capture writes into its folder (the store's files) and what the command adds around it.
+CAPTURE_ENTRIES = frozenset({"run.json", "manifest.json", "shards"})
+COMMAND_ENTRIES = frozenset({"config.json", ".lock", "capture_summary.json"})
+
+
+def _claimed_by_capture_command(out_dir: Path) -> bool:
+    try:
+        record = read_json(out_dir / "config.json")
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("command") == "capture"
+
+
 def _prepare_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> bool:
     """Check ``out_dir`` against this run; return True when it already holds the finished run.
 
     A folder holding files that are not a capture is refused even with ``overwrite`` (nothing the
-    user owns is deleted); the command's own record (``config.json``) and lock are not capture files.
+    user owns is deleted). In a folder the ``capture`` command claimed (its ``config.json``),
+    entries the user added beside the capture are left alone, and ``overwrite`` removes only the
+    capture's own entries.
     """
     run_json = out_dir / "run.json"
-    ignored = {"config.json", ".lock", "capture_summary.json"}
-    if out_dir.exists() and any(entry.name not in ignored for entry in out_dir.iterdir()):
+    claimed = _claimed_by_capture_command(out_dir)
+    present = [e for e in out_dir.iterdir()] if out_dir.exists() else []
+    ours = [e for e in present if e.name in CAPTURE_ENTRIES]
+    foreign = [e for e in present if e.name not in CAPTURE_ENTRIES and e.name not in COMMAND_ENTRIES]
+    if foreign and not claimed and not run_json.exists():
+        raise FileExistsError(
+            f"refusing to write into {out_dir}: it is not empty and holds no capture; choose a new or "
+            "empty folder (nothing there is deleted, even with overwrite)"
+        )
+    if ours:
         existing = read_json(run_json) if run_json.exists() else None
-        if existing is None:
-            raise FileExistsError(
-                f"refusing to write into {out_dir}: it is not empty and holds no capture; choose a new or "
-                "empty folder (nothing there is deleted, even with overwrite)"
-            )
         if existing != identity:
             if not overwrite:
-                diff = sorted(k for k in identity if existing.get(k) != identity[k])
+                what = ("a capture with no run.json (damaged)" if existing is None else
+                        "a different capture (differs in: "
+                        + ", ".join(sorted(k for k in identity if existing.get(k) != identity[k])) + ")")
                 raise FileExistsError(
-                    f"refusing to write into {out_dir}: it holds a different capture (differs in: "
-                    f"{', '.join(diff)}); choose another folder or pass overwrite=True (CLI: --overwrite) to replace it"
+                    f"refusing to write into {out_dir}: it holds {what}; choose another folder or pass "
+                    "overwrite=True (CLI: --overwrite) to replace it"
                 )
-            for entry in out_dir.iterdir():
-                if entry.name in ("config.json", ".lock"):
-                    continue
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            for entry in ours:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     if not run_json.exists():
         write_json(run_json, identity)

@@ -8,7 +8,9 @@ Every folder (or file) the toolkit writes results into goes through :func:`claim
   the user owns is ever deleted); an empty folder is fine;
 - a folder written by the same step with the same settings is reused (resume / already done);
   with other settings it is refused, naming the first setting that differs, unless
-  ``overwrite=True``, which clears what the toolkit wrote there; a folder holding only the
+  ``overwrite=True``, which removes only what the toolkit wrote there (the record lists its
+  outputs; files and folders the user added beside them stay, and are never counted as
+  outputs); a folder holding only the
   record of an unfinished run of the same step (it stopped before writing anything, e.g. on a
   bad ``--device``) is claimed afresh with the new settings;
 - a lock file (``.lock``: pid, host, start time) keeps a second writer out; a lock left by a
@@ -187,22 +189,29 @@ class OutputClaim:
     resumed: bool  # the same step with the same settings wrote here before
     finished: bool  # ... and finished (its result is complete)
     record: Path
+    # Entries of the folder that the user put there (present before this step wrote its outputs):
+    # never outputs, never removed by --overwrite.
+    foreign: tuple[str, ...] = ()
 
     def write_record(self, finished: bool = False, extra: dict | None = None) -> Path:
         """(Re)write the producing command's record (config, software versions, ``extra``)."""
         payload = {"command": self.command, "config": self.config, "finished": finished,
                    "software_versions": software_versions()}
+        if self.foreign:
+            payload["foreign"] = list(self.foreign)
         payload.update(extra or {})
         return write_json(self.record, payload)
 
     def finish(self, extra: dict | None = None) -> Path:
         """Mark the result complete (a rerun with the same settings then skips the work).
 
-        The record lists the outputs present now; a rerun that finds one missing redoes the work.
+        The record lists the outputs present now (not the user's own entries); a rerun that finds
+        one missing redoes the work, and ``--overwrite`` removes exactly those.
         """
         self.finished = True
         if self.path.is_dir():
-            outputs = sorted(e.name for e in self.path.iterdir() if e.name not in (LOCK_NAME, self.record.name))
+            skip = {LOCK_NAME, self.record.name, *self.foreign}
+            outputs = sorted(e.name for e in self.path.iterdir() if e.name not in skip)
         else:
             outputs = [self.path.name] if self.path.exists() else []
         return self.write_record(True, {"outputs": outputs, **(extra or {})})
@@ -242,6 +251,7 @@ def claim_output(
         lock = path / LOCK_NAME
     with folder_lock(lock):
         resumed = finished = False
+        foreign: tuple[str, ...] = ()
         present = path.exists() and (path.stat().st_size > 0 if is_file else
                                      any(e.name != LOCK_NAME for e in path.iterdir()))
         if present and not is_file and _only_an_unfinished_claim(path, record, command):
@@ -254,6 +264,8 @@ def claim_output(
             ours = isinstance(existing, dict) and existing.get("command") == command
             legacy = not is_file and existing is None and any(
                 (path / name).exists() for name in owned_names)
+            if ours and not is_file:
+                foreign = _foreign_entries(path, record, existing)
             if not ours and not legacy:
                 what = "file" if is_file else "folder"
                 other = (f"a {existing.get('command')} run" if isinstance(existing, dict) and existing.get("command")
@@ -281,8 +293,8 @@ def claim_output(
                     "another --out, or --overwrite to recompute"
                 )
             else:
-                _clear(path, is_file, record)
-        claim = OutputClaim(path, command, config, resumed, finished, record)
+                _clear(path, is_file, record, keep=foreign)
+        claim = OutputClaim(path, command, config, resumed, finished, record, foreign)
         if not resumed:
             claim.write_record()  # first, so an interrupted run is recognised and resumed
         yield claim
@@ -298,14 +310,31 @@ def _only_an_unfinished_claim(path: Path, record: Path, command: str) -> bool:
     return isinstance(existing, dict) and existing.get("command") == command and not existing.get("finished")
 
 
-def _clear(path: Path, is_file: bool, record: Path) -> None:
-    """Remove what an earlier run of the same command wrote (the lock stays)."""
+def _foreign_entries(path: Path, record: Path, existing: dict) -> tuple[str, ...]:
+    """The entries of ``path`` the user put there, next to the outputs its record lists.
+
+    A finished record lists its outputs: everything else (but the record, the lock and our own
+    hidden temporaries) is the user's. An unfinished one has no list yet: what its claim found
+    there (``foreign`` in the record) is the user's.
+    """
+    own = {LOCK_NAME, record.name}
+    known = set(existing.get("foreign", []))
+    outputs = existing.get("outputs")
+    if existing.get("finished") and isinstance(outputs, list):
+        own.update(outputs)
+        return tuple(sorted(e.name for e in path.iterdir()
+                            if e.name not in own and not e.name.startswith(".tmp")))
+    return tuple(sorted(name for name in known if (path / name).exists() or (path / name).is_symlink()))
+
+
+def _clear(path: Path, is_file: bool, record: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what an earlier run of the same command wrote; the lock and ``keep`` (the user's) stay."""
     if is_file:
         path.unlink(missing_ok=True)
         record.unlink(missing_ok=True)
         return
     for entry in path.iterdir():
-        if entry.name == LOCK_NAME:
+        if entry.name == LOCK_NAME or entry.name in keep:
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():

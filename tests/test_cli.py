@@ -548,3 +548,48 @@ def test_read_only_out(workspace, guarded_loader, capsys):
         assert "not writable" in capsys.readouterr().err
     finally:
         folder.chmod(0o700)
+
+
+# --- --overwrite removes only what the toolkit wrote ------------------------------------------------
+
+def _add_user_entries(folder: Path) -> None:
+    (folder / "my_notes.txt").write_text("the user's notes")
+    (folder / "my_plots").mkdir()
+    (folder / "my_plots" / "fig.png").write_bytes(b"not really a png")
+
+
+def _user_entries_survive(folder: Path) -> None:
+    assert (folder / "my_notes.txt").read_text() == "the user's notes"
+    assert (folder / "my_plots" / "fig.png").read_bytes() == b"not really a png"
+    record = json.loads((folder / "config.json").read_text())
+    assert record["finished"] and not {"my_notes.txt", "my_plots"} & set(record["outputs"]), record["outputs"]
+    assert set(record["foreign"]) == {"my_notes.txt", "my_plots"}
+
+
+OVERWRITE_RERUNS = {  # folder, a rerun with other settings, then the settings that built it
+    "capture": ("cap", "capture --input texts.txt --out cap --shard-size 2 --n-boot 10 --no-progress",
+                "capture --input texts.txt --out cap --shard-size 4 --n-boot 10 --no-progress"),
+    "fit": ("fit", "fit --activations cap --out fit --folds 2 --shuffles 1 --n-boot 10 --no-nested --no-progress",
+            "fit --activations cap --out fit --folds 3 --shuffles 1 --n-boot 10 --no-nested --no-progress"),
+    "gap": ("gap_run", GAP_RUN.replace("--max-new-tokens 4", "--max-new-tokens 3") + " --out gap_run",
+            GAP_RUN + " --out gap_run"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(OVERWRITE_RERUNS))
+def test_overwrite_keeps_what_the_user_put_in_the_folder(command, workspace, guarded_loader, monkeypatch):
+    """A finished folder, a user file and folder added, a rerun with other settings and --overwrite."""
+    folder, other, original = OVERWRITE_RERUNS[command]
+    monkeypatch.chdir(workspace)
+    before = json.loads((workspace / folder / "config.json").read_text())
+    _add_user_entries(workspace / folder)
+    assert main([*other.split(), "--overwrite"]) == 0
+    after = json.loads((workspace / folder / "config.json").read_text())
+    assert after["config"] != before["config"]  # the other settings took effect: it did recompute
+    _user_entries_survive(workspace / folder)
+    if command == "capture":
+        assert sp.load_capture(workspace / folder).n_shards == 5  # 10 texts, --shard-size 2
+    # Back to the first settings (the user's entries are now recorded as theirs): kept again.
+    assert main([*original.split(), "--overwrite"]) == 0
+    assert json.loads((workspace / folder / "config.json").read_text())["config"] == before["config"]
+    _user_entries_survive(workspace / folder)

@@ -225,3 +225,20 @@ def test_a_finished_record_whose_result_was_removed_is_redone(tmp_path):
     single.unlink()
     with claim_output(single, "generate", {"seed": 0}, is_file=True) as claim:
         assert not claim.finished
+
+
+def test_overwrite_of_an_interrupted_run_keeps_what_was_there_before_it(tmp_path):
+    """An unfinished record lists no outputs yet: what its claim found there is the user's."""
+    folder = tmp_path / "out"
+    with claim_output(folder, "fit", {"seed": 0}) as claim:
+        (folder / "result.json").write_text("{}")
+        claim.finish()
+    (folder / "notes.txt").write_text("keep me")
+    with claim_output(folder, "fit", {"seed": 1}, overwrite=True) as claim:
+        assert claim.foreign == ("notes.txt",) and not (folder / "result.json").exists()
+        (folder / "half.json").write_text("{}")  # then the run is killed: no finish()
+    with claim_output(folder, "fit", {"seed": 2}, overwrite=True) as claim:
+        assert not (folder / "half.json").exists()  # the interrupted run's output is gone
+        claim.finish()
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert json.loads((folder / "config.json").read_text())["outputs"] == []

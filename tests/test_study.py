@@ -120,8 +120,13 @@ def test_a_rerun_with_other_settings_is_refused_or_recomputed(long_context_folde
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "steer" in err and "strengths" in err and "Traceback" not in err
     assert len(counted_loads) == loads and (out / "steer" / "steer.json").read_bytes() == steer_before
-    # --overwrite recomputes the stage that differs and resumes the others.
+    # --overwrite recomputes the stage that differs and resumes the others; the user's files stay.
+    (out / "my_notes.txt").write_text("top")
+    (out / "steer" / "my_notes.txt").write_text("inside a stage")
     assert main([*changed, "--overwrite"]) == 0
+    assert (out / "my_notes.txt").read_text() == "top"
+    assert (out / "steer" / "my_notes.txt").read_text() == "inside a stage"
+    assert "my_notes.txt" not in read_json(out / "steer" / "config.json")["outputs"]
     stages = read_json(out / "study.json")["stages"]
     assert stages["capture"]["status"] == "resumed" and stages["steer"]["status"] == "done"
     assert (out / "capture" / "manifest.json").read_bytes() == capture_manifest
