@@ -30,7 +30,9 @@ mkdir "$work/user" && cd "$work/user"   # outside the repository: nothing import
 "$work/venv/bin/python" -c "import json; rows = json.load(open('models.json')); assert any(r['name'] == 'smollm2-135m-instruct' for r in rows), rows"
 printf '%s\n' "The quick brown fox jumps over the lazy dog." "Rivers flow to the sea, and the sea is wide." \
   "Numbers like 12, 345 and 6789 appear in text too." "A cat sat on the mat and looked at the moon." \
-  "What is the capital of France? It is Paris." "Every morning the baker opens the shop at six." > texts.txt
+  "What is the capital of France? It is Paris." "Every morning the baker opens the shop at six." \
+  "Snow fell on the quiet village all night long." "She played the violin at the concert hall." \
+  "The train to the coast leaves at noon." "Bees carry pollen from flower to flower." > texts.txt
 "$cli" capture --input texts.txt --out cap --layers 5 15 --no-progress
 "$cli" fit --activations cap --out fit --folds 3 --shuffles 2 --n-boot 50 --no-progress
 test -s fit/probe.json
