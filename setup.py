@@ -3,7 +3,7 @@
 The repository keeps ``probes/`` and ``interventions/`` at the top (the design card's layout) but
 installs them as ``surprise_probe.probes`` and ``surprise_probe.interventions``. pyproject.toml
 cannot combine package discovery with that mapping, and a hand-written list once left
-``surprise_probe.commands`` out of the wheel; so every package under the three folders is found
+``surprise_probe.app.commands`` out of the wheel; so every package under the three folders is found
 here, and tests/packaging checks the built wheel holds every module.
 """
 

@@ -10,20 +10,27 @@ from surprise_probe.interventions.attribution import (
     direction_attribution,
     validate_attribution,
 )
-from surprise_probe.interventions.directions import (
-    SteeringDirection,
-    from_probe,
-    orthogonal_direction,
-    random_directions,
-)
 from surprise_probe.interventions.dose_response import (
     Ablation,
     DoseResponse,
     directional_ablation,
     dose_response,
 )
-from surprise_probe.interventions.generation import Sample, generate
-from surprise_probe.interventions.hooks import (
+from surprise_probe.interventions.patching import (
+    PatchingResult,
+    activation_patching,
+    align_positions,
+)
+from surprise_probe.interventions.steered_generation import Sample, generate
+from surprise_probe.interventions.sweep import SweepTable, run_sweep
+
+from surprise_probe.core.forward.directions import (
+    SteeringDirection,
+    from_probe,
+    orthogonal_direction,
+    random_directions,
+)
+from surprise_probe.core.forward.edits import (
     Ablate,
     Clamp,
     Intervention,
@@ -33,12 +40,6 @@ from surprise_probe.interventions.hooks import (
     apply_all,
     resid_hooks,
 )
-from surprise_probe.interventions.patching import (
-    PatchingResult,
-    activation_patching,
-    align_positions,
-)
-from surprise_probe.interventions.sweep import SweepTable, run_sweep
 
 __all__ = [
     "Intervention",

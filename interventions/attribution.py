@@ -47,8 +47,6 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
-from surprise_probe.interventions.directions import SteeringDirection, from_probe
-from surprise_probe.interventions.hooks import Ablate, apply_all, unit_directions
 from surprise_probe.interventions.patching import (
     align_positions,
     parse_group,
@@ -59,10 +57,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from surprise_probe.capture import final_residual, forward, resolve_hooks, unembed
-from surprise_probe.devices import model_device
-from surprise_probe.inputs import Encoded, encode, pad_batch, pad_id
-from surprise_probe.metrics import output_entropy
+from surprise_probe.core.forward.directions import SteeringDirection, from_probe
+from surprise_probe.core.forward.edits import Ablate, apply_all, unit_directions
+from surprise_probe.core.forward.hooks import resid_post_hooks, resolve_hooks
+from surprise_probe.core.forward.metrics import chunk_positions, output_entropy
+from surprise_probe.core.forward.passes import final_residual, forward, unembed
+from surprise_probe.core.models.devices import model_device
+from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
+from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.plots import write_html
 
 __all__ = [
     "AttributionPatching",
@@ -164,8 +167,6 @@ class AttributionPatching:
     def save(self, folder: str | Path) -> dict[str, Path]:
         """Write ``attribution.json`` (results, sizes, versions) and, when validated, the scatter
         ``attribution.html`` into ``folder``."""
-        from surprise_probe.jsonio import software_versions, write_json
-        from surprise_probe.plots import write_html
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -216,8 +217,7 @@ def attribution_patching(
     >>> len(result.estimate[0]), len(result.estimate[0][0])   # hooks x groups for pair 0
     (2, 2)
     """
-    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else [
-        f"blocks.{i}.hook_resid_post" for i in range(int(model.cfg.n_layers))])
+    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else resid_post_hooks(model))
     for group in groups:
         parse_group(group)
     d = _unit_vector(model, direction)
@@ -356,8 +356,7 @@ def direction_attribution(
     >>> a.shape[0], bool(np.isfinite(a).all())
     (2, True)
     """
-    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else [
-        f"blocks.{i}.hook_resid_post" for i in range(int(model.cfg.n_layers))])
+    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else resid_post_hooks(model))
     d = _unit_vector(model, direction).double()
     encoded = item if isinstance(item, Encoded) else encode(model, item)
     n = len(encoded)
@@ -412,7 +411,6 @@ def _forward_mode_attribution(model, encoded: Encoded, d: Tensor, hooks: Sequenc
     every ``t`` (a HookedTransformer whose hooks are all ``hook_resid_post``)."""
     import torch.autograd.forward_ad as fwAD
 
-    from surprise_probe.metrics import chunk_positions
 
     keep = max(targets) + 1  # causal: later tokens change nothing
     cut = dataclasses.replace(encoded, token_ids=encoded.token_ids[:keep], scored=encoded.scored[:keep])
@@ -440,8 +438,7 @@ def exact_direction_ablation(
 ) -> Float[np.ndarray, "hooks pos"]:
     """``H_t(clean) - H_t(d projected out at hook h, every position)``: what
     :func:`direction_attribution` estimates, measured with one ``Ablate`` forward per hook."""
-    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else [
-        f"blocks.{i}.hook_resid_post" for i in range(int(model.cfg.n_layers))])
+    hooks = resolve_hooks(model, hooks=list(hooks) if hooks is not None else resid_post_hooks(model))
     d = _unit_vector(model, direction)
     encoded = item if isinstance(item, Encoded) else encode(model, item)
     batch = pad_batch([encoded], pad_id(model))

@@ -22,9 +22,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from surprise_probe.interventions.dose_response import DoseResponse, dose_response
 
-from surprise_probe.jsonio import software_versions, write_json
-from surprise_probe.models import model_id
-from surprise_probe.plots import write_html
+from surprise_probe.core.models.loading import model_id
+from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.plots import write_html
 
 __all__ = [
     "DirectionComparison",

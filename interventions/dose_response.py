@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from surprise_probe.interventions.directions import (
+from surprise_probe.interventions.sweep import SweepTable, encode_items, run_sweep
+
+from surprise_probe.core.forward.directions import (
     SteeringDirection,
     from_probe,
     orthogonal_direction,
     random_directions,
 )
-from surprise_probe.interventions.sweep import SweepTable, encode_items, run_sweep
-
-from surprise_probe.stats import ratio_with_ci, slope, slope_with_ci, zscore
+from surprise_probe.core.utils.stats import ratio_with_ci, slope, slope_with_ci, zscore
 
 __all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", "control_directions"]
 

@@ -26,27 +26,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from surprise_probe.interventions.directions import from_probe
 from surprise_probe.interventions.dose_response import (
     Ablation,
     DoseResponse,
     directional_ablation,
     dose_response,
 )
-from surprise_probe.interventions.generation import generate
-from surprise_probe.interventions.hooks import Steer, resid_hooks
 from surprise_probe.interventions.patching import PatchingResult, activation_patching
 from surprise_probe.interventions.plots import (
     ablation_figure,
     dose_response_figure,
     patching_figure,
 )
+from surprise_probe.interventions.steered_generation import generate
 
-from surprise_probe.inputs import encode_all
-from surprise_probe.jsonio import software_versions, write_json
-from surprise_probe.models import model_id
-from surprise_probe.plots import write_html
-from surprise_probe.stats import small_sample_warnings
+from surprise_probe.core.forward.directions import from_probe
+from surprise_probe.core.forward.edits import Steer, resid_hooks
+from surprise_probe.core.models.loading import model_id
+from surprise_probe.core.text.encoding import encode_all
+from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.plots import write_html
+from surprise_probe.core.utils.stats import small_sample_warnings
 
 __all__ = [
     "SteeringExperiment",

@@ -32,7 +32,7 @@ mean and std, and ``z = (fraction along d - mean) / std`` per cell. With fewer t
 directions or 10 pairs the result carries a warning (``warnings``) saying so.
 
 >>> from surprise_probe.testing import tiny_hooked_transformer
->>> from surprise_probe.interventions.directions import SteeringDirection, random_directions
+>>> from surprise_probe.core.forward.directions import SteeringDirection, random_directions
 >>> model = tiny_hooked_transformer()
 >>> d = SteeringDirection(random_directions(model.cfg.d_model, 1, seed=1)[0], "blocks.0.hook_resid_post", 1.0)
 >>> pairs = [("The cat sat on the mat.", "A dog ran in the park."),
@@ -55,12 +55,24 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from surprise_probe.interventions.hooks import Patch, Touched, apply_all
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from surprise_probe import distributed
-from surprise_probe.stats import bootstrap_sums, small_sample_warnings, zscore
+from surprise_probe.core.forward.directions import SteeringDirection, from_probe
+from surprise_probe.core.forward.directions import random_directions as make_random
+from surprise_probe.core.forward.edits import Patch, Touched, apply_all
+from surprise_probe.core.forward.hooks import (
+    hook_layer,
+    resid_post,
+    resid_post_layer,
+    resolve_hooks,
+)
+from surprise_probe.core.forward.metrics import chunk_positions, output_entropy
+from surprise_probe.core.forward.passes import final_residual, forward_metrics, unembed
+from surprise_probe.core.models import distributed
+from surprise_probe.core.models.devices import model_device
+from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
+from surprise_probe.core.utils.stats import bootstrap_sums, small_sample_warnings, zscore
 
 __all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group", "patched_entropies"]
 
@@ -155,7 +167,7 @@ class PatchingResult:
         rows = []
         for h, hook in enumerate(self.hooks):
             for g, group in enumerate(self.groups):
-                row = {"hook": hook, "layer": _layer(hook), "group": group,
+                row = {"hook": hook, "layer": hook_layer(hook), "group": group,
                        "positions": self.group_positions.get(group)}
                 for component in self.components:
                     ci = self.fraction_ci[component][h][g]
@@ -169,11 +181,6 @@ class PatchingResult:
                 row["n_pairs"] = self.n_pairs
                 rows.append(row)
         return rows
-
-
-def _layer(hook: str) -> int | None:
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    return int(match.group(1)) if match else None
 
 
 def _measured_entropy(entropy, positions: np.ndarray, row: int) -> float:
@@ -191,10 +198,9 @@ def resid_post_layers(model, hooks: Sequence[str]) -> dict[str, int] | None:
         return None
     layers = {}
     for hook in hooks:
-        match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
-        if match is None:
+        layers[hook] = resid_post_layer(hook)
+        if layers[hook] is None:
             return None
-        layers[hook] = int(match.group(1))
     return layers
 
 
@@ -202,8 +208,6 @@ def resid_post_layers(model, hooks: Sequence[str]) -> dict[str, int] | None:
 def _entropy_at(model, residual, rows: Sequence[int], positions: Sequence[np.ndarray]) -> list[float]:
     """Mean output entropy of ``residual[rows[r], positions[r]]`` per r: the final norm and the
     unembedding run at those positions only, a bounded number of positions at a time."""
-    from surprise_probe.capture import unembed
-    from surprise_probe.metrics import chunk_positions, output_entropy
 
     device = residual.device
     row_index = torch.as_tensor(np.repeat(np.asarray(rows, dtype=np.int64), [len(p) for p in positions]),
@@ -226,7 +230,6 @@ def _prefix_cache(model, batch, prefix: int):
     TransformerLens cache), or ``None`` when ``prefix`` is 0."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    from surprise_probe.devices import model_device
 
     if prefix <= 0:
         return None
@@ -281,9 +284,6 @@ def patched_entropies(
     unembedding run only at the measured positions (clean runs too). Otherwise (a
     TransformerBridge) each patched row is a full forward with position-chunked metrics.
     """
-    from surprise_probe.capture import final_residual, forward_metrics
-    from surprise_probe.devices import model_device
-    from surprise_probe.inputs import pad_batch, pad_id
 
     hooks = list(dict.fromkeys(h for _, h, _ in conditions))
     groups = list(dict.fromkeys(g for _, _, g in conditions))
@@ -356,7 +356,7 @@ def patched_entropies(
                 device = model_device(model)
                 # the clean destination's residual after block `layer`, patched by the hooks' own
                 # functions (as in a hooked forward), then blocks layer + 1 ... only
-                residual = destination_acts[f"blocks.{layer}.hook_resid_post"][block_rows.to(device), prefix:]
+                residual = destination_acts[resid_post(layer)][block_rows.to(device), prefix:]
                 with torch.no_grad():
                     for patch in patches:
                         for name, hook_fn in patch.fwd_hooks(model, Touched()):
@@ -402,11 +402,6 @@ def activation_patching(
     ``max_batch_tokens`` tokens, and entropy comes from position-chunked logits, so memory does
     not grow with the number of conditions or the vocabulary.
     """
-    from surprise_probe.interventions.directions import SteeringDirection, from_probe
-    from surprise_probe.interventions.directions import random_directions as make_random
-
-    from surprise_probe.capture import resolve_hooks
-    from surprise_probe.inputs import Encoded, encode
 
     hooks = resolve_hooks(model, hooks=list(hooks))
     for group in groups:

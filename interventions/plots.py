@@ -1,6 +1,6 @@
 """Plotly figures for intervention results; pure functions returning ``go.Figure``.
 
-Write one with ``surprise_probe.plots.write_html(fig, path)``: plotly.js is embedded so the file
+Write one with ``surprise_probe.core.utils.plots.write_html(fig, path)``: plotly.js is embedded so the file
 opens offline.
 """
 

@@ -34,15 +34,16 @@ import einops
 import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
-from surprise_probe.interventions.hooks import Ablate, Steer
 from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, start_layer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from surprise_probe import distributed
-from surprise_probe.capture import unembed
-from surprise_probe.devices import model_device
-from surprise_probe.metrics import CACHE_ELEMENTS, CHUNK_ELEMENTS
+from surprise_probe.core.forward.edits import Ablate, Steer, Touched
+from surprise_probe.core.forward.metrics import CACHE_ELEMENTS, CHUNK_ELEMENTS
+from surprise_probe.core.forward.passes import unembed
+from surprise_probe.core.models import distributed
+from surprise_probe.core.models.devices import model_device
+from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
 
 __all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics", "identity_amounts"]
 
@@ -85,7 +86,6 @@ def identity_amounts(kind: str, amounts: Sequence[float] | np.ndarray) -> np.nda
 
 def encode_items(model, items, **encode_kwargs) -> list:
     """Encode raw items (or pass ``Encoded`` through); refuse inputs with an empty scored span."""
-    from surprise_probe.inputs import Encoded, encode
 
     encoded = [
         item if isinstance(item, Encoded) else encode(model, item, index=i, **encode_kwargs)
@@ -309,7 +309,6 @@ def run_sweep(
     ``identity_amounts``), the loop every condition; ``n_rows`` counts the rows run.
     Raises ``ValueError`` naming the amount and direction if a condition produces non-finite logits.
     """
-    from surprise_probe.inputs import pad_batch, pad_id
 
     if kind not in ("steer", "ablate"):
         raise ValueError(f"kind must be 'steer' or 'ablate', got {kind!r}")
@@ -543,7 +542,6 @@ def _edit(intervention, hook: str, residual: Tensor) -> Tensor:
     """Apply ``intervention`` (with ``fan_out`` rows) to one clean residual, as its hook would."""
     from types import SimpleNamespace
 
-    from surprise_probe.interventions.hooks import Touched
 
     hook_fn = intervention._make_hook(hook, hook, Touched())
     return hook_fn(residual, SimpleNamespace(name=hook))

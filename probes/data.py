@@ -1,6 +1,6 @@
 """Activations from elsewhere, wrapped in the capture interface the probes read.
 
-``surprise_probe.capture`` produces runs with ``hooks``, ``model_id``, ``d_model`` and ``shards()``;
+``surprise_probe.core.capture.run`` produces runs with ``hooks``, ``model_id``, ``d_model`` and ``shards()``;
 :class:`ArrayCapture` builds the same thing from numpy arrays (tests, or activations computed by
 other tools), so every probe function takes either.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from surprise_probe.store import CaptureShard
+from surprise_probe.core.capture.store import CaptureShard
 
 __all__ = ["ArrayCapture"]
 

@@ -4,7 +4,7 @@ Saved as two files next to each other, the convention of SAELens and Hugging Fac
 safetensors, configuration in JSON): ``<path>.safetensors`` (one float64 tensor ``direction``,
 shape ``(d_model,)``) and ``<path>.json`` (model id, hook, layer, target, data hash, metrics,
 projection statistics, software versions, the model's fingerprint -- TransformerLens weight
-processing as loaded and a sha256 of the weights, see :mod:`surprise_probe.basis` -- and hashes of
+processing as loaded and a sha256 of the weights, see :mod:`surprise_probe.core.models.basis` -- and hashes of
 the direction and of the whole artifact, so an edited field or a mismatched pair is caught).
 Loading with ``model=`` refuses a model whose id, ``d_model``, weight processing or weights differ
 from the one the probe was fitted on. Directions saved in the earlier format (``<path>.npz`` +
@@ -30,9 +30,11 @@ from jaxtyping import Float
 from safetensors.numpy import load_file, save_file
 from surprise_probe.probes.ridge import RidgeProbe
 
-from surprise_probe.basis import model_fingerprint
-from surprise_probe.jsonio import software_versions, to_json
-from surprise_probe.models import model_id as model_id_of
+from surprise_probe.core.forward.directions import from_probe
+from surprise_probe.core.forward.edits import Steer
+from surprise_probe.core.models.basis import model_fingerprint
+from surprise_probe.core.models.loading import model_id as model_id_of
+from surprise_probe.core.utils.jsonio import software_versions, to_json
 
 __all__ = ["ProbeDirection"]
 
@@ -98,7 +100,7 @@ class ProbeDirection:
     coef_norm: float = float("nan")
     intercept: float = float("nan")
     versions: dict = field(default_factory=software_versions)
-    model: dict = field(default_factory=dict)  # surprise_probe.basis.model_fingerprint ({} if unknown)
+    model: dict = field(default_factory=dict)  # surprise_probe.core.models.basis.model_fingerprint ({} if unknown)
 
     def __post_init__(self):
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(-1)
@@ -134,7 +136,7 @@ class ProbeDirection:
         of ints, a slice, or a bool mask as in ``interventions.Steer``); the hook is removed on
         exit, even after an error. Input is whatever ``model`` takes, e.g. ``model.to_tokens``
         output. The direction is checked against ``model`` first (id, ``d_model``). Yields the
-        :class:`~surprise_probe.interventions.hooks.Touched` record of the entries edited.
+        :class:`~surprise_probe.core.forward.edits.Touched` record of the entries edited.
 
         >>> import torch
         >>> from surprise_probe.testing import tiny_hooked_transformer
@@ -148,8 +150,6 @@ class ProbeDirection:
         >>> bool((steered != model(tokens)).any())
         True
         """
-        from surprise_probe.interventions.directions import from_probe
-        from surprise_probe.interventions.hooks import Steer
 
         checked = from_probe(model, self, hook=hook)
         return Steer(direction=checked.direction, hooks=checked.hook, strength=strength, scale=checked.std,

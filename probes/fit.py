@@ -6,7 +6,7 @@ whose ``save(folder)`` writes the sweep table (CSV), the results (JSON), the lay
 alpha-curve plots (offline HTML), the held-out predictions and the best probe direction.
 
 >>> import tempfile
->>> from surprise_probe.capture import capture
+>>> from surprise_probe.core.capture.run import capture
 >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
 >>> run = capture(tiny_hooked_transformer(), TINY_CORPUS * 2, progress=False)
 >>> fit = fit_probes(run, "surprise", n_folds=3, n_shuffles=2, n_boot=20, nested=False, progress=False)
@@ -24,9 +24,9 @@ from surprise_probe.probes.plots import alpha_curve_figure, layer_sweep_figure, 
 from surprise_probe.probes.results import SweepResult
 from surprise_probe.probes.sweep import fit_sweep
 
-from surprise_probe.jsonio import software_versions, write_json
-from surprise_probe.plots import write_html
-from surprise_probe.store import Capture, verify_capture
+from surprise_probe.core.capture.store import Capture, verify_capture
+from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.plots import write_html
 
 __all__ = ["ProbeFit", "fit_probes"]
 

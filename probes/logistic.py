@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 from surprise_probe.probes.folds import assign_folds
 from surprise_probe.probes.ridge import validate_data
 
-from surprise_probe.stats import ratio_with_ci, unit_sums
+from surprise_probe.core.utils.stats import ratio_with_ci, unit_sums
 
 __all__ = ["LogisticProbe", "cross_validate_classifier"]
 

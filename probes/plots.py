@@ -1,6 +1,6 @@
 """Figures of probe results; each function returns a ``plotly.graph_objects.Figure``.
 
-Write one with ``surprise_probe.plots.write_html(fig, path)`` to get a file that opens offline.
+Write one with ``surprise_probe.core.utils.plots.write_html(fig, path)`` to get a file that opens offline.
 """
 
 from __future__ import annotations

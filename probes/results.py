@@ -4,56 +4,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from jaxtyping import Float
+from surprise_probe.probes.direction import ProbeDirection
 from surprise_probe.probes.scoring import Estimate
 
-from surprise_probe.jsonio import to_json
-from surprise_probe.store import hook_depth as depth
+from surprise_probe.core.forward.hooks import EMBEDDING_HOOK, hook_depth, hook_layer, layer_label
+from surprise_probe.core.utils.jsonio import to_json
 
 __all__ = ["EMBEDDING_HOOK", "HookResult", "SweepResult", "hook_depth", "hook_layer", "layer_label"]
-
-EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
-
-
-def hook_depth(hook: str) -> float:
-    """Blocks the residual stream has passed at ``hook`` (``surprise_probe.hook_depth``)."""
-    return depth(hook)
-
-
-def hook_layer(hook: str) -> int | None:
-    """The block index in a hook name (``blocks.3.hook_resid_post`` -> 3), else None.
-
-    >>> hook_layer("blocks.17.hook_resid_post"), hook_layer("ln_final.hook_normalized")
-    (17, None)
-    """
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    return int(match.group(1)) if match else None
-
-
-def layer_label(hook: str) -> str:
-    """How tables and plots name a hook's layer, as TransformerLens users read it.
-
-    The block index for a block's hooks; ``embed`` for the embedding (``blocks.0.hook_resid_pre``,
-    the residual stream before block 0); the hook name otherwise.
-
-    >>> layer_label("blocks.17.hook_resid_post"), layer_label("blocks.0.hook_resid_pre")
-    ('17', 'embed')
-    >>> layer_label("blocks.3.hook_resid_mid")
-    '3 (resid_mid)'
-    """
-    if hook == EMBEDDING_HOOK:
-        return "embed"
-    layer = hook_layer(hook)
-    if layer is None:
-        return hook
-    kind = hook.rsplit(".", 1)[-1]
-    return str(layer) if kind == "hook_resid_post" else f"{layer} ({kind.removeprefix('hook_')})"
-
 
 def _plain(value):
     """Estimates (nested in dicts) as dicts, for JSON."""
@@ -186,7 +148,7 @@ class SweepResult:
     predictions: dict = field(repr=False, default_factory=dict)  # held-out predictions per token
     by_source: dict = field(default_factory=dict)  # per source label: sizes, R^2, calibration
     warnings: list[str] = field(default_factory=list)  # controls missing, samples too small
-    model_fingerprint: dict = field(default_factory=dict)  # surprise_probe.basis, from the capture
+    model_fingerprint: dict = field(default_factory=dict)  # surprise_probe.core.models.basis, from the capture
 
     def __getitem__(self, hook: str) -> HookResult:
         for result in self.hooks:
@@ -286,7 +248,6 @@ class SweepResult:
 
     def direction(self, hook: str | None = None):
         """The :class:`probes.ProbeDirection` of the all-token probe at ``hook`` (default: best)."""
-        from surprise_probe.probes.direction import ProbeDirection
 
         result = self[hook or self.best_hook()]
         norm = float(np.linalg.norm(result.coef))

@@ -1,7 +1,7 @@
 """Held-out scores (R^2, Pearson r) with confidence intervals from a bootstrap over sequences.
 
 Tokens of one sequence are not independent, so every interval resamples whole sequences, with
-the project's one bootstrap (:mod:`surprise_probe.stats`). ``Estimate`` is re-exported from there.
+the project's one bootstrap (:mod:`surprise_probe.core.utils.stats`). ``Estimate`` is re-exported from there.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 from jaxtyping import Float, Int
 
-from surprise_probe.stats import Estimate, bootstrap_sums
+from surprise_probe.core.utils.stats import Estimate, bootstrap_sums
 
 __all__ = ["Estimate", "SequenceBootstrap", "r2_from_sums", "pearson_from_sums"]
 
@@ -43,7 +43,7 @@ def pearson_from_sums(n, sum_a, sum_aa, sum_b, sum_bb, sum_ab):
 
 
 class SequenceBootstrap:
-    """Scores with CIs from resampling whole sequences (:func:`surprise_probe.stats.bootstrap_sums`).
+    """Scores with CIs from resampling whole sequences (:func:`surprise_probe.core.utils.stats.bootstrap_sums`).
 
     Resamples depend only on the number of sequences, ``n_boot`` and ``seed``, so every score
     from one instance (every hook, every control) sees the same resamples (paired).

@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Float, Int
 from surprise_probe.probes.scoring import Estimate, SequenceBootstrap
 
-from surprise_probe.jsonio import read_jsonl
+from surprise_probe.core.utils.jsonio import read_jsonl
 
 __all__ = ["calibration", "scores_by_source", "read_sources", "UNLABELLED"]
 

@@ -8,7 +8,7 @@
 - **another model's surprise** (:func:`other_model_surprise`, spec ``model:NAME``): the capture's
   token ids are decoded to text (chat-template markup included, read by the other model as plain
   text; a leading BOS of the captured model is left out, the reader adds its own), the other model reads that text with its own tokenizer, and its per-token surprise is
-  carried onto the captured tokens by character offsets (``surprise_probe.alignment``; captured
+  carried onto the captured tokens by character offsets (``surprise_probe.core.text.alignment``; captured
   tokens without a character span, e.g. the first bytes of a split emoji, get no value).
 
 Both return a :class:`~surprise_probe.probes.targets.TokenTarget` over the capture's scored tokens
@@ -31,9 +31,10 @@ from surprise_probe.probes.targets import TokenTarget, load_target_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from surprise_probe.alignment import align_values, token_char_spans
-from surprise_probe.metrics import surprise_and_entropy
-from surprise_probe.models import model_id
+from surprise_probe.core.forward.metrics import surprise_and_entropy
+from surprise_probe.core.models.loading import load_model as load_named_model
+from surprise_probe.core.models.loading import model_id
+from surprise_probe.core.text.alignment import align_values, token_char_spans
 
 __all__ = [
     "TargetSpec",
@@ -170,7 +171,7 @@ def _reader_surprise(reader, text: str) -> tuple[Int[np.ndarray, "m 2"], Float[n
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     bos = tokenizer.bos_token_id
     if getattr(reader.cfg, "default_prepend_bos", False) and bos is not None and (not ids or ids[0] != bos):
-        ids, offsets = [bos, *ids], [(0, 0), *offsets]  # as surprise_probe.inputs reads a text
+        ids, offsets = [bos, *ids], [(0, 0), *offsets]  # as surprise_probe.core.text.encoding reads a text
     limit = int(reader.cfg.n_ctx)
     if len(ids) > limit:
         raise ValueError(f"a text of {len(ids)} {model_id(reader)} tokens exceeds its context of {limit}")
@@ -235,7 +236,7 @@ def computed_target(
             raise ValueError(f"target {spec!r} is not local:W or model:NAME")
         spec = parsed
     if load_model is None:
-        from surprise_probe.models import load_model
+        load_model = load_named_model
     own = load_model(run.model_id)
     n_selected = sum(int(selected.sum()) for _, selected in capture_sequences(run).values())
     if spec.kind == "local":
@@ -246,7 +247,7 @@ def computed_target(
         target = other_model_surprise(run, own.tokenizer, reader, progress=progress)
         rule = (
             f"{model_id(reader)} reads decode(captured ids) as plain text; its token surprises are "
-            "shared among captured tokens in proportion to overlapping characters (surprise_probe.alignment)"
+            "shared among captured tokens in proportion to overlapping characters (surprise_probe.core.text.alignment)"
         )
     target = TokenTarget(spec.name, target.sequence_ids, target.positions, target.values)
     info = {

@@ -55,8 +55,8 @@ from surprise_probe.probes.targets import (
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from surprise_probe import distributed
-from surprise_probe.stats import small_sample_warnings
+from surprise_probe.core.models import distributed
+from surprise_probe.core.utils.stats import small_sample_warnings
 
 __all__ = ["DEFAULT_ALPHAS", "fit_sweep"]
 

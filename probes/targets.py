@@ -38,6 +38,8 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 from surprise_probe.probes.controls import previous_token_ids, span_positions
 
+from surprise_probe.core.utils.jsonio import software_versions, write_json
+
 __all__ = [
     "TokenTarget",
     "TargetData",
@@ -84,7 +86,6 @@ class TokenTarget:
 
     def save(self, path: str | Path, info: dict | None = None) -> dict[str, Path]:
         """Write ``path.npz`` (readable by :func:`load_target_file`) and ``path.json`` (``info``)."""
-        from surprise_probe.jsonio import software_versions, write_json
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

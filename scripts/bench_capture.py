@@ -12,7 +12,7 @@ child process (so memory and CPU time are its own), best of ``--repeats`` timed 
   every decoder layer's output and the logits, metrics, one ``.npy`` per batch;
 - ``tl_forward``: TransformerLens HookedTransformer plain forward (no recording, no metrics);
 - ``tl_run_with_cache``: ``run_with_cache`` filtered to the 31 hooks, metrics, one ``.npy`` per batch;
-- ``sp_capture``: ``surprise_probe.capture(..., out_dir=...)`` (HookedTransformer backend, default);
+- ``sp_capture``: ``surprise_probe.core.capture.run(..., out_dir=...)`` (HookedTransformer backend, default);
 - ``sp_capture_bridge``: the same on the TransformerBridge backend (the Hugging Face modules).
 
 Measures: CPU seconds of the child during the timed run (``time.process_time``, all threads; the
@@ -111,7 +111,7 @@ def _corpus(folder: Path, n_sequences: int, seq_len: int) -> np.ndarray:
     """(n_sequences, seq_len) token ids cut from the built-in texts, tokenized as the toolkit does."""
     from transformers import AutoTokenizer
 
-    from surprise_probe.io import builtin_items
+    from surprise_probe.core.text.files import builtin_items
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = []
@@ -155,7 +155,7 @@ def _load(method: str, folder: Path):
 
             return LanguageModel(model, tokenizer=AutoTokenizer.from_pretrained(folder))
         return model
-    from surprise_probe.models import load_model
+    from surprise_probe.core.models.loading import load_model
 
     return load_model(str(folder), device="cpu", backend="bridge" if method.endswith("_bridge") else "hooked",
                       progress=False)
@@ -166,7 +166,7 @@ def _run(method: str, model, ids, batch_size: int, out: Path) -> None:
     import torch
 
     import surprise_probe as sp
-    from surprise_probe.capture import default_hooks
+    from surprise_probe.core.forward.hooks import default_hooks
 
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     if method == "hf_forward":
@@ -212,7 +212,7 @@ def _results(method: str, out: Path, layer: int, batch_size: int, seq_len: int) 
     if method in ("hf_forward", "tl_forward"):
         return None
     if method.startswith("sp_capture"):
-        from surprise_probe.store import load_capture
+        from surprise_probe.core.capture.store import load_capture
 
         run = load_capture(out / "capture")
         acts = run.activations(f"blocks.{layer}.hook_resid_post")[: batch_size * seq_len]
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         (Path(work) / f"{method}.json").write_text(json.dumps(row))
         return 0
 
-    from surprise_probe.jsonio import software_versions, write_json
-    from surprise_probe.models import EMBEDDED_MODELS, embedded_folder
+    from surprise_probe.core.models.loading import EMBEDDED_MODELS, embedded_folder
+    from surprise_probe.core.utils.jsonio import software_versions, write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:
         work = Path(tmp)

@@ -29,8 +29,8 @@ def _corpus(model, n_sequences: int, seq_len: int) -> list[dict]:
     """``n_sequences`` token-id items of ``seq_len`` tokens cut from the built-in conversations."""
     import numpy as np
 
-    from surprise_probe.inputs import encode
-    from surprise_probe.io import builtin_items
+    from surprise_probe.core.text.encoding import encode
+    from surprise_probe.core.text.files import builtin_items
 
     stream = np.concatenate(
         [encode(model, item, score_prompt=True, max_tokens=10**9).token_ids for item in builtin_items()]
@@ -46,8 +46,8 @@ def worker(args) -> None:
     from surprise_probe.probes import fit_sweep
 
     import surprise_probe as sp
-    from surprise_probe import distributed
-    from surprise_probe.jsonio import software_versions, write_json
+    from surprise_probe.core.models import distributed
+    from surprise_probe.core.utils.jsonio import software_versions, write_json
 
     torch.set_grad_enabled(False)
     if args.model == "tiny":
@@ -116,7 +116,7 @@ def main() -> int:
         worker(args)
         return 0
 
-    from surprise_probe.jsonio import read_json, write_json
+    from surprise_probe.core.utils.jsonio import read_json, write_json
 
     args.out.mkdir(parents=True, exist_ok=True)
     configs = []

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from surprise_probe import sampling
-from surprise_probe.io import builtin_prompts
-from surprise_probe.jsonio import software_versions, write_json
-from surprise_probe.models import EMBEDDED_MODELS, embedded_folder, load_model
-from surprise_probe.sampling import chat_prompt_ids, sample
+from surprise_probe.core.forward import sampling
+from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
+from surprise_probe.core.models.loading import EMBEDDED_MODELS, embedded_folder, load_model
+from surprise_probe.core.text.files import builtin_prompts
+from surprise_probe.core.utils.jsonio import software_versions, write_json
 
 
 def main() -> None:

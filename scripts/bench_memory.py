@@ -4,7 +4,7 @@
     python scripts/bench_memory.py --model smollm2-135m-instruct --dtype bfloat16 --out runs/bench/memory_bf16
 
 Runs the same stages as ``surprise-probe study`` at its default settings (model load, then every
-stage of ``study.default_stages()``; ``--quick`` for the quick sizes) in this process, through the library (``surprise_probe.study``),
+stage of ``study.default_stages()``; ``--quick`` for the quick sizes) in this process, through the library (``surprise_probe.app.study``),
 while a thread samples the process's resident set size (RSS) every ``--interval`` seconds. For
 each stage it reports the peak RSS while the stage ran, the RSS when it started, and its wall and
 CPU seconds (CPU time of this process: on a shared machine the wall clock also counts others'
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from surprise_probe.io import read_items
-    from surprise_probe.jsonio import software_versions, write_json
-    from surprise_probe.models import load_model
-    from surprise_probe.study import DEFAULT_SETTINGS, QUICK_SETTINGS, default_stages, run_study
+    from surprise_probe.app.study import DEFAULT_SETTINGS, QUICK_SETTINGS, default_stages, run_study
+    from surprise_probe.core.models.loading import load_model
+    from surprise_probe.core.text.files import read_items
+    from surprise_probe.core.utils.jsonio import software_versions, write_json
 
     settings = {**(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS), "model": args.model, "input": args.input,
                 "dtype": args.dtype, "device": args.device, "base_reader": args.base_reader}

@@ -4,7 +4,7 @@
     flock /tmp/sp-model.lock python scripts/bench_stages.py --model smollm2-135m-instruct \\
         --stages patch attribution --out runs/bench/stages_smollm2
 
-Runs the study (``surprise_probe.study.run_study``, default sizes; ``--quick`` for the quick ones)
+Runs the study (``surprise_probe.app.study.run_study``, default sizes; ``--quick`` for the quick ones)
 with only the stages the timed ones need (capture and fit_surprise; patch before attribution),
 each once, in this process with ``--threads`` torch threads, and prints one line per stage with
 its wall and CPU seconds (CPU time of this process: on a shared machine the wall clock also counts
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     torch.set_num_threads(args.threads)
 
-    from surprise_probe.io import read_items
-    from surprise_probe.jsonio import software_versions, write_json
-    from surprise_probe.models import load_model
-    from surprise_probe.study import DEFAULT_SETTINGS, QUICK_SETTINGS, default_stages, run_study
+    from surprise_probe.app.study import DEFAULT_SETTINGS, QUICK_SETTINGS, default_stages, run_study
+    from surprise_probe.core.models.loading import load_model
+    from surprise_probe.core.text.files import read_items
+    from surprise_probe.core.utils.jsonio import software_versions, write_json
 
     settings = {**(QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS), "model": args.model, "input": args.input}
     items = read_items(args.input)[: settings["max_inputs"]]

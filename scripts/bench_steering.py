@@ -62,7 +62,7 @@ def _items(model, n: int) -> list:
     from surprise_probe.testing import TINY_CORPUS
 
     try:
-        from surprise_probe.io import builtin_items
+        from surprise_probe.core.text.files import builtin_items
 
         items = [{"messages": item["messages"]} for item in builtin_items() if "messages" in item]
     except (ImportError, FileNotFoundError, ValueError):
@@ -77,8 +77,8 @@ def _items(model, n: int) -> list:
 
 
 def _projection_std(model, encoded, hook: str, direction: torch.Tensor) -> float:
-    from surprise_probe.capture import forward
-    from surprise_probe.inputs import pad_batch, pad_id
+    from surprise_probe.core.forward.passes import forward
+    from surprise_probe.core.text.encoding import pad_batch, pad_id
 
     batch = pad_batch(encoded, pad_id(model))
     with torch.no_grad():
@@ -90,7 +90,7 @@ def _projection_std(model, encoded, hook: str, direction: torch.Tensor) -> float
 def _floor(model, encoded, layer: int, n_conditions: int, batch_size: int, max_batch_tokens: int) -> None:
     """The floor's work: per input, the clean forward up to the hook, then ``n_conditions`` rows
     from the hook to the logits at the scored positions (full sequence, no cache, no metrics)."""
-    from surprise_probe.capture import unembed
+    from surprise_probe.core.forward.passes import unembed
 
     for item in encoded:
         tokens = torch.as_tensor(item.token_ids, dtype=torch.long).unsqueeze(0)
@@ -111,7 +111,7 @@ PEER_NEEDS = {"sv_loop": "steering_vectors"}
 
 def _peer_folder(name: str, work: Path) -> Path:
     """The Hugging Face folder every child loads: an embedded model's cache, a folder, or a tiny Llama."""
-    from surprise_probe.models import EMBEDDED_MODELS, embedded_folder
+    from surprise_probe.core.models.loading import EMBEDDED_MODELS, embedded_folder
 
     if name.lower() in EMBEDDED_MODELS:
         return embedded_folder(name.lower())
@@ -127,8 +127,8 @@ def _peer_job(args, folder: Path, work: Path) -> dict:
     from surprise_probe.interventions import SteeringDirection
     from surprise_probe.interventions.dose_response import control_directions
 
-    from surprise_probe.inputs import encode_all
-    from surprise_probe.models import load_model
+    from surprise_probe.core.models.loading import load_model
+    from surprise_probe.core.text.encoding import encode_all
 
     model = load_model(str(folder), device="cpu", backend="hooked", progress=False)
     layer = int(model.cfg.n_layers) // 2 if args.layer is None else min(args.layer, int(model.cfg.n_layers) - 1)
@@ -225,7 +225,7 @@ def _peer_child(method: str, folder: Path, work: Path, threads: int, repeats: in
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     else:
-        from surprise_probe.models import load_model
+        from surprise_probe.core.models.loading import load_model
 
         model = load_model(str(folder), device="cpu", backend="hooked", progress=False)
     warm = dict(job, items=job["items"][:1], vectors=job["vectors"][:2], strengths=job["strengths"][:2])
@@ -251,7 +251,7 @@ def _peer_child(method: str, folder: Path, work: Path, threads: int, repeats: in
 def peers_main(args) -> int:
     from bench_capture import peer_versions
 
-    from surprise_probe.jsonio import software_versions, write_json
+    from surprise_probe.core.utils.jsonio import software_versions, write_json
 
     with tempfile.TemporaryDirectory(prefix="bench-steering-") as tmp:
         work = Path(tmp)
@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     from surprise_probe.interventions import SteeringDirection, dose_response, suffix
     from surprise_probe.interventions.sweep import identity_amounts
 
-    from surprise_probe.inputs import encode_all
-    from surprise_probe.jsonio import software_versions, write_json
+    from surprise_probe.core.text.encoding import encode_all
+    from surprise_probe.core.utils.jsonio import software_versions, write_json
 
     model = _model(args.model, args.device)
     suffix.FUSE_ATTENTION = not args.no_fused_attention

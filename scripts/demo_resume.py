@@ -44,7 +44,7 @@ def main() -> int:
 
     import numpy as np
 
-    from surprise_probe.store import completed_shards, load_capture
+    from surprise_probe.core.capture.store import completed_shards, load_capture
 
     if args.out.exists():
         shutil.rmtree(args.out)

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.out} is up to date")
         return 0
-    from surprise_probe.jsonio import write_text
+    from surprise_probe.core.utils.jsonio import write_text
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, text)

@@ -18,8 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from surprise_probe.io import builtin_items
-from surprise_probe.jsonio import read_jsonl
+from surprise_probe.core.text.files import builtin_items
+from surprise_probe.core.utils.jsonio import read_jsonl
 
 
 def main() -> None:

@@ -8,18 +8,17 @@
 
 __version__ = "0.1.0"
 
-from surprise_probe import distributed
-from surprise_probe.capture import capture, default_hooks, resolve_hooks, token_metrics
-from surprise_probe.chat import encode_conversation
-from surprise_probe.inputs import encode, pad_batch
-from surprise_probe.metrics import (
-    input_surprise,
-    output_entropy,
-    surprise_and_entropy,
-)
-from surprise_probe.models import available_models, load_model, model_id
-from surprise_probe.stats import MeanWithCI, bootstrap_mean
-from surprise_probe.store import Capture, hook_depth, load_capture
+from surprise_probe import _moved
+from surprise_probe.core.capture.run import capture
+from surprise_probe.core.capture.store import Capture, load_capture
+from surprise_probe.core.forward.hooks import default_hooks, hook_depth, resolve_hooks
+from surprise_probe.core.forward.metrics import input_surprise, output_entropy, surprise_and_entropy
+from surprise_probe.core.forward.passes import token_metrics
+from surprise_probe.core.models import distributed
+from surprise_probe.core.models.loading import available_models, load_model, model_id
+from surprise_probe.core.text.chat import encode_conversation
+from surprise_probe.core.text.encoding import encode, pad_batch
+from surprise_probe.core.utils.stats import MeanWithCI, bootstrap_mean
 
 __all__ = [
     "__version__",
@@ -43,3 +42,10 @@ __all__ = [
     "bootstrap_mean",
     "MeanWithCI",
 ]
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    # old module paths (surprise_probe.metrics, ...) for one release; see surprise_probe/_moved.py
+    return _moved.attribute(name)

@@ -58,7 +58,7 @@ def tiny_hf_folder(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_hf_folder):
     """A random Llama (RMSNorm, grouped-query attention) loaded as a HookedTransformer."""
-    from surprise_probe.models import load_model
+    from surprise_probe.core.models.loading import load_model
 
     return load_model(str(tiny_hf_folder))
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from surprise_probe.alignment import align_values, token_char_spans
+from surprise_probe.core.text.alignment import align_values, token_char_spans
 
 
 def test_split_source_tokens_sum_into_one_target_token():

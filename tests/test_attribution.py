@@ -12,11 +12,11 @@ from surprise_probe.interventions.attribution import (
     exact_direction_ablation,
     validate_attribution,
 )
-from surprise_probe.interventions.hooks import Patch, apply_all
 from surprise_probe.interventions.patching import activation_patching, align_positions
 
-from surprise_probe.capture import forward
-from surprise_probe.inputs import encode, pad_batch, pad_id
+from surprise_probe.core.forward.edits import Patch, apply_all
+from surprise_probe.core.forward.passes import forward
+from surprise_probe.core.text.encoding import encode, pad_batch, pad_id
 
 
 def _conv(user: str, assistant: str) -> list[dict]:
@@ -46,7 +46,7 @@ def double_model(one_thread):
 
 
 def _entropy_mean(logits, positions) -> float:
-    from surprise_probe.metrics import output_entropy
+    from surprise_probe.core.forward.metrics import output_entropy
 
     return float(output_entropy(logits[:, torch.as_tensor(positions)]).double().mean())
 
@@ -86,7 +86,7 @@ def test_pair_estimate_is_the_derivative_of_a_small_patch(double_model):
 
 def test_single_run_attribution_is_the_derivative_of_a_small_ablation(double_model):
     """H_t(clean) - H_t(x - eps <x,d> d) = eps * attribution[h, t] to first order, every t."""
-    from surprise_probe.metrics import output_entropy
+    from surprise_probe.core.forward.metrics import output_entropy
 
     model, d = double_model, _direction(2)
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -130,7 +130,7 @@ def test_estimate_tracks_exact_patching_on_random_models(backend, tiny_hooked, t
 
 
 def _unit_probe(model):
-    from surprise_probe.interventions.directions import SteeringDirection
+    from surprise_probe.core.forward.directions import SteeringDirection
 
     return SteeringDirection(_direction(0), "blocks.0.hook_resid_post", 1.0)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from surprise_probe.interventions.attribution import direction_attribution
 
-from surprise_probe.inputs import encode
+from surprise_probe.core.text.encoding import encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

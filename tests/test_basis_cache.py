@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from surprise_probe.basis import weight_processing
+from surprise_probe.core.models.basis import weight_processing
 from surprise_probe.testing import tiny_hooked_transformer
 
 

@@ -29,11 +29,11 @@ from surprise_probe.interventions import (
     activation_patching,
     dose_response,
 )
-from surprise_probe.interventions.generation import generate
+from surprise_probe.interventions.steered_generation import generate
 from surprise_probe.probes import fit_sweep
 
-from surprise_probe.capture import capture
-from surprise_probe.models import load_model
+from surprise_probe.core.capture.run import capture
+from surprise_probe.core.models.loading import load_model
 from surprise_probe.testing import TINY_CORPUS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,7 +164,7 @@ def test_bf16_chain_on_the_embedded_model():
     built-in conversations at the middle layer: capture (embedding + middle), fit, steer, patch,
     generate. Tolerances (2-3x what was measured here, stated in REAL_TOLERANCES) are far
     below the effects checked alongside them."""
-    from surprise_probe.io import read_items
+    from surprise_probe.core.text.files import read_items
 
     items = read_items("builtin")[:6]
     prompt = items[0]["messages"][:1]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import surprise_probe as sp
-from surprise_probe.metrics import surprise_and_entropy
-from surprise_probe.store import ShardWriter
+from surprise_probe.core.capture.store import ShardWriter
+from surprise_probe.core.forward.metrics import surprise_and_entropy
 from tests.conftest import CONVERSATION, TEXTS
 
-# `surprise_probe.capture` the function shadows the module of the same name on the package.
-capture_module = importlib.import_module("surprise_probe.capture")
+# `surprise_probe.core.capture.run` the function shadows the module of the same name on the package.
+capture_module = importlib.import_module("surprise_probe.core.capture.run")
 
 
 def _columns(run):

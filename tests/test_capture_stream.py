@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import surprise_probe as sp
-from surprise_probe.store import ShardWriter, write_shard
+from surprise_probe.core.capture.store import ShardWriter, write_shard
 from tests.conftest import TEXTS
 
 

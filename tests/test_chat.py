@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from surprise_probe.chat import encode_conversation
-from surprise_probe.inputs import encode
+from surprise_probe.core.text.chat import encode_conversation
+from surprise_probe.core.text.encoding import encode
 
 
 def test_assistant_mask_is_exactly_the_assistant_content(tiny_tokenizer):

@@ -19,12 +19,12 @@ import torch
 from surprise_probe.probes import ProbeDirection
 
 import surprise_probe as sp
-import surprise_probe.intention as intention_module
-from surprise_probe.cli import build_parser, main
-from surprise_probe.commands import _common
-from surprise_probe.commands import gap as gap_command
-from surprise_probe.models import load_model as real_load_model
-from surprise_probe.models import model_id
+import surprise_probe.analyses.intention.analysis as intention_module
+from surprise_probe.app.cli import build_parser, main
+from surprise_probe.app.commands import _common
+from surprise_probe.app.commands import gap as gap_command
+from surprise_probe.core.models.loading import load_model as real_load_model
+from surprise_probe.core.models.loading import model_id
 from tests.conftest import CONVERSATION, TEXTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,8 +19,8 @@ import pytest
 import torch
 from surprise_probe.interventions import SteeringDirection, activation_patching, dose_response
 
-from surprise_probe.capture import capture
-from surprise_probe.models import load_model
+from surprise_probe.core.capture.run import capture
+from surprise_probe.core.models.loading import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,7 +177,7 @@ def test_cuda_device_map_with_max_memory_spreads_modules(tiny_hf_folder, referen
 def test_cuda_bfloat16_chain_and_seeded_sampling(tiny_hf_folder, reference):
     _need_gpus(1, "a bfloat16 model on cuda captures (stored float32), steers (both engines agree to 0.03 nats), "
                   "and samples the same tokens twice from one seed with generators and masks on the GPU")
-    from surprise_probe.interventions.generation import generate
+    from surprise_probe.interventions.steered_generation import generate
 
     model = load_model(tiny_hf_folder, device="cuda", dtype="bfloat16", progress=False)
     run = capture(model, TEXTS, progress=False)

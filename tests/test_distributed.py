@@ -28,9 +28,9 @@ from surprise_probe.interventions.sweep import encode_items
 from surprise_probe.probes import fit_sweep
 
 import surprise_probe as sp
-from surprise_probe import distributed
-from surprise_probe.jsonio import read_json, write_json
-from surprise_probe.store import COLUMNS
+from surprise_probe.core.capture.store import COLUMNS
+from surprise_probe.core.models import distributed
+from surprise_probe.core.utils.jsonio import read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = [
@@ -113,7 +113,7 @@ def _stages(model, out: Path, items, *, hooks=None, full=True) -> dict:
 
 def _cli(out: Path, hf_folder: str, items_txt: str) -> list[int]:
     """``surprise-probe capture`` then ``fit``, in this process (under torchrun: on every rank)."""
-    from surprise_probe.cli import main
+    from surprise_probe.app.cli import main
 
     common = ["--no-progress"]
     return [
@@ -303,7 +303,7 @@ def test_rank_and_split_follow_torchrun_variables(monkeypatch):
 
 
 def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
-    from surprise_probe.devices import resolve_device
+    from surprise_probe.core.models.devices import resolve_device
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

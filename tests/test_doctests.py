@@ -15,21 +15,23 @@ import pytest
 import surprise_probe.interventions
 import surprise_probe.probes
 
-# The subpackages live outside surprise_probe/ on disk (package-dir mapping), so walk each one.
+# probes/ and interventions/ live outside surprise_probe/ on disk (package-dir mapping), so walk
+# each one, sub-packages included.
 PACKAGES = (surprise_probe, surprise_probe.probes, surprise_probe.interventions)
 MODULES = sorted(
     {package.__name__ for package in PACKAGES}
     | {
         info.name
         for package in PACKAGES
-        for info in pkgutil.iter_modules(package.__path__, prefix=package.__name__ + ".")
+        for info in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + ".")
         if not info.name.endswith("__main__")
     }
 )
 
 
 def test_every_module_is_found():
-    assert {"surprise_probe.probes.ridge", "surprise_probe.interventions.hooks"} <= set(MODULES)
+    assert {"surprise_probe.probes.ridge", "surprise_probe.core.forward.edits",
+            "surprise_probe.app.commands.fit", "surprise_probe.analyses.policy.gap"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

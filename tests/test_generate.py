@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import surprise_probe as sp
-from surprise_probe.generate import generate_to_jsonl, sample_responses
+from surprise_probe.core.forward.responses import generate_to_jsonl, sample_responses
 
 PROMPTS = ["Hello world, how are you?", "Tell me about the quick brown fox and the lazy dog."]
 

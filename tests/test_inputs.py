@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from surprise_probe.inputs import encode, encode_all, pad_batch
-from surprise_probe.io import read_inputs
+from surprise_probe.core.text.encoding import encode, encode_all, pad_batch
+from surprise_probe.core.text.files import read_inputs
 
 
 def test_empty_text_is_an_error(tiny_hooked):
@@ -83,7 +83,7 @@ def test_read_jsonl_and_malformed_line(tmp_path):
 
 
 def test_builtin_data_loads():
-    from surprise_probe.io import builtin_items, builtin_prompts
+    from surprise_probe.core.text.files import builtin_items, builtin_prompts
 
     items, prompts = builtin_items(), builtin_prompts()
     assert len(items) >= 50 and all(item["messages"][-1]["role"] == "assistant" for item in items)

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from surprise_probe.cli import main
-from surprise_probe.intention import (
+from surprise_probe.analyses.intention.analysis import (
     IntentionConfig,
     IntentionPrompt,
     analyze_intention,
     read_intention_prompts,
     topic_entropy,
 )
-from surprise_probe.sampling import chat_prompt_ids
+from surprise_probe.analyses.intention.topics import validate_lexicon
+from surprise_probe.app.cli import main
+from surprise_probe.core.forward.sampling import chat_prompt_ids
 from surprise_probe.testing import tiny_hooked_transformer
-from surprise_probe.topics import validate_lexicon
 
 TOPICS = ["fox", "cat", "dog", "moon", "sea", "sky"]
 LEXICON = validate_lexicon({t: [t] for t in TOPICS})
@@ -201,7 +201,7 @@ def test_config_rejects_bad_values(bad, message):
 
 
 def test_nested_bootstrap_against_hand_cases():
-    from surprise_probe.stats import bootstrap_nested
+    from surprise_probe.core.utils.stats import bootstrap_nested
 
     def mean(draws):
         return draws.mean(-1)
@@ -216,8 +216,8 @@ def test_nested_bootstrap_against_hand_cases():
 
 
 def test_nested_bootstrap_interval_covers_a_plug_in_entropy():
-    from surprise_probe.intention import topic_entropy
-    from surprise_probe.stats import bootstrap_nested
+    from surprise_probe.analyses.intention.analysis import topic_entropy
+    from surprise_probe.core.utils.stats import bootstrap_nested
 
     def entropy(draws):
         return np.array([topic_entropy([str(v) for v in row]) for row in draws])
@@ -240,7 +240,7 @@ def test_nested_bootstrap_interval_covers_a_plug_in_entropy():
     (["--models", "smollm2-135m-instruct", "--level", "2"], "--level"),
 ])
 def test_cli_bad_arguments_exit_2_before_loading_a_model(argv, message, tmp_path, capsys, monkeypatch):
-    import surprise_probe.intention as intention
+    import surprise_probe.analyses.intention.analysis as intention
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
@@ -335,8 +335,8 @@ class _WordModel:
 
 
 def test_prefill_names_the_other_topic_and_uses_a_stem_only_when_the_name_is_not_a_match():
-    from surprise_probe.intention import _prefill_pair
-    from surprise_probe.topics import Labeller
+    from surprise_probe.analyses.intention.analysis import _prefill_pair
+    from surprise_probe.analyses.intention.topics import Labeller
 
     lexicon = validate_lexicon({"apple": ["apple"], "city_1": ["paris", "rome"], "cherry": ["cherr"]})
     prompt = IntentionPrompt("x", "x", "Pick one.", lexicon)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from surprise_probe import probes
-from surprise_probe.cli import main
-from surprise_probe.commands import _common
-from surprise_probe.io import read_pairs
-from surprise_probe.models import model_id
+from surprise_probe.app.cli import main
+from surprise_probe.app.commands import _common
+from surprise_probe.core.models.loading import model_id
+from surprise_probe.core.text.files import read_pairs
 from tests.conftest import CONVERSATION, TEXTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,9 +16,9 @@ from surprise_probe.interventions import (
     run_sweep,
 )
 
-from surprise_probe.inputs import encode_all
-from surprise_probe.models import model_id
-from surprise_probe.stats import slope, zscore
+from surprise_probe.core.models.loading import model_id
+from surprise_probe.core.text.encoding import encode_all
+from surprise_probe.core.utils.stats import slope, zscore
 from tests.conftest import CONVERSATION, TEXTS, random_steering
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,8 +74,8 @@ def test_sweep_matches_a_direct_computation(tiny_model):
     """Reference: steer one sequence by hand and compute entropy and KL over its scored span."""
     from surprise_probe.interventions import Steer
 
-    from surprise_probe.inputs import pad_batch, pad_id
-    from surprise_probe.metrics import output_entropy
+    from surprise_probe.core.forward.metrics import output_entropy
+    from surprise_probe.core.text.encoding import pad_batch, pad_id
 
     direction = _steering(tiny_model)
     encoded = encode_all(tiny_model, [CONVERSATION])

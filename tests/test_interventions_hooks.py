@@ -6,7 +6,7 @@ import pytest
 import torch
 from surprise_probe.interventions import Ablate, Clamp, Patch, Steer, apply_all, resid_hooks
 
-from surprise_probe.inputs import encode_all, pad_batch, pad_id
+from surprise_probe.core.text.encoding import encode_all, pad_batch, pad_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from surprise_probe.interventions import (
     generate,
 )
 
-from surprise_probe.inputs import encode
+from surprise_probe.core.text.encoding import encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from surprise_probe.metrics import (
+from surprise_probe.core.forward.metrics import (
     bootstrap_mean,
     input_surprise,
     output_entropy,

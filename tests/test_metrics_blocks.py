@@ -4,7 +4,7 @@ blocks must give the float64 reference, -inf logits (probability exactly 0) incl
 import pytest
 import torch
 
-import surprise_probe.metrics as metrics
+import surprise_probe.core.forward.metrics as metrics
 
 
 def _reference(logits, tokens):

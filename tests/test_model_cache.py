@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import surprise_probe as sp
-from surprise_probe import devices, models
-from surprise_probe.basis import model_fingerprint
+from surprise_probe.core.models import devices
+from surprise_probe.core.models import loading as models
+from surprise_probe.core.models.basis import model_fingerprint
 
 NAME = "smollm2-135m-instruct"
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import surprise_probe as sp
-from surprise_probe.models import available_models
+from surprise_probe.core.models.loading import available_models
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_available_models_lists_embedded():
 
 def test_embedded_cache_is_written_atomically(tmp_path, monkeypatch):
     """A failed first load leaves no folder that looks complete."""
-    from surprise_probe import models
+    from surprise_probe.core.models import loading as models
 
     monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
     spec = models.EMBEDDED_MODELS["smollm2-135m-instruct"]
@@ -77,7 +77,7 @@ def test_embedded_cache_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_capture_cli_on_local_model(tiny_hf_folder, tmp_path, capsys):
-    from surprise_probe.cli import main
+    from surprise_probe.app.cli import main
 
     texts = tmp_path / "in.txt"
     texts.write_text("The quick brown fox.\nHello world, how are you?\n")
@@ -94,7 +94,7 @@ def test_capture_cli_on_local_model(tiny_hf_folder, tmp_path, capsys):
 
 def test_old_cache_marker_is_rebuilt(tmp_path, monkeypatch):
     """A cache written before the tokenizer check (plain-text marker) does not count as complete."""
-    from surprise_probe import models
+    from surprise_probe.core.models import loading as models
 
     monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
     folder = tmp_path / "models" / "smollm2-135m-instruct"
@@ -158,7 +158,7 @@ def test_block_by_block_processing_is_transformer_lens_bit_for_bit(tmp_path, tin
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
 
-    from surprise_probe.models import _PROCESSING, _hooked_config, _load_processed
+    from surprise_probe.core.models.loading import _PROCESSING, _hooked_config, _load_processed
 
     folder, hf_model = _random_hf_folder(tmp_path, tiny_tokenizer, architecture)
     cfg = _hooked_config(folder, hf_model.config.to_dict(), "cpu", dtype, 1)
@@ -189,7 +189,7 @@ def test_block_by_block_processing_leaves_unfoldable_configs_to_transformer_lens
     from transformer_lens import HookedTransformer
     from transformer_lens.weight_processing import ProcessWeights
 
-    from surprise_probe.models import _hooked_config, _load_processed
+    from surprise_probe.core.models.loading import _hooked_config, _load_processed
 
     folder, hf_model = _random_hf_folder(tmp_path, tiny_tokenizer, "Llama")
     cfg = _hooked_config(folder, hf_model.config.to_dict(), "cpu", torch.float32, 1)

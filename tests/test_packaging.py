@@ -77,5 +77,5 @@ def test_the_console_script_points_at_a_module_in_the_wheel(wheel, wheel_names):
         entry_points = next(n for n in wheel_names if n.endswith("entry_points.txt"))
         lines = archive.read(entry_points).decode().splitlines()
     target = next(line.split("=", 1)[1].strip() for line in lines if line.startswith("surprise-probe"))
-    assert target == "surprise_probe.cli:main"
+    assert target == "surprise_probe.app.cli:main"
     assert target.split(":")[0].replace(".", "/") + ".py" in wheel_names

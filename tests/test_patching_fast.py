@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from surprise_probe.interventions import activation_patching
-from surprise_probe.interventions.directions import random_directions
-from surprise_probe.interventions.hooks import Patch, apply_all
 from surprise_probe.interventions.patching import align_positions, patched_entropies
 
-from surprise_probe.inputs import encode
+from surprise_probe.core.forward.directions import random_directions
+from surprise_probe.core.forward.edits import Patch, apply_all
+from surprise_probe.core.text.encoding import encode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

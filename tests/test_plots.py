@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 import surprise_probe as sp
-from surprise_probe.plots import entropy_by_position, token_view, write_html, write_report
+from surprise_probe.core.utils.plots import (
+    entropy_by_position,
+    token_view,
+    write_html,
+    write_report,
+)
 
 
 def test_token_view_carries_every_metric(tiny_hooked, tmp_path):

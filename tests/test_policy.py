@@ -7,8 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from surprise_probe.cli import main
-from surprise_probe.policy import (
+from surprise_probe.analyses.policy.gap import (
     GapPrompt,
     WriterResponse,
     auroc_with_ci,
@@ -20,7 +19,8 @@ from surprise_probe.policy import (
     summarize,
     text_response_ids,
 )
-from surprise_probe.sampling import chat_prompt_ids, sample
+from surprise_probe.app.cli import main
+from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
 from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,7 +209,7 @@ def test_a_valid_prompt_file_with_answers(tmp_path):
     ],
 )
 def test_bad_arguments_exit_2_before_any_model_loads(tmp_path, tiny_hf_folder, monkeypatch, capsys, argv, message):
-    import surprise_probe.commands.gap as gap_command
+    import surprise_probe.app.commands.gap as gap_command
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
@@ -295,7 +295,7 @@ def test_a_prompt_longer_than_the_context_is_named(tmp_path, tiny_hf_folder, cap
 def test_probe_readout_auroc_for_the_reader_it_was_fitted_on(trained, tmp_path):
     from surprise_probe.probes.direction import ProbeDirection
 
-    from surprise_probe.models import model_id
+    from surprise_probe.core.models.loading import model_id
 
     model, other = trained
     rng = np.random.default_rng(3)

@@ -49,7 +49,7 @@ def test_fit_on_a_capture_folder(capture_dir):
 
 
 def test_cli_fit_writes_table_plot_and_probe(capture_dir, model, tmp_path, tokenizer, capsys):
-    from surprise_probe.cli import main
+    from surprise_probe.app.cli import main
 
     out = tmp_path / "fit"
     code = main(
@@ -93,7 +93,7 @@ def test_cli_fit_writes_table_plot_and_probe(capture_dir, model, tmp_path, token
 
 
 def test_cli_reports_bad_input_clearly(capture_dir, tmp_path, capsys):
-    from surprise_probe.cli import main
+    from surprise_probe.app.cli import main
 
     code = main(
         [

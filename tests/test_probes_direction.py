@@ -12,10 +12,10 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from surprise_probe.probes import ArrayCapture, ProbeDirection, RidgeProbe, fit_sweep
 
-from surprise_probe.basis import model_fingerprint
-from surprise_probe.capture import capture
-from surprise_probe.jsonio import to_json
-from surprise_probe.models import model_id
+from surprise_probe.core.capture.run import capture
+from surprise_probe.core.models.basis import model_fingerprint
+from surprise_probe.core.models.loading import model_id
+from surprise_probe.core.utils.jsonio import to_json
 from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
 
 
@@ -165,7 +165,7 @@ def tiny_probe(one_thread):
 def test_a_probe_records_the_model_basis_and_weights(tiny_probe, tmp_path):
     model, direction = tiny_probe
     loaded = ProbeDirection.load(direction.save(tmp_path / "probe"), model=model)
-    expected = hashlib.sha256()  # reference: hashed here from the parameters, not by surprise_probe.basis
+    expected = hashlib.sha256()  # reference: hashed here from the parameters, not by surprise_probe.core.models.basis
     for name, parameter in sorted(model.named_parameters(), key=lambda item: item[0]):
         tensor = parameter.detach().contiguous()
         expected.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())

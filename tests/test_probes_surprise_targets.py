@@ -93,7 +93,7 @@ def test_target_specs_are_parsed_and_checked():
 def test_cli_fit_with_sources_and_a_residualizing_target_file(tiny_hooked, tmp_path, capsys):
     import json
 
-    from surprise_probe.cli import main
+    from surprise_probe.app.cli import main
 
     texts = [f"{TINY_CORPUS[i % 6]} {TINY_CORPUS[(5 * i + 1) % 6]}" for i in range(12)]
     folder = tmp_path / "capture"

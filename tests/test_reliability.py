@@ -16,7 +16,7 @@ import pytest
 from surprise_probe.probes import ProbeDirection
 
 import surprise_probe as sp
-from surprise_probe.outputs import FolderLocked, claim_output, folder_lock
+from surprise_probe.core.utils.outputs import FolderLocked, claim_output, folder_lock
 from tests.conftest import TEXTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from surprise_probe.jsonio import read_json, write_json
-from surprise_probe.report import (
+from surprise_probe.app.study import report_sections
+from surprise_probe.core.utils.jsonio import read_json, write_json
+from surprise_probe.report.html import (
     Number,
     ReportHeader,
     StageSection,
@@ -40,7 +41,7 @@ TINY_SETTINGS = {"model": "tiny-random-3l", "input": "12 tiny conversations", "n
 
 def build_tiny_study(out: Path) -> Path:
     """The whole study (every default stage, report included) on a random 3-layer model (about 15 s)."""
-    from surprise_probe.study import run_study
+    from surprise_probe.app.study import run_study
     from surprise_probe.testing import tiny_hooked_transformer
 
     warnings.simplefilter("ignore")
@@ -63,7 +64,7 @@ def tiny_study(tmp_path_factory, one_thread) -> Path:
 
 
 def test_report_is_one_self_contained_page(tiny_study):
-    path = write_study_report(tiny_study)
+    path = write_study_report(tiny_study, sections=report_sections())
     html = path.read_text(encoding="utf-8")
     assert path == tiny_study / "report.html"
     assert html.count("Plotly.newPlot") >= 6  # capture, 2 sweeps, dose-response, ablation, patching, scatter
@@ -84,7 +85,7 @@ def test_report_is_one_self_contained_page(tiny_study):
 
 
 def test_numbers_carry_ci_control_and_sample(tiny_study):
-    sections = {s.key: s for s in study_sections(tiny_study)}
+    sections = {s.key: s for s in study_sections(tiny_study, report_sections())}
     sweep = read_json(tiny_study / "fit_surprise" / "sweep.json")
     best = next(row for row in sweep["hooks"] if row["hook"] == sweep["best_hook"])
     first = sections["fit_surprise"].numbers[0]
@@ -112,10 +113,10 @@ def test_numbers_carry_ci_control_and_sample(tiny_study):
 def test_a_stage_recorded_done_without_results_is_named(tmp_path):
     write_json(tmp_path / "study.json", {"settings": {"model": "m"}, "stages": {
         "capture": {"status": "done", "seconds": 1}, "steer": {"status": "skipped", "error": "needs fit_surprise"}}})
-    sections = {s.key: s for s in study_sections(tmp_path)}
+    sections = {s.key: s for s in study_sections(tmp_path, report_sections())}
     assert sections["capture"].status == "missing" and "has no results" in sections["capture"].error
     assert sections["steer"].status == "skipped" and sections["steer"].error == "needs fit_surprise"
-    html = write_study_report(tmp_path).read_text(encoding="utf-8")
+    html = write_study_report(tmp_path, sections=report_sections()).read_text(encoding="utf-8")
     assert "0 of 2 ok" in html
 
 
@@ -130,7 +131,7 @@ def test_hook_sections_for_analyses_without_an_adapter(tmp_path):
                                                   n="32 prompts")])
 
     write_json(tmp_path / "study.json", {"settings": {"model": "m"}, "stages": {"gap": {"status": "done", "seconds": 3}}})
-    html = write_study_report(tmp_path, extra={"gap": GapLike()}).read_text(encoding="utf-8")
+    html = write_study_report(tmp_path, sections=report_sections(), extra={"gap": GapLike()}).read_text(encoding="utf-8")
     assert "off/on entropy ratio" in html and "[1.400, 2.100]" in html and "base model 1.02" in html
     assert "1 of 1 ok" in html
 
@@ -172,8 +173,8 @@ def test_token_view_steering_matches_an_independent_hook(tiny_hooked, one_thread
     """The +/- strength entropy change equals adding strength * std * d by hand."""
     from surprise_probe.interventions import SteeringDirection
 
-    from surprise_probe.metrics import output_entropy
-    from surprise_probe.token_view import token_view_data
+    from surprise_probe.analyses.token_view import token_view_data
+    from surprise_probe.core.forward.metrics import output_entropy
 
     d = torch.zeros(64)
     d[3] = 1.0
@@ -198,7 +199,7 @@ def test_token_view_steering_matches_an_independent_hook(tiny_hooked, one_thread
 def test_token_view_refuses_bad_values(tiny_hooked):
     from surprise_probe.interventions import SteeringDirection
 
-    from surprise_probe.token_view import token_view_data, token_view_html
+    from surprise_probe.analyses.token_view import token_view_data, token_view_html
 
     direction = SteeringDirection(torch.ones(64), "blocks.0.hook_resid_post", std=1.0)
     with pytest.raises(ValueError, match="strength must be a positive finite number"):
@@ -247,7 +248,7 @@ def test_patching_heatmap_prints_the_ci_and_labels_layers_once(tiny_study):
 
 def test_sweep_controls_have_distinct_colours_and_matching_dashes(tiny_study):
     """Token identity (purple, long dash) and shuffled labels (grey, dash): bands and lines apart."""
-    from surprise_probe.report import fit_figure
+    from surprise_probe.report.html import fit_figure
 
     fig = fit_figure(read_json(tiny_study / "fit_surprise" / "sweep.json"))
     traces = {t.name: t for t in fig.data if t.name}

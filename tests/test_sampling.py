@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from surprise_probe.sampling import (
+from surprise_probe.core.forward.sampling import (
     _next_tokens,
     chat_prompt_ids,
     end_of_turn_ids,
@@ -137,7 +137,7 @@ def test_prompt_formats_and_bad_arguments(tiny_hooked):
 @pytest.mark.parametrize("steer", ["response", "all"])
 def test_steered_generation_with_the_cache_equals_steering_full_forwards(tiny_model, steer):
     from surprise_probe.interventions import Steer, apply_all, generate
-    from surprise_probe.interventions.generation import prompt_ids
+    from surprise_probe.interventions.steered_generation import prompt_ids
 
     direction = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(5))
     steering = Steer(hooks="blocks.0.hook_resid_post", direction=direction, strength=30.0)
@@ -172,7 +172,7 @@ def test_decoding_layout_removes_weight_copies_and_changes_nothing_else(tiny_tok
 
     import einops
 
-    import surprise_probe.sampling as sampling
+    import surprise_probe.core.forward.sampling as sampling
 
     model = _gated_gqa_model(tiny_tokenizer)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -199,8 +199,8 @@ def test_decoding_layout_removes_weight_copies_and_changes_nothing_else(tiny_tok
 def test_fused_attention_samples_what_the_models_attention_samples(tiny_hooked, monkeypatch):
     """The sampler's fused attention (left-padded batches, a key-value cache) draws the same ids
     as TransformerLens' own attention, and a hook the caller puts on the attention still fires."""
-    from surprise_probe import sampling
-    from surprise_probe.attention import fused_attention
+    from surprise_probe.core.forward import sampling
+    from surprise_probe.core.forward.attention import fused_attention
 
     with fused_attention(tiny_hooked, range(tiny_hooked.cfg.n_layers)) as fusable:
         assert fusable  # so the comparison below is fused against TransformerLens' attention

@@ -1,4 +1,4 @@
-"""The one bootstrap (surprise_probe.stats) against independent references: a brute-force loop
+"""The one bootstrap (surprise_probe.core.utils.stats) against independent references: a brute-force loop
 over resampled sequences' tokens, and scipy.stats.bootstrap called directly."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import scipy.stats
 from surprise_probe.probes.scoring import SequenceBootstrap
 
 import surprise_probe as sp
-from surprise_probe import stats
+from surprise_probe.core.utils import stats
 
 
 def _tokens(seed=0, n_seq=25):

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from surprise_probe import study as study_module
-from surprise_probe.cli import main
-from surprise_probe.commands import _common
-from surprise_probe.jsonio import read_json
+from surprise_probe.app import study as study_module
+from surprise_probe.app.cli import main
+from surprise_probe.app.commands import _common
+from surprise_probe.app.study import runner as study_runner
+from surprise_probe.core.utils.jsonio import read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,7 +141,7 @@ def test_a_failing_stage_is_recorded_and_the_others_run(long_context_folder, tmp
         raise RuntimeError("entropy probe exploded")
 
     stages[2].run = broken  # fit_entropy
-    monkeypatch.setattr(study_module, "default_stages", lambda: stages)
+    monkeypatch.setattr(study_runner, "default_stages", lambda: stages)  # where run_study looks it up
     out = tmp_path / "s"
     assert main(_argv(long_context_folder, _inputs(tmp_path), out)) == 1
     err = capsys.readouterr().err.strip().splitlines()

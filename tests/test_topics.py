@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from surprise_probe.topics import (
+from surprise_probe.analyses.intention.topics import (
     AMBIGUOUS,
     OTHER,
     label_topic,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from surprise_probe import metrics, stats
+from surprise_probe.core.forward import metrics
+from surprise_probe.core.utils import stats
 
 
 def test_shape_annotations_are_checked_in_the_suite():

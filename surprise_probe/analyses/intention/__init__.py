@@ -1,0 +1,1 @@
+"""The cached-intention analyzer: topic lexicons and labels, commitment curves, readouts, the prefill test."""

@@ -1,0 +1,226 @@
+"""Figures of the on/off-policy entropy gap (:mod:`surprise_probe.analyses.policy.gap`). Each returns a ``go.Figure``.
+
+- :func:`gap_ratios`: the off/on ratio of mean entropy per reader, source and format, with CIs
+  (1 = no gap; the paper's post-trained readers show 3-4x);
+- :func:`reader_writer_heatmap`: mean entropy of each reader (rows) reading each writer (columns);
+  the diagonal is the on-policy read;
+- :func:`entropy_distributions`: per-response mean entropy per source (one box per source);
+- :func:`entropy_by_position`: mean entropy at each response position per source, with CI bands;
+- :func:`roc_curves`: telling own from off-policy responses by mean entropy alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from sklearn.metrics import roc_curve
+
+__all__ = ["gap_ratios", "reader_writer_heatmap", "entropy_distributions", "entropy_by_position", "roc_curves",
+           "all_figures"]
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def _readers(result) -> list[str]:
+    return [m["name"] for m in result.models]
+
+
+def _formats(result) -> list[str]:
+    seen = []
+    for m in result.models:
+        seen += [f for f in m["formats_read"] if f not in seen]
+    return seen
+
+
+def _sources(result) -> list[str]:
+    order = {"own": 0, "own_other_prompt": 1, "human": 3}
+    sources = {c["source"] for c in result.summary["cells"]}
+    return sorted(sources, key=lambda s: (order.get(s, 2), s))
+
+
+def _color(source: str, sources: list[str]) -> str:
+    return _COLORS[sources.index(source) % len(_COLORS)]
+
+
+def gap_ratios(result) -> go.Figure:
+    """Off/on ratio with its CI per (reader, format), one marker colour per off-policy source."""
+    fig = go.Figure()
+    sources = _sources(result)
+    k = result.config["k"]
+    for source in [s for s in sources if s != "own"]:
+        rows = [r for r in result.summary["comparisons"] if r["source"] == source and r["span"].get("n_prompts")]
+        if not rows:
+            continue
+        labels = [f"{r['reader']} | {r['format']}" for r in rows]
+        ratio = [r["span"]["ratio_off_on"] for r in rows]
+        n = [r["span"]["n_prompts"] for r in rows]
+        first = [r[f"first_{k}"].get("ratio_off_on", {}).get("value") for r in rows]
+        fig.add_trace(go.Scatter(
+            x=[q["value"] for q in ratio], y=labels, mode="markers", name=source,
+            marker={"color": _color(source, sources), "size": 10},
+            error_x={"type": "data", "symmetric": False,
+                     "array": [q["high"] - q["value"] for q in ratio],
+                     "arrayminus": [q["value"] - q["low"] for q in ratio]},
+            customdata=np.stack([n, first], 1),
+            hovertemplate="%{y}<br>off/on %{x:.3f}<br>n=%{customdata[0]} prompts<br>"
+                          f"first {k} tokens: " + "%{customdata[1]:.3f}<extra>" + source + "</extra>",
+        ))
+    fig.add_vline(x=1.0, line_dash="dash", line_color="grey")
+    fig.update_layout(title="off-policy / on-policy mean output entropy (95% CI over prompts; 1 = no gap)",
+                      xaxis_title="ratio of mean entropy, off / on", height=300 + 30 * len(fig.data[0].y if fig.data else []))
+    return fig
+
+
+def reader_writer_heatmap(result) -> go.Figure:
+    """Reader x writer mean entropy, one panel per format; hover shows the CI and prompt count."""
+    formats = _formats(result)
+    fig = make_subplots(rows=1, cols=len(formats), subplot_titles=[f"format: {f}" for f in formats])
+    for col, fmt in enumerate(formats, start=1):
+        table = result.summary["matrix"].get(fmt, {})
+        readers = [r for r in _readers(result) if r in table]
+        writers = [m["name"] for m in result.models] + (["human"] if any("human" in v for v in table.values()) else [])
+        z, text = [], []
+        for reader in readers:
+            row_z, row_t = [], []
+            for writer in writers:
+                cell = table[reader].get(writer)
+                row_z.append(None if cell is None else cell["mean"])
+                row_t.append("" if cell is None else
+                             f"{cell['mean']:.2f}<br>[{cell['low']:.2f}, {cell['high']:.2f}]<br>n={cell['n_prompts']}")
+            z.append(row_z)
+            text.append(row_t)
+        fig.add_trace(go.Heatmap(z=z, x=[f"writer: {w}" for w in writers], y=[f"reader: {r}" for r in readers],
+                                 text=text, texttemplate="%{text}", colorscale="Viridis",
+                                 colorbar={"title": "nats"}, showscale=col == len(formats)),
+                      row=1, col=col)
+    fig.update_layout(title="mean output entropy over the response (reader x writer; diagonal = on-policy)",
+                      height=420)
+    return fig
+
+
+def entropy_distributions(result) -> go.Figure:
+    """Per-response mean entropy per source: one box per source, rows = format, columns = reader."""
+    readers, formats, sources = _readers(result), _formats(result), _sources(result)
+    fig = make_subplots(rows=len(formats), cols=len(readers), shared_yaxes=True,
+                        subplot_titles=[f"{r} reads ({f})" for f in formats for r in readers])
+    rows = result.to_dict()["per_response"]
+    for i, fmt in enumerate(formats, start=1):
+        for j, reader in enumerate(readers, start=1):
+            for source in sources:
+                values = [r["mean_entropy"] for r in rows if r["reader"] == reader and r["format"] == fmt
+                          and r["source"] == source and r["mean_entropy"] is not None]
+                if values:
+                    fig.add_trace(go.Box(y=values, name=source, marker_color=_color(source, sources),
+                                         boxpoints="all", jitter=0.4, pointpos=0, showlegend=False),
+                                  row=i, col=j)
+    fig.update_yaxes(title_text="mean entropy per response (nats)", col=1)
+    fig.update_layout(title="per-response mean output entropy by source", height=320 * len(formats) + 80)
+    return fig
+
+
+def entropy_by_position(result) -> go.Figure:
+    """Mean entropy at each response position (95% CI band over prompts), rows = format, columns = reader."""
+    readers, formats, sources = _readers(result), _formats(result), _sources(result)
+    fig = make_subplots(rows=len(formats), cols=len(readers), shared_yaxes=True,
+                        subplot_titles=[f"{r} reads ({f})" for f in formats for r in readers])
+    shown = set()
+    for curve in result.summary["curves"]:
+        if curve["reader"] not in readers or curve["format"] not in formats:
+            continue
+        i, j = formats.index(curve["format"]) + 1, readers.index(curve["reader"]) + 1
+        n = np.asarray(curve["n_tokens"])
+        keep = n > 0
+        x = np.flatnonzero(keep)
+        mean, low, high = (np.asarray(curve[key], np.float64)[keep] for key in ("mean", "low", "high"))
+        color = _color(curve["source"], sources)
+        fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([high, low[::-1]]),
+                                 fill="toself", mode="lines", fillcolor=color, opacity=0.15, line={"width": 0},
+                                 hoverinfo="skip", showlegend=False), row=i, col=j)
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=curve["source"], line={"color": color},
+                                 legendgroup=curve["source"], showlegend=curve["source"] not in shown,
+                                 customdata=n[keep], hovertemplate="position %{x}<br>%{y:.3f} nats<br>n=%{customdata}"),
+                      row=i, col=j)
+        shown.add(curve["source"])
+    fig.update_xaxes(title_text="response token position")
+    fig.update_yaxes(title_text="mean entropy (nats)", col=1)
+    fig.update_layout(title="output entropy by position in the response", height=320 * len(formats) + 80)
+    return fig
+
+
+def roc_curves(result) -> go.Figure:
+    """ROC of telling own (positive) from each off-policy source by lower mean entropy."""
+    readers, formats, sources = _readers(result), _formats(result), _sources(result)
+    fig = make_subplots(rows=len(formats), cols=len(readers),
+                        subplot_titles=[f"{r} ({f})" for f in formats for r in readers])
+    rows = result.to_dict()["per_response"]
+    shown = set()
+    for i, fmt in enumerate(formats, start=1):
+        for j, reader in enumerate(readers, start=1):
+            def scores(source, reader=reader, fmt=fmt):
+                return [-r["mean_entropy"] for r in rows if r["reader"] == reader and r["format"] == fmt
+                        and r["source"] == source and r["mean_entropy"] is not None]
+
+            own = scores("own")
+            for row in result.summary["comparisons"]:
+                if row["reader"] != reader or row["format"] != fmt:
+                    continue
+                off = scores(row["source"])
+                if not own or not off:
+                    continue
+                fpr, tpr, _ = roc_curve([1] * len(own) + [0] * len(off), own + off)
+                auc = row["auroc_entropy"]
+                fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=row["source"],
+                                         line={"color": _color(row["source"], sources)},
+                                         legendgroup=row["source"], showlegend=row["source"] not in shown,
+                                         hovertemplate=f"{row['source']}: AUROC {auc['auroc']:.2f} "
+                                                       f"[{auc['low']:.2f}, {auc['high']:.2f}]<extra></extra>"),
+                              row=i, col=j)
+                shown.add(row["source"])
+            fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
+                                     showlegend=False, hoverinfo="skip"), row=i, col=j)
+    fig.update_xaxes(title_text="false positive rate")
+    fig.update_yaxes(title_text="true positive rate", col=1)
+    fig.update_layout(title="own vs off-policy by mean entropy alone (hover: AUROC with DeLong 95% CI)",
+                      height=320 * len(formats) + 80)
+    return fig
+
+
+CAPTIONS = {
+    "gap_ratios": (
+        "Off/on ratio of mean entropy",
+        "Each marker: a reader's mean output entropy over the response when it reads another source, divided by "
+        "its mean entropy on its own sampled responses (95% paired bootstrap CI over prompts). Right of the dashed "
+        "line = the reader is more uncertain on others' text. Compare a post-trained reader with a base reader, "
+        "and the formats (the plain format is the formatting control).",
+    ),
+    "reader_writer_heatmap": (
+        "Reader x writer matrix",
+        "Rows read, columns wrote; the diagonal is the on-policy read. A post-trained model's row should be "
+        "darkest on its own column. Cells give the mean over prompts, its 95% CI and the number of prompts.",
+    ),
+    "entropy_distributions": (
+        "Per-response mean entropy by source",
+        "One point per response. Overlap between the own box and the others is what limits the AUROC.",
+    ),
+    "entropy_by_position": (
+        "Entropy by response position",
+        "Mean entropy at each position of the response (bands: 95% CI over prompts; hover for the token count). "
+        "Compare sources at the same position: entropy changes with position and responses differ in length.",
+    ),
+    "roc_curves": (
+        "Telling own from off-policy text by entropy alone",
+        "Positives: the reader's own responses; score: minus the mean entropy. The diagonal is chance; hover "
+        "for the AUROC with its DeLong 95% CI.",
+    ),
+}
+
+
+def all_figures(result) -> dict[str, go.Figure]:
+    return {
+        "gap_ratios": gap_ratios(result),
+        "reader_writer_heatmap": reader_writer_heatmap(result),
+        "entropy_distributions": entropy_distributions(result),
+        "entropy_by_position": entropy_by_position(result),
+        "roc_curves": roc_curves(result),
+    }

@@ -1,0 +1,1 @@
+"""Capture over many inputs: activations plus per-token metrics, streamed to a resumable on-disk store."""

@@ -1,0 +1,400 @@
+"""The capture format, in memory and on disk, and its lazy reader.
+
+A capture is a list of shards; each shard holds whole sequences, flattened to their real
+(non-padding) tokens. On disk (see docs/capture.md)::
+
+    run.json            identity of the run, written first (used to refuse or resume)
+    shards/000000/      one folder per shard, written under shards/.tmp-000000 then renamed
+        token_ids.npy sequence_ids.npy positions.npy input_surprise.npy output_entropy.npy
+        scored.npy <hook>.npy ... shard.json
+    manifest.json       written last and atomically; its presence means the run is complete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from jaxtyping import Bool, Float, Int
+
+from surprise_probe.core.utils.jsonio import read_json, write_json
+
+__all__ = [
+    "CaptureShard",
+    "Capture",
+    "load_capture",
+    "write_shard",
+    "ShardWriter",
+    "verify_capture",
+    "COLUMNS",
+]
+
+FORMAT_VERSION = 1
+COLUMNS = ("token_ids", "sequence_ids", "positions", "input_surprise", "output_entropy", "scored")
+_COLUMN_DTYPES = {
+    "token_ids": np.int64,
+    "sequence_ids": np.int64,
+    "positions": np.int64,
+    "input_surprise": np.float32,
+    "output_entropy": np.float32,
+    "scored": np.bool_,
+}
+
+
+@dataclass
+class CaptureShard:
+    """Whole sequences, real tokens only. Activations load per hook on demand."""
+
+    index: int
+    token_ids: Int[np.ndarray, " n"]
+    sequence_ids: Int[np.ndarray, " n"]
+    positions: Int[np.ndarray, " n"]
+    input_surprise: Float[np.ndarray, " n"]
+    output_entropy: Float[np.ndarray, " n"]
+    scored: Bool[np.ndarray, " n"]
+    hooks: tuple[str, ...]
+    folder: Path | None = None
+    _activations: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def activations(self, hook: str) -> Float[np.ndarray, "n d_model"]:
+        """Activations at ``hook`` for every token of the shard (memory-mapped from disk)."""
+        if hook not in self.hooks:
+            raise KeyError(f"hook {hook!r} was not captured; captured hooks: {list(self.hooks)}")
+        if hook in self._activations:
+            return self._activations[hook]
+        assert self.folder is not None
+        return _load_npy(self.folder / f"{hook}.npy", mmap_mode="r")
+
+    def column(self, name: str) -> np.ndarray:
+        if name not in COLUMNS:
+            raise KeyError(f"unknown column {name!r}; columns: {list(COLUMNS)}")
+        return getattr(self, name)
+
+    @property
+    def n_sequences(self) -> int:
+        return len(np.unique(self.sequence_ids))
+
+
+class Capture:
+    """Result of :func:`surprise_probe.core.capture.run`, in memory or read lazily from a folder.
+
+    >>> run = load_capture("runs/capture")       # doctest: +SKIP
+    >>> for shard in run.shards():               # doctest: +SKIP
+    ...     x = shard.activations(run.hooks[-1])[shard.scored]
+    ...     y = shard.input_surprise[shard.scored]
+    """
+
+    def __init__(self, manifest: dict, shards: list[CaptureShard] | None = None, path: Path | None = None):
+        self.manifest = manifest
+        self.path = path
+        self._shards = shards
+
+    # identity --------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["n_layers"])
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.manifest["n_sequences"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards) if self._shards is not None else len(self.manifest["shards"])
+
+    def __repr__(self) -> str:
+        where = f" at {self.path}" if self.path else " (in memory)"
+        return (
+            f"Capture({self.model_id!r}, {self.n_sequences} sequences, {self.n_tokens} tokens, "
+            f"{len(self.hooks)} hooks, {self.n_shards} shards{where})"
+        )
+
+    # data ------------------------------------------------------------------------------------
+    def shards(self) -> Iterator[CaptureShard]:
+        """Shards in order; on disk, one at a time so memory stays bounded by a shard."""
+        if self._shards is not None:
+            yield from self._shards
+            return
+        assert self.path is not None
+        for entry in self.manifest["shards"]:
+            yield read_shard(self.path / "shards" / entry["name"], self.hooks)
+
+    def column(self, name: str, scored_only: bool = False) -> np.ndarray:
+        """A per-token column (e.g. ``"input_surprise"``) concatenated over shards."""
+        parts = []
+        for shard in self.shards():
+            values = shard.column(name)
+            parts.append(values[shard.scored] if scored_only else values)
+        return np.concatenate(parts)
+
+    def activations(self, hook: str, scored_only: bool = False) -> Float[np.ndarray, "n d_model"]:
+        """All activations at one hook, concatenated (loads only that hook's files)."""
+        if hook not in self.hooks:
+            raise KeyError(f"hook {hook!r} was not captured; captured hooks: {self.hooks}")
+        parts = []
+        for shard in self.shards():
+            values = shard.activations(hook)
+            parts.append(np.asarray(values[shard.scored] if scored_only else values))
+        return np.concatenate(parts)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def write_shard(root: Path, shard: CaptureShard) -> dict:
+    """Write ``shard`` under ``root/shards`` atomically (temp folder, then rename); return its entry."""
+    shards_dir = Path(root) / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    final = shards_dir / shard_name(shard.index)
+    tmp = shards_dir / f".tmp-{shard_name(shard.index)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files, sizes = {}, {}
+    for name in COLUMNS:
+        np.save(tmp / f"{name}.npy", np.ascontiguousarray(shard.column(name), dtype=_COLUMN_DTYPES[name]))
+        files[f"{name}.npy"] = _sha256(tmp / f"{name}.npy")
+    for hook in shard.hooks:
+        np.save(tmp / f"{hook}.npy", np.ascontiguousarray(shard._activations[hook]))
+        files[f"{hook}.npy"] = _sha256(tmp / f"{hook}.npy")
+    for name in files:
+        sizes[name] = (tmp / name).stat().st_size
+    entry = {
+        "name": final.name,
+        "index": shard.index,
+        "n_tokens": len(shard),
+        "n_sequences": shard.n_sequences,
+        "n_scored": int(shard.scored.sum()),
+        "first_sequence": int(shard.sequence_ids.min()),
+        "last_sequence": int(shard.sequence_ids.max()),
+        "files": files,
+        "sizes": sizes,
+    }
+    write_json(tmp / "shard.json", entry)
+    os.replace(tmp, final)
+    return entry
+
+
+class ShardWriter:
+    """Writes one shard as its batches arrive, with the same files and entry as :func:`write_shard`.
+
+    Each hook's ``.npy`` gets its header first (the shape is known from the token count) and then
+    each batch's rows, hashed as they are written: the shard's activations never sit in memory
+    whole, nothing is concatenated, and no file is read back to hash it. ``finish`` checks every
+    row arrived, writes the per-token columns and ``shard.json``, and renames the folder into place
+    (atomic, like ``write_shard``); leaving the ``with`` block without ``finish`` closes the files
+    and leaves only the temp folder, which the next attempt replaces.
+    """
+
+    def __init__(self, root: Path, index: int, hooks: tuple[str, ...] | list[str], n_tokens: int, d_model: int,
+                 dtype) -> None:
+        self.root, self.index, self.hooks = Path(root), index, tuple(hooks)
+        self.n_tokens, self.d_model, self.dtype = int(n_tokens), int(d_model), np.dtype(dtype)
+        shards_dir = self.root / "shards"
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        self.final = shards_dir / shard_name(index)
+        self.tmp = shards_dir / f".tmp-{shard_name(index)}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        self.rows = dict.fromkeys(self.hooks, 0)
+        self.files, self.digests = {}, {}
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": (self.n_tokens, self.d_model),
+        })
+        for hook in self.hooks:
+            handle = open(self.tmp / f"{hook}.npy", "wb")  # noqa: SIM115 - closed in finish/close
+            self.files[hook], self.digests[hook] = handle, hashlib.sha256()
+            self._write(hook, header.getvalue())
+
+    def _write(self, hook: str, data) -> None:
+        self.files[hook].write(data)
+        self.digests[hook].update(data)
+
+    def add(self, hook: str, rows: np.ndarray) -> None:
+        """Append ``rows`` (tokens x d_model, in the shard's dtype) to ``hook``'s file."""
+        if rows.dtype != self.dtype or rows.ndim != 2 or rows.shape[1] != self.d_model:
+            raise ValueError(f"{hook}: expected rows of ({self.d_model},) {self.dtype}, got {rows.shape} {rows.dtype}")
+        if self.rows[hook] + len(rows) > self.n_tokens:
+            raise ValueError(f"{hook}: more than the shard's {self.n_tokens} tokens were written")
+        self._write(hook, memoryview(np.ascontiguousarray(rows)).cast("B"))
+        self.rows[hook] += len(rows)
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def finish(self, columns: dict[str, np.ndarray]) -> dict:
+        """Write the per-token columns and ``shard.json``, rename into place; return the entry."""
+        short = {hook: n for hook, n in self.rows.items() if n != self.n_tokens}
+        if short:
+            raise ValueError(f"shard {self.index} expected {self.n_tokens} tokens per hook, got {short}")
+        self.close()
+        files = {}
+        for name in COLUMNS:
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(columns[name], dtype=_COLUMN_DTYPES[name]))
+            (self.tmp / f"{name}.npy").write_bytes(buffer.getvalue())
+            files[f"{name}.npy"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        for hook in self.hooks:
+            files[f"{hook}.npy"] = self.digests[hook].hexdigest()
+        sizes = {name: (self.tmp / name).stat().st_size for name in files}
+        sequence_ids = np.asarray(columns["sequence_ids"])
+        entry = {
+            "name": self.final.name,
+            "index": self.index,
+            "n_tokens": self.n_tokens,
+            "n_sequences": len(np.unique(sequence_ids)),
+            "n_scored": int(np.asarray(columns["scored"]).sum()),
+            "first_sequence": int(sequence_ids.min()),
+            "last_sequence": int(sequence_ids.max()),
+            "files": files,
+            "sizes": sizes,
+        }
+        write_json(self.tmp / "shard.json", entry)
+        os.replace(self.tmp, self.final)
+        return entry
+
+
+def _load_npy(file: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` with errors that name the file (a damaged capture is a clear error, not a traceback)."""
+    try:
+        return np.load(file, mmap_mode=mmap_mode)
+    except FileNotFoundError:
+        raise ValueError(f"capture file {file} is missing; the capture is damaged (recapture it)") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(
+            f"capture file {file} cannot be read ({error}); the capture is damaged (recapture it)"
+        ) from None
+
+
+def read_shard(folder: Path, hooks: list[str]) -> CaptureShard:
+    if not (folder / "shard.json").exists():
+        raise ValueError(f"capture shard {folder} is missing; the capture is damaged (recapture it)")
+    entry = read_json(folder / "shard.json")
+    columns = {name: _load_npy(folder / f"{name}.npy") for name in COLUMNS}
+    return CaptureShard(index=entry["index"], hooks=tuple(hooks), folder=folder, **columns)
+
+
+def completed_shards(root: Path) -> dict[int, dict]:
+    """Entries of the shards fully written under ``root`` (a renamed folder is complete)."""
+    shards_dir = Path(root) / "shards"
+    if not shards_dir.exists():
+        return {}
+    out = {}
+    for folder in sorted(shards_dir.iterdir()):
+        if folder.name.startswith(".tmp-") or not (folder / "shard.json").exists():
+            continue
+        entry = read_json(folder / "shard.json")
+        out[int(entry["index"])] = entry
+    return out
+
+
+def content_hash(entries: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for entry in sorted(entries, key=lambda e: e["index"]):
+        for name, sha in sorted(entry["files"].items()):
+            digest.update(f"{entry['name']}/{name}:{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def verify_capture(run: Capture, hooks: list[str] | None = None) -> None:
+    """Check a capture folder against its manifest; raise ``ValueError`` naming the first bad file.
+
+    Every shard folder must exist and every file must have its recorded size; the files a reader
+    of ``hooks`` touches (the per-token columns and those hooks' activations; default: all) are
+    re-hashed. Sizes catch truncated or zero-byte files for free; hashes catch changed bytes.
+    """
+    if run.path is None:
+        return
+    wanted = None if hooks is None else {f"{hook}.npy" for hook in hooks} | {f"{c}.npy" for c in COLUMNS}
+    for entry in run.manifest["shards"]:
+        folder = run.path / "shards" / entry["name"]
+        if not folder.is_dir():
+            raise ValueError(f"capture {run.path} is damaged: shard folder {folder} is missing")
+        sizes = entry.get("sizes", {})
+        for name, sha in entry["files"].items():
+            file = folder / name
+            if not file.exists():
+                raise ValueError(f"capture {run.path} is damaged: {file} is missing")
+            size = file.stat().st_size
+            if name in sizes and size != sizes[name]:
+                raise ValueError(
+                    f"capture {run.path} is damaged: {file} has {size} bytes, its manifest says {sizes[name]}"
+                )
+            if size == 0:
+                raise ValueError(f"capture {run.path} is damaged: {file} is empty (0 bytes)")
+            if (wanted is None or name in wanted) and _sha256(file) != sha:
+                raise ValueError(
+                    f"capture {run.path} is damaged: {file} does not match its manifest hash "
+                    "(changed after it was written); recapture it, or pass --no-verify to use it anyway"
+                )
+
+
+def load_capture(path: str | Path, verify: bool = False) -> Capture:
+    """Open a capture folder written by ``capture(..., out_dir=path)``; data loads lazily.
+
+    ``verify=True`` checks every shard's files against the manifest (sizes and hashes,
+    :func:`verify_capture`) and raises ``ValueError`` naming the first damaged file.
+    """
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        if (path / "run.json").exists():
+            done = len(completed_shards(path))
+            raise FileNotFoundError(
+                f"capture at {path} is incomplete ({done} shard(s) written, no manifest.json); "
+                "rerun the same capture command to resume it"
+            )
+        raise FileNotFoundError(f"{path} is not a capture folder (no manifest.json)")
+    manifest = read_json(manifest_path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has capture format {manifest.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    run = Capture(manifest, path=path)
+    if verify:
+        verify_capture(run)
+    return run

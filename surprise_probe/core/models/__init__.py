@@ -1,0 +1,1 @@
+"""Model loading (embedded defaults, local folders, hub cache), the activation basis, devices and data parallelism."""
