@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import surprise_probe as sp
-from surprise_probe.core.models import devices
+from surprise_probe.core.models import devices, hooked
+from surprise_probe.core.models import embedded as embedded_models
 from surprise_probe.core.models import loading as models
 from surprise_probe.core.models.basis import model_fingerprint
 
@@ -27,7 +28,7 @@ def embedded(tmp_path, monkeypatch, tiny_hf_folder):
     monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
     folder = tmp_path / "models" / NAME
     shutil.copytree(tiny_hf_folder, folder)
-    (folder / ".complete").write_text(json.dumps({"cache_format": models.CACHE_FORMAT}) + "\n")
+    (folder / ".complete").write_text(json.dumps({"cache_format": embedded_models.CACHE_FORMAT}) + "\n")
     return folder
 
 
@@ -93,21 +94,21 @@ def test_cached_load_is_bit_identical_to_converting(embedded, monkeypatch, dtype
 
 
 def test_cache_key_follows_what_decides_the_weights(embedded, tmp_path):
-    key = models._hooked_cache_file(embedded, NAME, torch.float32)
+    key = hooked.hooked_cache_file(embedded, NAME, torch.float32)
     assert key.parent == tmp_path / "models"
-    assert models._hooked_cache_file(embedded, NAME, torch.float32) == key
-    assert models._hooked_cache_file(embedded, NAME, torch.bfloat16) != key
+    assert hooked.hooked_cache_file(embedded, NAME, torch.float32) == key
+    assert hooked.hooked_cache_file(embedded, NAME, torch.bfloat16) != key
     config = embedded / "config.json"
     stat = config.stat()
     text = config.read_text()
     assert "true" in text
     config.write_text(text.replace("true", "null", 1))
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and time, other bytes
-    other = models._hooked_cache_file(embedded, NAME, torch.float32)
+    other = hooked.hooked_cache_file(embedded, NAME, torch.float32)
     assert other != key
     weights = next(embedded.glob("*.safetensors"))
     os.utime(weights, ns=(stat.st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
-    assert models._hooked_cache_file(embedded, NAME, torch.float32) != other
+    assert hooked.hooked_cache_file(embedded, NAME, torch.float32) != other
 
 
 def test_a_changed_folder_replaces_its_stale_cache(embedded, monkeypatch):
@@ -140,7 +141,7 @@ def test_cache_of_another_config_is_not_read(embedded, monkeypatch):
     """A file under the right name whose recorded config differs is converted over, silently."""
     sp.load_model(NAME, device="cpu", progress=False)
     [path] = cache_files(embedded)
-    monkeypatch.setattr(models, "_config_signature", lambda cfg: "another config")
+    monkeypatch.setattr(hooked, "_config_signature", lambda cfg: "another config")
     calls = []
     convert = models._convert
     monkeypatch.setattr(models, "_convert", lambda *args: calls.append(1) or convert(*args))

@@ -62,18 +62,18 @@ def test_available_models_lists_embedded():
 
 def test_embedded_cache_is_written_atomically(tmp_path, monkeypatch):
     """A failed first load leaves no folder that looks complete."""
-    from surprise_probe.core.models import loading as models
+    from surprise_probe.core.models import embedded
 
     monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
-    spec = models.EMBEDDED_MODELS["smollm2-135m-instruct"]
+    spec = embedded.EMBEDDED_MODELS["smollm2-135m-instruct"]
     fake_pkg = tmp_path / "pkg"
     fake_pkg.mkdir()
     (fake_pkg / spec.gguf_file).write_bytes(b"not a gguf file")
-    monkeypatch.setattr(models, "_package_folder", lambda _spec: fake_pkg)
+    monkeypatch.setattr(embedded, "_package_folder", lambda _spec: fake_pkg)
     with pytest.raises(ValueError, match="GGUF"):
-        models.embedded_folder("smollm2-135m-instruct", progress=False)
+        embedded.embedded_folder("smollm2-135m-instruct", progress=False)
     leftovers = [p.name for p in (tmp_path / "models").iterdir()]
-    assert leftovers == [] and not models._is_complete(tmp_path / "models" / "smollm2-135m-instruct")
+    assert leftovers == [] and not embedded._is_complete(tmp_path / "models" / "smollm2-135m-instruct")
 
 
 def test_capture_cli_on_local_model(tiny_hf_folder, tmp_path, capsys):
@@ -94,17 +94,17 @@ def test_capture_cli_on_local_model(tiny_hf_folder, tmp_path, capsys):
 
 def test_old_cache_marker_is_rebuilt(tmp_path, monkeypatch):
     """A cache written before the tokenizer check (plain-text marker) does not count as complete."""
-    from surprise_probe.core.models import loading as models
+    from surprise_probe.core.models import embedded
 
     monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
     folder = tmp_path / "models" / "smollm2-135m-instruct"
     folder.mkdir(parents=True)
     (folder / ".complete").write_text("dequantized from SmolLM2-135M-Instruct.Q4_1.gguf in 17.6s\n")
-    assert not models._is_complete(folder)
+    assert not embedded._is_complete(folder)
     (folder / ".complete").write_text('{"cache_format": 1}')
-    assert not models._is_complete(folder)
-    (folder / ".complete").write_text(f'{{"cache_format": {models.CACHE_FORMAT}}}')
-    assert models._is_complete(folder)
+    assert not embedded._is_complete(folder)
+    (folder / ".complete").write_text(f'{{"cache_format": {embedded.CACHE_FORMAT}}}')
+    assert embedded._is_complete(folder)
 
 
 def test_loaded_model_keeps_the_original_tokenizer(tiny_hf_folder):
@@ -158,7 +158,7 @@ def test_block_by_block_processing_is_transformer_lens_bit_for_bit(tmp_path, tin
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
 
-    from surprise_probe.core.models.loading import _PROCESSING, _hooked_config, _load_processed
+    from surprise_probe.core.models.hooked import _PROCESSING, _hooked_config, _load_processed
 
     folder, hf_model = _random_hf_folder(tmp_path, tiny_tokenizer, architecture)
     cfg = _hooked_config(folder, hf_model.config.to_dict(), "cpu", dtype, 1)
@@ -189,7 +189,7 @@ def test_block_by_block_processing_leaves_unfoldable_configs_to_transformer_lens
     from transformer_lens import HookedTransformer
     from transformer_lens.weight_processing import ProcessWeights
 
-    from surprise_probe.core.models.loading import _hooked_config, _load_processed
+    from surprise_probe.core.models.hooked import _hooked_config, _load_processed
 
     folder, hf_model = _random_hf_folder(tmp_path, tiny_tokenizer, "Llama")
     cfg = _hooked_config(folder, hf_model.config.to_dict(), "cpu", torch.float32, 1)

@@ -31,7 +31,7 @@ def gguf_original():
     package: the original, not the toolkit's cache folder (which is what is being checked)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surprise_probe.core.models.loading import EMBEDDED_MODELS, _package_folder
+    from surprise_probe.core.models.embedded import EMBEDDED_MODELS, _package_folder
 
     spec = EMBEDDED_MODELS["smollm2-135m-instruct"]
     folder = _package_folder(spec)
