@@ -25,7 +25,13 @@ from surprise_probe.core.forward.directions import (
     orthogonal_direction,
     random_directions,
 )
-from surprise_probe.core.utils.stats import ratio_with_ci, slope, slope_with_ci, zscore
+from surprise_probe.core.utils.stats import (
+    MIN_RANDOM_DIRECTIONS,
+    ratio_with_ci,
+    slope,
+    slope_with_ci,
+    zscore,
+)
 
 __all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", "control_directions"]
 
@@ -149,7 +155,7 @@ def dose_response(
     probe,
     strengths: Sequence[float],
     *,
-    random_directions: int = 8,
+    random_directions: int = MIN_RANDOM_DIRECTIONS,
     orthogonal: bool = True,
     positions: str = "response",
     batch_size: int = 32,
@@ -225,7 +231,7 @@ def directional_ablation(
     items: Sequence,
     probe,
     *,
-    random_directions: int = 8,
+    random_directions: int = MIN_RANDOM_DIRECTIONS,
     orthogonal: bool = True,
     positions: str = "response",
     batch_size: int = 32,

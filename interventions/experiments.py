@@ -46,7 +46,7 @@ from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.text.encoding import encode_all
 from surprise_probe.core.utils.jsonio import software_versions, write_json
 from surprise_probe.core.utils.plots import write_html
-from surprise_probe.core.utils.stats import small_sample_warnings
+from surprise_probe.core.utils.stats import MIN_RANDOM_DIRECTIONS, small_sample_warnings
 
 __all__ = [
     "SteeringExperiment",
@@ -84,6 +84,7 @@ class SteeringExperiment:
     ablation: Ablation | None
     samples: list[dict]
     config: dict = field(default_factory=dict)
+    probe_caveats: list[str] = field(default_factory=list)  # ProbeDirection.caveats() of the steered probe
 
     def to_dict(self) -> dict:
         return {
@@ -101,9 +102,11 @@ class SteeringExperiment:
         }
 
     def warnings(self) -> list[str]:
-        """Samples too small to trust (random directions behind the z, sequences behind the CIs)."""
+        """Samples too small to trust (random directions behind the z, sequences behind the CIs), and
+        why the probe itself may not be worth steering with (its recorded controls)."""
         n_random = len(self.dose_response.rows("random"))
-        return small_sample_warnings(random_directions=n_random or None, units=self.dose_response.n_sequences)
+        notes = small_sample_warnings(random_directions=n_random or None, units=self.dose_response.n_sequences)
+        return notes + [f"the steered probe at {note}" for note in self.probe_caveats]
 
     def table(self) -> list[dict]:
         """One plain dict per condition x strength: mean entropy, KL from clean, top-1 agreement."""
@@ -143,7 +146,7 @@ def steering_experiment(
     strengths: Sequence[float],
     *,
     probe_path: str | Path | None = None,
-    random_directions: int = 8,
+    random_directions: int = MIN_RANDOM_DIRECTIONS,
     positions: str = "response",
     hook: str | None = None,
     ablation: bool = True,
@@ -184,7 +187,9 @@ def steering_experiment(
                               seed=seed + index)[0]
             rows.append({"input": index, "strength": strength, "seed": sample.seed, "prompt": sample.prompt,
                          "text": sample.text, "token_ids": sample.token_ids})
-    return SteeringExperiment(model_id(model), probe_artifact(probe_path), result, ablated, rows, dict(config or {}))
+    caveats = probe.caveats() if hasattr(probe, "caveats") else []
+    return SteeringExperiment(model_id(model), probe_artifact(probe_path), result, ablated, rows, dict(config or {}),
+                              caveats)
 
 
 @dataclass

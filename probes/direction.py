@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from safetensors.numpy import load_file, save_file
 from surprise_probe.probes.ridge import RidgeProbe
+from surprise_probe.probes.scoring import probe_caveats
 
 from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.edits import Steer
@@ -154,6 +155,10 @@ class ProbeDirection:
         checked = from_probe(model, self, hook=hook)
         return Steer(direction=checked.direction, hooks=checked.hook, strength=strength, scale=checked.std,
                      positions=positions).apply(model)
+
+    def caveats(self) -> list[str]:
+        """Why this probe may not be worth steering with (see :func:`probes.scoring.probe_caveats`)."""
+        return probe_caveats(self.metrics, self.hook)
 
     def check_model(self, model) -> None:
         """Raise unless ``model`` is the model this direction was fitted on.

@@ -27,6 +27,7 @@ from surprise_probe.probes.sweep import fit_sweep
 from surprise_probe.core.capture.store import Capture, verify_capture
 from surprise_probe.core.utils.jsonio import software_versions, write_json
 from surprise_probe.core.utils.plots import write_html
+from surprise_probe.core.utils.stats import permutation_p_text
 
 __all__ = ["ProbeFit", "fit_probes"]
 
@@ -72,9 +73,14 @@ class ProbeFit:
         paths["probe"] = self.sweep.direction().save(folder / "probe")
         payload = self.to_dict()
         payload["best_probe"] = str(folder / "probe")
+        payload["best_probe_caveats"] = self.caveats()
         # Written last: its presence means the fit folder is complete.
         paths["json"] = write_json(folder / "sweep.json", payload)
         return paths
+
+    def caveats(self) -> list[str]:
+        """Why the exported (best) probe may not be worth steering with; empty when it passes."""
+        return self.sweep.direction().caveats()
 
     def summary(self) -> str:
         result = self.sweep
@@ -88,8 +94,11 @@ class ProbeFit:
                  result.controls_markdown()]
         if controls.get("surprise_entropy_r") is not None:
             lines.append(f"Pearson r(input surprise, output entropy): {controls['surprise_entropy_r']}")
-        lines.append(f"best hook: {best.hook} (R^2 {best.r2}, shuffle p {best.shuffle_p:.3f})")
+        n_shuffles = len(best.shuffle_r2)
+        lines.append(f"best hook: {best.hook} (R^2 {best.r2}, shuffle p {permutation_p_text(best.shuffle_p, n_shuffles)})"
+                     f" -> exported as the probe")
         lines += [f"warning: {note}" for note in result.warnings]
+        lines += [f"warning: the exported probe at {note}" for note in self.caveats()]
         for label, scores in sorted(result.by_source.items()):
             at_best = scores.get("hooks", {}).get(best.hook)
             if at_best is not None:

@@ -17,6 +17,13 @@ from surprise_probe.core.utils.jsonio import to_json
 
 __all__ = ["EMBEDDING_HOOK", "HookResult", "SweepResult", "hook_depth", "hook_layer", "layer_label"]
 
+def _p_cell(p: float, n_shuffles: int) -> str:
+    """A table cell for a permutation p: ``<=0.048`` at its floor (no shuffle reached the real R²)."""
+    if n_shuffles and p <= (1.0 / (1 + n_shuffles)) * (1 + 1e-9):
+        return f"<={p:.3f}"
+    return f"{p:.3f}"
+
+
 def _plain(value):
     """Estimates (nested in dicts) as dicts, for JSON."""
     if isinstance(value, Estimate):
@@ -195,7 +202,7 @@ class SweepResult:
                 f"| {r.hook} | {layer_label(r.hook)} | {r.alpha:.3g} | {r.r2} | {r.pearson_r.value:.3f} | "
                 f"{r.residual_r2.value:.3f} | "
                 + "".join(f"{r.beyond_r2[name].value:.3f} | " for name in beyond)
-                + f"{row['shuffle_r2_mean']:.3f} ({r.shuffle_p:.3f}) |"
+                + f"{row['shuffle_r2_mean']:.3f} ({_p_cell(r.shuffle_p, len(r.shuffle_r2))}) |"
             )
         return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 
 from surprise_probe.core.utils.stats import Estimate, bootstrap_sums
 
-__all__ = ["Estimate", "SequenceBootstrap", "r2_from_sums", "pearson_from_sums"]
+__all__ = ["Estimate", "SequenceBootstrap", "r2_from_sums", "pearson_from_sums", "probe_caveats"]
 
 
 def r2_from_sums(n, sum_y, sum_yy, sse):
@@ -93,3 +93,34 @@ class SequenceBootstrap:
         b = np.asarray(b, np.float64) - np.mean(b)
         columns = np.stack([np.ones_like(a), a, a**2, b, b**2, a * b], axis=1)
         return self.estimate(pearson_from_sums, columns)
+
+
+# A probe counts as better than its shuffled-label control when its permutation p is below this.
+SHUFFLE_LEVEL = 0.05
+
+
+def probe_caveats(metrics: dict, hook: str = "the probe") -> list[str]:
+    """Why a fitted probe may not be worth steering with, read from its recorded metrics.
+
+    Rules (each a line when it fails): the held-out R² CI excludes 0; the permutation p against
+    shuffled labels is below 0.05 (with at least 19 shuffles, the smallest count whose floor can
+    reach it); the R² of the target minus its token-type mean (``residual_r2``, the token-identity
+    control) has a CI above 0. ``metrics`` is ``ProbeDirection.metrics`` (or the same keys).
+
+    >>> probe_caveats({"r2": {"value": 0.07, "low": -0.004, "high": 0.13}, "shuffle_p": 0.167,
+    ...                "residual_r2": {"value": 0.01, "low": -0.02, "high": 0.04}}, "blocks.3.hook_resid_post")[0]
+    'blocks.3.hook_resid_post: held-out R^2 0.070 [-0.004, 0.130] does not exclude 0'
+    """
+    notes = []
+    r2, residual = metrics.get("r2") or {}, metrics.get("residual_r2") or {}
+    if r2 and not (r2.get("low") is not None and r2["low"] > 0):
+        notes.append(f"{hook}: held-out R^2 {r2.get('value', float('nan')):.3f} "
+                     f"[{r2.get('low', float('nan')):.3f}, {r2.get('high', float('nan')):.3f}] does not exclude 0")
+    p = metrics.get("shuffle_p")
+    if p is not None and p == p and p >= SHUFFLE_LEVEL:
+        notes.append(f"{hook}: not better than its shuffled-label control (permutation p {p:.3f} >= {SHUFFLE_LEVEL}; "
+                     "at least 19 shuffles are needed to reach p < 0.05)")
+    if residual and not (residual.get("low") is not None and residual["low"] > 0):
+        notes.append(f"{hook}: not beyond the token-identity control (R^2 of the target minus its token-type mean "
+                     f"{residual.get('value', float('nan')):.3f}, CI low {residual.get('low', float('nan')):.3f})")
+    return notes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 from surprise_probe.app.commands._common import (
@@ -21,6 +22,7 @@ from surprise_probe.app.commands.capture import add_input_argument
 from surprise_probe.core.models import distributed
 from surprise_probe.core.text.files import read_items
 from surprise_probe.core.utils.outputs import claim_output
+from surprise_probe.core.utils.stats import MIN_RANDOM_DIRECTIONS
 from surprise_probe.interventions.experiments import steering_experiment
 from surprise_probe.probes import ProbeDirection
 
@@ -59,7 +61,8 @@ def add_parser(subparsers) -> None:
     add_input_argument(parser)
     parser.add_argument("--strengths", type=finite_float, nargs="+", default=DEFAULT_STRENGTHS,
                         help="steering strengths in std units of the probe projection")
-    parser.add_argument("--random-directions", type=nonneg_int, default=8, help="random control directions (k)")
+    parser.add_argument("--random-directions", type=nonneg_int, default=MIN_RANDOM_DIRECTIONS,
+                        help=f"random control directions (k); fewer than {MIN_RANDOM_DIRECTIONS} make the z untrustworthy")
     parser.add_argument("--positions", choices=["response", "all"], default="response",
                         help="edit the scored span (assistant response) only, or every token")
     parser.add_argument("--hook", default=None, help="hook to steer at (default: the probe's hook)")
@@ -80,6 +83,8 @@ def run(args) -> int:
                 raise ValueError(f"--strengths needs at least two distinct values, got {args.strengths}")
             probe = check_probe_file(args.probe)
             items = read_items(args.input)
+            for note in probe.caveats():  # said before the work, not only in steer.json
+                print(f"warning: the steered probe at {note}", file=sys.stderr)
             # Under torchrun the ranks split the inputs; rank 0 alone claims the folder, writes and prints.
             main = distributed.is_main()
             claim = stack.enter_context(claim_output(args.out, "steer", command_config(args), overwrite=args.overwrite,

@@ -38,6 +38,7 @@ __all__ = [
     "MIN_RANDOM_DIRECTIONS",
     "MIN_UNITS",
     "small_sample_warnings",
+    "permutation_p_text",
 ]
 
 # Below these, a z-score against random directions / a bootstrap CI over units is too noisy to
@@ -297,6 +298,20 @@ def small_sample_warnings(
         lines.append(f"CIs from {units} {unit_name}: the bootstrap over so few is unreliable; "
                      f"use at least {MIN_UNITS}")
     return lines
+
+
+def permutation_p_text(p: float, n_permutations: int) -> str:
+    """A permutation p-value as text; at its floor ``1 / (1 + n)`` it is a bound, and says so.
+
+    >>> permutation_p_text(1 / 21, 20), permutation_p_text(4 / 21, 20)
+    ('<= 0.048 (the floor for 20 shuffles)', '0.190')
+    """
+    if not n_permutations or p != p:
+        return "n/a (no shuffles)"
+    floor = 1.0 / (1 + n_permutations)
+    if p <= floor * (1 + 1e-9):
+        return f"<= {floor:.3f} (the floor for {n_permutations} shuffles)"
+    return f"{p:.3f}"
 
 
 def bootstrap_nested(
