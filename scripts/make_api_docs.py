@@ -1,9 +1,10 @@
 """Generate docs/api.md from the docstrings of the library's public names.
 
-Every library module of ``surprise_probe`` (and its ``probes`` / ``interventions`` subpackages) is
-imported; its ``__all__`` names are documented in order with their signature and docstring,
-classes with their public methods. The app layer (``cli``, ``commands``, ``study``) and private
-modules are left out. Output is deterministic, so a rerun on unchanged code gives the same file.
+Every library module of ``surprise_probe`` (its sub-packages by layer, ``probes`` and
+``interventions`` included, and ``testing``: the tiny models to try things on) is imported; its
+``__all__`` names are documented in order with their signature and docstring, classes with their
+public methods. The app layer (``surprise_probe.app``: cli, commands, study) and private modules
+are left out. Output is deterministic, so a rerun on unchanged code gives the same file.
 
     .venv/bin/python scripts/make_api_docs.py            # writes docs/api.md
     .venv/bin/python scripts/make_api_docs.py --check    # exit 1 if docs/api.md is out of date
@@ -23,7 +24,7 @@ from pathlib import Path
 import surprise_probe
 
 ROOT = Path(__file__).resolve().parents[1]
-APP_LAYER = {"cli", "commands", "study", "testing", "__main__"}
+APP_LAYER = {"app", "__main__"}
 HEADER = """# API reference
 
 Generated from the docstrings by `scripts/make_api_docs.py`; do not edit by hand (rerun the
@@ -35,16 +36,14 @@ suite (tests/test_doctests.py).
 def library_modules() -> list[str]:
     """Importable library module names, package first, sorted (app layer and private ones out)."""
     names = ["surprise_probe"]
-    infos = list(pkgutil.iter_modules(surprise_probe.__path__, "surprise_probe."))
+    infos = list(pkgutil.walk_packages(surprise_probe.__path__, "surprise_probe."))
     for sub in ("probes", "interventions"):  # installed from the top-level folders (package-dir mapping)
         package = importlib.import_module(f"surprise_probe.{sub}")
-        infos += list(pkgutil.iter_modules(package.__path__, f"surprise_probe.{sub}."))
+        infos += list(pkgutil.walk_packages(package.__path__, f"surprise_probe.{sub}."))
         names.append(package.__name__)
     for info in infos:
         parts = info.name.split(".")
         if any(part.startswith("_") for part in parts[1:]) or parts[1] in APP_LAYER or parts[-1] in APP_LAYER:
-            continue
-        if parts[-1] == "cli":
             continue
         names.append(info.name)
     return names[:1] + sorted(set(names[1:]))
