@@ -194,6 +194,11 @@ def built_workspace(tmp_path_factory, tiny_hooked, tiny_tokenizer):
     shutil.copytree(w / "cap", zero)
     sorted(zero.glob("shards/*/output_entropy.npy"))[0].write_bytes(b"")
     _gap_and_intention_workspace(w, tiny_tokenizer)
+    for broken, remove in (("lm_no_tokenizer", ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")),
+                           ("lm_no_weights", ("model.safetensors",))):
+        shutil.copytree(w / "lm", w / broken)
+        for name in remove:
+            (w / broken / name).unlink(missing_ok=True)
     return w
 
 
@@ -296,6 +301,11 @@ CASES = [
     ("capture-text-and-token-ids", "capture --input {w}/both.jsonl --out {w}/o", 2, "both.jsonl:1"),
     ("capture-string-token-ids", "capture --input {w}/strids.jsonl --out {w}/o", 2, "strids.jsonl:1"),
     ("capture-csv-input", "capture --input {w}/in.csv --out {w}/o", 2, ".csv"),
+    ("capture-model-no-tokenizer", "capture --input {w}/in.txt --out {w}/o --model {w}/lm_no_tokenizer", 2,
+     "no tokenizer files"),
+    ("capture-model-no-weights", "capture --input {w}/in.txt --out {w}/o --model {w}/lm_no_weights", 2, "no weights"),
+    ("capture-layers-beyond-model", "capture --input {w}/in.txt --out {w}/o --model {w}/lm --layers 0 5", 2,
+     "--layers 5: ./lm has 1 layers (0..0)"),
     ("capture-out-is-a-file", "capture --input {w}/in.txt --out {w}/a_file", 2, "a_file is a file"),
     ("capture-out-under-a-file", "capture --input {w}/in.txt --out {w}/a_file/sub", 2, "a_file is a file"),
     ("capture-out-user-folder", "capture --input {w}/in.txt --out {w}/userdir", 2, "did not write"),
@@ -593,3 +603,16 @@ def test_overwrite_keeps_what_the_user_put_in_the_folder(command, workspace, gua
     assert main([*original.split(), "--overwrite"]) == 0
     assert json.loads((workspace / folder / "config.json").read_text())["config"] == before["config"]
     _user_entries_survive(workspace / folder)
+
+
+def test_allow_download_reaches_the_loader_and_is_not_a_setting(tiny_hooked, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_common, "load_model", lambda name, **kwargs: calls.append(kwargs) or tiny_hooked)
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS[:3]) + "\n")
+    argv = ["capture", "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "cap"), "--layers", "0",
+            "--n-boot", "10", "--no-progress"]
+    assert main([*argv, "--allow-download"]) == 0
+    assert calls[-1]["allow_download"] is True
+    # a permission, not a setting: the same capture without it resumes (nothing to redo)
+    assert "allow_download" not in json.loads((tmp_path / "cap" / "config.json").read_text())["config"]
+    assert main(argv) == 0 and calls[-1]["allow_download"] is False

@@ -23,6 +23,7 @@ from surprise_probe.core.models.loading import (
     chat_template_available,
     check_model_name,
     load_model,
+    model_layer_count,
 )
 from surprise_probe.core.utils.jsonio import finite_or_none, read_json
 from surprise_probe.core.utils.outputs import check_writable_target
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 # Settings that do not belong in a rerunnable record (actions and presentation, not settings).
-NOT_SETTINGS = {"func", "command", "config", "debug", "overwrite", "no_progress"}
+NOT_SETTINGS = {"func", "command", "config", "debug", "overwrite", "no_progress", "allow_download"}
 
 
 class UsageError(Exception):
@@ -112,6 +113,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default: str = DEFAU
     parser.add_argument("--device", default="auto", help="'auto' (a GPU if visible, else CPU), 'cpu', 'cuda', 'cuda:N'")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="the model's weights and activations (metrics are computed in float32 or better)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let a Hugging Face name not in the local hub cache download (off: nothing is fetched)")
 
 
 def add_out_argument(parser: argparse.ArgumentParser, what: str, *, required: bool = True, default=None) -> None:
@@ -124,7 +127,8 @@ def add_out_argument(parser: argparse.ArgumentParser, what: str, *, required: bo
 
 def load_model_from_args(args, progress: bool = True):
     """The model named by ``--model`` / ``--device`` / ``--dtype``."""
-    return load_model(args.model, device=args.device, dtype=args.dtype, progress=progress)
+    return load_model(args.model, device=args.device, dtype=args.dtype, progress=progress,
+                      allow_download=bool(getattr(args, "allow_download", False)))
 
 
 @contextlib.contextmanager
@@ -162,10 +166,24 @@ def check_model_arguments(args) -> None:
             continue
         flag = "--model" if name == getattr(args, "model", None) else "--models"
         try:
-            check_model_name(name)
+            check_model_name(name, allow_download=bool(getattr(args, "allow_download", False)))
         except ValueError as error:
             raise UsageError(f"{flag} {name}: {_message(error)}") from None
         _CHECKED_NAMES.add(str(name))
+    check_layers(args)
+
+
+def check_layers(args) -> None:
+    """Refuse ``--layers`` beyond the model's blocks, read from its config before it loads."""
+    layers = getattr(args, "layers", None)
+    if not layers or getattr(args, "model", None) is None:
+        return
+    n_layers = model_layer_count(args.model)
+    if n_layers is None:
+        return  # not known before loading (a name to download): the loaded model checks
+    bad = [layer for layer in layers if not 0 <= int(layer) < n_layers]
+    if bad:
+        raise UsageError(f"--layers {bad[0]}: {args.model} has {n_layers} layers (0..{n_layers - 1})")
 
 
 _CHECKED_NAMES: set[str] = set()

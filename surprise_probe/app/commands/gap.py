@@ -5,12 +5,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from surprise_probe.analyses.policy.gap import (
-    FORMATS,
-    builtin_gap_prompts,
-    policy_gap,
-    read_gap_prompts,
-)
+from surprise_probe.analyses.policy.gap import policy_gap
+from surprise_probe.analyses.policy.prompts import FORMATS, builtin_gap_prompts, read_gap_prompts
 from surprise_probe.app.commands._common import (
     UsageError,
     add_command,
@@ -120,7 +116,8 @@ def run(args) -> int:
               f"up to {args.max_new_tokens} tokens at temperature {args.temperature}; models: {', '.join(args.models)}")
         loaders = {
             name: (lambda name=name: load_model(name, device=args.device, dtype=args.dtype,
-                                                progress=not args.no_progress))
+                                                progress=not args.no_progress,
+                                                allow_download=bool(getattr(args, "allow_download", False))))
             for name in args.models
         }
         post_trained = {name: EMBEDDED_MODELS[name.lower()].post_trained for name in args.models

@@ -35,6 +35,7 @@ class EmbeddedModel:
     architecture: str
     post_trained: bool
     description: str
+    n_layers: int  # known before the (slow) first build, so --layers is checked without loading
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -46,6 +47,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         architecture="LlamaForCausalLM",
         post_trained=True,
         description="SmolLM2-135M-Instruct, 30 layers, d_model 576 (post-trained, chat template)",
+        n_layers=30,
     ),
     "gemma-3-270m": EmbeddedModel(
         name="gemma-3-270m",
@@ -55,6 +57,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         architecture="Gemma3ForCausalLM",
         post_trained=False,
         description="gemma-3-270m, 18 layers, vocab 262k (base; ~8 GB peak memory in float32)",
+        n_layers=18,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

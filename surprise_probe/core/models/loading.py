@@ -53,7 +53,7 @@ from surprise_probe.core.models.hooked import (
 )
 
 __all__ = ["load_model", "model_id", "EMBEDDED_MODELS", "available_models", "check_model_name",
-           "chat_template_available", "cache_dir", "embedded_folder"]
+           "check_model_folder", "model_layer_count", "chat_template_available", "cache_dir", "embedded_folder"]
 
 
 def model_id(model) -> str:
@@ -61,11 +61,62 @@ def model_id(model) -> str:
     return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
 
 
-def check_model_name(name: str | Path) -> None:
+# What a Hugging Face model folder needs beside config.json (any one pattern of each group).
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+_TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("spiece.model",),
+                    ("vocab.txt",))
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise ``ValueError`` naming what a local model folder lacks: config, weights or tokenizer files.
+
+    >>> import tempfile
+    >>> check_model_folder(Path(tempfile.mkdtemp()))   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: ... is not a Hugging Face model folder: it has no config.json, no weights (...), no tokenizer files (...)
+    """
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("no config.json")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        missing.append(f"no weights ({', '.join(_WEIGHT_PATTERNS)})")
+    if not any(all((folder / name).is_file() for name in group) for group in _TOKENIZER_FILES):
+        missing.append("no tokenizer files (" + ", ".join(" + ".join(group) for group in _TOKENIZER_FILES) + ")")
+    if missing:
+        raise ValueError(f"{folder} is not a Hugging Face model folder: it has {', '.join(missing)}")
+
+
+def _config_layers(config: dict) -> int | None:
+    for source in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if isinstance(source.get(key), int):
+                return source[key]
+    return None
+
+
+def model_layer_count(name: str | Path) -> int | None:
+    """The number of blocks of ``name``, read from its config without loading (None when unknown here)."""
+    spec = EMBEDDED_MODELS.get(str(name).lower())
+    if spec is not None:
+        return spec.n_layers
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        try:
+            folder = _hub_folder(str(name), allow_download=False)
+        except ValueError:
+            return None
+    try:
+        return _config_layers(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model_name(name: str | Path, allow_download: bool = False) -> None:
     """Raise ``ValueError`` unless :func:`load_model` can find ``name`` here, without loading it.
 
-    An embedded name needs its package installed (or its cache built), a folder needs a
-    ``config.json``, any other name must be in the local Hugging Face cache.
+    An embedded name needs its package installed (or its cache built), a folder its config,
+    weights and tokenizer files (:func:`check_model_folder`), any other name must be in the local
+    Hugging Face cache (or, with ``allow_download``, is left to the download).
     """
     if not isinstance(name, (str, Path)) or not str(name).strip():
         raise ValueError(f"expected a model name or folder, got {name!r}")
@@ -77,10 +128,10 @@ def check_model_name(name: str | Path) -> None:
         return
     folder = Path(name).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").exists():
-            raise ValueError(f"{folder} is a folder but has no config.json; expected a Hugging Face model folder")
+        check_model_folder(folder)
         return
-    _hub_folder(str(name), allow_download=False)  # raises the "unknown model" error
+    if not allow_download:
+        _hub_folder(str(name), allow_download=False)  # raises the "unknown model" error
 
 
 def chat_template_available(name: str | Path) -> bool | None:
@@ -279,8 +330,7 @@ def load_model(
         folder, model_name = embedded_folder(name.lower(), progress=progress), name.lower()
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
-        if not (folder / "config.json").exists():
-            raise ValueError(f"{folder} is a folder but has no config.json; expected a Hugging Face model folder")
+        check_model_folder(folder)  # before anything loads: name what is missing
         model_name = folder.resolve().name
     else:
         folder, model_name = _hub_folder(name, allow_download), name
