@@ -18,7 +18,8 @@ import warnings
 
 # old path -> the new module(s) that hold its names, first match wins
 MOVED: dict[str, tuple[str, ...]] = {
-    "surprise_probe.models": ("surprise_probe.core.models.loading",),
+    "surprise_probe.models": ("surprise_probe.core.models.loading", "surprise_probe.core.models.embedded",
+                              "surprise_probe.core.models.hooked"),
     "surprise_probe.basis": ("surprise_probe.core.models.basis",),
     "surprise_probe.devices": ("surprise_probe.core.models.devices",),
     "surprise_probe.distributed": ("surprise_probe.core.models.distributed",),
@@ -38,9 +39,22 @@ MOVED: dict[str, tuple[str, ...]] = {
     "surprise_probe.outputs": ("surprise_probe.core.utils.outputs",),
     "surprise_probe.stats": ("surprise_probe.core.utils.stats",),
     "surprise_probe.plots": ("surprise_probe.core.utils.plots",),
-    "surprise_probe.policy": ("surprise_probe.analyses.policy.gap",),
+    "surprise_probe.policy": ("surprise_probe.analyses.policy.gap", "surprise_probe.analyses.policy.prompts",
+                              "surprise_probe.analyses.policy.writers", "surprise_probe.analyses.policy.reading",
+                              "surprise_probe.analyses.policy.statistics", "surprise_probe.analyses.policy.result"),
     "surprise_probe.policy_plots": ("surprise_probe.analyses.policy.plots",),
-    "surprise_probe.intention": ("surprise_probe.analyses.intention.analysis",),
+    "surprise_probe.intention": (
+        "surprise_probe.analyses.intention.analysis",
+        "surprise_probe.analyses.intention.config",
+        "surprise_probe.analyses.intention.prompts",
+        "surprise_probe.analyses.intention.results",
+        "surprise_probe.analyses.intention.statistics",
+        "surprise_probe.analyses.intention.samples",
+        "surprise_probe.analyses.intention.commitment",
+        "surprise_probe.analyses.intention.readout",
+        "surprise_probe.analyses.intention.prefill",
+        "surprise_probe.core.forward.sampling",  # PLAIN_FORMAT
+    ),
     "surprise_probe.intention_plots": ("surprise_probe.analyses.intention.plots",),
     "surprise_probe.topics": ("surprise_probe.analyses.intention.topics",),
     "surprise_probe.token_view": ("surprise_probe.analyses.token_view",),

@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from surprise_probe.analyses.intention.analysis import (
-    IntentionConfig,
-    IntentionPrompt,
-    analyze_intention,
-    read_intention_prompts,
-    topic_entropy,
-)
+from surprise_probe.analyses.intention.analysis import analyze_intention
+from surprise_probe.analyses.intention.config import IntentionConfig
+from surprise_probe.analyses.intention.prompts import IntentionPrompt, read_intention_prompts
+from surprise_probe.analyses.intention.statistics import topic_entropy
 from surprise_probe.analyses.intention.topics import validate_lexicon
 from surprise_probe.app.cli import main
 from surprise_probe.core.forward.sampling import chat_prompt_ids
@@ -216,7 +213,7 @@ def test_nested_bootstrap_against_hand_cases():
 
 
 def test_nested_bootstrap_interval_covers_a_plug_in_entropy():
-    from surprise_probe.analyses.intention.analysis import topic_entropy
+    from surprise_probe.analyses.intention.statistics import topic_entropy
     from surprise_probe.core.utils.stats import bootstrap_nested
 
     def entropy(draws):
@@ -335,7 +332,7 @@ class _WordModel:
 
 
 def test_prefill_names_the_other_topic_and_uses_a_stem_only_when_the_name_is_not_a_match():
-    from surprise_probe.analyses.intention.analysis import _prefill_pair
+    from surprise_probe.analyses.intention.prefill import _prefill_pair
     from surprise_probe.analyses.intention.topics import Labeller
 
     lexicon = validate_lexicon({"apple": ["apple"], "city_1": ["paris", "rome"], "cherry": ["cherr"]})

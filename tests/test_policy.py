@@ -7,18 +7,16 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from surprise_probe.analyses.policy.gap import (
+from surprise_probe.analyses.policy.gap import policy_gap
+from surprise_probe.analyses.policy.prompts import (
     GapPrompt,
-    WriterResponse,
-    auroc_with_ci,
-    policy_gap,
     prefix_ids,
     read_gap_prompts,
-    read_sources,
-    sample_writer,
-    summarize,
     text_response_ids,
 )
+from surprise_probe.analyses.policy.reading import read_sources
+from surprise_probe.analyses.policy.statistics import auroc_with_ci, summarize
+from surprise_probe.analyses.policy.writers import WriterResponse, sample_writer
 from surprise_probe.app.cli import main
 from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
 from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer

@@ -11,11 +11,12 @@ import torch
 
 from surprise_probe.app.study import report_sections
 from surprise_probe.core.utils.jsonio import read_json, write_json
-from surprise_probe.report.html import (
+from surprise_probe.report import (
     Number,
     ReportHeader,
     StageSection,
     failed_section,
+    fit_figure,
     result_section,
     study_sections,
     write_report_html,
@@ -248,8 +249,6 @@ def test_patching_heatmap_prints_the_ci_and_labels_layers_once(tiny_study):
 
 def test_sweep_controls_have_distinct_colours_and_matching_dashes(tiny_study):
     """Token identity (purple, long dash) and shuffled labels (grey, dash): bands and lines apart."""
-    from surprise_probe.report.html import fit_figure
-
     fig = fit_figure(read_json(tiny_study / "fit_surprise" / "sweep.json"))
     traces = {t.name: t for t in fig.data if t.name}
     token, shuffle = traces["token-type mean (token identity)"], traces["shuffled labels (mean)"]

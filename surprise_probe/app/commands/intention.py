@@ -5,12 +5,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from surprise_probe.analyses.intention.analysis import (
-    DEFAULT_KS,
-    IntentionConfig,
-    analyze_intention,
-    read_intention_prompts,
-)
+from surprise_probe.analyses.intention.analysis import analyze_intention
+from surprise_probe.analyses.intention.config import DEFAULT_KS, IntentionConfig
+from surprise_probe.analyses.intention.prompts import read_intention_prompts
 from surprise_probe.app.commands._common import (
     UsageError,
     add_command,

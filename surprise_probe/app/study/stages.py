@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from surprise_probe.analyses.intention.analysis import analyze_intention, builtin_intention_prompts
-from surprise_probe.analyses.policy.gap import builtin_gap_prompts, policy_gap
+from surprise_probe.analyses.intention.analysis import analyze_intention
+from surprise_probe.analyses.intention.prompts import builtin_intention_prompts
+from surprise_probe.analyses.policy.gap import policy_gap
+from surprise_probe.analyses.policy.prompts import builtin_gap_prompts
 from surprise_probe.analyses.token_view import token_view_data
 from surprise_probe.app.study.settings import PATCH_GROUPS, patch_layers
 from surprise_probe.core.capture.run import capture
@@ -41,7 +43,7 @@ from surprise_probe.interventions.experiments import (
 )
 from surprise_probe.probes import ProbeDirection
 from surprise_probe.probes.fit import fit_probes
-from surprise_probe.report.html import (
+from surprise_probe.report import (
     SectionSpec,
     attribution_section,
     capture_section,

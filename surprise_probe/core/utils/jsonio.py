@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["to_json", "write_json", "write_text", "read_json", "read_jsonl", "software_versions", "finite_or_none"]
+__all__ = ["to_json", "write_json", "write_jsonl", "write_text", "read_json", "read_jsonl", "software_versions",
+           "finite_or_none"]
 
 
 def finite_or_none(value):
@@ -49,6 +50,21 @@ def to_json(payload) -> str:
 def write_json(path: str | Path, payload) -> Path:
     """Write strict JSON to ``path`` through a temporary file and ``os.replace``."""
     return write_text(path, to_json(payload) + "\n")
+
+
+def write_jsonl(path: str | Path, records) -> Path:
+    """Write one compact JSON object per line (keys in their given order) through :func:`write_text`.
+
+    The whole file is rewritten each time, so a kill never leaves half a line. A non-finite float
+    is an error here, not ``null``: a resumable store must read back exactly what was written.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = write_jsonl(Path(folder) / "rows.jsonl", [{"id": "a", "n": 1}, {"id": "b", "n": 2}])
+    ...     path.read_text()
+    '{"id": "a", "n": 1}\\n{"id": "b", "n": 2}\\n'
+    """
+    return write_text(path, "".join(json.dumps(record, allow_nan=False) + "\n" for record in records))
 
 
 def write_text(path: str | Path, text: str) -> Path:

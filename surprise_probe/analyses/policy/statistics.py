@@ -1,0 +1,174 @@
+"""The gap's statistics: per cell, per paired comparison, by position, and the reader x writer matrix.
+
+Per reader x format x source, CIs over prompts (prompt = unit): mean entropy over the span and over
+the first ``k`` tokens; entropy by position; per-prompt paired differences (off - on) with a sign
+count and sign test; the off/on ratio with a paired bootstrap CI; the AUROC of telling own from
+off-policy responses by mean entropy alone (lower = own) with a DeLong CI, and, given a probe
+direction, by the probe's mean readout over the span. Empty responses are counted per cell and
+left out of every mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.stats
+from jaxtyping import Float
+
+from surprise_probe.analyses.policy.reading import Reading
+from surprise_probe.core.utils.stats import bootstrap_sums
+
+__all__ = ["auroc_with_ci", "summarize"]
+
+
+def auroc_with_ci(
+    positives: Float[np.ndarray, " m"], negatives: Float[np.ndarray, " n"], level: float = 0.95
+) -> dict:
+    """AUROC = P(score of a positive > score of a negative) (+ half the ties), with a DeLong CI.
+
+    >>> auroc_with_ci(np.array([3.0, 4.0]), np.array([1.0, 2.0]))["auroc"]
+    1.0
+    """
+    pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
+    m, n = len(pos), len(neg)
+    if m == 0 or n == 0:
+        return {"auroc": float("nan"), "low": float("nan"), "high": float("nan"), "n_pos": m, "n_neg": n}
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    auc = float(psi.mean())
+    v10, v01 = psi.mean(1), psi.mean(0)
+    var = (v10.var(ddof=1) / m if m > 1 else 0.0) + (v01.var(ddof=1) / n if n > 1 else 0.0)
+    z = scipy.stats.norm.ppf(0.5 + level / 2)
+    half = z * math.sqrt(max(var, 0.0))
+    return {"auroc": auc, "low": max(0.0, auc - half), "high": min(1.0, auc + half), "n_pos": m, "n_neg": n,
+            "level": level, "method": "DeLong"}
+
+
+def _ci(values: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
+    """Mean of per-prompt values with a bootstrap CI over prompts."""
+    values = np.asarray(values, np.float64)
+    if len(values) == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n_prompts": 0}
+    point, low, high = bootstrap_sums(np.divide, values, np.ones_like(values), n_boot=n_boot, level=level, seed=seed)
+    return {"mean": point, "low": low, "high": high, "n_prompts": len(values)}
+
+
+def _per_prompt(readings: list[Reading], k: int | None) -> dict[int, float]:
+    """Per prompt: mean over its responses of each response's mean entropy (first k tokens if k)."""
+    values: dict[int, list[float]] = {}
+    for r in readings:
+        if len(r.entropy):
+            values.setdefault(r.prompt_index, []).append(float(r.entropy[:k].mean()))
+    return {i: float(np.mean(v)) for i, v in values.items()}
+
+
+def _paired(on: dict[int, float], off: dict[int, float], n_boot: int, level: float, seed: int) -> dict:
+    shared = sorted(set(on) & set(off))
+    a, b = np.array([off[i] for i in shared]), np.array([on[i] for i in shared])
+    if not shared:
+        return {"n_prompts": 0}
+    ratio = bootstrap_sums(np.divide, a, b, n_boot=n_boot, level=level, seed=seed)
+    diff = _ci(a - b, n_boot, level, seed)
+    n_higher = int((a > b).sum())
+    n_lower = int((a < b).sum())
+    p = scipy.stats.binomtest(n_higher, n_higher + n_lower).pvalue if n_higher + n_lower else float("nan")
+    return {
+        "n_prompts": len(shared),
+        "ratio_off_on": {"value": ratio[0], "low": ratio[1], "high": ratio[2]},
+        "difference_off_minus_on": diff,
+        "sign_count": {"off_higher": n_higher, "off_lower": n_lower, "ties": len(shared) - n_higher - n_lower,
+                       "sign_test_p": p},
+    }
+
+
+def summarize(
+    readings: Sequence[Reading], *, k: int = 8, max_position: int = 48, n_boot: int = 1000, level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Cells, paired comparisons against ``own``, AUROCs, position curves and the reader x writer matrix."""
+    groups: dict[tuple[str, str, str], list[Reading]] = {}
+    for r in readings:
+        groups.setdefault((r.reader, r.format, r.source), []).append(r)
+    cells, comparisons, curves = [], [], []
+    for (reader, fmt, source), rs in sorted(groups.items()):
+        cells.append({"reader": reader, "format": fmt, "source": source,
+                      **_cell(rs, k=k, n_boot=n_boot, level=level, seed=seed)})
+        curve = _position_curve(rs, max_position=max_position, n_boot=n_boot, level=level, seed=seed)
+        if curve is not None:
+            curves.append({"reader": reader, "format": fmt, "source": source, **curve})
+    for (reader, fmt, source), rs in sorted(groups.items()):
+        if source == "own" or (reader, fmt, "own") not in groups:
+            continue
+        comparisons.append({"reader": reader, "format": fmt, "source": source,
+                            **_comparison(groups[(reader, fmt, "own")], rs, k=k, n_boot=n_boot, level=level,
+                                          seed=seed)})
+    return {"cells": cells, "comparisons": comparisons, "curves": curves, "matrix": _matrix(cells)}
+
+
+def _cell(rs: list[Reading], *, k: int, n_boot: int, level: float, seed: int) -> dict:
+    """Sizes and mean entropy (span and first ``k`` tokens, CIs over prompts) of one reader x format x source."""
+    tokens = np.concatenate([r.entropy for r in rs]) if rs else np.zeros(0)
+    lengths = np.array([len(r.entropy) for r in rs])
+    whole, first = _per_prompt(rs, None), _per_prompt(rs, k)
+    return {
+        "n_responses": len(rs), "n_empty": int((lengths == 0).sum()),
+        "n_truncated": int(sum(r.truncated > 0 for r in rs)),
+        "n_exact_ids": int(sum(r.exact_ids for r in rs)),
+        "n_tokens": int(len(tokens)), "mean_length": float(lengths.mean()) if len(rs) else float("nan"),
+        "mean_entropy": _ci(np.array(list(whole.values())), n_boot, level, seed),
+        f"mean_entropy_first_{k}": _ci(np.array(list(first.values())), n_boot, level, seed),
+        "n_tokens_first_k": int(sum(min(len(r.entropy), k) for r in rs)),
+    }
+
+
+def _position_curve(rs: list[Reading], *, max_position: int, n_boot: int, level: float, seed: int) -> dict | None:
+    """Entropy by position: per prompt, the mean over its responses at each position; CIs over prompts."""
+    per_prompt: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for r in rs:
+        s, c = per_prompt.setdefault(r.prompt_index, (np.zeros(max_position), np.zeros(max_position)))
+        e = r.entropy[:max_position]
+        s[: len(e)] += e
+        c[: len(e)] += 1
+    if not per_prompt:
+        return None
+    sums = np.stack([v[0] for v in per_prompt.values()], 1)
+    counts = np.stack([v[1] for v in per_prompt.values()], 1)
+    point, low, high = bootstrap_sums(np.divide, sums, counts, n_boot=n_boot, level=level, seed=seed)
+    return {"mean": point, "low": low, "high": high, "n_tokens": counts.sum(1)}
+
+
+def _comparison(own: list[Reading], rs: list[Reading], *, k: int, n_boot: int, level: float, seed: int) -> dict:
+    """One off-policy source against ``own``: paired statistics (span, first ``k``) and AUROCs."""
+    on_whole, off_whole = _per_prompt(own, None), _per_prompt(rs, None)
+    on_first, off_first = _per_prompt(own, k), _per_prompt(rs, k)
+    row = {"span": _paired(on_whole, off_whole, n_boot, level, seed),
+           f"first_{k}": _paired(on_first, off_first, n_boot, level, seed)}
+    # AUROC: own responses are the positives; a lower mean entropy should mean own, so the
+    # score is -entropy (0.5 = indistinguishable).
+    own_means = np.array([r.entropy.mean() for r in own if len(r.entropy)])
+    off_means = np.array([r.entropy.mean() for r in rs if len(r.entropy)])
+    row["auroc_entropy"] = auroc_with_ci(-own_means, -off_means, level)
+    own_probe = np.array([r.probe_readout for r in own if np.isfinite(r.probe_readout)])
+    off_probe = np.array([r.probe_readout for r in rs if np.isfinite(r.probe_readout)])
+    if len(own_probe) and len(off_probe):
+        # The surprise probe reads lower predicted surprise on own text: score = -readout.
+        row["auroc_probe"] = auroc_with_ci(-own_probe, -off_probe, level)
+    return row
+
+
+def _matrix(cells: list[dict]) -> dict:
+    """Per format: reader x writer mean entropy (writer = reader is the on-policy read)."""
+    out: dict[str, dict] = {}
+    for cell in cells:
+        source = cell["source"]
+        if source == "own":
+            writer = cell["reader"]
+        elif source.startswith("writer:"):
+            writer = source.split(":", 1)[1]
+        elif source == "human":
+            writer = "human"
+        else:
+            continue
+        out.setdefault(cell["format"], {}).setdefault(cell["reader"], {})[writer] = cell["mean_entropy"]
+    return out

@@ -1,0 +1,165 @@
+"""Report sections for the interventions: steering, direction comparison, patching, attribution.
+
+:func:`steer_section` reads ``steer.json``, :func:`compare_section` ``direction_comparison.json``,
+:func:`patch_section` ``patch.json`` and :func:`attribution_section` ``attribution.json``; each
+puts the effect beside its random-direction (or exact-patching) control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from surprise_probe.core.utils.jsonio import read_json
+from surprise_probe.interventions.attribution import attribution_scatter_figure
+from surprise_probe.interventions.direction_comparison import (
+    DirectionComparison,
+    direction_comparison_figure,
+)
+from surprise_probe.interventions.dose_response import DoseResponse
+from surprise_probe.interventions.plots import (
+    ablation_figure,
+    dose_response_figure,
+    patching_figure,
+)
+from surprise_probe.report.values import Number, StageSection, _ci, _fmt
+
+__all__ = ["steer_section", "compare_section", "patch_section", "attribution_section"]
+
+
+def steer_section(folder: str | Path) -> StageSection:
+    """From ``steer.json``: dose-response and ablation along the probe direction vs random directions."""
+
+    path = Path(folder) / "steer.json"
+    data = read_json(path)
+    dose = data["dose_response"]
+    n = f"{dose['n_sequences']} sequences, {dose['n_tokens']} scored tokens"
+    k = len([label for label in dose["labels"] if label.startswith("random")])
+    numbers = [Number(
+        f"entropy slope along the probe direction at {dose['hook']}", dose["probe_slope"], _ci(dose["probe_slope_ci"]),
+        control=f"{k} random directions: {_fmt(dose['random_slope_mean'])} ± {_fmt(dose['random_slope_std'])} "
+                f"(z = {_fmt(dose['z_score'])})", n=n, unit="nats/std")]
+    figures = [dose_response_figure(dose)]
+    ablation = data.get("ablation")
+    if ablation:
+        numbers.append(Number(
+            "entropy change when the direction is projected out", ablation["entropy_change"][0],
+            _ci(ablation["probe_change_ci"]),
+            control=f"random: {_fmt(ablation['random_change_mean'])} ± {_fmt(ablation['random_change_std'])} "
+                    f"(z = {_fmt(ablation['z_score'])})", n=n, unit="nats"))
+        figures.append(ablation_figure(ablation))
+    return StageSection(
+        "steer", "Steering and ablation along the surprise direction",
+        caption=("Mean output entropy (and KL, top-1 agreement) as the surprise direction is added at strengths "
+                 "in units of its projection's std; grey band: random directions of the same norm.<br>A causal "
+                 "effect shows as a red slope outside the grey band; the ablation bar should stand apart from the grey ones."),
+        figures=figures, numbers=numbers, json_paths=[path], sample=n,
+    )
+
+
+def patch_section(folder: str | Path) -> StageSection:
+    """From ``patch.json``: the fraction of the entropy gap closed per layer and position group."""
+
+    path = Path(folder) / "patch.json"
+    data = read_json(path)
+    result = data.get("patching", data)
+    n = f"{result['n_pairs']} pairs, {result['n_measured_tokens']} measured tokens"
+    numbers = []
+    groups, hooks = result["groups"], result["hooks"]
+    for component in result["components"]:
+        fraction = np.asarray(result["fraction"][component], float)
+        if not np.isfinite(fraction).any():
+            continue
+        h, g = np.unravel_index(np.nanargmax(np.abs(fraction)), fraction.shape)
+        ci = result["fraction_ci"][component][h][g]
+        label = {"direction": "component along d", "all": "whole activation"}.get(component, component)
+        controls = []
+        if component == "direction" and "all" in result["fraction"]:
+            controls.append("whole-activation patch: " + _fmt(result["fraction"]["all"][h][g]))
+        if component == "direction" and result.get("random_directions"):
+            controls.append(f"{result['random_directions']} random directions: {_fmt(result['random_mean'][h][g])} ± "
+                            f"{_fmt(result['random_std'][h][g])} (z = {_fmt(result['z'][h][g])})")
+        control = "; ".join(controls)
+        numbers.append(Number(f"largest fraction closed ({label}) at {hooks[h]}, {groups[g]}", float(fraction[h, g]),
+                              _ci(ci), control=control, n=n))
+    return StageSection(
+        "patch", "Activation patching along the surprise direction",
+        caption=("Fraction of the source-destination entropy gap closed by patching the source's activation into the "
+                 "destination, per layer (rows) and position group (columns).<br>1 closes the whole gap, 0 nothing; "
+                 "compare the component along d with the whole activation (the upper bound at that layer)."),
+        figures=[patching_figure(result)], numbers=numbers, json_paths=[path], sample=n,
+    )
+
+
+def attribution_section(source) -> StageSection:
+    """From ``attribution.json`` (or an ``AttributionPatching``): estimate vs exact patching scatter."""
+
+    path = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / "attribution.json" if path.is_dir() else path
+        data = read_json(path)
+    else:
+        data = source.to_dict()
+    n = f"{data['n_pairs']} pairs x {len(data['hooks'])} hooks x {len(data['groups'])} groups"
+    numbers = []
+    if data.get("exact") is not None:
+        numbers.append(Number("Pearson r, first-order estimate vs exact patch", data["pearson_r"],
+                              _ci(data["pearson_r_ci"]), control="1 = the estimate ranks and scales like exact patching",
+                              n=f"{data['n_points']} points ({n})"))
+    return StageSection(
+        "attribution", "Attribution patching, validated against exact patching",
+        caption=("Each point is one pair x layer x position group: exact patch of the component along d (x) against "
+                 "the gradient estimate from one forward and one backward pass (y).<br>Points on the dashed diagonal "
+                 "mean the cheap estimate can stand in for exact patching; CI is a Fisher-z interval over points."),
+        figures=[attribution_scatter_figure(data)] if data.get("exact") is not None else [],
+        numbers=numbers, json_paths=[path] if path else [], sample=n,
+    )
+
+
+def compare_section(folder: str | Path) -> StageSection:
+    """From ``direction_comparison.json``: steering along the surprise vs the entropy directions."""
+
+    path = Path(folder) / "direction_comparison.json"
+    data = read_json(path)
+    n = f"{data['n_sequences']} sequences, {data['n_tokens']} scored tokens"
+    numbers = []
+    for row in data["summary"]:
+        k = data["config"].get("random_directions", "")
+        numbers.append(Number(
+            f"entropy slope along {row['label']}", row["entropy_slope"], _ci(row["entropy_slope_ci"]),
+            control=f"{k} random directions at {row['hook']}: {_fmt(row['random_slope_mean'])} ± "
+                    f"{_fmt(row['random_slope_std'])} (z = {_fmt(row['z_vs_random'])})", n=n, unit="nats/std"))
+    labels = data["labels"]
+    cosines = "; ".join(f"cos({labels[i]}, {labels[j]}) = {_fmt(data['cosines'][i][j])}"
+                        for i in range(len(labels)) for j in range(i + 1, len(labels)))
+    result = DirectionComparison(
+        model_id=data["model_id"], labels=labels, hooks=data["hooks"], stds=data["stds"],
+        strengths=data["strengths"], cosines=data["cosines"], config=data["config"],
+        responses=[_dose_response(DoseResponse, data["dose_responses"][label]) for label in labels])
+    return StageSection(
+        "compare", "Surprise direction vs entropy directions",
+        caption=("The same dose-response along the surprise probe's direction and the entropy probe's directions "
+                 f"(each in units of its own projection std); {escape(cosines)}.<br>If the entropy direction moves "
+                 "entropy as much per nat of KL, the surprise direction is not special; grey: random directions."),
+        figures=[direction_comparison_figure(result)], numbers=numbers, json_paths=[path], sample=n,
+    )
+
+
+def _nan_for_none(value):
+    if value is None:
+        return float("nan")
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return value
+
+
+def _dose_response(cls, saved: Mapping):
+    """A ``DoseResponse`` back from its JSON (null -> NaN, CI pairs -> tuples)."""
+    fields = {k: (v if k in ("hook", "positions", "labels") else _nan_for_none(v)) for k, v in saved.items()}
+    fields["probe_entropy_ci"] = [tuple(pair) for pair in fields["probe_entropy_ci"]]
+    fields["probe_slope_ci"] = tuple(fields["probe_slope_ci"])
+    return cls(**fields)
