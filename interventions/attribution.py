@@ -54,18 +54,19 @@ from surprise_probe.interventions.patching import (
     resid_post_layers,
 )
 from torch import Tensor
-from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from surprise_probe.core.forward.directions import SteeringDirection, from_probe
 from surprise_probe.core.forward.edits import Ablate, apply_all, unit_directions
 from surprise_probe.core.forward.hooks import resid_post_hooks, resolve_hooks
 from surprise_probe.core.forward.metrics import chunk_positions, output_entropy
 from surprise_probe.core.forward.passes import final_residual, forward, unembed
+from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.devices import model_device
 from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView, ci_text, number_text
 from surprise_probe.core.utils.plots import write_html
+from surprise_probe.core.utils.progress import tqdm
 
 __all__ = [
     "AttributionPatching",
@@ -113,7 +114,7 @@ def _gradient_forward(model, tokens, attention_mask, hooks: Sequence[str],
 
     fwd_hooks = [(name, keeper(name, known[name].name or name)) for name in hooks]
     rows = torch.arange(tokens.shape[0]).unsqueeze(1)
-    residual_only = isinstance(model, HookedTransformer) and not any(
+    residual_only = is_hooked_transformer(model) and not any(
         h.startswith(("ln_final", "unembed")) for h in hooks)
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
         if residual_only:
@@ -136,8 +137,8 @@ def _logits_at(model, batch, hooks: Sequence[str], positions) -> tuple[Tensor, d
     return unembed(model, residual[:, positions]), acts
 
 
-@dataclass
-class AttributionPatching:
+@dataclass(repr=False)
+class AttributionPatching(NotebookView):
     """First-order estimates of patching the component along ``d``, source -> destination.
 
     ``estimate[pair][hook][group]``: estimated change of the destination's mean measured entropy
@@ -176,6 +177,20 @@ class AttributionPatching:
         paths["json"] = write_json(folder / "attribution.json",
                                    {**self.to_dict(), "software_versions": software_versions()})
         return paths
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        grid = np.asarray(self.estimate, float).mean(axis=0) if self.n_pairs else np.zeros((0, 0))
+        rows = [("sample", f"{self.n_pairs} pairs, {self.n_measured_tokens} measured tokens"),
+                ("estimated", f"{len(self.hooks)} hooks x groups {', '.join(self.groups)}")]
+        if grid.size:
+            h, g = np.unravel_index(int(np.abs(grid).argmax()), grid.shape)
+            rows.append(("largest mean estimate", f"{number_text(grid[h, g], 4)} nats at {self.hooks[h]}, {self.groups[g]}"))
+        if self.pearson_r is None:
+            check = "not validated (validate_attribution measures the exact patching)"
+        else:
+            check = f"r {ci_text(self.pearson_r, *(self.pearson_r_ci or (None, None)))} over {self.n_points} points"
+        rows.append(("estimate vs exact patching", check))
+        return f"{self.n_pairs} pairs, {len(self.hooks)} hooks, {check.split(' (')[0]}", rows
 
     def points(self) -> tuple[np.ndarray, np.ndarray]:
         """``(estimate, exact)`` flattened over pairs x hooks x groups (needs ``exact``)."""

@@ -24,6 +24,7 @@ from surprise_probe.interventions.dose_response import DoseResponse, dose_respon
 
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView, TableRows, ci_text, number_text
 from surprise_probe.core.utils.plots import write_html
 
 __all__ = [
@@ -36,8 +37,8 @@ __all__ = [
 DEFAULT_STRENGTHS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
 
 
-@dataclass
-class DirectionComparison:
+@dataclass(repr=False)
+class DirectionComparison(NotebookView):
     """Dose-responses of several directions on the same inputs, with their cosines."""
 
     model_id: str
@@ -78,7 +79,18 @@ class DirectionComparison:
 
     def table(self) -> list[dict]:
         """One plain dict per direction (the same rows as :meth:`summary_rows`)."""
-        return self.summary_rows()
+        return TableRows(self.summary_rows())
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        rows = [(f"{row['label']} at {row['hook']}",
+                 f"slope {ci_text(row['entropy_slope'], *row['entropy_slope_ci'], digits=4)} nats/std, "
+                 f"z {number_text(row['z_vs_random'], 2)}") for row in self.summary_rows()]
+        sizes = self.responses[0] if self.responses else None
+        sample = "n/a" if sizes is None else f"{sizes.n_sequences} sequences, {sizes.n_tokens} scored tokens"
+        rows += [("strengths (std)", ", ".join(f"{v:g}" for v in self.strengths)), ("sample", sample)]
+        if len(self.labels) > 1:
+            rows.append((f"cosine {self.labels[0]} . {self.labels[1]}", number_text(self.cosines[0][1])))
+        return f"{len(self.labels)} directions ({', '.join(self.labels)}), {sample}", rows
 
     def to_dict(self) -> dict:
         """The JSON: summary rows, cosines, every dose-response, sample sizes, config, versions."""

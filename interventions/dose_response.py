@@ -25,6 +25,7 @@ from surprise_probe.core.forward.directions import (
     orthogonal_direction,
     random_directions,
 )
+from surprise_probe.core.utils.notebook import NotebookView, TableRows, ci_text, number_text
 from surprise_probe.core.utils.stats import (
     MIN_RANDOM_DIRECTIONS,
     ratio_with_ci,
@@ -36,8 +37,8 @@ from surprise_probe.core.utils.stats import (
 __all__ = ["DoseResponse", "Ablation", "dose_response", "directional_ablation", "control_directions"]
 
 
-@dataclass
-class DoseResponse:
+@dataclass(repr=False)
+class DoseResponse(NotebookView):
     """Means over the scored span per direction (rows of ``labels``) and steering strength.
 
     Fields: ``labels`` the directions (``"probe"``, ``"orthogonal"``, ``"random 0"``, ...), one row
@@ -92,16 +93,30 @@ class DoseResponse:
 
     def table(self) -> list[dict]:
         """One plain dict per direction x strength: mean entropy, KL from clean, top-1 agreement."""
-        return [
+        return TableRows(
             {"direction": label, "strength": strength, "entropy": self.entropy[i][j], "kl": self.kl[i][j],
              "top1_agreement": self.top1_agreement[i][j], "slope": self.slopes[i]}
             for i, label in enumerate(self.labels)
             for j, strength in enumerate(self.strengths)
-        ]
+        )
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        slope = ci_text(self.probe_slope, *self.probe_slope_ci, digits=4)
+        n_random = len(self.rows("random"))
+        rows = [("steered", f"{self.labels[0]} at {self.hook}, {self.positions} positions, std {number_text(self.std)}"),
+                ("strengths (std)", ", ".join(f"{v:g}" for v in self.strengths)),
+                ("clean entropy", f"{number_text(self.clean_entropy)} nats"),
+                (f"entropy slope ({self.level:.0%} CI)", f"{slope} nats per std"),
+                ("random directions", f"{n_random}: slope {number_text(self.random_slope_mean, 4)} "
+                                      f"+/- {number_text(self.random_slope_std, 4)}"),
+                ("z vs random", number_text(self.z_score, 2)),
+                ("sample", f"{self.n_sequences} sequences, {self.n_tokens} scored tokens")]
+        return (f"slope {slope} nats/std at {self.hook}, z {number_text(self.z_score, 2)} vs {n_random} random, "
+                f"{self.n_sequences} sequences, {self.n_tokens} tokens"), rows
 
 
-@dataclass
-class Ablation:
+@dataclass(repr=False)
+class Ablation(NotebookView):
     """Entropy change when each direction is projected out (ablated minus clean)."""
 
     hook: str
@@ -125,11 +140,23 @@ class Ablation:
 
     def table(self) -> list[dict]:
         """One plain dict per direction: entropy change, KL and top-1 agreement when ablated."""
-        return [
+        return TableRows(
             {"direction": label, "entropy_change": change, "kl": kl, "top1_agreement": top1}
             for label, change, kl, top1 in zip(self.labels, self.entropy_change, self.kl, self.top1_agreement,
                                                 strict=True)
-        ]
+        )
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        change = ci_text(self.entropy_change[0], *self.probe_change_ci, digits=4)
+        rows = [("ablated", f"{self.labels[0]} at {self.hook}, {self.positions} positions"),
+                ("clean entropy", f"{number_text(self.clean_entropy)} nats"),
+                (f"entropy change ({self.level:.0%} CI)", f"{change} nats"),
+                ("random directions", f"{sum(label.startswith('random') for label in self.labels)}: change "
+                                      f"{number_text(self.random_change_mean, 4)} +/- {number_text(self.random_change_std, 4)}"),
+                ("z vs random", number_text(self.z_score, 2)),
+                ("sample", f"{self.n_sequences} sequences, {self.n_tokens} scored tokens")]
+        return (f"entropy change {change} nats at {self.hook}, z {number_text(self.z_score, 2)}, "
+                f"{self.n_sequences} sequences, {self.n_tokens} tokens"), rows
 
 
 def control_directions(direction: SteeringDirection, k: int, seed: int, orthogonal: bool = True):

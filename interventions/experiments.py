@@ -44,7 +44,8 @@ from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.edits import Steer, resid_hooks
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.text.encoding import encode_all
-from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.jsonio import read_json, software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView
 from surprise_probe.core.utils.plots import write_html
 from surprise_probe.core.utils.stats import MIN_RANDOM_DIRECTIONS, small_sample_warnings
 
@@ -60,9 +61,14 @@ _ARTIFACT_SUFFIXES = (".json", ".npz", ".safetensors")
 
 
 def probe_artifact(path: str | Path | None) -> dict:
-    """Path and sha256 of a saved probe artifact (every file of it: weights and metadata)."""
+    """Path and sha256 of a saved probe artifact (every file of it: weights and metadata).
+
+    ``ProbeDirection.save`` writes canonical bytes, so the same probe gives the same hashes.
+    ``verified``: whether its JSON carries the artifact hash that ``ProbeDirection.load`` checks
+    (False only for a probe used with ``allow_unverified=True``).
+    """
     if path is None:
-        return {"path": None, "sha256": None, "files": {}}
+        return {"path": None, "sha256": None, "files": {}, "verified": None}
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in _ARTIFACT_SUFFIXES else path
     files = {}
@@ -71,11 +77,16 @@ def probe_artifact(path: str | Path | None) -> dict:
         if file.exists():
             files[file.name] = hashlib.sha256(file.read_bytes()).hexdigest()
     whole = hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in sorted(files.items())).encode())
-    return {"path": str(stem), "sha256": whole.hexdigest(), "files": files}
+    meta = stem.with_name(stem.name + ".json")
+    try:
+        verified = "artifact_sha256" in read_json(meta)
+    except (OSError, ValueError, TypeError):
+        verified = False
+    return {"path": str(stem), "sha256": whole.hexdigest(), "files": files, "verified": verified}
 
 
-@dataclass
-class SteeringExperiment:
+@dataclass(repr=False)
+class SteeringExperiment(NotebookView):
     """Dose-response (and ablation, and samples) along one probe direction, with its provenance."""
 
     model_id: str
@@ -111,6 +122,16 @@ class SteeringExperiment:
     def table(self) -> list[dict]:
         """One plain dict per condition x strength: mean entropy, KL from clean, top-1 agreement."""
         return self.dose_response.table()
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        headline, rows = self.dose_response._view()
+        rows = [("model", self.model_id), ("probe", self.probe.get("path") or "in memory"), *rows]
+        if self.ablation is not None:
+            rows.append(("ablation", self.ablation._view()[0]))
+        if self.samples:
+            rows.append(("steered samples", f"{len(self.samples)} (.samples)"))
+        rows += [("warning", note if len(note) <= 200 else note[:197] + "...") for note in self.warnings()[:3]]
+        return headline, rows
 
     def summary(self) -> str:
         result = self.dose_response
@@ -192,8 +213,8 @@ def steering_experiment(
                               caveats)
 
 
-@dataclass
-class PatchingExperiment:
+@dataclass(repr=False)
+class PatchingExperiment(NotebookView):
     """Activation patching along one probe direction, with its provenance."""
 
     model_id: str
@@ -216,6 +237,10 @@ class PatchingExperiment:
     def table(self) -> list[dict]:
         """One plain dict per hook x group (see ``PatchingResult.table``)."""
         return self.patching.table()
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        headline, rows = self.patching._view()
+        return headline, [("model", self.model_id), ("probe", self.probe.get("path") or "in memory"), *rows]
 
     def summary(self) -> str:
         result = self.patching

@@ -56,7 +56,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from surprise_probe.core.forward.directions import SteeringDirection, from_probe
 from surprise_probe.core.forward.directions import random_directions as make_random
@@ -70,8 +69,11 @@ from surprise_probe.core.forward.hooks import (
 from surprise_probe.core.forward.metrics import chunk_positions, output_entropy
 from surprise_probe.core.forward.passes import final_residual, forward_metrics, unembed
 from surprise_probe.core.models import distributed
+from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.devices import model_device
-from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
+from surprise_probe.core.text.encoding import Encoded, InputTooLong, encode, pad_batch, pad_id
+from surprise_probe.core.utils.notebook import NotebookView, TableRows, ci_text, number_text
+from surprise_probe.core.utils.progress import tqdm
 from surprise_probe.core.utils.stats import bootstrap_sums, small_sample_warnings, zscore
 
 __all__ = ["PatchingResult", "activation_patching", "align_positions", "parse_group", "patched_entropies"]
@@ -126,8 +128,8 @@ def align_positions(source, destination, group: str, pair: int = 0) -> tuple[np.
     return np.arange(dst[0] - n, dst[0]), np.arange(src[0] - n, src[0])
 
 
-@dataclass
-class PatchingResult:
+@dataclass(repr=False)
+class PatchingResult(NotebookView):
     """Fractions of the entropy difference closed, ``[component][hook][group]``.
 
     A cell is ``None`` (n/a) when its group has no positions in any pair. ``random_fraction``
@@ -180,7 +182,28 @@ class PatchingResult:
                     row["z_vs_random"] = self.z[h][g]
                 row["n_pairs"] = self.n_pairs
                 rows.append(row)
-        return rows
+        return TableRows(rows)
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        rows = [("sample", f"{self.n_pairs} pairs, {self.n_measured_tokens} measured tokens"),
+                ("mean entropy", f"source {number_text(self.entropy_source)}, destination "
+                                 f"{number_text(self.entropy_destination)} nats"),
+                ("patched", f"{len(self.hooks)} hooks x groups {', '.join(self.groups)}")]
+        best = ""
+        for component in self.components:
+            cells = [(value, h, g) for h, row in enumerate(self.fraction[component])
+                     for g, value in enumerate(row) if value is not None]
+            if not cells:
+                continue
+            value, h, g = max(cells, key=lambda cell: cell[0])
+            ci = self.fraction_ci[component][h][g]
+            text = f"{ci_text(value, *(ci or (None, None)))} at {self.hooks[h]}, {self.groups[g]}"
+            rows.append((f"most of the gap closed ({component})", text))
+            best = best or f"{component} {text}"
+        if self.random_directions:
+            rows.append(("random directions", f"{self.random_directions} (control for 'direction'; .table() has z)"))
+        rows += [("warning", note if len(note) <= 200 else note[:197] + "...") for note in self.warnings[:3]]
+        return f"{self.n_pairs} pairs, {len(self.hooks)} hooks; most gap closed: {best or 'n/a'}", rows
 
 
 def _measured_entropy(entropy, positions: np.ndarray, row: int) -> float:
@@ -192,9 +215,7 @@ def _measured_entropy(entropy, positions: np.ndarray, row: int) -> float:
 def resid_post_layers(model, hooks: Sequence[str]) -> dict[str, int] | None:
     """``{hook: layer}`` when the model is a HookedTransformer and every hook is a
     ``blocks.{L}.hook_resid_post`` (patched runs can then start at block ``L``), else ``None``."""
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer):
+    if not is_hooked_transformer(model):
         return None
     layers = {}
     for hook in hooks:
@@ -424,7 +445,16 @@ def activation_patching(
         raise ValueError("no pairs given; expected at least one (source, destination) pair")
 
     def enc(item, where):
-        return item if isinstance(item, Encoded) else encode(model, item, index=where)
+        if isinstance(item, Encoded):
+            return item
+        try:
+            return encode(model, item, index=where)
+        except InputTooLong as error:
+            raise ValueError(
+                f"{where} has {error.n_tokens} tokens, more than the model context of {error.limit}; patching "
+                "does not truncate (a cut source or destination would no longer align with its partner), so "
+                "shorten that pair in the pairs file"
+            ) from None
 
     encoded = [(enc(s, f"pair {i} source"), enc(d, f"pair {i} destination")) for i, (s, d) in enumerate(pairs)]
     alignments = {}

@@ -38,6 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surprise_probe.core.forward.attention import fused_attention
+from surprise_probe.core.models.backends import is_hooked_transformer
 
 __all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "FUSE_ATTENTION"]
 
@@ -51,10 +52,8 @@ _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 def start_layer(model, hook: str) -> int | None:
     """The first block to run after an edit at ``hook``, or None when the shortcut does not apply
     (not a HookedTransformer, not a residual-stream hook, or shortformer position embeddings)."""
-    from transformer_lens import HookedTransformer
-
     match = _RESID.match(hook)
-    if not isinstance(model, HookedTransformer) or match is None:
+    if not is_hooked_transformer(model) or match is None:
         return None
     if model.cfg.positional_embedding_type == "shortformer":
         return None

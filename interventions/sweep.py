@@ -36,7 +36,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, start_layer
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from surprise_probe.core.forward.edits import Ablate, Steer, Touched
 from surprise_probe.core.forward.metrics import CACHE_ELEMENTS, CHUNK_ELEMENTS
@@ -44,8 +43,14 @@ from surprise_probe.core.forward.passes import unembed
 from surprise_probe.core.models import distributed
 from surprise_probe.core.models.devices import model_device
 from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
+from surprise_probe.core.utils.progress import tqdm
 
-__all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics", "identity_amounts"]
+__all__ = ["SweepTable", "run_sweep", "encode_items", "row_metrics", "identity_amounts", "MAX_STEER"]
+
+# A steering edit of this size or more (strength x std, along a unit direction) overflows the
+# float32 sum of squares every layer norm computes (sqrt of float32's largest value): the norm
+# becomes infinite, the normalised activation zero, and the output uniform for any direction.
+MAX_STEER = float(np.sqrt(np.finfo(np.float32).max))
 
 
 @dataclass
@@ -307,7 +312,10 @@ def run_sweep(
     tokens (rows x positions; a single sequence longer than that still runs). The batched engines
     run each distinct non-identity condition once (strength 0 is the clean run:
     ``identity_amounts``), the loop every condition; ``n_rows`` counts the rows run.
-    Raises ``ValueError`` naming the amount and direction if a condition produces non-finite logits.
+    Raises ``ValueError`` naming the amount and direction if a condition produces non-finite logits
+    or saturates the model (a uniform output distribution at every scored token, entropy = ln V,
+    where the clean run's is not), and before any forward for a steering strength whose edit
+    overflows the float32 norm of the activation (``MAX_STEER``).
     """
 
     if kind not in ("steer", "ablate"):
@@ -322,6 +330,13 @@ def run_sweep(
     amounts = np.asarray(amounts, dtype=np.float64).reshape(-1)
     if len(amounts) == 0 or not np.isfinite(amounts).all():
         raise ValueError(f"{amount_name}s must be a non-empty list of finite numbers, got {amounts.tolist()}")
+    if kind == "steer" and np.abs(amounts).max() * scale >= MAX_STEER:
+        worst = float(amounts[np.argmax(np.abs(amounts))])
+        raise ValueError(
+            f"strength={worst:g} (x std {scale:g}) adds {abs(worst) * scale:.3g} along a unit direction: the edited "
+            f"activation's squared norm overflows float32, so every later layer norm outputs zeros and the output "
+            f"is uniform (entropy = ln V) for any direction; use strengths with |strength| * std below {MAX_STEER:.3g}"
+        )
     directions = torch.as_tensor(directions, dtype=torch.float32)
     if directions.ndim == 1:
         directions = directions.unsqueeze(0)
@@ -358,6 +373,9 @@ def run_sweep(
     make = Steer if kind == "steer" else Ablate
     extra = {"scale": scale} if kind == "steer" else {}
 
+    vocab = int(model.cfg.d_vocab_out)
+    uniform = np.log(vocab) * (1 - 1e-6)  # a mean entropy at or above this: every token's output is uniform
+
     def store(rows: list[tuple[int, int]], sums) -> None:
         entropy, kl, agree, finite = sums
         for row, (s, c) in enumerate(rows):
@@ -366,6 +384,14 @@ def run_sweep(
                 raise ValueError(
                     f"{amount_name}={amounts[j]:g} on direction {labels[i]!r} ({kind}) gave non-finite logits "
                     f"(NaN or inf) for input {s}; the edited activation overflowed, use smaller {amount_name}s"
+                )
+            n = table.n_tokens[s]
+            if entropy[row] >= n * uniform > table.clean_entropy[s]:
+                raise ValueError(
+                    f"{amount_name}={amounts[j]:g} on direction {labels[i]!r} ({kind}) saturated the model on input "
+                    f"{s}: its output is uniform (entropy = ln {vocab} = {np.log(vocab):.4f} nats) at "
+                    f"every scored token, so the edit swamped the activation (rounding or a layer norm left nothing "
+                    f"of it); use smaller {amount_name}s"
                 )
             table.entropy[i, j, s], table.kl[i, j, s], table.agree[i, j, s] = entropy[row], kl[row], agree[row]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from jaxtyping import Float
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from surprise_probe.probes.ridge import RidgeProbe
 from surprise_probe.probes.scoring import probe_caveats
 
@@ -36,6 +35,8 @@ from surprise_probe.core.forward.edits import Steer
 from surprise_probe.core.models.basis import model_fingerprint
 from surprise_probe.core.models.loading import model_id as model_id_of
 from surprise_probe.core.utils.jsonio import software_versions, to_json
+from surprise_probe.core.utils.notebook import NotebookView, estimate_text, number_text
+from surprise_probe.core.utils.storage import write_atomic
 
 __all__ = ["ProbeDirection"]
 
@@ -64,6 +65,21 @@ def _digest(direction: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(direction, dtype=np.float64).tobytes()).hexdigest()
 
 
+def _safetensors_bytes(direction: np.ndarray, metadata: dict[str, str]) -> bytes:
+    """The safetensors file of one float64 tensor ``direction``, laid out canonically.
+
+    ``safetensors.save_file`` writes the metadata in hash-map order, which changes from run to
+    run; here the header's keys are sorted and its JSON compact, padded to 8 bytes as safetensors
+    pads it, so the same probe always gives the same bytes (``load_file`` reads it as usual).
+    """
+    data = np.ascontiguousarray(direction, dtype="<f8").tobytes()
+    header = {"__metadata__": metadata,
+              "direction": {"dtype": "F64", "shape": [len(direction)], "data_offsets": [0, len(data)]}}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data
+
+
 def _artifact_digest(direction: np.ndarray, info: dict) -> str:
     """sha256 over the direction and every metadata field (all but this hash): an edited
     ``std``, ``hook`` or any other field no longer matches."""
@@ -73,8 +89,8 @@ def _artifact_digest(direction: np.ndarray, info: dict) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class ProbeDirection:
+@dataclass(repr=False)
+class ProbeDirection(NotebookView):
     """Unit direction in activation space at ``hook``, plus the projection's statistics.
 
     ``direction`` is the probe weight mapped back to activation space (standardisation undone) and
@@ -160,6 +176,19 @@ class ProbeDirection:
         """Why this probe may not be worth steering with (see :func:`probes.scoring.probe_caveats`)."""
         return probe_caveats(self.metrics, self.hook)
 
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        sample = self.metrics.get("n_sequences"), self.metrics.get("n_tokens")
+        r2 = estimate_text(self.metrics.get("r2"))
+        rows = [("model", self.model_id), ("target", self.target),
+                ("hook", f"{self.hook} (d_model {self.d_model})"),
+                ("projection", f"mean {number_text(self.mean)}, std {number_text(self.std)} (steering unit)"),
+                ("held-out R^2", r2),
+                ("R^2 beyond token-type mean", estimate_text(self.metrics.get("residual_r2"))),
+                ("fitted on", "n/a" if sample[0] is None else f"{sample[0]} sequences, {sample[1]} tokens")]
+        rows += [("caveat", note) for note in self.caveats()[:2]]
+        return (f"target={self.target!r} at {self.hook}, R^2 {r2}, std {number_text(self.std)}, "
+                f"{sample[0] if sample[0] is not None else '?'} sequences"), rows
+
     def check_model(self, model) -> None:
         """Raise unless ``model`` is the model this direction was fitted on.
 
@@ -182,11 +211,15 @@ class ProbeDirection:
         mine_processing, other_processing = self.model.get("weight_processing", {}), other["weight_processing"]
         for key in ("normalization_type", "writing_weights_centered", "unembed_centered"):
             if key in mine_processing and mine_processing[key] != other_processing.get(key):
+                fitted_dtype = self.model.get("dtype")
+                how = ("load the model as it was loaded for the fit, or refit" if fitted_dtype in (None, other["dtype"])
+                       else f"the probe was fitted on a {fitted_dtype} load and this model is {other['dtype']} (its "
+                            f"rounded weights measure differently): load it with dtype={fitted_dtype!r} "
+                            f"(CLI: --dtype {fitted_dtype}) as for the fit, or refit the probe at {other['dtype']}")
                 raise ValueError(
                     f"probe direction at {self.hook!r} was fitted in a basis with {key}="
                     f"{mine_processing[key]!r} but the given model {other_id!r} has {key}="
-                    f"{other_processing.get(key)!r} (another TransformerLens weight processing); "
-                    "load the model as it was loaded for the fit, or refit"
+                    f"{other_processing.get(key)!r} (another TransformerLens weight processing); {how}"
                 )
         if other["weights_sha256"] != self.model["weights_sha256"]:
             same_form = (other["dtype"], other["backend"]) == (self.model.get("dtype"), self.model.get("backend"))
@@ -290,28 +323,30 @@ class ProbeDirection:
         return info
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path.safetensors`` and ``path.json`` (each atomically); return the JSON path."""
+        """Write ``path.safetensors`` and ``path.json`` (each atomically); return the JSON path.
+
+        Both files are canonical (sorted keys, fixed layout): the same probe gives the same bytes,
+        so identical runs record identical file hashes.
+        """
         stem = _stem(path)
         stem.parent.mkdir(parents=True, exist_ok=True)
         weights, meta = _sibling(stem, ".safetensors"), _sibling(stem, ".json")
         info = self._metadata_with_hash()
         info["weights_file"] = weights.name
         info["artifact_sha256"] = _artifact_digest(self.direction, info)
-        tmp_weights = weights.with_name(f".{weights.name}.tmp")
-        save_file({"direction": np.ascontiguousarray(self.direction, dtype=np.float64)}, str(tmp_weights),
-                  metadata={"kind": "probe_direction", "config": meta.name, "hook": self.hook,
-                            "model_id": self.model_id, "artifact_sha256": info["artifact_sha256"]})
-        os.replace(tmp_weights, weights)
-        tmp_meta = meta.with_name(f".{meta.name}.tmp")
-        tmp_meta.write_text(to_json(info))
-        os.replace(tmp_meta, meta)
+        write_atomic(weights, _safetensors_bytes(self.direction, {
+            "kind": "probe_direction", "config": meta.name, "hook": self.hook, "model_id": self.model_id,
+            "artifact_sha256": info["artifact_sha256"]}), "the probe direction")
+        write_atomic(meta, to_json(info), "the probe direction's metadata")
         return meta
 
     @classmethod
-    def load(cls, path: str | Path, model=None) -> ProbeDirection:
+    def load(cls, path: str | Path, model=None, *, allow_unverified: bool = False) -> ProbeDirection:
         """Read ``path.json`` and its weights (``path.safetensors``, or ``path.npz`` for format 1).
 
-        With ``model``, refuse another model (see :meth:`check_model`).
+        The artifact hash must be there and match (an edited field is refused); a file without one
+        (written before the hash existed, or with it removed) is refused unless
+        ``allow_unverified=True``. With ``model``, refuse another model (see :meth:`check_model`).
         """
         stem = _stem(path)
         meta = _sibling(stem, ".json")
@@ -348,6 +383,12 @@ class ProbeDirection:
         if _digest(direction) != info.get("direction_sha256"):
             raise ValueError(
                 f"{weights} does not match the direction hash in {meta}; the pair was mixed up"
+            )
+        if "artifact_sha256" not in info and not allow_unverified:
+            raise ValueError(
+                f"{meta} has no artifact hash (artifact_sha256), so an edited field (std, hook, model_id, ...) "
+                "cannot be detected; refit the probe, or use it knowingly with allow_unverified=True "
+                "(CLI: steer / patch --allow-unverified-probe)"
             )
         if "artifact_sha256" in info and _artifact_digest(direction, info) != info["artifact_sha256"]:
             raise ValueError(

@@ -16,6 +16,7 @@ alpha-curve plots (offline HTML), the held-out predictions and the best probe di
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +27,16 @@ from surprise_probe.probes.sweep import fit_sweep
 
 from surprise_probe.core.capture.store import Capture, verify_capture
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView
 from surprise_probe.core.utils.plots import write_html
 from surprise_probe.core.utils.stats import permutation_p_text
+from surprise_probe.core.utils.storage import write_atomic
 
 __all__ = ["ProbeFit", "fit_probes"]
 
 
-@dataclass
-class ProbeFit:
+@dataclass(repr=False)
+class ProbeFit(NotebookView):
     """A probe sweep over the hooks of one capture, plus where its data came from."""
 
     sweep: SweepResult
@@ -67,9 +70,9 @@ class ProbeFit:
         }
         if self.sweep.by_source:
             paths["sources_html"] = write_html(source_figure(self.sweep), folder / "sources.html")
-        np.savez_compressed(
-            paths["heldout"], **{k.replace(":", "__"): v for k, v in self.sweep.predictions.items()}
-        )
+        heldout = io.BytesIO()
+        np.savez_compressed(heldout, **{k.replace(":", "__"): v for k, v in self.sweep.predictions.items()})
+        write_atomic(paths["heldout"], heldout.getvalue())
         paths["probe"] = self.sweep.direction().save(folder / "probe")
         payload = self.to_dict()
         payload["best_probe"] = str(folder / "probe")
@@ -77,6 +80,11 @@ class ProbeFit:
         # Written last: its presence means the fit folder is complete.
         paths["json"] = write_json(folder / "sweep.json", payload)
         return paths
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        headline, rows = self.sweep._view()
+        where = self.capture_path or "in memory"
+        return headline, [*rows, ("capture", f"{where} (verified: {self.verified})")]
 
     def caveats(self) -> list[str]:
         """Why the exported (best) probe may not be worth steering with; empty when it passes."""

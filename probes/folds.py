@@ -30,10 +30,15 @@ def assign_folds(
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
     unique, inverse = np.unique(sequence_ids, return_inverse=True)
+    if len(unique) < 2:
+        raise ValueError(
+            f"cross-validation grouped by sequence needs at least 2 sequences (one to hold out, one to train on), "
+            f"got {len(unique)}; capture more sequences"
+        )
     if len(unique) < n_folds:
         raise ValueError(
-            f"{len(unique)} sequence(s) cannot fill {n_folds} folds grouped by sequence; "
-            f"use at most {len(unique)} folds or capture more sequences"
+            f"{len(unique)} sequences cannot fill {n_folds} folds grouped by sequence (each fold needs at least "
+            f"one); use at most {len(unique)} folds or capture more sequences"
         )
     order = np.random.default_rng(seed).permutation(len(unique))
     fold_of_unique = np.empty(len(unique), dtype=np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from surprise_probe.probes.direction import ProbeDirection
 from surprise_probe.probes.scoring import Estimate
 
 from surprise_probe.core.forward.hooks import EMBEDDING_HOOK, hook_depth, hook_layer, layer_label
-from surprise_probe.core.utils.jsonio import to_json
+from surprise_probe.core.utils.jsonio import to_json, write_text
+from surprise_probe.core.utils.notebook import NotebookView, TableRows, estimate_text, number_text
+from surprise_probe.core.utils.stats import permutation_p_text
 
 __all__ = ["EMBEDDING_HOOK", "HookResult", "SweepResult", "hook_depth", "hook_layer", "layer_label"]
 
@@ -33,8 +36,8 @@ def _plain(value):
     return value
 
 
-@dataclass
-class HookResult:
+@dataclass(repr=False)
+class HookResult(NotebookView):
     """One row of the sweep: the held-out scores of the probe at one hook, and its controls.
 
     ``r2`` is the pooled held-out R² (see :class:`SweepResult`), ``fold_r2`` each fold's own;
@@ -111,9 +114,21 @@ class HookResult:
         )
         return out
 
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        shuffle = self.row()["shuffle_r2_mean"]
+        rows = [("hook", f"{self.hook} (layer {layer_label(self.hook)}, depth {self.depth:g})"),
+                ("held-out R^2", estimate_text(self.r2)),
+                ("Pearson r", estimate_text(self.pearson_r)),
+                ("R^2 beyond token-type mean", estimate_text(self.residual_r2)),
+                *((f"R^2 beyond {name}", estimate_text(e)) for name, e in self.beyond_r2.items()),
+                ("shuffled labels", f"mean R^2 {number_text(shuffle)}, p "
+                                    f"{permutation_p_text(self.shuffle_p, len(self.shuffle_r2))}"),
+                ("ridge alpha", f"{self.alpha:.3g} ({len(self.fold_r2)} folds)")]
+        return f"{self.hook}: R^2 {estimate_text(self.r2)}, r {number_text(self.pearson_r.value)}", rows
 
-@dataclass
-class SweepResult:
+
+@dataclass(repr=False)
+class SweepResult(NotebookView):
     """Every hook's probe scores, the controls, and what is needed to save a probe direction.
 
     Reading it: ``result[hook]`` is that hook's :class:`HookResult`; ``result[hook].r2`` its
@@ -186,7 +201,30 @@ class SweepResult:
             row["n_tokens"] = self.n_tokens
             row["n_sequences"] = self.n_sequences
             rows.append(row)
-        return rows
+        return TableRows(rows)
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        if not self.hooks:
+            return f"target={self.target!r}, no hooks", [("target", self.target)]
+        best = self[self.best_hook()]
+        folds = self.config.get("n_folds")
+        rows = [("model", self.model_id), ("target", self.target),
+                ("sample", f"{self.n_sequences} sequences, {self.n_tokens} tokens"
+                           + (f"; {folds}-fold CV grouped by sequence" if folds else "")),
+                ("hooks", str(len(self.hooks))),
+                ("best hook", best.hook),
+                ("held-out R^2 at best", estimate_text(best.r2)),
+                ("R^2 beyond token-type mean", estimate_text(best.residual_r2)),
+                ("shuffled labels p", permutation_p_text(best.shuffle_p, len(best.shuffle_r2)))]
+        labels = {"token_mean_r2": "token-type mean", "position_r2": "position", "bigram_r2": "bigram",
+                  "embedding_r2": "embedding probe"}
+        rows += [(f"baseline: {label} R^2", estimate_text(self.controls[key]))
+                 for key, label in labels.items() if self.controls.get(key) is not None]
+        rows += [("warning", note if len(note) <= 200 else note[:197] + "...") for note in self.warnings[:3]]
+        if len(self.warnings) > 3:
+            rows.append(("warnings", f"{len(self.warnings) - 3} more in .warnings"))
+        return (f"target={self.target!r}, {len(self.hooks)} hooks, best {best.hook} R^2 {estimate_text(best.r2)}, "
+                f"{self.n_sequences} sequences, {self.n_tokens} tokens"), rows
 
     def to_markdown(self) -> str:
         beyond = list(self.hooks[0].beyond_r2) if self.hooks else []
@@ -241,17 +279,14 @@ class SweepResult:
 
     def write_csv(self, path: str | Path) -> Path:
         rows = self.table()
-        path = Path(path)
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        return path
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return write_text(path, text.getvalue())
 
     def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(to_json(self.to_dict()))
-        return path
+        return write_text(path, to_json(self.to_dict()))
 
     def direction(self, hook: str | None = None):
         """The :class:`probes.ProbeDirection` of the all-token probe at ``hook`` (default: best)."""

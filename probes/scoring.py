@@ -103,7 +103,7 @@ def probe_caveats(metrics: dict, hook: str = "the probe") -> list[str]:
     """Why a fitted probe may not be worth steering with, read from its recorded metrics.
 
     Rules (each a line when it fails): the held-out R² CI excludes 0; the permutation p against
-    shuffled labels is below 0.05 (with at least 19 shuffles, the smallest count whose floor can
+    shuffled labels is below 0.05 (with at least 20 shuffles, the smallest count whose floor can
     reach it); the R² of the target minus its token-type mean (``residual_r2``, the token-identity
     control) has a CI above 0. ``metrics`` is ``ProbeDirection.metrics`` (or the same keys).
 
@@ -119,7 +119,7 @@ def probe_caveats(metrics: dict, hook: str = "the probe") -> list[str]:
     p = metrics.get("shuffle_p")
     if p is not None and p == p and p >= SHUFFLE_LEVEL:
         notes.append(f"{hook}: not better than its shuffled-label control (permutation p {p:.3f} >= {SHUFFLE_LEVEL}; "
-                     "at least 19 shuffles are needed to reach p < 0.05)")
+                     "at least 20 shuffles are needed to reach p < 0.05)")
     if residual and not (residual.get("low") is not None and residual["low"] > 0):
         notes.append(f"{hook}: not beyond the token-identity control (R^2 of the target minus its token-type mean "
                      f"{residual.get('value', float('nan')):.3f}, CI low {residual.get('low', float('nan')):.3f})")

@@ -29,12 +29,13 @@ import torch
 from jaxtyping import Float, Int
 from surprise_probe.probes.targets import TokenTarget, load_target_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from surprise_probe.core.forward.metrics import surprise_and_entropy
+from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.loading import load_model as load_named_model
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.text.alignment import align_values, token_char_spans
+from surprise_probe.core.utils.progress import tqdm
 
 __all__ = [
     "TargetSpec",
@@ -104,10 +105,8 @@ def capture_sequences(run) -> dict[int, tuple[Int[np.ndarray, " n"], np.ndarray]
 @torch.inference_mode()
 def _last_log_prob(model, windows: Int[Tensor, "batch w"], last: Int[Tensor, " batch"], next_ids) -> Tensor:
     """``log p(next | window[:last + 1])`` per row; right padding is never attended to (causal)."""
-    from transformer_lens import HookedTransformer
-
     rows = torch.arange(len(windows))
-    if isinstance(model, HookedTransformer):
+    if is_hooked_transformer(model):
         # unembed only the position that is scored
         resid = model(windows, stop_at_layer=model.cfg.n_layers)
         logits = model.unembed(model.ln_final(resid[rows, last][:, None, :]))[:, 0]

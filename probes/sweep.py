@@ -53,14 +53,15 @@ from surprise_probe.probes.targets import (
     shard_label,
 )
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from surprise_probe.core.models import distributed
+from surprise_probe.core.utils.progress import tqdm
 from surprise_probe.core.utils.stats import small_sample_warnings
 
 __all__ = ["DEFAULT_ALPHAS", "fit_sweep"]
 
 DEFAULT_ALPHAS = np.logspace(-2, 6, 17)
+DEFAULT_FOLDS = 5  # cross-validation folds, grouped by sequence
 RESERVED_CONTROLS = ("token", "position", "bigram")
 
 
@@ -284,7 +285,7 @@ def fit_sweep(
     *,
     hooks: list[str] | None = None,
     alphas=None,
-    n_folds: int = 5,
+    n_folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     n_shuffles: int = 20,
     n_boot: int = 1000,

@@ -31,6 +31,7 @@ Selected tokens must have finite targets; anything else is an error that names t
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from jaxtyping import Bool, Float, Int
 from surprise_probe.probes.controls import previous_token_ids, span_positions
 
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.storage import write_atomic
 
 __all__ = [
     "TokenTarget",
@@ -90,9 +92,9 @@ class TokenTarget:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         npz = path.with_name(path.name + ".npz")
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, sequence_ids=self.sequence_ids, positions=self.positions, values=self.values)
-        partial.replace(npz)  # atomic: a file with the final name is always complete
+        data = io.BytesIO()
+        np.savez(data, sequence_ids=self.sequence_ids, positions=self.positions, values=self.values)
+        write_atomic(npz, data.getvalue())  # a file with the final name is always complete
         meta = write_json(
             path.with_name(path.name + ".json"),
             {"name": self.name, "n_tokens": len(self.values), **(info or {}), "versions": software_versions()},

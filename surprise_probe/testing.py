@@ -13,6 +13,11 @@ from pathlib import Path
 
 import torch
 
+from surprise_probe.core.models.backends import (
+    hooked_transformer_available,
+    transformer_lens_version,
+)
+
 __all__ = [
     "tiny_llama_folder", "tiny_tokenizer", "tiny_hooked_transformer", "tiny_bridge", "TINY_CORPUS"]
 
@@ -63,7 +68,13 @@ def tiny_tokenizer(folder: str | Path | None = None, vocab_size: int = 400):
 def tiny_hooked_transformer(
     n_layers: int = 2, d_model: int = 64, n_ctx: int = 64, seed: int = 0, tokenizer=None
 ):
-    """A random ``HookedTransformer`` (rotary, LayerNorm) with BOS prepended to plain text."""
+    """A random ``HookedTransformer`` (rotary, LayerNorm) with BOS prepended to plain text.
+
+    TransformerLens 3.x only (4.x has no HookedTransformer): use :func:`tiny_bridge` there.
+    """
+    if not hooked_transformer_available():
+        raise RuntimeError(f"tiny_hooked_transformer needs TransformerLens 3.x; this is "
+                           f"{transformer_lens_version()}, which has only TransformerBridge: use tiny_bridge()")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     tokenizer = tokenizer or tiny_tokenizer()
@@ -127,18 +138,23 @@ def tiny_llama_folder(
     return folder, model
 
 
-def tiny_bridge(n_layers: int = 2, d_model: int = 64, n_ctx: int = 64, seed: int = 0, tokenizer=None):
-    """A random Llama model wrapped as a ``TransformerBridge`` in compatibility mode."""
+def tiny_bridge(n_layers: int = 2, d_model: int = 64, n_ctx: int = 64, seed: int = 0, tokenizer=None,
+                dtype: torch.dtype = torch.float32, **config):
+    """A random Llama model wrapped as a ``TransformerBridge`` in compatibility mode (any TransformerLens).
+
+    ``config`` overrides ``LlamaConfig`` fields (e.g. ``initializer_range=0.3`` for sharp, far from
+    uniform next-token distributions).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     folder = Path(tempfile.mkdtemp(prefix="sp-tiny-bridge-"))
     tokenizer = tokenizer or tiny_tokenizer(folder)
     folder, hf_model = tiny_llama_folder(folder, tokenizer, n_layers=n_layers, d_model=d_model, n_ctx=n_ctx,
-                                         seed=seed, pad=True)
+                                         seed=seed, pad=True, **config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(
-            str(folder), hf_model=hf_model, tokenizer=tokenizer, device="cpu"
+            str(folder), hf_model=hf_model.to(dtype), tokenizer=tokenizer, device="cpu", dtype=dtype
         )
         bridge.enable_compatibility_mode()
     bridge.cfg.model_name = f"tiny-bridge-{n_layers}l-{d_model}d-s{seed}"

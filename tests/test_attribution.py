@@ -17,6 +17,7 @@ from surprise_probe.interventions.patching import activation_patching, align_pos
 from surprise_probe.core.forward.edits import Patch, apply_all
 from surprise_probe.core.forward.passes import forward
 from surprise_probe.core.text.encoding import encode, pad_batch, pad_id
+from tests.conftest import needs_hooked_transformer
 
 
 def _conv(user: str, assistant: str) -> list[dict]:
@@ -37,12 +38,17 @@ def _direction(seed: int = 0) -> torch.Tensor:
     return d / d.norm()
 
 
-@pytest.fixture(scope="module")
-def double_model(one_thread):
-    """float64 copy of a tiny model, so finite differences are accurate to ~1e-8."""
-    from surprise_probe.testing import tiny_hooked_transformer
+@pytest.fixture(scope="module", params=["hooked", "bridge"])
+def double_model(request, one_thread):
+    """float64 copy of a tiny model, so finite differences are accurate to ~1e-8. On both backends:
+    the gradients attribution needs must be there on TransformerLens 3.x and 4.x alike (the
+    bridge once cached none, silently: TransformerLens issue #1680)."""
+    from surprise_probe.testing import tiny_bridge, tiny_hooked_transformer
 
-    return tiny_hooked_transformer(seed=3).double()
+    if request.param == "hooked":
+        needs_hooked_transformer()
+        return tiny_hooked_transformer(seed=3).double()
+    return tiny_bridge(seed=3, dtype=torch.float64, initializer_range=0.3)  # far from uniform, like the other
 
 
 def _entropy_mean(logits, positions) -> float:
@@ -84,10 +90,17 @@ def test_pair_estimate_is_the_derivative_of_a_small_patch(double_model):
     assert finite_difference == pytest.approx(estimate, rel=1e-3, abs=1e-5)
 
 
-def test_single_run_attribution_is_the_derivative_of_a_small_ablation(double_model):
+def test_single_run_attribution_is_the_derivative_of_a_small_ablation(double_model, request):
     """H_t(clean) - H_t(x - eps <x,d> d) = eps * attribution[h, t] to first order, every t."""
     from surprise_probe.core.forward.metrics import output_entropy
 
+    if "bridge" in request.node.callspec.id:
+        # Found 2026-12-07 when this check first ran on the bridge: direction_attribution deviates
+        # from the finite difference by up to 9% (blocks.0) and 16% (blocks.1) relative at some
+        # positions, whatever the chunk size (HookedTransformer: within 1e-3). Kept visible until
+        # explained; strict, so a fix turns it into a failure to remove this mark.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="bridge single-run attribution != finite "
+                                              "difference (up to 16% relative); under investigation"))
     model, d = double_model, _direction(2)
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     item = PAIRS[0][0]

@@ -35,6 +35,7 @@ from surprise_probe.probes import fit_sweep
 from surprise_probe.core.capture.run import capture
 from surprise_probe.core.models.loading import load_model
 from surprise_probe.testing import TINY_CORPUS
+from tests.conftest import needs_hooked_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,6 +78,8 @@ def sharp_hf_folder(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module", params=["hooked", "bridge"])
 def models(request, sharp_hf_folder):
     """(float32, bfloat16) copies of the same weights on one backend."""
+    if request.param == "hooked":
+        needs_hooked_transformer()
     return tuple(load_model(sharp_hf_folder, dtype=dtype, backend=request.param, progress=False)
                  for dtype in ("float32", "bfloat16"))
 

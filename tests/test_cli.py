@@ -117,6 +117,13 @@ def test_every_output_config_reruns_its_command(tiny_loader, tiny_hooked, tmp_pa
     assert main(["steer", "--config", str(tmp_path / "steer" / "config.json"), "--out", str(tmp_path / "steer2")]) == 0
     again = json.loads((tmp_path / "steer2" / "steer.json").read_text())
     assert again["dose_response"]["entropy"] == payload["dose_response"]["entropy"]
+    # Identical fits write identical probe bytes, so steer.json / patch.json record the same probe hash.
+    for name in ("probe.safetensors", "probe.json"):
+        assert (tmp_path / "fit" / name).read_bytes() == (tmp_path / "fit2" / name).read_bytes(), name
+    steer_fit2 = [*steer[:2], str(tmp_path / "fit2" / "probe.json"), *steer[3:6], str(tmp_path / "steer3"), *steer[7:]]
+    assert main(steer_fit2) == 0
+    third = json.loads((tmp_path / "steer3" / "steer.json").read_text())
+    assert third["probe"]["sha256"] == payload["probe"]["sha256"] and payload["probe"]["verified"] is True
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(TEXTS[:2])))
     assert main(["generate", "--prompts", str(prompts), "--out", str(tmp_path / "gen.jsonl"), "--max-new-tokens", "3",
@@ -182,6 +189,13 @@ def built_workspace(tmp_path_factory, tiny_hooked, tiny_tokenizer):
     shutil.copy(w / "probe.safetensors", w / "edited.safetensors")
     edited["std"] = 99.0
     (w / "edited.json").write_text(json.dumps(edited))
+    unhashed = dict(edited, std=100.0)  # std x 100 and the artifact hash removed
+    del unhashed["artifact_sha256"]
+    (w / "unhashed.json").write_text(json.dumps(unhashed))
+    shutil.copy(w / "probe.safetensors", w / "unhashed.safetensors")
+    (w / "onetoken.jsonl").write_text(json.dumps({"token_ids": [5]}) + "\n")
+    (w / "longpair.jsonl").write_text(json.dumps({"source": {"token_ids": [5] * 100},
+                                                  "destination": {"text": TEXTS[1]}}) + "\n")
     (w / "truncated.safetensors").write_bytes((w / "probe.safetensors").read_bytes()[:50])
     shutil.copy(w / "probe.json", w / "truncated.json")
     damaged = w / "damaged"
@@ -318,7 +332,7 @@ CASES = [
     ("steer-locked-by-another-run", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/locked", 1, "pid 1 on host"),
     ("patch-locked-by-another-run", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/locked", 1,
      "pid 1 on host"),
-    ("study-locked-by-another-run", "study --input {w}/in.txt --out {w}/locked --steer-inputs 2", 1, "pid 1 on host"),
+    ("study-locked-by-another-run", "study --input {w}/texts.txt --out {w}/locked --steer-inputs 2", 1, "pid 1 on host"),
     ("capture-unknown-flag", "capture --input {w}/in.txt --out {w}/o --bogus", 2, "--bogus"),
     ("capture-missing-out", "capture --input {w}/in.txt", 2, "--out"),
     # generate
@@ -380,12 +394,12 @@ CASES = [
     ("patch-n-boot-0", f"patch --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p --n-boot 0", 2, "'0'"),
     # study
     ("study-steer-inputs-negative", "study --input {w}/in.txt --out {w}/st --steer-inputs -1", 2, "'-1'"),
-    ("study-steer-inputs-too-many", "study --input {w}/in.txt --out {w}/st --steer-inputs 100", 2, "100"),
+    ("study-steer-inputs-too-many", "study --input {w}/texts.txt --out {w}/st --steer-inputs 100", 2, "100"),
     ("study-one-strength", "study --input {w}/in.txt --out {w}/st --strengths 2 2", 2, "--strengths"),
     ("study-random-directions-negative", "study --input {w}/in.txt --out {w}/st --random-directions -3", 2, "'-3'"),
     ("study-csv-input", "study --input {w}/in.csv --out {w}/st", 2, ".csv"),
     ("study-out-is-a-file", "study --input {w}/in.txt --out {w}/a_file", 2, "a_file is a file"),
-    ("study-out-user-folder", "study --input {w}/in.txt --out {w}/userdir --steer-inputs 2", 2, "did not write"),
+    ("study-out-user-folder", "study --input {w}/texts.txt --out {w}/userdir --steer-inputs 2", 2, "did not write"),
     ("capture-bad-device", "capture --input {w}/in.txt --out {w}/o --device tpu", 2, "--device tpu"),
     ("gap-bad-device", "gap --models {w}/lm --prompts {w}/gap.jsonl --out {w}/g --device cuda:x", 2, "--device cuda:x"),
     ("fit-target-unknown-model", "fit --activations {w}/cap --out {w}/f --target model:no-such-model-xyz", 2,
@@ -402,7 +416,7 @@ CASES = [
      "--model no-such-model-xyz: unknown model"),
     ("patch-unknown-model", f"patch --model no-such-model-xyz --probe {P} --pairs {{w}}/pairs.jsonl --out {{w}}/p", 2,
      "--model no-such-model-xyz: unknown model"),
-    ("study-unknown-model", "study --model no-such-model-xyz --input {w}/in.txt --out {w}/st --steer-inputs 2", 2,
+    ("study-unknown-model", "study --model no-such-model-xyz --input {w}/texts.txt --out {w}/st --steer-inputs 2", 2,
      "--model no-such-model-xyz: unknown model"),
     ("study-unknown-base-reader", "study --input {w}/in.txt --out {w}/st --steer-inputs 2 --base-reader nope-xyz", 2,
      "'nope-xyz'"),
@@ -479,6 +493,23 @@ CASES = [
     ("intention-locked-by-another-run", "intention --models {w}/lm --prompts {w}/topics.jsonl --out {w}/locked", 1,
      "pid 1 on host"),
     ("intention-resume-damaged-cache", INTENTION_RUN + " --out {w}/intention_cut", 1, "k0.json:"),
+    # degenerate inputs and unverified artifacts (issue #28)
+    ("capture-one-token-input", "capture --input {w}/onetoken.jsonl --out {w}/o", 1,
+     "input 0 ({'token_ids': [5]}) is 1 token long; capture needs at least 2 tokens per input"),
+    ("capture-line-cut-off", "capture --input {w}/bad.jsonl --out {w}/o", 2,
+     "bad.jsonl:2: not valid JSON (the line stops after column 13, inside a string that opens at column 10"),
+    ("gap-line-cut-off", "gap --models {w}/lm --prompts {w}/gap_bad.jsonl --out {w}/g", 2,
+     "gap_bad.jsonl:2: not valid JSON (the line stops after column 11, before its JSON value is complete"),
+    ("steer-strength-overflows", f"steer --probe {P} --input {{w}}/in.txt --out {{w}}/s --strengths 0 1e38", 2,
+     "--strengths 1e+38: times the probe's std (1) it overflows the float32 norm"),
+    ("steer-unhashed-probe", "steer --probe {w}/unhashed.json --input {w}/in.txt --out {w}/s", 2,
+     "unhashed.json has no artifact hash (artifact_sha256)"),
+    ("patch-unhashed-probe", "patch --probe {w}/unhashed.json --pairs {w}/pairs.jsonl --out {w}/p", 2,
+     "(CLI: steer / patch --allow-unverified-probe)"),
+    ("patch-pair-too-long", f"patch --probe {P} --pairs {{w}}/longpair.jsonl --out {{w}}/p", 1,
+     "pair 0 source has 100 tokens, more than the model context of 64; patching does not truncate"),
+    ("study-max-inputs-1", "study --input {w}/texts.txt --out {w}/st --max-inputs 1", 2,
+     "the study needs at least 5 inputs, since its probes use 5 cross-validation folds grouped by input; got 1"),
     # --config and the command line itself
     ("config-missing-file", "fit --config {w}/nope.json", 2, "nope.json"),
     ("config-other-command", "steer --config {w}/fit/config.json", 2, "records a `fit` run"),
@@ -545,6 +576,33 @@ def test_debug_shows_the_traceback(workspace, guarded_loader, capsys):
     assert main(["fit", "--activations", str(workspace / "zero"), "--out", str(workspace / "f"), "--folds", "3",
                  "--no-progress", "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_dangling_symlink_as_out_is_named(workspace, guarded_loader, capsys):
+    """It gave a raw "[Errno 17] File exists"."""
+    (workspace / "dangling").symlink_to(workspace / "nowhere")
+    (workspace / "dangling.jsonl").symlink_to(workspace / "nowhere.jsonl")
+    for argv in (["capture", "--input", str(workspace / "in.txt"), "--out", str(workspace / "dangling")],
+                 ["generate", "--prompts", str(workspace / "prompts.jsonl"), "--out", str(workspace / "dangling.jsonl")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is a symbolic link to" in err and "nowhere" in err and "which does not exist" in err, err
+        assert "Errno" not in err
+    assert guarded_loader == []
+
+
+def test_an_unhashed_probe_runs_only_with_the_flag_and_is_recorded_so(workspace, guarded_loader, capsys):
+    argv = ["steer", "--probe", str(workspace / "unhashed.json"), "--input", str(workspace / "in.txt"), "--out",
+            str(workspace / "s"), "--strengths", "-1", "1", "--random-directions", "1", "--n-boot", "10",
+            "--no-ablation", "--no-progress"]
+    assert main(argv) == 2
+    assert main([*argv, "--allow-unverified-probe"]) == 0
+    err = capsys.readouterr().err
+    assert "unhashed.json has no artifact hash: its fields (std, hook, ...) are used unverified" in err
+    payload = json.loads((workspace / "s" / "steer.json").read_text())
+    assert payload["probe"]["verified"] is False and payload["dose_response"]["std"] == 100.0
+    # A permission, not a setting: the same run without the flag is refused again, not resumed.
+    assert "allow_unverified_probe" not in json.loads((workspace / "s" / "config.json").read_text())["config"]
 
 
 def test_read_only_out(workspace, guarded_loader, capsys):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from surprise_probe.interventions import (
+    SteeringDirection,
     directional_ablation,
     dose_response,
     from_probe,
@@ -135,11 +137,34 @@ def test_probe_from_another_model_is_refused(tiny_model):
 
 
 def test_strength_that_overflows_is_named(tiny_model):
-    with pytest.raises(ValueError, match=r"strength=1e\+38 on direction 'probe'"):
-        dose_response(tiny_model, ITEMS, _steering(tiny_model, std=10.0), [0.0, 1e38],
-                      random_directions=0, progress=False)
+    # 1e38 x std 1.5 is finite in float32, but its square is not: every later layer norm divides by
+    # infinity and each direction gave entropy ln V, a slope of ~1e-40 and z 0.00 without a word.
+    for std in (1.5, 10.0):
+        with pytest.raises(ValueError, match=r"strength=1e\+38 \(x std .*\) .*overflows float32, so every later "
+                                             r"layer norm outputs zeros .*below 1\.84e\+19"):
+            dose_response(tiny_model, ITEMS, _steering(tiny_model, std=std), [0.0, 1e38], random_directions=0,
+                          progress=False)
     with pytest.raises(ValueError, match="finite"):
         dose_response(tiny_model, ITEMS, _steering(tiny_model), [0.0, float("inf")], progress=False)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_strength_that_saturates_the_model_is_named(tiny_hooked, batched):
+    """Along (1, ..., 1) a LayerNorm model centres the edit away; at 1e9 rounding leaves nothing of the
+    activation, so every output is uniform (entropy exactly ln V): an error, not a number."""
+    d_model = tiny_hooked.cfg.d_model
+    flat = SteeringDirection(torch.ones(d_model) / d_model**0.5, HOOK, 1.0)
+    with pytest.raises(ValueError, match=r"strength=1e\+09 on direction 'probe' \(steer\) saturated the model on "
+                                         r"input 0: its output is uniform \(entropy = ln 400"):
+        dose_response(tiny_hooked, ITEMS, flat, [0.0, 1e9], random_directions=2, batched=batched, progress=False)
+    assert dose_response(tiny_hooked, ITEMS, flat, [0.0, 1e3], random_directions=0, progress=False, n_boot=20)
+
+
+def test_non_finite_logits_are_named(tiny_hooked):
+    half = copy.deepcopy(tiny_hooked).to(torch.float16)
+    half.cfg.dtype = torch.float16
+    with pytest.raises(ValueError, match=r"strength=1e\+06 on direction 'probe' \(steer\) gave non-finite logits"):
+        dose_response(half, ITEMS, _steering(half), [0.0, 1e6], random_directions=0, progress=False)
 
 
 def test_input_without_scored_tokens_is_refused(tiny_model):

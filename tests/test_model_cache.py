@@ -5,7 +5,6 @@ SmolLM2 would be (``$SURPRISE_PROBE_CACHE/models/smollm2-135m-instruct`` with a 
 so ``load_model("smollm2-135m-instruct")`` runs the real code path on it.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -28,7 +27,7 @@ def embedded(tmp_path, monkeypatch, tiny_hf_folder):
     monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path))
     folder = tmp_path / "models" / NAME
     shutil.copytree(tiny_hf_folder, folder)
-    (folder / ".complete").write_text(json.dumps({"cache_format": embedded_models.CACHE_FORMAT}) + "\n")
+    embedded_models.write_marker(folder)
     return folder
 
 
@@ -164,7 +163,7 @@ def test_unwritable_cache_warns_and_loads(embedded, monkeypatch):
     with pytest.warns(UserWarning, match="could not cache the processed weights.*read-only"):
         model = sp.load_model(NAME, device="cpu", progress=False)
     assert_same_model(model, reference(embedded, torch.float32))
-    assert cache_files(embedded) == [] and list(embedded.parent.glob(".*.tmp")) == []
+    assert cache_files(embedded) == [] and list(embedded.parent.glob(".*.tmp*")) == []
 
 
 @pytest.mark.skipif(devices._malloc_trim() is None, reason="needs glibc's malloc_trim (Linux)")
@@ -186,3 +185,85 @@ def test_release_memory_elsewhere_only_collects(monkeypatch):
         assert devices._malloc_trim() is None and devices.release_memory() is False
     finally:
         devices._malloc_trim.cache_clear()
+
+
+# --- a damaged, unwritable or littered model cache ----------------------------------------------------
+
+@pytest.fixture
+def rebuilds(monkeypatch, tiny_hf_folder):
+    """Rebuilding the cache copies the tiny model back (instead of dequantizing the real GGUF)."""
+    calls = []
+
+    def build(name, target, progress):
+        calls.append(name)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(tiny_hf_folder, target)
+        embedded_models.write_marker(target)
+        return target
+
+    monkeypatch.setattr(embedded_models, "_build_embedded", build)
+    return calls
+
+
+def test_a_truncated_cache_file_is_found_by_its_size_and_rebuilt(embedded, rebuilds):
+    expected = reference(embedded, torch.float32)
+    weights = next(embedded.glob("*.safetensors"))
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.truncate(size // 2)  # what a disk filling up during the first load leaves
+    with pytest.warns(UserWarning, match=rf"model cache .*{NAME} is damaged \(model.safetensors has {size // 2} "
+                                         rf"bytes, {size} when it was built\); rebuilding it"):
+        model = sp.load_model(NAME, device="cpu", progress=False)
+    assert rebuilds == [NAME] and weights.stat().st_size == size
+    assert_same_model(model, expected)
+
+
+def test_a_cache_file_damaged_at_its_size_is_found_by_its_hash_and_rebuilt(embedded, rebuilds):
+    expected = reference(embedded, torch.float32)
+    weights = next(embedded.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff" * 32  # the header is no longer JSON; the size is unchanged
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"model.safetensors does not match the sha256 recorded when it was built"):
+        model = sp.load_model(NAME, device="cpu", progress=False)
+    assert rebuilds == [NAME]
+    assert_same_model(model, expected)
+
+
+def test_an_intact_cache_keeps_the_loading_error(embedded, rebuilds, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(models, "_load_folder", fail)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        sp.load_model(NAME, device="cpu", progress=False)
+    assert rebuilds == []
+
+
+def test_a_killed_builds_temporary_folder_is_swept(embedded, rebuilds):
+    stale = embedded.parent / f".tmp-{NAME}-abc123"
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "model.safetensors").write_bytes(b"half a model")
+    sp.load_model(NAME, device="cpu", progress=False)
+    assert not stale.exists() and rebuilds == []
+
+
+def test_an_unwritable_cache_names_the_cache_and_how_to_move_it(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    monkeypatch.setenv("SURPRISE_PROBE_CACHE", str(tmp_path / "home" / "cache"))
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "home")):
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "home"))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OSError, match=r"could not write the model cache .*home/cache/\.build-smollm2-135m-instruct"
+                                      r"\.lock: the file system is read-only; set SURPRISE_PROBE_CACHE to another "
+                                      r"folder") as error:
+        embedded_models.embedded_folder(NAME, progress=False)
+    assert "[Errno" not in str(error.value)

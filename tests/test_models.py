@@ -103,7 +103,10 @@ def test_old_cache_marker_is_rebuilt(tmp_path, monkeypatch):
     assert not embedded._is_complete(folder)
     (folder / ".complete").write_text('{"cache_format": 1}')
     assert not embedded._is_complete(folder)
-    (folder / ".complete").write_text(f'{{"cache_format": {embedded.CACHE_FORMAT}}}')
+    (folder / ".complete").write_text(f'{{"cache_format": {embedded.CACHE_FORMAT - 1}}}')
+    assert not embedded._is_complete(folder)  # the format before files were recorded
+    (folder / "config.json").write_text("{}")
+    embedded.write_marker(folder)
     assert embedded._is_complete(folder)
 
 

@@ -319,3 +319,29 @@ def test_probe_readout_auroc_for_the_reader_it_was_fitted_on(trained, tmp_path):
     expected = roc_auc_score([1] * len(on) + [0] * len(off), -np.array(on + off))
     assert row["auroc_probe"]["auroc"] == pytest.approx(expected)
     assert "auroc_probe" not in result.comparison("untrained", "assistant", "writer:trained")
+
+
+def test_one_prompt_gives_no_interval_and_says_what_it_needs(trained):
+    """From n = 1 the gap once reported AUROC 1.00 [1.00, 1.00] and off/on 1.000 [1.000, 1.000], with
+    own_other_prompt silently absent: now the number stands with the reason it has no interval."""
+    model, other = trained
+    result = policy_gap({"trained": model, "untrained": other}, PROMPTS[:1], formats=["assistant"],
+                        max_new_tokens=6, n_boot=20, progress=False)
+    row = result.comparison("trained", "assistant", "writer:untrained")
+    ratio, auroc = row["span"]["ratio_off_on"], row["auroc_entropy"]
+    assert np.isfinite(ratio["value"]) and np.isnan(ratio["low"]) and np.isnan(ratio["high"])
+    assert ratio["note"] == "no CI: a CI over prompts needs at least 2 prompts, got 1"
+    assert np.isnan(auroc["low"]) and "a DeLong CI needs at least 2 responses on each side, got 1 and 1" in auroc["note"]
+    own = result.cell("trained", "assistant", "own")["mean_entropy"]
+    assert np.isnan(own["low"]) and own["n_prompts"] == 1
+    warnings = result.summary["warnings"]
+    assert any("own_other_prompt" in w and "needs at least 2 prompts" in w for w in warnings)
+    text = result.report()
+    assert "[1.00, 1.00]" not in text and "[1.000, 1.000]" not in text
+    assert "[no CI: a CI over prompts needs at least 2 prompts, got 1]" in text
+    assert "warning: 1 prompt: own_other_prompt" in text and result.to_dict()["warnings"] == warnings
+    # Two prompts: intervals again, and the small sample is still said.
+    two = policy_gap({"trained": model}, PROMPTS[:2], formats=["assistant"], max_new_tokens=6, n_boot=20,
+                     progress=False)
+    assert np.isfinite(two.comparison("trained", "assistant", "own_other_prompt")["span"]["ratio_off_on"]["low"])
+    assert two.summary["warnings"][0].startswith("CIs from 2 prompts")

@@ -100,7 +100,11 @@ def _old_format_files(stem, direction, with_artifact_hash):
 def test_directions_saved_in_format_1_still_load(tmp_path, with_artifact_hash):
     direction = np.array([2.0, -1.0, 2.0]) / 3.0
     _old_format_files(tmp_path / "old", direction, with_artifact_hash)
-    loaded = ProbeDirection.load(tmp_path / "old.npz", model=_model(d_model=3))
+    if not with_artifact_hash:  # written before the artifact hash: loads only when asked to, knowingly
+        with pytest.raises(ValueError, match=r"old\.json has no artifact hash .*allow_unverified=True "
+                                             r"\(CLI: steer / patch --allow-unverified-probe\)"):
+            ProbeDirection.load(tmp_path / "old.npz", model=_model(d_model=3))
+    loaded = ProbeDirection.load(tmp_path / "old.npz", model=_model(d_model=3), allow_unverified=not with_artifact_hash)
     np.testing.assert_array_equal(loaded.direction, direction)
     assert (loaded.std, loaded.coef_norm, loaded.intercept, loaded.model) == (1.5, 2.0, -1.0, {})
     x = np.array([[3.0, 0.0, 3.0]])
@@ -280,3 +284,61 @@ def test_hf_basis_export_reads_the_hugging_face_hidden_states(tmp_path, tiny_tok
     np.testing.assert_allclose(hidden @ exported["vector"].double().numpy(), toolkit, rtol=1e-4, atol=1e-4)
     if centred:  # the unedited direction would read the HF hidden states wrongly
         assert np.abs(hidden @ probe.direction - toolkit).max() > 1e-2
+
+
+def test_a_probe_whose_hash_was_removed_is_refused_unless_allowed(sweep_and_data, tmp_path):
+    """std x 100 with artifact_sha256 deleted was accepted: the hash was checked only when present."""
+    meta = sweep_and_data[0].direction().save(tmp_path / "probe")
+    info = json.loads(meta.read_text())
+    info["std"] *= 100
+    del info["artifact_sha256"]
+    meta.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"probe\.json has no artifact hash \(artifact_sha256\), so an edited field"):
+        ProbeDirection.load(meta)
+    loaded = ProbeDirection.load(meta, allow_unverified=True)
+    assert loaded.std == pytest.approx(info["std"])
+
+
+SAVE_SCRIPT = """
+import sys, numpy as np
+from surprise_probe.probes import ProbeDirection
+d = np.array([3.0, 4.0, 0.0, 0.0]) / 5
+ProbeDirection(d, mean=0.5, std=2.0, hook="blocks.1.hook_resid_post", layer=1, model_id="m", d_model=4,
+               target="surprise", metrics={"r2": 0.5, "alpha": 10.0}, versions={"numpy": "x"},
+               model={"weights_sha256": "ab", "dtype": "float32"}).save(sys.argv[1])
+"""
+
+
+def test_identical_saves_give_identical_bytes_and_hashes(tmp_path):
+    """safetensors wrote its metadata in hash-map order, different in every process, so identical
+    runs recorded different probe sha256 in steer.json and patch.json."""
+    import subprocess
+    import sys
+
+    from surprise_probe.interventions.experiments import probe_artifact
+
+    for run in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", SAVE_SCRIPT, str(tmp_path / run / "probe")], check=True)
+    for suffix in (".safetensors", ".json"):
+        contents = {(tmp_path / run / f"probe{suffix}").read_bytes() for run in ("a", "b", "c")}
+        assert len(contents) == 1, suffix
+    hashes = {probe_artifact(tmp_path / run / "probe")["sha256"] for run in ("a", "b", "c")}
+    assert len(hashes) == 1 and probe_artifact(tmp_path / "a" / "probe")["verified"] is True
+    loaded = ProbeDirection.load(tmp_path / "a" / "probe")  # the canonical file reads back
+    np.testing.assert_array_equal(loaded.direction, np.array([0.6, 0.8, 0.0, 0.0]))
+    with safetensors.safe_open(str(tmp_path / "a" / "probe.safetensors"), "np") as handle:
+        assert handle.metadata()["hook"] == "blocks.1.hook_resid_post"
+
+
+def test_a_bf16_model_against_a_float32_probe_names_the_dtype_to_load_with():
+    model = tiny_hooked_transformer().to(torch.bfloat16)
+    model.cfg.dtype = torch.bfloat16
+    fingerprint = model_fingerprint(tiny_hooked_transformer())  # measured on a float32 load
+    fingerprint["weight_processing"]["writing_weights_centered"] = not \
+        model_fingerprint(model)["weight_processing"]["writing_weights_centered"]
+    direction = ProbeDirection(np.ones(model.cfg.d_model) / np.sqrt(model.cfg.d_model), 0.0, 1.0,
+                               "blocks.1.hook_resid_post", 1, model_id(model), model.cfg.d_model, "surprise",
+                               model=fingerprint)
+    with pytest.raises(ValueError, match=r"fitted on a float32 load and this model is bfloat16 .*"
+                                         r"dtype='float32' \(CLI: --dtype float32\) as for the fit"):
+        direction.check_model(model)

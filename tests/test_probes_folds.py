@@ -30,7 +30,11 @@ def test_folds_are_balanced_seeded_and_order_free():
 
 
 def test_fewer_sequences_than_folds_is_an_error():
-    with pytest.raises(ValueError, match="3 sequence\\(s\\) cannot fill 5 folds"):
+    with pytest.raises(ValueError, match="3 sequences cannot fill 5 folds"):
         assign_folds(np.array([0, 0, 1, 2]), 5)
+    # One sequence: no number of folds works ("use at most 1 folds" was no advice: folds must be >= 2).
+    with pytest.raises(ValueError, match=r"needs at least 2 sequences \(one to hold out, one to train on\), got 1; "
+                                         r"capture more sequences"):
+        assign_folds(np.array([4, 4, 4]), 5)
     with pytest.raises(ValueError, match="needs groups="):
         list(GroupedKFold(2).split(np.zeros((4, 1))))

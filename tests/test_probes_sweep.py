@@ -186,7 +186,7 @@ def test_nonfinite_target_names_sequence_and_position():
 
 def test_fewer_sequences_than_folds_is_an_error():
     with pytest.raises(
-        ValueError, match=r"target 'surprise': 60 sequence\(s\) cannot fill 61 folds"
+        ValueError, match=r"target 'surprise': 60 sequences cannot fill 61 folds"
     ):
         fit_sweep(planted(), n_folds=61, progress=False)
 

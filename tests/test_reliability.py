@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,3 +243,131 @@ def test_overwrite_of_an_interrupted_run_keeps_what_was_there_before_it(tmp_path
         claim.finish()
     assert (folder / "notes.txt").read_text() == "keep me"
     assert json.loads((folder / "config.json").read_text())["outputs"] == []
+
+
+# --- a full disk or a file-size limit; temporaries; a damaged output line on resume ----------------
+
+DISK_SCRIPT = textwrap.dedent("""
+    import json, os, resource, sys, warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    torch.set_num_threads(1)
+    from surprise_probe.app.cli import main
+    from surprise_probe.app.commands import _common
+    from surprise_probe.testing import tiny_hooked_transformer
+    from tests.conftest import TEXTS
+
+    work = sys.argv[1]
+    os.chdir(work)
+    torch.manual_seed(0)
+    model = tiny_hooked_transformer()
+    _common.load_model = lambda name, **kwargs: model
+    open("texts.txt", "w").write("\\n".join(TEXTS * 2) + "\\n")
+    open("prompts.jsonl", "w").write("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\\n"
+                                             for i, t in enumerate(TEXTS[:4])))
+    fit = "fit --activations cap --out {out} --folds 3 --shuffles 1 --n-boot 10 --no-nested --no-progress"
+    assert main("capture --input texts.txt --out cap --n-boot 10 --no-progress".split()) == 0
+    assert main(fit.format(out="fit").split()) == 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    results = {}
+    for name, limit, argv in [
+        ("capture-config", 300, "capture --input texts.txt --out cap2 --n-boot 10 --no-progress"),
+        ("capture-shard", 3000, "capture --input texts.txt --out cap3 --n-boot 10 --no-progress"),
+        ("fit-html", 100_000, fit.format(out="fit2")),
+        ("steer-html", 100_000, "steer --probe fit/probe.json --input texts.txt --out steer --strengths -1 1 "
+                                "--random-directions 1 --n-boot 10 --no-progress"),
+        ("generate-jsonl", 1000, "generate --prompts prompts.jsonl --out g.jsonl --max-new-tokens 3 --no-progress"),
+    ]:
+        sys.stderr = open(f"{name}.err", "w")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            code = main(argv.split())
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            sys.stderr.close()
+            sys.stderr = sys.__stderr__
+        results[name] = [code, open(f"{name}.err").read()]
+    # The same fit, rerun with room to write: it finishes and nothing temporary is left anywhere.
+    results["fit-rerun"] = [main(fit.format(out="fit2").split()), ""]
+    print("RESULTS", json.dumps(results))
+""")
+
+
+def test_a_full_disk_names_the_path_and_the_fix_and_leaves_no_temporaries(tmp_path):
+    """Under a file-size limit every write failed with "[Errno 27] File too large" and no path, and
+    left .config.json.tmp-*, .sweep.html.tmp-* or a .tmp-000000 shard folder behind."""
+    run = subprocess.run([sys.executable, "-c", DISK_SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.split("RESULTS ", 1)[1])
+    expected = {"capture-config": r"cap2/config\.json", "capture-shard": r"capture shard 000000 cap3/shards/\.tmp-000000/",
+                "fit-html": r"fit2/\w+\.html", "steer-html": r"steer/\w+\.html", "generate-jsonl": r"g\.jsonl"}
+    for name, where in expected.items():
+        code, err = results[name]
+        lines = [line for line in err.splitlines() if not line.startswith("warning:")]  # steer's probe caveats
+        assert code == 1 and len(lines) == 1, (name, err)
+        assert re.search(rf"error: could not write .*{where}\S*: the file is larger than the file-size limit "
+                         r"\(`ulimit -f`\) or the file system allows; raise the limit \(`ulimit -f unlimited`\) "
+                         "or write somewhere else", lines[0]), (name, lines[0])
+        assert "[Errno" not in lines[0]
+    assert results["fit-rerun"][0] == 0
+    left = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert left == [], left
+
+
+def test_a_killed_writers_temporary_is_swept_by_the_next_write(tmp_path):
+    from surprise_probe.core.utils.jsonio import write_json
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".sweep.html.tmp-{int(dead.stdout)}"  # a process killed while writing sweep.html
+    stale.write_text("half a page")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        kept = tmp_path / f".sweep.html.tmp-{live.pid}"  # a live writer's temporary is left alone
+        kept.write_text("being written")
+        write_json(tmp_path / "sweep.html", {"a": 1})
+        assert not stale.exists() and kept.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_generate_recomputes_a_damaged_line_on_resume(tiny_hooked, tmp_path, monkeypatch, capsys):
+    """A rerun after line 2 of 4 was cut in half said "nothing to do" and left it invalid."""
+    from surprise_probe.app.cli import main
+    from surprise_probe.app.commands import _common
+
+    monkeypatch.setattr(_common, "load_model", lambda name, **kwargs: tiny_hooked)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(TEXTS[:4])))
+    out = tmp_path / "g.jsonl"
+    argv = ["generate", "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "3", "--no-progress"]
+    assert main(argv) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + lines[1][: len(lines[1]) // 2] + "\n" + "".join(lines[2:]))
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "nothing to do" not in captured.out
+    assert re.search(rf"warning: {re.escape(str(out))}:2: not valid JSON \(the line stops after column \d+, "
+                     r".*was it cut off\?\); dropped, and its response is sampled again", captured.err), captured.err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["p0", "p1", "p2", "p3"]
+    assert json.loads((tmp_path / "g.jsonl.config.json").read_text())["n_responses"] == 4
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    # A whole line that lost its id counts as damaged too; one with another prompt's id is an error.
+    records[0].pop("id")
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(argv) == 0 and "g.jsonl:1: has no 'id'" in capsys.readouterr().err
+
+
+def test_a_bare_json_string_line_is_one_text_as_documented(tmp_path):
+    from surprise_probe.core.text.files import read_inputs
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('"A plain text."\n{"text": "Another."}\n')
+    assert read_inputs(path) == ["A plain text.", {"text": "Another."}]
+    assert '`"some text"`, read as' in (ROOT / "docs" / "capture.md").read_text()
+    path.write_text("42\n")
+    with pytest.raises(ValueError, match=r"in\.jsonl:1: expected a JSON object, a list of messages or a string"):
+        read_inputs(path)

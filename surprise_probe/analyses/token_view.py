@@ -38,6 +38,7 @@ from surprise_probe.core.forward.passes import forward
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.text.encoding import encode, pad_batch, pad_id
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView, number_text
 from surprise_probe.core.utils.plots import write_report
 from surprise_probe.interventions.attribution import direction_attribution
 
@@ -48,8 +49,8 @@ def _plain(values) -> list[float | None]:
     return [None if not np.isfinite(v) else round(float(v), 5) for v in np.asarray(values, float)]
 
 
-@dataclass
-class TokenViewData:
+@dataclass(repr=False)
+class TokenViewData(NotebookView):
     """Per-token values of one read, for :func:`token_view_html`. Lists are per shown token;
     ``None`` marks a value that does not exist (input surprise at position 0) or was not computed."""
 
@@ -74,6 +75,22 @@ class TokenViewData:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        scored = [i for i, flag in enumerate(self.scored) if flag]
+
+        def mean(values):
+            kept = [values[i] for i in scored if values[i] is not None]
+            return number_text(sum(kept) / len(kept) if kept else None)
+
+        shown = f"{len(self.tokens)} of {self.n_tokens_total} tokens ({len(scored)} scored)"
+        rows = [("model", self.model_id), ("shown", shown),
+                ("mean input surprise (scored)", f"{mean(self.input_surprise)} nats"),
+                ("mean output entropy (scored)", f"{mean(self.output_entropy)} nats"),
+                ("steering", f"+/-{self.strength:g} std at {self.steer_hook}"),
+                ("probe layers", f"{len(self.decoded_surprise)} of {len(self.hooks)}"),
+                ("view", "token_view_html(data), or .save(folder) -> token_view.html")]
+        return f"{self.model_id}: {shown}, steered at {self.steer_hook}", rows
 
     def save(self, folder: str | Path) -> dict[str, Path]:
         """Write ``token_view.json`` and a standalone ``token_view.html`` into ``folder``."""

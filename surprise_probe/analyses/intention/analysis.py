@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from surprise_probe.analyses.intention.commitment import (
     _commitment_curve,
@@ -59,6 +58,7 @@ from surprise_probe.analyses.intention.results import IntentionResult, ModelInte
 from surprise_probe.analyses.intention.samples import _label_of, _model_cache
 from surprise_probe.analyses.intention.topics import Labeller
 from surprise_probe.core.models.loading import load_model, model_id
+from surprise_probe.core.utils.progress import tqdm
 
 __all__ = ["analyze_intention"]
 

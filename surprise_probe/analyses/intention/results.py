@@ -14,13 +14,14 @@ from surprise_probe.analyses.intention.plots import (
     topic_distribution_figure,
 )
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView, ci_text
 from surprise_probe.core.utils.plots import write_html
 
 __all__ = ["ModelIntention", "IntentionResult"]
 
 
-@dataclass
-class ModelIntention:
+@dataclass(repr=False)
+class ModelIntention(NotebookView):
     """Everything measured on one model (see the module docstring)."""
 
     model_id: str
@@ -40,9 +41,26 @@ class ModelIntention:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        te, ms = self.topic_entropy, self.modal_share
+        entropy = ci_text(te["value"], te.get("low"), te.get("high"))
+        rows = [("model", f"{self.model_id} ({self.prompt_format} format)"),
+                ("sample", f"{te['n_prompts']} prompts, {te['n_rows']} phrasings, {te['n_samples']} samples"),
+                ("topic entropy at k=0", f"{entropy} nats (uniform: {self.uniform_reference:.3f})"),
+                ("modal topic share", ci_text(ms["value"], ms.get("low"), ms.get("high")))]
+        probe = self.readout.get("probe")
+        if probe:
+            best = max(probe, key=lambda row: row["accuracy"])
+            rows.append((f"probe accuracy (depth {best['depth']})", ci_text(best["accuracy"], best["low"], best["high"])))
+        difference = self.prefill.get("difference")
+        if difference:
+            rows.append(("prefill other - own", f"{ci_text(difference['mean'], difference['low'], difference['high'])} "
+                                                f"nats, {self.prefill['n_pairs']} pairs"))
+        return f"{self.model_id}: topic entropy {entropy} nats, {te['n_prompts']} prompts", rows
 
-@dataclass
-class IntentionResult:
+
+@dataclass(repr=False)
+class IntentionResult(NotebookView):
     """The analysis of one or more models on one prompt set; ``save(folder)`` writes JSON + HTML."""
 
     config: dict
@@ -73,6 +91,11 @@ class IntentionResult:
         for name, figure in figures.items():
             paths[name] = write_html(figure, folder / f"intention_{name}.html")
         return paths
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        rows = [("sample", f"{len({p['group'] for p in self.prompts})} prompts, {len(self.prompts)} phrasings")]
+        rows += [(m.model_id, m._view()[0].split(": ", 1)[-1]) for m in self.models]
+        return f"{len(self.models)} model(s); " + "; ".join(m._view()[0] for m in self.models), rows
 
     def summary(self) -> str:
         """A few lines per model: the headline numbers with CIs and sizes."""

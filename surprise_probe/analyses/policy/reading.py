@@ -23,12 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from surprise_probe.analyses.policy.prompts import GapPrompt, prefix_ids, text_response_ids
 from surprise_probe.analyses.policy.writers import WriterResponse
 from surprise_probe.core.forward.passes import forward_metrics
 from surprise_probe.core.text.encoding import Encoded, pad_batch, pad_id
+from surprise_probe.core.utils.progress import tqdm
 
 __all__ = ["Reading", "read_sources"]
 

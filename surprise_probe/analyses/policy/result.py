@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,13 +10,22 @@ from surprise_probe.analyses.policy import plots as policy_plots
 from surprise_probe.analyses.policy.reading import Reading
 from surprise_probe.analyses.policy.writers import WriterResponse
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView, ci_text
 from surprise_probe.core.utils.plots import write_report
 
 __all__ = ["GapResult"]
 
 
-@dataclass
-class GapResult:
+def _interval(row: dict, digits: int) -> str:
+    """``[low, high]``, or why there is no interval (too few prompts or responses), beside the number."""
+    low, high = row.get("low"), row.get("high")
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return f"[{row.get('note') or 'no CI'}]"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+@dataclass(repr=False)
+class GapResult(NotebookView):
     """Everything the gap analysis measured, with its configuration."""
 
     config: dict
@@ -52,8 +62,7 @@ class GapResult:
                     own = self.cell(m["name"], fmt, "own")["mean_entropy"]
                 except KeyError:
                     continue
-                lines.append(f"  {fmt:<9} own: {own['mean']:.3f} nats [{own['low']:.3f}, {own['high']:.3f}] "
-                             f"n={own['n_prompts']}")
+                lines.append(f"  {fmt:<9} own: {own['mean']:.3f} nats {_interval(own, 3)} n={own['n_prompts']}")
                 for row in self.summary["comparisons"]:
                     if row["reader"] != m["name"] or row["format"] != fmt or not row["span"].get("n_prompts"):
                         continue
@@ -62,19 +71,42 @@ class GapResult:
                     first = f.get("ratio_off_on", {}).get("value", float("nan"))
                     probe = row.get("auroc_probe")
                     lines.append(
-                        f"    {row['source']:<28} off/on {r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+                        f"    {row['source']:<28} off/on {r['value']:.3f} {_interval(r, 3)}"
                         f"  first {k}: {first:.3f}  off higher {sign['off_higher']}/{row['span']['n_prompts']}"
-                        f"  AUROC {a['auroc']:.2f} [{a['low']:.2f}, {a['high']:.2f}]"
-                        + (f"  probe AUROC {probe['auroc']:.2f} [{probe['low']:.2f}, {probe['high']:.2f}]"
-                           if probe else "")
+                        f"  AUROC {a['auroc']:.2f} {_interval(a, 2)}"
+                        + (f"  probe AUROC {probe['auroc']:.2f} {_interval(probe, 2)}" if probe else "")
                     )
         if self.config.get("probe") and not any(m.get("probe") for m in self.models):
             lines.append(f"probe {self.config['probe']}: fitted on none of these models, so no probe AUROC")
+        lines += [f"warning: {note}" for note in self.summary.get("warnings", [])]
         return "\n".join(lines)
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        readers = ", ".join(m["name"] for m in self.models)
+        rows = [("readers", readers),
+                ("sample", f"{len(self.prompts)} prompts x {self.config['n_samples']} sample(s), "
+                           f"up to {self.config['max_new_tokens']} tokens; {len(self.readings)} reads")]
+        headline = ""
+        for cell in [c for c in self.summary.get("cells", []) if c["source"] == "own"][:6]:
+            own = cell["mean_entropy"]
+            rows.append((f"{cell['reader']} reads own ({cell['format']})",
+                         f"{ci_text(own['mean'], own['low'], own['high'])} nats, {own['n_prompts']} prompts"))
+        comparisons = [row for row in self.summary.get("comparisons", []) if row["span"].get("n_prompts")]
+        for row in comparisons[:8]:
+            ratio, span = row["span"]["ratio_off_on"], row["span"]
+            text = f"{ci_text(ratio['value'], ratio.get('low'), ratio.get('high'))}, {span['n_prompts']} prompts"
+            rows.append((f"off/on {row['reader']} ({row['format']}) {row['source']}", text))
+            headline = headline or f"off/on entropy {row['source']} ({row['format']}) {text}"
+        if len(comparisons) > 8:
+            rows.append(("comparisons", f"{len(comparisons) - 8} more (.report())"))
+        rows += [("warning", note if len(note) <= 200 else note[:197] + "...")
+                 for note in self.summary.get("warnings", [])[:3]]
+        return f"readers {readers}, {len(self.prompts)} prompts" + (f"; {headline}" if headline else ""), rows
 
     def to_dict(self) -> dict:
         return {
             "analysis": "policy_gap",
+            "warnings": self.summary.get("warnings", []),
             "config": self.config,
             "models": self.models,
             "n_prompts": len(self.prompts),

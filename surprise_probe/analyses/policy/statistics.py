@@ -6,6 +6,11 @@ count and sign test; the off/on ratio with a paired bootstrap CI; the AUROC of t
 off-policy responses by mean entropy alone (lower = own) with a DeLong CI, and, given a probe
 direction, by the probe's mean readout over the span. Empty responses are counted per cell and
 left out of every mean.
+
+A statistic given too few units says so instead of a degenerate number: a CI over prompts needs at
+least 2 prompts and a DeLong CI at least 2 responses on each side (else its bounds are NaN and a
+``note`` says what it needs); ``own_other_prompt`` needs at least 2 prompts; the summary's
+``warnings`` list every such case, and CIs from fewer than ``MIN_UNITS`` prompts.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import scipy.stats
 from jaxtyping import Float
 
 from surprise_probe.analyses.policy.reading import Reading
-from surprise_probe.core.utils.stats import bootstrap_sums
+from surprise_probe.core.utils.stats import bootstrap_sums, small_sample_warnings
 
 __all__ = ["auroc_with_ci", "summarize"]
 
@@ -34,9 +39,14 @@ def auroc_with_ci(
     pos, neg = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
     m, n = len(pos), len(neg)
     if m == 0 or n == 0:
-        return {"auroc": float("nan"), "low": float("nan"), "high": float("nan"), "n_pos": m, "n_neg": n}
+        return {"auroc": float("nan"), "low": float("nan"), "high": float("nan"), "n_pos": m, "n_neg": n,
+                "note": f"no AUROC: it needs responses on both sides, got {m} and {n}"}
     psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
     auc = float(psi.mean())
+    if m < 2 or n < 2:  # DeLong's variance needs a spread on each side; one response has none
+        return {"auroc": auc, "low": float("nan"), "high": float("nan"), "n_pos": m, "n_neg": n, "level": level,
+                "method": "DeLong", "note": f"no CI: a DeLong CI needs at least 2 responses on each side, got {m} "
+                                            f"and {n}"}
     v10, v01 = psi.mean(1), psi.mean(0)
     var = (v10.var(ddof=1) / m if m > 1 else 0.0) + (v01.var(ddof=1) / n if n > 1 else 0.0)
     z = scipy.stats.norm.ppf(0.5 + level / 2)
@@ -50,8 +60,14 @@ def _ci(values: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
     values = np.asarray(values, np.float64)
     if len(values) == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n_prompts": 0}
+    if len(values) < 2:
+        return {"mean": float(values.mean()), "low": float("nan"), "high": float("nan"), "n_prompts": len(values),
+                "note": _NO_CI.format(n=len(values))}
     point, low, high = bootstrap_sums(np.divide, values, np.ones_like(values), n_boot=n_boot, level=level, seed=seed)
     return {"mean": point, "low": low, "high": high, "n_prompts": len(values)}
+
+
+_NO_CI = "no CI: a CI over prompts needs at least 2 prompts, got {n}"
 
 
 def _per_prompt(readings: list[Reading], k: int | None) -> dict[int, float]:
@@ -69,13 +85,16 @@ def _paired(on: dict[int, float], off: dict[int, float], n_boot: int, level: flo
     if not shared:
         return {"n_prompts": 0}
     ratio = bootstrap_sums(np.divide, a, b, n_boot=n_boot, level=level, seed=seed)
+    ratio_row = {"value": ratio[0], "low": ratio[1], "high": ratio[2]}
+    if len(shared) < 2:  # one prompt: every resample is that prompt, so the "interval" is the point
+        ratio_row.update(low=float("nan"), high=float("nan"), note=_NO_CI.format(n=len(shared)))
     diff = _ci(a - b, n_boot, level, seed)
     n_higher = int((a > b).sum())
     n_lower = int((a < b).sum())
     p = scipy.stats.binomtest(n_higher, n_higher + n_lower).pvalue if n_higher + n_lower else float("nan")
     return {
         "n_prompts": len(shared),
-        "ratio_off_on": {"value": ratio[0], "low": ratio[1], "high": ratio[2]},
+        "ratio_off_on": ratio_row,
         "difference_off_minus_on": diff,
         "sign_count": {"off_higher": n_higher, "off_lower": n_lower, "ties": len(shared) - n_higher - n_lower,
                        "sign_test_p": p},
@@ -103,7 +122,24 @@ def summarize(
         comparisons.append({"reader": reader, "format": fmt, "source": source,
                             **_comparison(groups[(reader, fmt, "own")], rs, k=k, n_boot=n_boot, level=level,
                                           seed=seed)})
-    return {"cells": cells, "comparisons": comparisons, "curves": curves, "matrix": _matrix(cells)}
+    return {"cells": cells, "comparisons": comparisons, "curves": curves, "matrix": _matrix(cells),
+            "warnings": _warnings(readings, comparisons)}
+
+
+def _warnings(readings: Sequence[Reading], comparisons: list[dict]) -> list[str]:
+    """What the sample is too small for, saying how many it needs (empty when nothing is)."""
+    n_prompts = len({r.prompt_index for r in readings})
+    notes = []
+    if n_prompts < 2:
+        notes.append(f"{n_prompts} prompt: own_other_prompt (a reader's own response to another prompt) needs at "
+                     "least 2 prompts, so it is not read; CIs over prompts need at least 2, so none is given")
+    notes += small_sample_warnings(units=n_prompts, unit_name="prompts") if n_prompts >= 2 else []
+    for row in comparisons:
+        for key in ("auroc_entropy", "auroc_probe"):
+            note = (row.get(key) or {}).get("note")
+            if note:
+                notes.append(f"{row['reader']} {row['format']} {row['source']} {key}: {note}")
+    return list(dict.fromkeys(notes))
 
 
 def _cell(rs: list[Reading], *, k: int, n_boot: int, level: float, seed: int) -> dict:
@@ -135,6 +171,8 @@ def _position_curve(rs: list[Reading], *, max_position: int, n_boot: int, level:
     sums = np.stack([v[0] for v in per_prompt.values()], 1)
     counts = np.stack([v[1] for v in per_prompt.values()], 1)
     point, low, high = bootstrap_sums(np.divide, sums, counts, n_boot=n_boot, level=level, seed=seed)
+    if len(per_prompt) < 2:  # one prompt: no interval over prompts
+        low, high = np.full_like(point, np.nan), np.full_like(point, np.nan)
     return {"mean": point, "low": low, "high": high, "n_tokens": counts.sum(1)}
 
 

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from surprise_probe.analyses.policy.prompts import GapPrompt, prefix_ids
 from surprise_probe.core.forward.sampling import sample
 from surprise_probe.core.models.loading import model_id
@@ -26,6 +24,7 @@ from surprise_probe.core.utils.jsonio import (
     write_json,
     write_jsonl,
 )
+from surprise_probe.core.utils.progress import tqdm
 
 __all__ = ["WriterResponse", "sample_writer"]
 

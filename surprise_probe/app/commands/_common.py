@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 # Settings that do not belong in a rerunnable record (actions and presentation, not settings).
-NOT_SETTINGS = {"func", "command", "config", "debug", "overwrite", "no_progress", "allow_download"}
+NOT_SETTINGS = {"func", "command", "config", "debug", "overwrite", "no_progress", "allow_download",
+                "allow_unverified_probe"}
 
 
 class UsageError(Exception):
@@ -275,14 +276,18 @@ def _expand_config(parser: argparse.ArgumentParser, commands: dict, argv: list[s
     return rest[:at] + _config_argv(commands[command], record["config"], source) + rest[at:]
 
 
-def run_main(parser: argparse.ArgumentParser, commands: dict, argv: list[str] | None) -> int:
-    """Parse, run, and apply the error policy (see the module doc)."""
+def run_main(parser: argparse.ArgumentParser, commands: dict, argv: list[str] | None,
+             before: Callable[[argparse.Namespace], object] | None = None) -> int:
+    """Parse, run (after ``before(args)``, e.g. the thread setting), and apply the error policy (see the module doc)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     command = next((a for a in argv if not a.startswith("-")), None) or "surprise-probe"
     prefix = f"surprise-probe {command}" if command in commands else "surprise-probe"
     try:
         args = parser.parse_args(_expand_config(parser, commands, argv))
+        if before is not None:
+            with usage_errors():
+                before(args)
         return int(args.func(args) or 0)
     except UsageError as error:
         if debug:

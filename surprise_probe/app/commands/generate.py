@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 from surprise_probe.app.commands._common import (
     add_command,
@@ -16,7 +17,7 @@ from surprise_probe.app.commands._common import (
     positive_int,
     usage_errors,
 )
-from surprise_probe.core.forward.responses import generate_to_jsonl
+from surprise_probe.core.forward.responses import generate_to_jsonl, read_responses
 from surprise_probe.core.text.files import read_prompts
 from surprise_probe.core.utils.outputs import claim_output
 
@@ -47,15 +48,24 @@ def run(args) -> int:
             prompts = prompts[: args.limit] if args.limit else prompts
             claim = stack.enter_context(claim_output(args.out, "generate", command_config(args),
                                                      overwrite=args.overwrite, is_file=True))
-        if claim.finished:
+        if claim.finished and _intact(args.out, prompts):
             print(f"{args.out} already holds these {len(prompts)} responses (same settings); nothing to do")
             return 0
         model = load_model_from_args(args, progress=not args.no_progress)
         path = generate_to_jsonl(
             model, prompts, args.out, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             batch_size=args.batch_size, seed=args.seed, record_config=command_config(args),
-            progress=not args.no_progress,
+            progress=not args.no_progress, on_damaged_line=lambda note: print(f"warning: {note}", file=sys.stderr),
         )
-        claim.finish({"n_responses": len(prompts)})
-    print(f"wrote {path} ({len(prompts)} responses; read them with --input {path})")
+        n_responses = len(read_responses(path, [p["id"] for p in prompts])[0])
+        claim.finish({"n_responses": n_responses})
+    print(f"wrote {path} ({n_responses} responses; read them with --input {path})")
     return 0
+
+
+def _intact(path, prompts: list[dict]) -> bool:
+    """Whether a finished output file still holds one whole record per prompt (no line damaged since)."""
+    if not path.exists():
+        return False
+    records, damaged = read_responses(path, [p["id"] for p in prompts])
+    return not damaged and len(records) == len(prompts)

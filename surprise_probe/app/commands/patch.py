@@ -48,7 +48,7 @@ def run(args) -> int:
             bad = [g for g in args.groups if not re.fullmatch(r"prompt|response|first[1-9][0-9]*", g)]
             if bad:
                 raise ValueError(f"--groups {bad[0]!r}: expected 'prompt', 'response' or 'first<K>' with K >= 1")
-            probe = check_probe_file(args.probe)
+            probe = check_probe_file(args.probe, args.allow_unverified_probe)
             pairs = read_pairs(args.pairs)
             # Under torchrun the ranks split the inputs; rank 0 alone claims the folder, writes and prints.
             main = distributed.is_main()

@@ -23,7 +23,8 @@ from surprise_probe.core.models import distributed
 from surprise_probe.core.text.files import read_items
 from surprise_probe.core.utils.outputs import claim_output
 from surprise_probe.core.utils.stats import MIN_RANDOM_DIRECTIONS
-from surprise_probe.interventions.experiments import steering_experiment
+from surprise_probe.interventions.experiments import probe_artifact, steering_experiment
+from surprise_probe.interventions.sweep import MAX_STEER
 from surprise_probe.probes import ProbeDirection
 
 __all__ = ["add_parser", "run", "add_probe_arguments", "check_probe_file"]
@@ -43,11 +44,18 @@ def add_probe_arguments(parser) -> None:
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (over sequences / pairs)")
     parser.add_argument("--seed", type=nonneg_int, default=0, help="seed for control directions, bootstrap, samples")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--allow-unverified-probe", action="store_true",
+                        help="use a probe whose JSON has no artifact hash (written before the hash existed, or "
+                             "with it removed), so an edited field cannot be detected; recorded as unverified")
 
 
-def check_probe_file(path: Path) -> ProbeDirection:
+def check_probe_file(path: Path, allow_unverified: bool = False) -> ProbeDirection:
     """Read the probe artifact before any model loads (its model is checked after loading)."""
-    return ProbeDirection.load(path)
+    probe = ProbeDirection.load(path, allow_unverified=allow_unverified)
+    if allow_unverified and not probe_artifact(path)["verified"]:
+        print(f"warning: {path} has no artifact hash: its fields (std, hook, ...) are used unverified "
+              "(--allow-unverified-probe); the result records the probe as unverified", file=sys.stderr)
+    return probe
 
 
 def add_parser(subparsers) -> None:
@@ -81,7 +89,14 @@ def run(args) -> int:
         with usage_errors():
             if len(set(args.strengths)) < 2:
                 raise ValueError(f"--strengths needs at least two distinct values, got {args.strengths}")
-            probe = check_probe_file(args.probe)
+            probe = check_probe_file(args.probe, args.allow_unverified_probe)
+            too_strong = [s for s in args.strengths if abs(s) * probe.std >= MAX_STEER]
+            if too_strong:
+                raise ValueError(
+                    f"--strengths {too_strong[0]:g}: times the probe's std ({probe.std:g}) it overflows the float32 "
+                    f"norm of the edited activation, so every direction's output would be uniform; keep "
+                    f"|strength| below {MAX_STEER / probe.std:.3g}"
+                )
             items = read_items(args.input)
             for note in probe.caveats():  # said before the work, not only in steer.json
                 print(f"warning: the steered probe at {note}", file=sys.stderr)

@@ -31,6 +31,7 @@ from surprise_probe.app.study import (
 from surprise_probe.core.models.loading import EMBEDDED_MODELS, available_models
 from surprise_probe.core.text.files import read_items
 from surprise_probe.core.utils.outputs import check_writable_target, claim_output
+from surprise_probe.probes.sweep import DEFAULT_FOLDS
 
 __all__ = ["add_parser", "run"]
 
@@ -128,7 +129,13 @@ def run(args) -> int:
             args.base_reader = _base_reader(args)
             check_writable_target(args.out, is_file=False)
             items = read_items(args.input)
+            n_given = len(items)
             items = items[: args.max_inputs]
+            if len(items) < DEFAULT_FOLDS:
+                limited = f" (--max-inputs {args.max_inputs} of the {n_given})" if n_given > len(items) else ""
+                raise ValueError(f"the study needs at least {DEFAULT_FOLDS} inputs, since its probes use "
+                                 f"{DEFAULT_FOLDS} cross-validation folds grouped by input; got {len(items)} from "
+                                 f"{args.input}{limited}")
             if args.steer_inputs > len(items):
                 raise ValueError(f"--steer-inputs {args.steer_inputs} is more than the {len(items)} inputs used "
                                  f"from {args.input}")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from surprise_probe.core.capture.store import (
     COLUMNS,
@@ -36,6 +35,7 @@ from surprise_probe.core.models.devices import STORAGE_DTYPES, to_numpy
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.text.encoding import Encoded, encode_all, pad_batch, pad_id
 from surprise_probe.core.utils.jsonio import read_json, software_versions, write_json
+from surprise_probe.core.utils.progress import tqdm
 
 __all__ = ['capture']
 
@@ -96,6 +96,23 @@ def _prepare_out_dir(out_dir: Path, identity: dict, overwrite: bool) -> bool:
     if not run_json.exists():
         write_json(run_json, identity)
     return (out_dir / "manifest.json").exists()
+
+
+def _check_lengths(items: list, encoded: list[Encoded]) -> None:
+    """Refuse, before anything is written, inputs that leave input surprise undefined.
+
+    Input surprise starts at the second token (the first has no context), so a one-token input has
+    none, and a capture whose scored tokens are all first tokens has nothing to summarise.
+    """
+    for index, (item, enc) in enumerate(zip(items, encoded, strict=True)):
+        if len(enc.token_ids) < 2:
+            raise ValueError(
+                f"input {index} ({item!r:.60}) is {len(enc.token_ids)} token long; capture needs at least 2 tokens "
+                "per input, since input surprise starts at the second token; lengthen it or leave it out"
+            )
+    if not any(enc.scored[1:].any() for enc in encoded):
+        raise ValueError("no input has a scored token after its first, so there is no input surprise to measure; "
+                         "score more of each input (e.g. --score-prompt) or give longer inputs")
 
 
 @torch.inference_mode()
@@ -195,9 +212,11 @@ def capture(
     hooks = resolve_hooks(model, hooks, layers)
     if layers is not None and EMBEDDING_HOOK not in hooks:  # cheap, and fit's token-identity control
         hooks = [EMBEDDING_HOOK, *hooks]
-    encoded = encode_all(model, list(items), max_tokens=max_tokens, truncate=truncate, score_prompt=score_prompt)
+    items = list(items)
+    encoded = encode_all(model, items, max_tokens=max_tokens, truncate=truncate, score_prompt=score_prompt)
     if not encoded:
         raise ValueError("capture got no inputs")
+    _check_lengths(items, encoded)
     identity = {
         "format_version": FORMAT_VERSION,
         "model_id": model_id(model),

@@ -12,6 +12,7 @@ A capture is a list of shards; each shard holds whole sequences, flattened to th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -24,6 +25,8 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from surprise_probe.core.utils.jsonio import read_json, write_json
+from surprise_probe.core.utils.notebook import NotebookView
+from surprise_probe.core.utils.storage import storage_errors
 
 __all__ = [
     "CaptureShard",
@@ -84,7 +87,7 @@ class CaptureShard:
         return len(np.unique(self.sequence_ids))
 
 
-class Capture:
+class Capture(NotebookView):
     """Result of :func:`surprise_probe.core.capture.run`, in memory or read lazily from a folder.
 
     >>> run = load_capture("runs/capture")       # doctest: +SKIP
@@ -133,6 +136,18 @@ class Capture:
             f"Capture({self.model_id!r}, {self.n_sequences} sequences, {self.n_tokens} tokens, "
             f"{len(self.hooks)} hooks, {self.n_shards} shards{where})"
         )
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        hooks = self.hooks
+        scored = self.manifest.get("n_scored_tokens")
+        return repr(self), [
+            ("model", self.model_id),
+            ("sequences", str(self.n_sequences)),
+            ("tokens", f"{self.n_tokens}" + ("" if scored is None else f" ({scored} scored)")),
+            ("hooks", f"{len(hooks)}: {hooks[0]} ... {hooks[-1]}" if len(hooks) > 2 else ", ".join(hooks)),
+            ("activations", f"d_model {self.d_model}, {self.manifest.get('dtype', '?')}, {self.n_shards} shards"),
+            ("folder", str(self.path) if self.path else "in memory (capture(..., out_dir=...) writes one)"),
+        ]
 
     # data ------------------------------------------------------------------------------------
     def shards(self) -> Iterator[CaptureShard]:
@@ -183,14 +198,19 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
     tmp = shards_dir / f".tmp-{shard_name(shard.index)}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     files, sizes = {}, {}
-    for name in COLUMNS:
-        np.save(tmp / f"{name}.npy", np.ascontiguousarray(shard.column(name), dtype=_COLUMN_DTYPES[name]))
-        files[f"{name}.npy"] = _sha256(tmp / f"{name}.npy")
-    for hook in shard.hooks:
-        np.save(tmp / f"{hook}.npy", np.ascontiguousarray(shard._activations[hook]))
-        files[f"{hook}.npy"] = _sha256(tmp / f"{hook}.npy")
+    arrays = {name: np.ascontiguousarray(shard.column(name), dtype=_COLUMN_DTYPES[name]) for name in COLUMNS}
+    arrays.update({hook: np.ascontiguousarray(shard._activations[hook]) for hook in shard.hooks})
+    try:
+        with _shard_errors(tmp, shard.index):
+            tmp.mkdir()
+        for name, array in arrays.items():
+            with _shard_errors(tmp / f"{name}.npy", shard.index):
+                np.save(tmp / f"{name}.npy", array)
+            files[f"{name}.npy"] = _sha256(tmp / f"{name}.npy")
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no temporary folder behind
+        raise
     for name in files:
         sizes[name] = (tmp / name).stat().st_size
     entry = {
@@ -204,9 +224,19 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
         "files": files,
         "sizes": sizes,
     }
-    write_json(tmp / "shard.json", entry)
-    os.replace(tmp, final)
+    try:
+        write_json(tmp / "shard.json", entry)
+        with _shard_errors(final, shard.index):
+            os.replace(tmp, final)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return entry
+
+
+def _shard_errors(path: Path, index: int):
+    """OS errors while writing shard ``index`` name the file and say it is the capture's shard."""
+    return storage_errors(path, f"capture shard {shard_name(index)}")
 
 
 class ShardWriter:
@@ -216,8 +246,9 @@ class ShardWriter:
     each batch's rows, hashed as they are written: the shard's activations never sit in memory
     whole, nothing is concatenated, and no file is read back to hash it. ``finish`` checks every
     row arrived, writes the per-token columns and ``shard.json``, and renames the folder into place
-    (atomic, like ``write_shard``); leaving the ``with`` block without ``finish`` closes the files
-    and leaves only the temp folder, which the next attempt replaces.
+    (atomic, like ``write_shard``); leaving the ``with`` block without ``finish`` closes the files,
+    and on an error removes the temp folder (an interrupted or killed run leaves it, and the next
+    attempt replaces it). OS errors (disk full, file-size limit) name the file and the shard.
     """
 
     def __init__(self, root: Path, index: int, hooks: tuple[str, ...] | list[str], n_tokens: int, d_model: int,
@@ -230,7 +261,6 @@ class ShardWriter:
         self.tmp = shards_dir / f".tmp-{shard_name(index)}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
         self.rows = dict.fromkeys(self.hooks, 0)
         self.files, self.digests = {}, {}
         header = io.BytesIO()
@@ -238,14 +268,29 @@ class ShardWriter:
             "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
             "shape": (self.n_tokens, self.d_model),
         })
-        for hook in self.hooks:
-            handle = open(self.tmp / f"{hook}.npy", "wb")  # noqa: SIM115 - closed in finish/close
-            self.files[hook], self.digests[hook] = handle, hashlib.sha256()
-            self._write(hook, header.getvalue())
+        try:
+            with _shard_errors(self.tmp, index):
+                self.tmp.mkdir()
+            for hook in self.hooks:
+                with _shard_errors(self.tmp / f"{hook}.npy", index):
+                    handle = open(self.tmp / f"{hook}.npy", "wb")  # noqa: SIM115 - closed in finish/close
+                self.files[hook], self.digests[hook] = handle, hashlib.sha256()
+                self._write(hook, header.getvalue())
+        except Exception:
+            self._discard()
+            raise
 
     def _write(self, hook: str, data) -> None:
-        self.files[hook].write(data)
+        with _shard_errors(self.tmp / f"{hook}.npy", self.index):
+            self.files[hook].write(data)
         self.digests[hook].update(data)
+
+    def _discard(self) -> None:
+        """Close every file and remove the temp folder (after an error: nothing half-written stays)."""
+        for handle in self.files.values():
+            with contextlib.suppress(OSError):
+                handle.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add(self, hook: str, rows: np.ndarray) -> None:
         """Append ``rows`` (tokens x d_model, in the shard's dtype) to ``hook``'s file."""
@@ -257,14 +302,18 @@ class ShardWriter:
         self.rows[hook] += len(rows)
 
     def close(self) -> None:
-        for handle in self.files.values():
-            handle.close()
+        for hook, handle in self.files.items():
+            with _shard_errors(self.tmp / f"{hook}.npy", self.index):
+                handle.close()
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and issubclass(exc_type, Exception):
+            self._discard()
+        else:  # finished, or interrupted (Ctrl-C): the temp folder stays until the resume replaces it
+            self.close()
 
     def finish(self, columns: dict[str, np.ndarray]) -> dict:
         """Write the per-token columns and ``shard.json``, rename into place; return the entry."""
@@ -276,7 +325,8 @@ class ShardWriter:
         for name in COLUMNS:
             buffer = io.BytesIO()
             np.save(buffer, np.ascontiguousarray(columns[name], dtype=_COLUMN_DTYPES[name]))
-            (self.tmp / f"{name}.npy").write_bytes(buffer.getvalue())
+            with _shard_errors(self.tmp / f"{name}.npy", self.index):
+                (self.tmp / f"{name}.npy").write_bytes(buffer.getvalue())
             files[f"{name}.npy"] = hashlib.sha256(buffer.getvalue()).hexdigest()
         for hook in self.hooks:
             files[f"{hook}.npy"] = self.digests[hook].hexdigest()
@@ -294,7 +344,8 @@ class ShardWriter:
             "sizes": sizes,
         }
         write_json(self.tmp / "shard.json", entry)
-        os.replace(self.tmp, self.final)
+        with _shard_errors(self.final, self.index):
+            os.replace(self.tmp, self.final)
         return entry
 
 

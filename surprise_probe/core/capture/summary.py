@@ -20,6 +20,7 @@ import numpy as np
 from surprise_probe.core.capture.store import Capture
 from surprise_probe.core.forward.hooks import hook_depth
 from surprise_probe.core.utils.jsonio import software_versions, write_json
+from surprise_probe.core.utils.notebook import NotebookView, TextTable, estimate_text, number_text
 from surprise_probe.core.utils.stats import bootstrap_mean
 
 __all__ = ["CaptureSummary", "summarize_capture", "layer_summary"]
@@ -46,8 +47,8 @@ def layer_summary(run: Capture) -> list[dict]:
     return rows
 
 
-@dataclass
-class CaptureSummary:
+@dataclass(repr=False)
+class CaptureSummary(NotebookView):
     """Means over the scored tokens (sequence-bootstrap CIs) and the per-hook first look."""
 
     model_id: str
@@ -69,7 +70,21 @@ class CaptureSummary:
                 f"{row['hook']:<28} {row['depth']:>5} {row['mean_norm']:>9.2f} "
                 f"{row['corr_norm_surprise']:>14.3f} {row['corr_norm_entropy']:>14.3f}"
             )
-        return "\n".join(lines)
+        cells = [[row["hook"], row["depth"], f"{row['mean_norm']:.2f}", number_text(row["corr_norm_surprise"]),
+                  number_text(row["corr_norm_entropy"])] for row in self.layers]
+        return TextTable("\n".join(lines), ["hook", "depth", "|resid|", "r(|resid|, s)", "r(|resid|, H)"], cells)
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        n_units = self.input_surprise.get("n_units", self.n_sequences)
+        surprise, entropy = estimate_text(self.input_surprise), estimate_text(self.output_entropy)
+        rows = [("model", self.model_id),
+                ("sample", f"{self.n_sequences} sequences, {self.n_tokens} tokens ({self.n_scored_tokens} scored)"),
+                ("mean input surprise (scored)", f"{surprise} nats"),
+                ("mean output entropy (scored)", f"{entropy} nats"),
+                ("CIs", f"{self.input_surprise.get('level', 0.95):.0%} bootstrap over {n_units} sequences"),
+                ("hooks", f"{len(self.layers)} (.table(): residual norm and its correlations per hook)")]
+        return (f"{self.n_sequences} sequences, {self.n_scored_tokens} scored tokens, surprise {surprise}, "
+                f"entropy {entropy} nats"), rows
 
     def save(self, folder: str | Path) -> dict[str, Path]:
         """Write ``capture_summary.json`` into ``folder``."""

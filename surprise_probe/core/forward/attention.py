@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from surprise_probe.core.models.backends import hooked_transformer_available
+
 __all__ = ["fused_attention", "fusable"]
 
 _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -39,6 +41,8 @@ _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 def fusable(attn) -> bool:
     """Whether the fused kernel computes exactly what ``attn.forward`` does (with its hooks)."""
+    if not hooked_transformer_available():
+        return False  # TransformerLens 4.x: no HookedTransformer components to fuse
     from transformer_lens.components import Attention, GroupedQueryAttention
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.utilities.activation_functions import softcap_enabled

@@ -16,8 +16,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from surprise_probe.core.forward.metrics import chunked_surprise_and_entropy, surprise_and_entropy
+from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.devices import model_device
 from surprise_probe.core.text.encoding import Batch, encode, pad_batch, pad_id
+from surprise_probe.core.utils.notebook import NotebookView, TextTable, number_text
 
 __all__ = ['forward', 'forward_metrics', 'final_residual', 'unembed', 'token_metrics', 'TokenMetrics']
 
@@ -57,9 +59,7 @@ def final_residual(model, batch: Batch, hooks: Sequence[str] = ()):
     """The residual stream after the last block (before the final norm) and the ``hooks``'
     activations, or ``None`` when the model cannot stop there (a TransformerBridge, or a hook
     at or after the final norm was asked for)."""
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer) or any(h.startswith(("ln_final", "unembed")) for h in hooks):
+    if not is_hooked_transformer(model) or any(h.startswith(("ln_final", "unembed")) for h in hooks):
         return None
     stored: dict[str, Tensor] = {}
     device = model_device(model)
@@ -111,9 +111,12 @@ def forward_metrics(
     return surprise, entropy, stored
 
 
-@dataclass(frozen=True)
-class TokenMetrics:
-    """Per-position metrics of one text or conversation (``input_surprise[0]`` is NaN)."""
+@dataclass(frozen=True, repr=False)
+class TokenMetrics(NotebookView):
+    """Per-position metrics of one text or conversation (``input_surprise[0]`` is NaN).
+
+    ``table()`` is one line per position (``print`` it; a notebook shows it as a table).
+    """
 
     tokens: list[str]
     token_ids: np.ndarray
@@ -126,11 +129,31 @@ class TokenMetrics:
 
     def table(self) -> str:
         rows = [f"{'pos':>4} {'token':<16} {'surprise':>9} {'entropy':>8} scored"]
+        cells = []
         for i, (token, s, h, m) in enumerate(
             zip(self.tokens, self.input_surprise, self.output_entropy, self.scored, strict=False)
         ):
             rows.append(f"{i:>4} {token!r:<16.16} {s:>9.3f} {h:>8.3f} {'*' if m else ''}")
-        return "\n".join(rows)
+            cells.append([i, repr(token), f"{s:.3f}", f"{h:.3f}", "*" if m else ""])
+        return TextTable("\n".join(rows), ["pos", "token", "surprise", "entropy", "scored"], cells)
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        scored = np.asarray(self.scored, bool)
+        surprise = self.input_surprise[scored & np.isfinite(self.input_surprise)]
+        entropy = self.output_entropy[scored]
+        mean_s = number_text(surprise.mean() if surprise.size else None)
+        mean_h = number_text(entropy.mean() if entropy.size else None)
+        n = len(self.token_ids)
+        rows = [("tokens", f"{n} ({int(scored.sum())} scored)"),
+                ("mean input surprise (scored)", f"{mean_s} nats"),
+                ("mean output entropy (scored)", f"{mean_h} nats")]
+        if surprise.size:
+            top = int(np.flatnonzero(scored & np.isfinite(self.input_surprise))[surprise.argmax()])
+            token = self.tokens[top] if top < len(self.tokens) else int(self.token_ids[top])
+            rows.append(("most surprising token", f"{token!r} at {top}: {number_text(surprise.max())} nats"))
+        rows.append(("sample", "one sequence, no CI; .table() lists every position"))
+        headline = f"{n} tokens, {int(scored.sum())} scored, mean surprise {mean_s}, entropy {mean_h} nats"
+        return headline, rows
 
 
 @torch.inference_mode()

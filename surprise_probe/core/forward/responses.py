@@ -10,18 +10,19 @@ Sampling itself is the toolkit's one sampler, :func:`surprise_probe.core.forward
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
 from surprise_probe.core.utils.jsonio import read_jsonl, write_text
 from surprise_probe.core.utils.outputs import claim_output
+from surprise_probe.core.utils.progress import tqdm
 
-__all__ = ["sample_responses", "generate_to_jsonl"]
+__all__ = ["sample_responses", "generate_to_jsonl", "read_responses"]
 
 
 @torch.inference_mode()
@@ -66,6 +67,49 @@ def sample_responses(
     ]
 
 
+def _record_problem(record) -> str | None:
+    """Why a parsed line is not a whole response record (None when it is one)."""
+    if not isinstance(record, dict):
+        return f"holds a {type(record).__name__}, not a response object"
+    ids, scored = record.get("token_ids"), record.get("scored")
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        return "has no 'id'"
+    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        return "has no list of integer 'token_ids'"
+    if not isinstance(scored, list) or len(scored) != len(ids):
+        return f"its 'scored' does not have one entry per token id ({len(ids)})"
+    if not isinstance(record.get("messages"), list):
+        return "has no 'messages'"
+    return None
+
+
+def read_responses(path: str | Path, ids) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The whole response records of a ``generate`` output file, and ``(line, problem)`` of each damaged line.
+
+    A line that is not valid JSON, not a whole record, or repeats an id is damaged (its response
+    is to be sampled again, and it is not counted). A whole record whose id is not among ``ids``
+    is an error: the file belongs to other prompts.
+    """
+    path = Path(path)
+    wanted = set(ids)
+    records, damaged, seen = [], [], {}
+    for number, record in read_jsonl(path, on_damaged=lambda number, problem: damaged.append((number, problem))):
+        problem = _record_problem(record)
+        if problem is None and record["id"] not in wanted:
+            raise ValueError(
+                f"{path}:{number}: holds id {record['id']!r}, which is not among the prompts of this run; "
+                "use the same prompts to resume, or another --out"
+            )
+        if problem is None and record["id"] in seen:
+            problem = f"repeats id {record['id']!r} of line {seen[record['id']]}"
+        if problem is not None:
+            damaged.append((number, problem))
+            continue
+        seen[record["id"]] = number
+        records.append(record)
+    return records, sorted(damaged)
+
+
 def generate_to_jsonl(
     model,
     prompts: Sequence[dict],
@@ -78,6 +122,7 @@ def generate_to_jsonl(
     overwrite: bool = False,
     record_config: dict | None = None,
     progress: bool = True,
+    on_damaged_line: Callable[[str], None] | None = None,
 ) -> Path:
     """Sample a response per ``{"id", "prompt", ...}`` and add each batch to ``out_file``.
 
@@ -85,8 +130,10 @@ def generate_to_jsonl(
     ``messages`` (the decoded text, for reading by other models). The settings are recorded in
     ``<out_file>.config.json``; a rerun with the same settings resumes (ids already written are
     skipped), with other settings it is refused naming the setting (``overwrite=True`` starts
-    over). A file this function did not write is never touched, and a line it cannot read is an
-    error naming ``file:line``, never dropped. Each batch is written by replacing the whole file
+    over). A file this function did not write is never touched. A line it cannot read on resume
+    (cut off, not a whole record) is reported, never silently: ``on_damaged_line`` gets one
+    ``"file:line: problem; ..."`` note per such line (default: a ``UserWarning``), the line is
+    dropped and its response sampled again. Each batch is written by replacing the whole file
     atomically, so a kill never leaves half a line. Each batch's seed derives from ``seed`` and
     its first id.
     """
@@ -108,17 +155,16 @@ def generate_to_jsonl(
     }
     out_file = Path(out_file)
     with claim_output(out_file, "generate", config, overwrite=overwrite, is_file=True):
-        wanted = set(ids)
         kept: list[str] = []
         if out_file.exists():
-            for number, record in read_jsonl(out_file):
-                if not isinstance(record, dict) or record.get("id") not in wanted:
-                    got = record.get("id") if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(
-                        f"{out_file}:{number}: holds id {got!r}, which is not among the prompts of this run; "
-                        "use the same prompts to resume, or another --out"
-                    )
-                kept.append(json.dumps(record) + "\n")
+            records, damaged = read_responses(out_file, ids)
+            for number, problem in damaged:
+                note = f"{out_file}:{number}: {problem}; dropped, and its response is sampled again"
+                if on_damaged_line is None:
+                    warnings.warn(note, stacklevel=2)
+                else:
+                    on_damaged_line(note)
+            kept = [json.dumps(record) + "\n" for record in records]
         done = {json.loads(line)["id"] for line in kept}
         todo = [p for p in prompts if p["id"] not in done]
         with tqdm(total=len(prompts), initial=len(done), desc="generate", unit="resp", disable=not progress) as bar:

@@ -55,12 +55,13 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from surprise_probe.core.forward.attention import fused_attention
 from surprise_probe.core.forward.passes import unembed
+from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.text.chat import encode_conversation
 from surprise_probe.core.text.encoding import encode, pad_id
+from surprise_probe.core.utils.progress import tqdm
 
 __all__ = ["Sampled", "sample", "decoding_layout", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed"]
 
@@ -245,7 +246,7 @@ def _sample_batch(model, prompts, seeds, max_new_tokens, temperature, stop, forw
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = []
     step = _cached_stepper(model, tokens, mask, context)
-    hooked = type(model).__name__ == "HookedTransformer"
+    hooked = is_hooked_transformer(model)
     with contextlib.nullcontext() if hooked else _bridge_cache_shim(model):
         logits = step(None)
         for t in range(max_new_tokens):
@@ -278,7 +279,7 @@ def decoding_layout(model):
     disappear. Attention with split inputs (``use_split_qkv_input``/``use_attn_in``) is left as is.
     Any other model passes through untouched.
     """
-    if type(model).__name__ != "HookedTransformer" or model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
+    if not is_hooked_transformer(model) or model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
         yield model
         return
     changed = []
@@ -302,7 +303,7 @@ def decoding_layout(model):
 
 def _cached_stepper(model, tokens, mask, context):
     """A function: ``None`` -> last-position logits of the prompt; a new token -> its logits."""
-    if type(model).__name__ == "HookedTransformer":
+    if is_hooked_transformer(model):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
         cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0])

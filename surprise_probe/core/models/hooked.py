@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from surprise_probe.core.utils.storage import sweep_temporaries, temporary_path
+
 __all__ = ["hooked_from_hf", "hooked_cache_file", "hooked_from_cache", "write_hooked_cache"]
 
 
@@ -164,7 +166,8 @@ def write_hooked_cache(path: Path, model, folder: Path, tokenizer, device: str, 
     # must be exactly the converted model's, else this folder is never cached.
     if _config_signature(HookedTransformer(cfg, tokenizer, move_to_device=False).cfg) != _config_signature(model.cfg):
         return
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path)
+    sweep_temporaries(path)
     try:
         tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(tensors, str(temporary), metadata={"format": str(HOOKED_CACHE_FORMAT), "config": signature})
@@ -174,8 +177,8 @@ def write_hooked_cache(path: Path, model, folder: Path, tokenizer, device: str, 
             if stale != path:  # the same model and dtype under an older key (another version, a rebuilt folder)
                 stale.unlink(missing_ok=True)
     except (OSError, RuntimeError, ValueError) as error:
-        warnings.warn(f"could not cache the processed weights as {path} ({error}); later loads convert again",
-                      stacklevel=4)
+        warnings.warn(f"could not cache the processed weights as {path} ({error}); later loads convert again "
+                      "(to keep them, set SURPRISE_PROBE_CACHE to a writable folder with space)", stacklevel=4)
     finally:
         temporary.unlink(missing_ok=True)
 

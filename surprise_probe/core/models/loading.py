@@ -10,8 +10,10 @@
 - a Hugging Face or TransformerLens name already in the local hub cache (``allow_download=True``
   lets it fetch, for machines with a hub connection).
 
-The result is a TransformerLens ``HookedTransformer`` when TransformerLens can convert the
-architecture, else a ``TransformerBridge`` (``backend=`` forces one). Either way the rest of the
+The result is a TransformerLens ``HookedTransformer`` when TransformerLens 3.x can convert the
+architecture, else a ``TransformerBridge`` (``backend=`` forces one); on TransformerLens 4.x, which
+has only the bridge, always a ``TransformerBridge`` with TransformerLens' weight processing
+(``enable_compatibility_mode``). Either way the rest of the
 toolkit only uses the hook interface (``run_with_hooks``, ``hook_dict``, ``blocks.{L}.hook_*``).
 Plain text is tokenized exactly as the Hugging Face tokenizer does (``add_special_tokens=True``):
 TransformerLens swaps in a copy of the tokenizer rebuilt with ``add_bos_token=True`` (so SmolLM2's
@@ -28,6 +30,11 @@ from pathlib import Path
 
 import torch
 
+from surprise_probe.core.models.backends import (
+    hooked_transformer_available,
+    is_bridge,
+    transformer_lens_version,
+)
 from surprise_probe.core.models.devices import (
     release_memory,
     resolve_device,
@@ -44,6 +51,7 @@ from surprise_probe.core.models.embedded import (
     available_models,
     cache_dir,
     embedded_folder,
+    rebuild_if_damaged,
 )
 from surprise_probe.core.models.hooked import (
     hooked_cache_file,
@@ -168,7 +176,10 @@ def _hub_folder(name: str, allow_download: bool) -> Path:
 
     candidates = [name]
     with contextlib.suppress(Exception):
-        from transformer_lens.loading_from_pretrained import get_official_model_name
+        try:
+            from transformer_lens.loading_from_pretrained import get_official_model_name  # 3.x
+        except ImportError:
+            from transformer_lens.supported_models import get_official_model_name  # 4.x
 
         official = get_official_model_name(name)
         if official != name:
@@ -206,7 +217,7 @@ def _load_folder(
         if model is None:
             model = _convert(folder, tokenizer, device, dtype, backend, device_map, n_devices, max_memory)
             release_memory()  # the Hugging Face model and the conversion's copies are gone: give them back
-            if cache_file is not None and not _is_bridge(model):
+            if cache_file is not None and not is_bridge(model):
                 write_hooked_cache(cache_file, model, folder, tokenizer, device, dtype, n_devices)
     model.cfg.model_name = name
     model.cfg.default_prepend_bos = False
@@ -219,10 +230,6 @@ def _load_folder(
     }
     _keep_original_tokenizer(model, tokenizer)
     return model.eval()
-
-
-def _is_bridge(model) -> bool:
-    return type(model).__name__ == "TransformerBridge"
 
 
 def _convert(folder: Path, tokenizer, device: str, dtype: torch.dtype, backend: str, device_map, n_devices: int,
@@ -314,6 +321,12 @@ def load_model(
 
     if backend not in ("auto", "hooked", "bridge"):
         raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+    if not hooked_transformer_available():  # TransformerLens 4.x: the bridge is the one model class
+        if backend == "hooked":
+            raise ValueError(f"backend='hooked' needs TransformerLens 3.x, which has HookedTransformer; this is "
+                             f"TransformerLens {transformer_lens_version()} (only TransformerBridge): use "
+                             "backend='auto' or 'bridge', or install 'transformer-lens>=3.9,<4'")
+        backend = "bridge"
     dtype = resolve_dtype(dtype)
     device_map, n_devices = resolve_device_map(device_map, n_devices, max_memory)
     if device_map is not None:
@@ -336,7 +349,16 @@ def load_model(
         folder, model_name = _hub_folder(name, allow_download), name
     # Only an embedded model's processed weights are cached (in the cache folder beside its own):
     # a user's folder may be large and is theirs to change.
-    model = _load_folder(folder, model_name, device, dtype, backend, device_map, n_devices, max_memory,
-                         cache_processed=name.lower() in EMBEDDED_MODELS)
+    embedded = name.lower() in EMBEDDED_MODELS
+    try:
+        model = _load_folder(folder, model_name, device, dtype, backend, device_map, n_devices, max_memory,
+                             cache_processed=embedded)
+    except Exception:
+        # A cache file damaged at its recorded size (a flipped byte, a bad header): found by its
+        # sha256, rebuilt with a warning, and loaded again; an intact cache keeps the error.
+        if not embedded or not rebuild_if_damaged(model_name, progress=progress):
+            raise
+        model = _load_folder(folder, model_name, device, dtype, backend, device_map, n_devices, max_memory,
+                             cache_processed=True)
     release_memory()
     return model

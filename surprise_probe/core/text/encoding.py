@@ -24,7 +24,15 @@ from torch import Tensor
 
 from surprise_probe.core.text.chat import encode_conversation
 
-__all__ = ["Encoded", "Batch", "encode", "encode_all", "pad_batch", "context_length"]
+__all__ = ["Encoded", "Batch", "InputTooLong", "encode", "encode_all", "pad_batch", "context_length"]
+
+
+class InputTooLong(ValueError):
+    """An input longer than the limit, where truncation was not asked for (``where``, ``n_tokens``, ``limit``)."""
+
+    def __init__(self, message: str, where: str, n_tokens: int, limit: int):
+        super().__init__(message)
+        self.where, self.n_tokens, self.limit = where, n_tokens, limit
 
 
 @dataclass(frozen=True)
@@ -152,10 +160,11 @@ def encode(
     truncated_from = None
     if len(ids) > limit:
         if not truncate:
-            raise ValueError(
+            raise InputTooLong(
                 f"{where} has {len(ids)} tokens, more than the limit of {limit} "
                 f"({'max_tokens' if max_tokens is not None else 'the model context n_ctx'}); "
-                "shorten it or pass truncate=True (CLI: --truncate) to cut it explicitly"
+                "shorten it or pass truncate=True (CLI: --truncate) to cut it explicitly",
+                where, len(ids), limit,
             )
         truncated_from = len(ids)
         ids, scored = ids[:limit], scored[:limit]

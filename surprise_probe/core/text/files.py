@@ -62,7 +62,8 @@ def read_item(value, where: str, keep_metadata: bool = False):
     if isinstance(value, list):
         return validate_messages(value, where)
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a JSON object or a list of messages, got {type(value).__name__}")
+        raise ValueError(f"{where}: expected a JSON object, a list of messages or a string (one text), "
+                         f"got {type(value).__name__}")
     present = [key for key in _CONTENT_KEYS if key in value]
     if len(present) > 1:
         raise ValueError(
@@ -93,9 +94,9 @@ def read_inputs(path: str | Path, keep_metadata: bool = False) -> list:
     """Read inputs from a ``.txt`` or ``.jsonl`` file.
 
     ``.txt``: if the file has a blank line, each blank-line-separated block is one text;
-    otherwise each non-empty line is one text. ``.jsonl``: one JSON value per line, either a list
-    of messages or an object with exactly one of ``text``, ``messages`` or ``token_ids`` (and an
-    optional ``scored``). With ``keep_metadata`` the whole objects are returned (extra keys such
+    otherwise each non-empty line is one text. ``.jsonl``: one JSON value per line, either a
+    string (one text, as ``{"text": ...}``), a list of messages, or an object with exactly one of
+    ``text``, ``messages`` or ``token_ids`` (and an optional ``scored``). With ``keep_metadata`` the whole objects are returned (extra keys such
     as ``id`` kept).
     """
     path = Path(path)

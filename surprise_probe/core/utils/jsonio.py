@@ -1,9 +1,10 @@
-"""The project's one JSON writer, one JSONL reader and one software-versions record.
+"""The project's one JSON writer, one JSONL writer and reader, and one software-versions record.
 
 Every JSON file the toolkit writes goes through :func:`write_json`: strict JSON (``NaN`` and
 ``inf`` become ``null``, so any parser reads it), written to a temporary file and renamed into
-place (never half-written). Every ``.jsonl`` input goes through :func:`read_jsonl`, whose errors
-name ``file:line``.
+place (never half-written). Every ``.jsonl`` file it writes goes through :func:`write_jsonl` (one
+compact object per line, same temporary file and rename), and every ``.jsonl`` input through
+:func:`read_jsonl`, whose errors name ``file:line``.
 
 >>> to_json({"r2": float("nan"), "n": np.int64(3)})
 '{\\n  "n": 3,\\n  "r2": null\\n}'
@@ -12,12 +13,13 @@ name ``file:line``.
 from __future__ import annotations
 
 import json
-import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from surprise_probe.core.utils.storage import write_atomic
 
 __all__ = ["to_json", "write_json", "write_jsonl", "write_text", "read_json", "read_jsonl", "software_versions",
            "finite_or_none"]
@@ -68,15 +70,12 @@ def write_jsonl(path: str | Path, records) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write UTF-8 ``text`` through a temporary file and ``os.replace`` (never half-written).
+
+    A failed write leaves no temporary behind, and a disk-full, file-size or permission error
+    names the path and the fix (:func:`surprise_probe.core.utils.storage.write_atomic`).
+    """
+    return write_atomic(path, text)
 
 
 def read_json(path: str | Path) -> dict:
@@ -90,10 +89,12 @@ def read_json(path: str | Path) -> dict:
         raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+def read_jsonl(path: str | Path, on_damaged: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, object]]:
     """Yield ``(line_number, value)`` for every non-blank line of a ``.jsonl`` file.
 
-    Errors name ``file:line``: invalid UTF-8, invalid JSON. A line is never skipped silently.
+    Errors name ``file:line``: invalid UTF-8, invalid JSON. A line is never skipped silently: a
+    damaged line is an error, or, given ``on_damaged``, is passed to it as ``(line_number,
+    problem)`` and skipped (for a store that recomputes what it cannot read).
     """
     path = Path(path)
     if not path.exists():
@@ -105,17 +106,37 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
-                ) from None
+                problem = f"not UTF-8 text ({error.reason} at byte {error.start})"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as error:
+                    problem = f"not valid JSON ({_json_problem(line, error)})"
+                else:
+                    yield number, value
+                    continue
+            if on_damaged is None:
+                raise ValueError(f"{path}:{number}: {problem}")
+            on_damaged(number, problem)
+
+
+def _json_problem(line: str, error: json.JSONDecodeError) -> str:
+    """What is wrong with a line, at the column where it is wrong; a line that stops before its
+    value is complete (cut off) is said to end there, not reported at the next line's column 1."""
+    text = line.rstrip("\r\n")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as inner:
+        error = inner
+    if error.msg.startswith("Unterminated string"):
+        return (f"the line stops after column {len(text)}, inside a string that opens at column {error.colno}; "
+                "was it cut off?")
+    if error.pos >= len(text.rstrip()):
+        return (f"the line stops after column {len(text)}, before its JSON value is complete ({error.msg}); "
+                "was it cut off?")
+    return f"{error.msg} at column {error.colno}"
 
 
 def software_versions() -> dict[str, str]:

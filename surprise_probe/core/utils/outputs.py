@@ -53,6 +53,7 @@ from surprise_probe.core.utils.jsonio import (
     software_versions,
     write_json,
 )
+from surprise_probe.core.utils.storage import pid_alive, storage_errors
 
 __all__ = [
     "claim_output",
@@ -77,16 +78,6 @@ def config_record_path(path: Path, is_file: bool) -> Path:
     return path.with_name(path.name + ".config.json") if is_file else path / RECORD_NAME
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _held: dict[Path, int] = {}
 
 
@@ -109,14 +100,15 @@ def folder_lock(lock_path: str | Path) -> Iterator[Path]:
     payload = f'{{"pid": {os.getpid()}, "host": "{host}", "started": {time.time():.0f}}}\n'
     for _attempt in range(3):
         try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with storage_errors(lock_path, "the output's lock"):
+                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 owner = read_json(lock_path)
             except (ValueError, FileNotFoundError):
                 owner = {}
             pid, owner_host = owner.get("pid"), owner.get("host")
-            if owner_host == host and isinstance(pid, int) and not _pid_alive(pid):
+            if owner_host == host and isinstance(pid, int) and not pid_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     lock_path.unlink()  # stale: its process is gone
                 continue
@@ -129,8 +121,12 @@ def folder_lock(lock_path: str | Path) -> Iterator[Path]:
                 f"{lock_path.parent} is being written by another run (pid {pid} on host {owner_host}); "
                 f"wait for it to finish, or delete {lock_path} if that process is gone"
             ) from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(payload)
+        try:
+            with storage_errors(lock_path, "the output's lock"), os.fdopen(fd, "w") as handle:
+                handle.write(payload)
+        except OSError:
+            lock_path.unlink(missing_ok=True)
+            raise
         break
     else:
         raise FolderLocked(f"could not take the lock {lock_path}; another run keeps taking it")
@@ -167,6 +163,9 @@ def _fmt(difference: str) -> str:
 
 def check_writable_target(path: Path, is_file: bool) -> None:
     """Refuse (``ValueError``) a target of the wrong kind or one that cannot be written."""
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"--out {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                         "remove the link or give the folder it should point to")
     if is_file:
         if path.is_dir():
             raise ValueError(f"--out {path} is a folder; expected a file path")
@@ -249,10 +248,12 @@ def claim_output(
     record = config_record_path(path, is_file)
     config = finite_or_none(config)
     if is_file:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(path.parent, "the output folder", doing="create"):
+            path.parent.mkdir(parents=True, exist_ok=True)
         lock = path.with_name(path.name + ".lock")
     else:
-        path.mkdir(parents=True, exist_ok=True)
+        with storage_errors(path, "the output folder", doing="create"):
+            path.mkdir(parents=True, exist_ok=True)
         lock = path / LOCK_NAME
     with folder_lock(lock):
         resumed = finished = False

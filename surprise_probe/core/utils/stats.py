@@ -289,12 +289,17 @@ def small_sample_warnings(
     ['z from 2 random directions: its spread is too uncertain to trust; use at least 10']
     >>> small_sample_warnings(random_directions=10, units=3, unit_name="pairs")
     ['CIs from 3 pairs: the bootstrap over so few is unreliable; use at least 10']
+    >>> small_sample_warnings(units=1)
+    ['CIs from 1 sequence: a bootstrap over one unit has no spread, so each interval is only the point itself; use at least 10']
     """
     lines = []
     if random_directions is not None and 0 < random_directions < MIN_RANDOM_DIRECTIONS:
         lines.append(f"z from {random_directions} random direction{'s' * (random_directions != 1)}: its spread "
                      f"is too uncertain to trust; use at least {MIN_RANDOM_DIRECTIONS}")
-    if units is not None and units < MIN_UNITS:
+    if units is not None and units < 2:
+        lines.append(f"CIs from {units} {unit_name.removesuffix('s')}: a bootstrap over one unit has no spread, so "
+                     f"each interval is only the point itself; use at least {MIN_UNITS}")
+    elif units is not None and units < MIN_UNITS:
         lines.append(f"CIs from {units} {unit_name}: the bootstrap over so few is unreliable; "
                      f"use at least {MIN_UNITS}")
     return lines

@@ -1,0 +1,103 @@
+"""CPU threads that share the machine well: how many, and how they wait.
+
+PyTorch's CPU kernels run on OpenMP threads (GNU libgomp in the PyPI wheels). Between two
+parallel regions an idle libgomp thread spins (about 300,000 iterations, ~1 ms) before it sleeps;
+alone that saves a wake-up, but beside any other CPU-bound work (a second job, a browser, CI) the
+spinning takes cores the other work needs and both slow down (scripts/bench_contention.py
+measures it; docs/benchmarks.md has the figures). So the toolkit:
+
+- sets a short spin (``GOMP_SPINCOUNT``, :data:`SPIN_COUNT`) in the environment when
+  ``surprise_probe`` is imported before torch, unless you set ``OMP_WAIT_POLICY`` or
+  ``GOMP_SPINCOUNT`` yourself (the OpenMP runtime reads them once, when torch loads it);
+- uses as many threads as CPUs are really available to the process (:func:`available_cpus`: its
+  CPU affinity and the cgroup's CPU quota, not the machine's core count), set by the CLI at start
+  (``--threads`` or ``SURPRISE_PROBE_THREADS`` override) and by :func:`configure_threads` for
+  library users.
+
+>>> available_cpus() >= 1
+True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["SPIN_COUNT", "available_cpus", "prefer_short_spin", "configure_threads", "thread_settings"]
+
+# Iterations an idle OpenMP thread spins before sleeping (libgomp's default is 300,000). Chosen
+# with scripts/bench_contention.py: see docs/benchmarks.md.
+SPIN_COUNT = 10_000
+THREADS_VARIABLE = "SURPRISE_PROBE_THREADS"
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup's quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by the cgroup CPU quota (at least 1)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def prefer_short_spin(environ=os.environ) -> bool:
+    """Ask OpenMP for a short spin before sleeping; only before torch loads, and only if you set nothing.
+
+    Returns whether the setting was made. Called by ``import surprise_probe``.
+    """
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return False
+    environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    return True
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads to ``threads`` (default: ``$SURPRISE_PROBE_THREADS``, else the
+    CPUs available to this process); returns the count used.
+
+    >>> import torch
+    >>> configure_threads(1), torch.get_num_threads()
+    (1, 1)
+    """
+    import torch
+
+    if threads is None:
+        configured = os.environ.get(THREADS_VARIABLE, "").strip()
+        if configured:
+            if not configured.isdigit() or int(configured) < 1:
+                raise ValueError(f"{THREADS_VARIABLE}={configured!r}: expected an integer >= 1")
+            threads = int(configured)
+        else:
+            threads = available_cpus()
+    if int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(int(threads))
+    return int(threads)
+
+
+def thread_settings() -> dict:
+    """What is in force (for benchmarks and run records)."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "available_cpus": available_cpus(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT")}
