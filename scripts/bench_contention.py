@@ -8,8 +8,9 @@ within this one run (the machine's absolute speed varies).
 
 Settings:
   spin-300k   libgomp's default (what the toolkit did before 2026-12): spin ~300k iterations, all cores
-  passive     OMP_WAIT_POLICY=PASSIVE: sleep at once
-  spin-10k    GOMP_SPINCOUNT=10000 (the toolkit's default since 2026-12, surprise_probe.core.utils.threads)
+  passive     OMP_WAIT_POLICY=PASSIVE: sleep at once (the toolkit's default since 2026-12-07,
+              surprise_probe.core.utils.threads, chosen from this benchmark)
+  spin-10k    GOMP_SPINCOUNT=10000: a short spin, then sleep
   one-thread  torch.set_num_threads(1) (cannot spin-wait for another thread)
 
 Workloads (SmolLM2-135M-Instruct, float32): forward (3 forwards of 8 x 128 tokens), capture

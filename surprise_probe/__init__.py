@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 # First, before transformers imports tqdm.auto: no "IProgress not found" warning in notebooks.
 from surprise_probe.core.utils import progress as _progress  # noqa: F401
 
-# Before torch loads OpenMP: idle threads spin briefly, not for ~1 ms, so the toolkit shares a
+# Before torch loads OpenMP: idle threads sleep rather than spin for ~1 ms, so the toolkit shares a
 # busy machine well (surprise_probe.core.utils.threads; your own OMP_WAIT_POLICY/GOMP_SPINCOUNT win).
 from surprise_probe.core.utils import threads as _threads
 
-_threads.prefer_short_spin()
+_threads.prefer_passive_waiting()
 
 # isort: split
 from surprise_probe import _moved

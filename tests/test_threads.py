@@ -19,18 +19,18 @@ def test_the_cgroup_quota_caps_the_cpus(tmp_path):
     assert 1 <= threads.available_cpus() <= len(os.sched_getaffinity(0))
 
 
-def test_short_spin_only_before_torch_and_only_if_the_user_chose_nothing():
+def test_passive_waiting_only_before_torch_and_only_if_the_user_chose_nothing():
     env = {}
     # torch is loaded in this process: the OpenMP runtime has read its settings already
-    assert threads.prefer_short_spin(env) is False and env == {}
+    assert threads.prefer_passive_waiting(env) is False and env == {}
     code = ("import os, sys; import surprise_probe; "
             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [str(threads.SPIN_COUNT), "None"]
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, "OMP_WAIT_POLICY": "ACTIVE"},
+    assert out.split() == ["None", threads.WAIT_POLICY]
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, "GOMP_SPINCOUNT": "5000"},
                          capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["None", "ACTIVE"]  # the user's choice stands
+    assert out.split() == ["5000", "None"]  # the user's choice stands
 
 
 def test_configure_threads_follows_the_variable_and_refuses_nonsense(monkeypatch):

@@ -6,9 +6,11 @@ alone that saves a wake-up, but beside any other CPU-bound work (a second job, a
 spinning takes cores the other work needs and both slow down (scripts/bench_contention.py
 measures it; docs/benchmarks.md has the figures). So the toolkit:
 
-- sets a short spin (``GOMP_SPINCOUNT``, :data:`SPIN_COUNT`) in the environment when
-  ``surprise_probe`` is imported before torch, unless you set ``OMP_WAIT_POLICY`` or
-  ``GOMP_SPINCOUNT`` yourself (the OpenMP runtime reads them once, when torch loads it);
+- sets passive waiting (``OMP_WAIT_POLICY=PASSIVE``: an idle thread sleeps at once) in the
+  environment when ``surprise_probe`` is imported before torch, unless you set
+  ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` yourself (the OpenMP runtime reads them once, when
+  torch loads it). Chosen over libgomp's default and over a short spin (``GOMP_SPINCOUNT=10000``)
+  by scripts/bench_contention.py (docs/benchmarks.md);
 - uses as many threads as CPUs are really available to the process (:func:`available_cpus`: its
   CPU affinity and the cgroup's CPU quota, not the machine's core count), set by the CLI at start
   (``--threads`` or ``SURPRISE_PROBE_THREADS`` override) and by :func:`configure_threads` for
@@ -25,11 +27,11 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["SPIN_COUNT", "available_cpus", "prefer_short_spin", "configure_threads", "thread_settings"]
+__all__ = ["WAIT_POLICY", "available_cpus", "prefer_passive_waiting", "configure_threads", "thread_settings"]
 
-# Iterations an idle OpenMP thread spins before sleeping (libgomp's default is 300,000). Chosen
-# with scripts/bench_contention.py: see docs/benchmarks.md.
-SPIN_COUNT = 10_000
+# How idle OpenMP threads wait (libgomp's default spins ~300,000 iterations first). Chosen with
+# scripts/bench_contention.py: see docs/benchmarks.md.
+WAIT_POLICY = "PASSIVE"
 THREADS_VARIABLE = "SURPRISE_PROBE_THREADS"
 
 
@@ -60,14 +62,14 @@ def available_cpus() -> int:
     return max(1, count)
 
 
-def prefer_short_spin(environ=os.environ) -> bool:
-    """Ask OpenMP for a short spin before sleeping; only before torch loads, and only if you set nothing.
+def prefer_passive_waiting(environ=os.environ) -> bool:
+    """Ask OpenMP threads to sleep when idle; only before torch loads, and only if you set nothing.
 
     Returns whether the setting was made. Called by ``import surprise_probe``.
     """
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return False
-    environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+    environ["OMP_WAIT_POLICY"] = WAIT_POLICY
     return True
 
 
