@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import replace
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,152 @@ def test_sweep_controls_have_distinct_colours_and_matching_dashes(tiny_study):
     shuffle_band = next(t for t in fig.data if t.legendgroup == "shuffle" and t.fill == "toself")
     assert token_band.fillcolor != shuffle_band.fillcolor
     assert traces["embedding-layer probe"].marker.color == token.line.color
+
+
+# --- issue 23: the verdicts and the report's defects ---------------------------------------------------
+
+def _figures(study):
+    return [(s.key, fig) for s in study_sections(study, report_sections()) for fig in s.figures]
+
+
+def test_report_opens_with_verdicts_computed_by_the_rules(tiny_study):
+    from surprise_probe.report import study_verdicts
+    from surprise_probe.report.verdicts import QUESTIONS
+
+    verdicts = study_verdicts(tiny_study, report_sections())
+    assert [v.key for v in verdicts] == ["decodable", "causal", "patching", "gap", "intention"]
+    files = {"decodable": "fit_surprise/sweep.json", "causal": "steer/steer.json", "patching": "patch/patch.json",
+             "gap": "gap/gap.json", "intention": "intention/intention.json"}
+    for verdict in verdicts:  # each answer is its rule applied to what the stage saved
+        judged = QUESTIONS[verdict.key].judge(read_json(tiny_study / files[verdict.key]))
+        assert replace(judged, section=verdict.section) == verdict
+    html = write_study_report(tiny_study, sections=report_sections()).read_text(encoding="utf-8")
+    body = html[html.index("<body"):]
+    assert body.index("id='verdicts'") < body.index("class='sp-header'") < body.index("id='stage-capture'")
+    for verdict in verdicts:
+        assert escape(verdict.rule) in html and escape(verdict.numbers) in html
+        assert f"href='#stage-{verdict.section}'>{escape(verdict.question)}" in html
+    # the tiny study runs 2 random directions over 3 sequences: too small to test causality
+    assert next(v for v in verdicts if v.key == "causal").answer == "not tested at this size"
+
+
+def test_a_failed_stage_answers_not_run(tmp_path):
+    from surprise_probe.report import study_verdicts
+
+    write_json(tmp_path / "study.json", {"settings": {"model": "m"}, "stages": {
+        "steer": {"status": "failed", "error": "RuntimeError: boom"}}})
+    verdicts = {v.key: v for v in study_verdicts(tmp_path, report_sections())}
+    assert verdicts["causal"].answer == "not run" and "boom" in verdicts["causal"].numbers
+    assert verdicts["gap"].answer == "not run" and "does not exist" in verdicts["gap"].numbers
+
+
+def test_study_random_directions_pass_the_toolkits_warning_or_say_so(tiny_study):
+    from surprise_probe.app.study import DEFAULT_SETTINGS
+    from surprise_probe.core.utils.stats import (
+        MIN_RANDOM_DIRECTIONS,
+        MIN_UNITS,
+        small_sample_warnings,
+    )
+
+    assert DEFAULT_SETTINGS["random_directions"] >= MIN_RANDOM_DIRECTIONS
+    assert small_sample_warnings(random_directions=DEFAULT_SETTINGS["random_directions"],
+                                 units=DEFAULT_SETTINGS["steer_inputs"]) == []
+    assert DEFAULT_SETTINGS["steer_inputs"] >= MIN_UNITS
+    # where fewer are used (the tiny study: 2), the caveat sits beside the number
+    sections = {s.key: s for s in study_sections(tiny_study, report_sections())}
+    for key in ("steer", "compare", "patch"):
+        assert all("caveat: z from 2 random directions" in n.control for n in sections[key].numbers), key
+
+
+def test_whole_activation_patch_is_a_control_not_a_key_number(tiny_study):
+    section = next(s for s in study_sections(tiny_study, report_sections()) if s.key == "patch")
+    patch = read_json(tiny_study / "patch" / "patch.json")["patching"]
+    assert patch["fraction"]["all"][0][0] == 1.0  # the response group: 1 by construction
+    assert all("whole activation" not in n.measure for n in section.numbers)
+    assert "component along d" in section.numbers[0].measure and "probe's layer" in section.numbers[0].measure
+    assert "by construction" in section.numbers[0].control
+
+
+def test_probe_section_lists_bigram_and_position_baselines(tiny_study):
+    section = next(s for s in study_sections(tiny_study, report_sections()) if s.key == "fit_surprise")
+    controls = read_json(tiny_study / "fit_surprise" / "sweep.json")["controls"]
+    measures = {n.measure: n for n in section.numbers}
+    assert measures["control: bigram mean R²"].value == controls["bigram_r2"]["value"]
+    assert measures["control: position R²"].value == controls["position_r2"]["value"]
+    assert any("minus its bigram mean" in m for m in measures) and any("minus its position" in m for m in measures)
+    first = section.numbers[0].control
+    assert "bigram mean" in first and "position" in first and "token-type mean" in first
+    names = {t.name for t in section.figures[0].data}
+    assert {"bigram mean (previous + current token) baseline", "position in the sequence baseline"} <= names
+
+
+def test_token_view_does_not_show_the_attribution_stages_time(tiny_study):
+    sections = {s.key: s for s in study_sections(tiny_study, report_sections())}
+    assert sections["attribution"].seconds is not None
+    assert sections["token_view"].seconds is None and "attribution" in sections["token_view"].time_note
+    html = write_study_report(tiny_study, sections=report_sections()).read_text(encoding="utf-8")
+    block = html[html.index("id='stage-token_view'"):]
+    assert "time: included in the attribution stage" in block[:block.index("</section>")]
+
+
+def test_every_figure_uses_the_white_template_and_lists_each_legend_entry_once(tiny_study):
+    from collections import Counter
+
+    figures = _figures(tiny_study)
+    assert {key for key, _ in figures} >= {"gap", "intention", "compare", "steer"}
+    for key, fig in figures:
+        assert fig.layout.template.layout.plot_bgcolor == "white", (key, fig.layout.title.text)
+        shown = Counter(t.name for t in fig.data if t.name and t.showlegend is not False)
+        assert [name for name, count in shown.items() if count > 1] == [], (key, fig.layout.title.text)
+
+
+def test_every_source_label_is_explained_where_it_appears(tiny_study):
+    from surprise_probe.analyses.policy.plots import describe_source
+
+    section = next(s for s in study_sections(tiny_study, report_sections()) if s.key == "gap")
+    sources = {r["source"] for r in read_json(tiny_study / "gap" / "gap.json")["summary"]["comparisons"]}
+    assert "own_other_prompt" in sources
+    for source in sources:
+        assert describe_source(source) != source
+        assert f"<code>{source}</code>: " in section.caption
+        for number in section.numbers:
+            if f"reading {source} " in number.measure:
+                assert f"reading {describe_source(source)}" in number.measure
+        for fig in section.figures:
+            for trace in fig.data:
+                if trace.name and trace.name.split(" (")[0] == source:
+                    assert trace.name == describe_source(source)
+    assert any(f"reading {describe_source('own_other_prompt')}" in n.measure for n in section.numbers)
+
+
+def test_reader_writer_heatmap_labels_rows_once_on_one_colour_scale(tiny_study):
+    from surprise_probe.analyses.policy.plots import reader_writer_heatmap
+    from surprise_probe.report.analysis_sections import _SavedGap
+
+    fig = reader_writer_heatmap(_SavedGap(read_json(tiny_study / "gap" / "gap.json")))
+    heatmaps = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heatmaps) == 3  # one panel per format, 1 reader x 2 writers each
+    assert {t.coloraxis for t in heatmaps} == {"coloraxis"}  # one colour bar that holds for every panel
+    values = [v for t in heatmaps for row in t.z for v in row if v is not None]
+    assert fig.layout.coloraxis.cmin == min(values) and fig.layout.coloraxis.cmax == max(values)
+    for i in range(2, len(heatmaps) + 1):  # rows labelled once, on the left: no labels between panels
+        axis = getattr(fig.layout, f"yaxis{i}")
+        assert axis.matches == "y" and axis.showticklabels is False
+    assert "diagonal" not in fig.layout.title.text and "on-policy" in fig.layout.title.text
+    on_policy = [cell for t in heatmaps for row in t.text for cell in row if cell.startswith("<b>on-policy</b>")]
+    assert len(on_policy) == len(heatmaps)
+
+
+def test_intention_section_reconciles_entropy_with_unnamed_samples(tiny_study):
+    from surprise_probe.analyses.intention.plots import readout_figure
+
+    section = next(s for s in study_sections(tiny_study, report_sections()) if s.key == "intention")
+    data = read_json(tiny_study / "intention" / "intention.json")
+    assert data["models"][0]["bucket_shares"]["other"] > 0.5
+    entropy = section.numbers[0]
+    assert "name no lexicon topic" in entropy.control and "not that one topic was chosen" in entropy.control
+    probe = next(n for n in section.numbers if "topic probe" in n.measure)
+    assert probe.value == "not fitted" and "modal topic(s)" not in probe.control
+    assert probe.control.startswith("it learns topics that are the most-named topic of at least 2 prompt groups")
+    note = next(a.text for a in readout_figure(data).layout.annotations if "not fitted" in a.text)
+    assert note.replace("<br>", " ").endswith(probe.control) and "<br>" in note  # whole, wrapped, not clipped

@@ -7,8 +7,10 @@
   (:func:`result_section`, :func:`failed_section`);
 - :mod:`~surprise_probe.report.probe_sections`, :mod:`~surprise_probe.report.intervention_sections`,
   :mod:`~surprise_probe.report.analysis_sections`: sections read from what each stage saved;
+- :mod:`~surprise_probe.report.verdicts`: the study's questions, each answered from the saved
+  results by a rule stated on the page (:class:`Verdict`, :data:`QUESTIONS`);
 - :mod:`~surprise_probe.report.study_report`: a study folder as a report (:class:`SectionSpec`,
-  :func:`study_sections`, :func:`write_study_report`);
+  :func:`study_sections`, :func:`study_verdicts`, :func:`write_study_report`);
 - :mod:`~surprise_probe.report.html`: the page itself (:func:`write_report_html`).
 """
 
@@ -25,7 +27,12 @@ from surprise_probe.report.intervention_sections import (
     steer_section,
 )
 from surprise_probe.report.probe_sections import capture_section, fit_figure, fit_section
-from surprise_probe.report.study_report import SectionSpec, study_sections, write_study_report
+from surprise_probe.report.study_report import (
+    SectionSpec,
+    study_sections,
+    study_verdicts,
+    write_study_report,
+)
 from surprise_probe.report.values import (
     Number,
     Reportable,
@@ -34,6 +41,7 @@ from surprise_probe.report.values import (
     failed_section,
     result_section,
 )
+from surprise_probe.report.verdicts import QUESTIONS, Verdict
 
 __all__ = [
     "Number",
@@ -56,4 +64,7 @@ __all__ = [
     "intention_section",
     "fit_figure",
     "SectionSpec",
+    "study_verdicts",
+    "Verdict",
+    "QUESTIONS",
 ]

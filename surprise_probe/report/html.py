@@ -1,7 +1,8 @@
-"""The page: a report header and its sections written as one self-contained ``report.html``.
+"""The page: the verdicts, a report header and its sections written as one self-contained ``report.html``.
 
-:func:`write_report_html` lays out the header (models, data, date, total time, versions), a table
-of contents, the key numbers, and one block per section (status badge, caption, error, numbers
+:func:`write_report_html` lays out the verdicts first (one row per question: the answer, the
+numbers it used and the rule, linked to its section), then the header (models, data, date, total
+time, versions), a table of contents, the key numbers, and one block per section (status badge, caption, error, numbers
 table, sample, time, JSON links, then its fragments and figures). It writes through the project's
 HTML writer (:func:`surprise_probe.core.utils.plots.write_report`, plotly.js inlined once), so the
 file opens offline.
@@ -18,6 +19,15 @@ import plotly.graph_objects as go
 
 from surprise_probe.core.utils.plots import write_report
 from surprise_probe.report.values import STATUS_OK, Number, ReportHeader, StageSection
+from surprise_probe.report.verdicts import (
+    ANSWERS_EXPLAINED,
+    MIXED,
+    NO,
+    NOT_RUN,
+    NOT_TESTED,
+    YES,
+    Verdict,
+)
 
 __all__ = ["write_report_html"]
 
@@ -42,6 +52,16 @@ table.sp-numbers td{padding:4px 8px;border-bottom:1px solid #eee;vertical-align:
 .sp-meta{font-size:12.5px;color:#555}
 .js-plotly-plot,.plotly-graph-div{max-width:100%}
 section:has(> h2:empty){border-top:none;margin-top:4px;padding-top:0}
+.sp-verdicts{margin:8px 0 14px;padding:8px 12px;border:1px solid #cfd6de;border-radius:6px;background:#fbfcfd}
+.sp-verdicts h2{font-size:20px;margin:4px 0 4px}
+table.sp-verdicts{border-collapse:collapse;font-size:13.5px;width:100%;margin:6px 0 2px;border:none;padding:0}
+table.sp-verdicts th{text-align:left;background:#eef1f4;padding:4px 8px}
+table.sp-verdicts td{padding:5px 8px;border-top:1px solid #e3e6ea;vertical-align:top}
+table.sp-verdicts td.sp-rule{font-size:12px;color:#555}
+.sp-answer{display:inline-block;font-weight:bold;padding:1px 8px;border-radius:10px;white-space:nowrap}
+.sp-answer.yes{background:#e3f4e6;color:#1d6b2c}.sp-answer.no{background:#e4ebf5;color:#1f4e8c}
+.sp-answer.mixed{background:#fff1d6;color:#8a5a00}.sp-answer.untested{background:#eeeeee;color:#444}
+.sp-answer.notrun{background:#fde4e1;color:#a11d0f}
 h2:empty{display:none}
 </style>
 """
@@ -79,11 +99,34 @@ def _section_head(section: StageSection, report: Path) -> str:
         meta.append(f"sample: {escape(section.sample)}")
     if section.seconds is not None:
         meta.append(f"time: {section.seconds:.1f} s")
+    elif section.time_note:
+        meta.append(f"time: {escape(section.time_note)}")
     for path in section.json_paths:
         meta.append(f"<a href='{escape(_relative(path, report))}'>{escape(Path(path).name)}</a>")
     if meta:
         parts.append(f"<div class='sp-meta'>{' · '.join(meta)}</div>")
     return "\n".join(parts)
+
+
+_ANSWER_CLASS = {YES: "yes", NO: "no", MIXED: "mixed", NOT_TESTED: "untested", NOT_RUN: "notrun"}
+
+
+def _verdicts_block(verdicts: Sequence[Verdict]) -> str:
+    """The opening summary: one row per question, with its answer, the numbers and the rule."""
+    if not verdicts:
+        return ""
+    rows = "".join(
+        "<tr>"
+        + (f"<td><a href='#stage-{escape(v.section)}'>{escape(v.question)}</a></td>" if v.section
+           else f"<td>{escape(v.question)}</td>")
+        + f"<td><span class='sp-answer {_ANSWER_CLASS.get(v.answer, 'untested')}'>{escape(v.answer)}</span></td>"
+        f"<td>{escape(v.numbers)}</td><td class='sp-rule'>{escape(v.rule)}</td></tr>"
+        for v in verdicts)
+    return ("<div class='sp-verdicts' id='verdicts'><h2>Verdicts</h2>"
+            f"<div class='sp-caption'>{escape(ANSWERS_EXPLAINED)}</div><table class='sp-verdicts'>"
+            "<colgroup><col style='width:19%'><col style='width:9%'><col style='width:38%'><col style='width:34%'>"
+            "</colgroup><tr><th>question</th><th>answer</th><th>the numbers it used</th><th>rule</th></tr>"
+            f"{rows}</table></div>")
 
 
 def _wrap_title(text: str, width: int = 95) -> str:
@@ -110,8 +153,9 @@ def _fit_width(fig: go.Figure) -> go.Figure:
     return fig
 
 
-def write_report_html(path: str | Path, header: ReportHeader, sections: Iterable[StageSection]) -> Path:
-    """Write the report (header, contents, one block per section) as one self-contained page."""
+def write_report_html(path: str | Path, header: ReportHeader, sections: Iterable[StageSection],
+                      verdicts: Sequence[Verdict] = ()) -> Path:
+    """Write the report (verdicts, header, contents, one block per section) as one self-contained page."""
     path = Path(path)
     sections = list(sections)
     date = header.date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -134,7 +178,7 @@ def write_report_html(path: str | Path, header: ReportHeader, sections: Iterable
     toc = " · ".join(f"<a href='#stage-{escape(s.key)}'>{escape(s.title)}</a>{'' if s.ok else ' (' + escape(s.status) + ')'}"
                      for s in sections)
     intro = (
-        _CSS + "<div class='sp-header'><table>"
+        _CSS + _verdicts_block(verdicts) + "<div class='sp-header'><table>"
         + "".join(f"<tr><td><b>{escape(k)}</b></td><td>{escape(v)}</td></tr>" for k, v in rows)
         + f"</table><div class='versions'>software: {escape(versions)}</div></div>"
         + f"<div class='sp-toc'>{toc}</div>" + key_numbers

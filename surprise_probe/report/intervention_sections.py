@@ -12,8 +12,10 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 
 from surprise_probe.core.utils.jsonio import read_json
+from surprise_probe.core.utils.stats import small_sample_warnings
 from surprise_probe.interventions.attribution import attribution_scatter_figure
 from surprise_probe.interventions.direction_comparison import (
     DirectionComparison,
@@ -26,8 +28,16 @@ from surprise_probe.interventions.plots import (
     patching_figure,
 )
 from surprise_probe.report.values import Number, StageSection, _ci, _fmt
+from surprise_probe.report.verdicts import patching_cell
 
 __all__ = ["steer_section", "compare_section", "patch_section", "attribution_section"]
+
+
+def _caveat(control: str, *, random_directions: int | None = None, units: int | None = None,
+            unit_name: str = "sequences") -> str:
+    """``control``, followed by the toolkit's own small-sample warning where one applies."""
+    notes = small_sample_warnings(random_directions=random_directions, units=units, unit_name=unit_name)
+    return "; ".join([control, *(f"caveat: {note}" for note in notes)]) if control else "; ".join(notes)
 
 
 def steer_section(folder: str | Path) -> StageSection:
@@ -40,16 +50,20 @@ def steer_section(folder: str | Path) -> StageSection:
     k = len([label for label in dose["labels"] if label.startswith("random")])
     numbers = [Number(
         f"entropy slope along the probe direction at {dose['hook']}", dose["probe_slope"], _ci(dose["probe_slope_ci"]),
-        control=f"{k} random directions: {_fmt(dose['random_slope_mean'])} ± {_fmt(dose['random_slope_std'])} "
-                f"(z = {_fmt(dose['z_score'])})", n=n, unit="nats/std")]
+        control=_caveat(f"{k} random directions: {_fmt(dose['random_slope_mean'])} ± {_fmt(dose['random_slope_std'])} "
+                        f"(z = {_fmt(dose['z_score'])})", random_directions=k, units=dose["n_sequences"]),
+        n=n, unit="nats/std")]
     figures = [dose_response_figure(dose)]
     ablation = data.get("ablation")
     if ablation:
+        k_ablation = len([label for label in ablation["labels"] if label.startswith("random")])
         numbers.append(Number(
             "entropy change when the direction is projected out", ablation["entropy_change"][0],
             _ci(ablation["probe_change_ci"]),
-            control=f"random: {_fmt(ablation['random_change_mean'])} ± {_fmt(ablation['random_change_std'])} "
-                    f"(z = {_fmt(ablation['z_score'])})", n=n, unit="nats"))
+            control=_caveat(f"random: {_fmt(ablation['random_change_mean'])} ± {_fmt(ablation['random_change_std'])} "
+                            f"(z = {_fmt(ablation['z_score'])})", random_directions=k_ablation,
+                            units=ablation["n_sequences"]),
+            n=n, unit="nats"))
         figures.append(ablation_figure(ablation))
     return StageSection(
         "steer", "Steering and ablation along the surprise direction",
@@ -61,37 +75,56 @@ def steer_section(folder: str | Path) -> StageSection:
 
 
 def patch_section(folder: str | Path) -> StageSection:
-    """From ``patch.json``: the fraction of the entropy gap closed per layer and position group."""
+    """From ``patch.json``: the fraction of the entropy gap closed per layer and position group.
+
+    The first number is the cell the patching verdict reads (the probe's layer, all response
+    positions); the largest fraction over all cells follows when it is elsewhere. The whole
+    activation is the control beside them, never a number of its own: patching every position
+    that differs closes the whole gap by construction.
+    """
 
     path = Path(folder) / "patch.json"
     data = read_json(path)
     result = data.get("patching", data)
     n = f"{result['n_pairs']} pairs, {result['n_measured_tokens']} measured tokens"
-    numbers = []
     groups, hooks = result["groups"], result["hooks"]
-    for component in result["components"]:
-        fraction = np.asarray(result["fraction"][component], float)
-        if not np.isfinite(fraction).any():
-            continue
-        h, g = np.unravel_index(np.nanargmax(np.abs(fraction)), fraction.shape)
-        ci = result["fraction_ci"][component][h][g]
-        label = {"direction": "component along d", "all": "whole activation"}.get(component, component)
-        controls = []
-        if component == "direction" and "all" in result["fraction"]:
-            controls.append("whole-activation patch: " + _fmt(result["fraction"]["all"][h][g]))
-        if component == "direction" and result.get("random_directions"):
-            controls.append(f"{result['random_directions']} random directions: {_fmt(result['random_mean'][h][g])} ± "
-                            f"{_fmt(result['random_std'][h][g])} (z = {_fmt(result['z'][h][g])})")
-        control = "; ".join(controls)
-        numbers.append(Number(f"largest fraction closed ({label}) at {hooks[h]}, {groups[g]}", float(fraction[h, g]),
-                              _ci(ci), control=control, n=n))
+    numbers = []
+    if "direction" in result["fraction"]:
+        fraction = np.asarray(result["fraction"]["direction"], float)
+        cells = [patching_cell(result)]
+        if np.isfinite(fraction).any():
+            best = tuple(int(i) for i in np.unravel_index(np.nanargmax(fraction), fraction.shape))
+            cells += [best] if best != cells[0] else []
+        for i, (h, g) in enumerate(cells):
+            where = ("the probe's layer" if hooks[h] == result.get("direction_hook") else "the patched layer nearest "
+                     "the probe's") if i == 0 else f"the largest of {fraction.size} cells, chosen after looking"
+            numbers.append(Number(
+                f"fraction of the gap closed by the component along d at {hooks[h]}, {groups[g]} ({where})",
+                float(fraction[h, g]), _ci(result["fraction_ci"]["direction"][h][g]),
+                control=_patch_control(result, h, g), n=n))
     return StageSection(
         "patch", "Activation patching along the surprise direction",
         caption=("Fraction of the source-destination entropy gap closed by patching the source's activation into the "
                  "destination, per layer (rows) and position group (columns).<br>1 closes the whole gap, 0 nothing; "
-                 "compare the component along d with the whole activation (the upper bound at that layer)."),
+                 "compare the component along d with the whole activation (the upper bound at that layer: 1 by "
+                 "construction where every position that differs is patched)."),
         figures=[patching_figure(result)], numbers=numbers, json_paths=[path], sample=n,
     )
+
+
+def _patch_control(result: Mapping, h: int, g: int) -> str:
+    controls = []
+    k = result.get("random_directions") or 0
+    if k:
+        controls.append(f"{k} random directions: {_fmt(result['random_mean'][h][g])} ± "
+                        f"{_fmt(result['random_std'][h][g])} (z = {_fmt(result['z'][h][g])})")
+    if "all" in result["fraction"]:
+        whole, (low, high) = result["fraction"]["all"][h][g], result["fraction_ci"]["all"][h][g]
+        fixed = whole is not None and abs(whole - 1) < 1e-9 and low == high  # 1 in every resample
+        controls.append(f"whole activation there: {_fmt(whole)}"
+                        + (" by construction (every position that differs is replaced)" if fixed
+                           else f" [{_fmt(low)}, {_fmt(high)}] (the upper bound at that layer)"))
+    return _caveat("; ".join(controls), random_directions=k, units=result["n_pairs"], unit_name="pairs")
 
 
 def attribution_section(source) -> StageSection:
@@ -127,12 +160,13 @@ def compare_section(folder: str | Path) -> StageSection:
     data = read_json(path)
     n = f"{data['n_sequences']} sequences, {data['n_tokens']} scored tokens"
     numbers = []
+    k = int(data["config"].get("random_directions") or 0)
     for row in data["summary"]:
-        k = data["config"].get("random_directions", "")
         numbers.append(Number(
             f"entropy slope along {row['label']}", row["entropy_slope"], _ci(row["entropy_slope_ci"]),
-            control=f"{k} random directions at {row['hook']}: {_fmt(row['random_slope_mean'])} ± "
-                    f"{_fmt(row['random_slope_std'])} (z = {_fmt(row['z_vs_random'])})", n=n, unit="nats/std"))
+            control=_caveat(f"{k} random directions at {row['hook']}: {_fmt(row['random_slope_mean'])} ± "
+                            f"{_fmt(row['random_slope_std'])} (z = {_fmt(row['z_vs_random'])})", random_directions=k,
+                            units=data["n_sequences"]), n=n, unit="nats/std"))
     labels = data["labels"]
     cosines = "; ".join(f"cos({labels[i]}, {labels[j]}) = {_fmt(data['cosines'][i][j])}"
                         for i in range(len(labels)) for j in range(i + 1, len(labels)))
@@ -145,8 +179,22 @@ def compare_section(folder: str | Path) -> StageSection:
         caption=("The same dose-response along the surprise probe's direction and the entropy probe's directions "
                  f"(each in units of its own projection std); {escape(cosines)}.<br>If the entropy direction moves "
                  "entropy as much per nat of KL, the surprise direction is not special; grey: random directions."),
-        figures=[direction_comparison_figure(result)], numbers=numbers, json_paths=[path], sample=n,
+        figures=[_one_entry_per_control(direction_comparison_figure(result), labels)], numbers=numbers,
+        json_paths=[path], sample=n,
     )
+
+
+def _one_entry_per_control(fig: go.Figure, labels: list[str]) -> go.Figure:
+    """Name each direction's random-direction line after its direction: two directions at one hook
+    (the surprise and the entropy probe at the surprise layer) would list "random directions at
+    <hook>" twice in the legend."""
+    direction = None
+    for trace in fig.data:
+        if trace.name in labels:
+            direction = trace.name
+        elif direction and (trace.name or "").startswith("random directions"):
+            trace.name = trace.legendgroup = f"random directions for {direction}"
+    return fig
 
 
 def _nan_for_none(value):

@@ -14,6 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from surprise_probe.core.utils.jsonio import read_json
+from surprise_probe.core.utils.stats import permutation_p_text
 from surprise_probe.probes.plots import SHUFFLE_COLOUR, TOKEN_IDENTITY_COLOUR
 from surprise_probe.probes.results import hook_layer
 from surprise_probe.report.values import Number, StageSection, _ci, _fmt, _value
@@ -118,6 +119,13 @@ def fit_figure(data: Mapping) -> go.Figure:
         fig.add_trace(go.Scatter(x=span, y=[_value(token_mean)] * 2, mode="lines", legendgroup="token",
                                  name="token-type mean (token identity)",
                                  line={"color": TOKEN_IDENTITY_COLOUR, "dash": "longdash", "width": 2}))
+    for key, name, colour, dash in (("bigram_r2", "bigram mean (previous + current token)", "#8c564b", "dot"),
+                                    ("position_r2", "position in the sequence", "#17becf", "dashdot")):
+        baseline = _value(controls.get(key))
+        if baseline is not None and x:
+            fig.add_trace(go.Scatter(x=[-1, max(x)], y=[baseline] * 2, mode="lines", name=f"{name} baseline",
+                                     line={"color": colour, "dash": dash, "width": 2},
+                                     hovertemplate=f"{name}: R² {baseline:.3f}<extra></extra>"))
     embedding = _value(controls.get("embedding_r2"))
     if embedding is not None and x:
         fig.add_trace(go.Scatter(x=[-1], y=[embedding], mode="markers", name="embedding-layer probe",
@@ -134,32 +142,50 @@ def fit_figure(data: Mapping) -> go.Figure:
 
 
 def fit_section(folder: str | Path, target: str | None = None) -> StageSection:
-    """From ``sweep.json``: held-out R^2 by layer; the best layer beside token-identity and shuffle controls."""
+    """From ``sweep.json``: held-out R^2 by layer; the best layer beside every control the sweep ran
+    (token-type mean, embedding-layer probe, bigram, position, shuffled labels)."""
     path = Path(folder) / "sweep.json"
     data = read_json(path)
     target = target or data.get("target", "target")
     n = f"{data['n_sequences']} sequences, {data['n_tokens']} tokens"
     best = next((row for row in data["hooks"] if row["hook"] == data.get("best_hook")), None)
     controls = data.get("controls") or {}
+    baselines = [f"{label} {_fmt(_value(controls[key]))}" for key, label in _CONTROLS if controls.get(key) is not None]
     numbers = []
     if best is not None:
         shuffle = best.get("shuffle_r2") or []
-        control = "shuffled labels R² " + (f"{_fmt(float(np.mean(shuffle)))} (p = {_fmt(best.get('shuffle_p'))})"
-                                           if shuffle else "n/a")
-        numbers.append(Number(f"held-out R² at {best['hook']}", best["r2"]["value"], _ci(best["r2"]),
-                              control=control, n=n))
+        shuffled = (f"shuffled labels max {_fmt(best.get('shuffle_r2_max', max(shuffle)))} "
+                    f"(p {_p_text(best.get('shuffle_p'), len(shuffle))})" if shuffle else "shuffled labels n/a")
+        numbers.append(Number(f"held-out R² at {best['hook']} (best layer)", best["r2"]["value"], _ci(best["r2"]),
+                              control="; ".join([*baselines, shuffled]), n=n))
         if isinstance(best.get("residual_r2"), Mapping):
-            numbers.append(Number("R² beyond the token-type mean", best["residual_r2"]["value"],
+            numbers.append(Number("R² of the target minus its token-type mean (same layer)", best["residual_r2"]["value"],
                                   _ci(best["residual_r2"]), control="0 if only token identity is decoded", n=n))
-    for key, label in (("token_mean_r2", "control: token-type mean R²"), ("embedding_r2", "control: embedding-layer probe R²")):
+        for key, label in (("bigram", "bigram mean"), ("position", "position baseline")):
+            beyond = (best.get("beyond_r2") or {}).get(key)
+            if isinstance(beyond, Mapping):
+                numbers.append(Number(f"R² of the target minus its {label} (same layer)", beyond["value"], _ci(beyond),
+                                      control=f"0 if only the {label} is decoded", n=n))
+    for key, label in _CONTROLS:
         if controls.get(key) is not None:
-            numbers.append(Number(label, _value(controls[key]), _ci(controls[key]), n=n))
+            numbers.append(Number(f"control: {label} R²", _value(controls[key]), _ci(controls[key]), n=n))
     title = {"surprise": "Probes: decoding input surprise", "entropy": "Probes: decoding output entropy"}.get(
         target, f"Probes: decoding {target}")
     return StageSection(
         f"fit_{target}", title,
         caption=("Held-out R² of a ridge probe at every layer (sequence-grouped CV; band: 95% bootstrap CI over "
-                 "sequences).<br>Read the gap between the red curve and the purple token-identity line: that is what the "
-                 "residual stream encodes beyond the token's identity; the grey shuffled-label band should sit near 0."),
+                 "sequences), beside its baselines: token-type mean, embedding-layer probe, bigram mean (previous + "
+                 "current token), position, shuffled labels.<br>Read the gap between the red curve and the highest "
+                 "baseline: that is what the residual stream encodes beyond them; the grey shuffled-label band should "
+                 "sit near 0."),
         figures=[fit_figure(data)], numbers=numbers, json_paths=[path], sample=n,
     )
+
+
+_CONTROLS = (("token_mean_r2", "token-type mean"), ("embedding_r2", "embedding-layer probe"),
+             ("bigram_r2", "bigram mean"), ("position_r2", "position"))
+
+
+def _p_text(p, n_shuffles: int) -> str:
+    text = "n/a" if p is None else permutation_p_text(float(p), n_shuffles)
+    return text if text.startswith("<=") else f"= {text}"

@@ -1,16 +1,17 @@
-"""A study folder as a report: each stage's section, in the study's order, failed stages named.
+"""A study folder as a report: the verdicts, then each stage's section, in the study's order.
 
 :func:`write_study_report` is what the study calls: it reads ``study.json`` (settings, each stage's
-status and time), builds the sections with :func:`study_sections` from the :class:`SectionSpec`
-list the study's stages carry, and writes ``report.html`` with
-:func:`surprise_probe.report.html.write_report_html`. A stage that failed or did not run is named
-with its error, never left out.
+status and time), judges the study's questions with :func:`study_verdicts` (the rules of
+:mod:`surprise_probe.report.verdicts`, applied to what the stages saved), builds the sections with
+:func:`study_sections` from the :class:`SectionSpec` list the study's stages carry, and writes
+``report.html`` with :func:`surprise_probe.report.html.write_report_html`. A stage that failed or
+did not run is named with its error, never left out, and its question is answered "not run".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from surprise_probe.core.utils.jsonio import read_json, software_versions
@@ -22,8 +23,9 @@ from surprise_probe.report.values import (
     StageSection,
     failed_section,
 )
+from surprise_probe.report.verdicts import QUESTIONS, Verdict, not_run
 
-__all__ = ["SectionSpec", "study_sections", "write_study_report"]
+__all__ = ["SectionSpec", "study_sections", "study_verdicts", "write_study_report"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class SectionSpec:
     folder: str
     read: Callable[[Path], StageSection] | None
     status_of: str | None = None  # the stage whose status this section shows, when not ``key``
+    question: str | None = None  # the verdict judged from this section's results (a key of verdicts.QUESTIONS)
 
 
 def study_sections(
@@ -87,7 +90,10 @@ def study_sections(
                                            status="missing" if isinstance(error, FileNotFoundError) else "failed",
                                            seconds=seconds))
             continue
-        section.seconds = seconds
+        if spec.status_of:  # computed inside another stage: its time is that stage's, not shown twice
+            section.seconds, section.time_note = None, f"included in the {spec.status_of} stage's time"
+        else:
+            section.seconds = seconds
         sections.append(section)
     for name, record in stages.items():
         if name in known or name == "report":
@@ -99,6 +105,40 @@ def study_sections(
             sections.append(failed_section(name, name, record.get("error", ""), status=record.get("status", "failed"),
                                            seconds=record.get("seconds")))
     return sections
+
+
+def study_verdicts(
+    out: str | Path,
+    sections: Sequence[SectionSpec],
+    stages: Mapping[str, Mapping] | None = None,
+) -> list[Verdict]:
+    """The answer to each question the ``sections`` carry (``SectionSpec.question``), in their order.
+
+    Each is judged by its rule (:data:`surprise_probe.report.verdicts.QUESTIONS`) from the file
+    the stage saved; a stage that failed, was skipped or saved nothing readable gives "not run".
+    """
+    out = Path(out)
+    if stages is None:
+        stages = read_json(out / "study.json").get("stages", {}) if (out / "study.json").exists() else {}
+    verdicts = []
+    for spec in sections:
+        if not spec.question:
+            continue
+        question = QUESTIONS[spec.question]
+        record = stages.get(spec.key) or stages.get(spec.status_of or spec.key) or {}
+        path = out / spec.folder / question.file
+        if record.get("status") is not None and record["status"] not in STATUS_OK:
+            verdict = not_run(spec.question, f"the {spec.key} stage {record['status']}: "
+                                             f"{record.get('error') or 'no reason recorded'}")
+        elif not path.exists():
+            verdict = not_run(spec.question, f"{path} does not exist")
+        else:
+            try:
+                verdict = question.judge(read_json(path))
+            except Exception as error:  # noqa: BLE001 - an unreadable result must not take the report down
+                verdict = not_run(spec.question, f"could not judge {path.name}: {type(error).__name__}: {error}")
+        verdicts.append(replace(verdict, section=spec.key))
+    return verdicts
 
 
 def write_study_report(
@@ -134,4 +174,5 @@ def write_study_report(
         versions=record.get("software_versions") or software_versions(),
         notes=", ".join(f"{k} = {v}" for k, v in settings.items() if k not in ("model", "input") and not isinstance(v, (dict, list)))
     )
-    return write_report_html(path or out / "report.html", header, study_sections(out, sections, stages, extra))
+    return write_report_html(path or out / "report.html", header, study_sections(out, sections, stages, extra),
+                             verdicts=study_verdicts(out, sections, stages))

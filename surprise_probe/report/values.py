@@ -61,6 +61,7 @@ class StageSection:
     sample: str = ""  # sample size in words
     error: str = ""
     seconds: float | None = None
+    time_note: str = ""  # where its time is counted when it has none of its own (e.g. "in the attribution stage")
 
     @property
     def ok(self) -> bool:
@@ -107,11 +108,14 @@ def _fmt(value) -> str:
 
 
 def _ci(estimate) -> tuple[float, float] | None:
+    """``(low, high)``, or None where there is no interval (either bound missing: JSON writes NaN as null)."""
     if isinstance(estimate, Mapping) and "low" in estimate and "high" in estimate:
-        return (estimate["low"], estimate["high"])
-    if isinstance(estimate, (list, tuple)) and len(estimate) == 2:
-        return (estimate[0], estimate[1])
-    return None
+        bounds = (estimate["low"], estimate["high"])
+    elif isinstance(estimate, (list, tuple)) and len(estimate) == 2:
+        bounds = (estimate[0], estimate[1])
+    else:
+        return None
+    return None if None in bounds else bounds
 
 
 def _value(estimate):

@@ -1,5 +1,7 @@
 """Figures of the cached-intention analysis. Each function takes an ``IntentionResult`` (or its
 ``to_dict()``) and returns a ``go.Figure``; write it with ``surprise_probe.core.utils.plots.write_html``.
+All use the white template of the project's other figures. :func:`readout_skip_reason` says in
+words why the pre-response topic probe was not fitted.
 """
 
 from __future__ import annotations
@@ -8,10 +10,37 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-__all__ = ["topic_distribution_figure", "commitment_figure", "readout_figure", "prefill_figure"]
+__all__ = ["topic_distribution_figure", "commitment_figure", "readout_figure", "prefill_figure",
+           "readout_skip_reason"]
 
 COLOURS = qualitative.Plotly
 BUCKET_COLOURS = {"other": "#c8c8c8", "ambiguous": "#7f7f7f"}
+TEMPLATE = "plotly_white"
+
+
+def readout_skip_reason(readout: dict) -> str:
+    """Why the pre-response topic probe was not fitted, in words (from the readout's counts).
+
+    >>> readout_skip_reason({"classes": [], "n_prompts": 0, "n_folds": 0})
+    'it learns topics that are the most-named topic of at least 2 prompt groups, and needs 2 such topics; here 0 topics qualified (0 prompt groups)'
+    """
+    classes, n_prompts = readout.get("classes") or [], readout.get("n_prompts") or 0
+    if len(classes) < 2 or (readout.get("n_folds") or 0) < 2:
+        return ("it learns topics that are the most-named topic of at least 2 prompt groups, and needs 2 such topics; "
+                f"here {len(classes)} topic{'s' * (len(classes) != 1)} qualified ({n_prompts} prompt "
+                f"group{'s' * (n_prompts != 1)})")
+    return str(readout.get("skipped") or "no reason recorded")
+
+
+def _wrap(text: str, width: int = 60) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "<br>".join([*lines, line])
 
 
 def _as_dict(result) -> dict:
@@ -53,7 +82,7 @@ def topic_distribution_figure(result) -> go.Figure:
                                  hovertemplate=f"{topic}<br>%{{x}}: %{{y:.0%}}<extra></extra>"),
                           row=panel, col=1)
         fig.update_yaxes(title_text="share of samples", range=[0, 1], row=panel, col=1)
-    fig.update_layout(barmode="stack", height=320 * len(models) + 120,
+    fig.update_layout(barmode="stack", height=320 * len(models) + 120, template=TEMPLATE,
                       title="First topic named per prompt (k = 0 samples, phrasings pooled)")
     return fig
 
@@ -86,7 +115,7 @@ def commitment_figure(result) -> go.Figure:
                           annotation_text="median topic mention", annotation_position="bottom right")
     fig.update_layout(title="Commitment curve: topic entropy after k revealed tokens (95% CI)",
                       xaxis_title="k (tokens of the reference response revealed)",
-                      yaxis_title="topic entropy (nats)", yaxis_rangemode="tozero")
+                      yaxis_title="topic entropy (nats)", yaxis_rangemode="tozero", template=TEMPLATE)
     return fig
 
 
@@ -129,12 +158,13 @@ def readout_figure(result) -> go.Figure:
                                      mode="lines", line={"color": "black", "dash": "dash"}, legendgroup="majority",
                                      showlegend=first), row=1, col=col)
         else:
-            fig.add_annotation(text=f"probe not fitted: {readout.get('skipped', '')}"[:90], showarrow=False,
-                               xref=f"x{col if col > 1 else ''} domain", yref="y domain", x=0.5, y=0.9)
+            fig.add_annotation(text=_wrap(f"topic probe not fitted: {readout_skip_reason(readout)}"),
+                               showarrow=False, align="left", xref=f"x{col if col > 1 else ''} domain",
+                               yref="y domain", x=0.5, y=0.5, bgcolor="rgba(255,255,255,0.85)")
         fig.update_xaxes(title_text="depth (0 = embedding)", row=1, col=col)
     fig.update_yaxes(title_text="accuracy for the modal topic", range=[0, 1], row=1, col=1)
     fig.update_layout(title="Decoding the eventual topic before the first output token", height=450,
-                      width=max(700, 520 * len(models)))
+                      width=max(700, 520 * len(models)), template=TEMPLATE)
     return fig
 
 
@@ -165,5 +195,5 @@ def prefill_figure(result) -> go.Figure:
                              error_y={"type": "data", "symmetric": False, "array": high, "arrayminus": low},
                              hovertext=hover, hovertemplate="%{y:.3f} nats<br>%{hovertext}<extra></extra>"))
     fig.update_layout(barmode="group", title="Prefill violation: entropy after an own-topic vs other-topic start",
-                      yaxis_title="mean output entropy over the next tokens (nats)")
+                      yaxis_title="mean output entropy over the next tokens (nats)", template=TEMPLATE)
     return fig

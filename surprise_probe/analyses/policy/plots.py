@@ -3,10 +3,14 @@
 - :func:`gap_ratios`: the off/on ratio of mean entropy per reader, source and format, with CIs
   (1 = no gap; the paper's post-trained readers show 3-4x);
 - :func:`reader_writer_heatmap`: mean entropy of each reader (rows) reading each writer (columns);
-  the diagonal is the on-policy read;
+  the cell where a reader reads its own text (marked "on-policy") is the on-policy read;
 - :func:`entropy_distributions`: per-response mean entropy per source (one box per source);
 - :func:`entropy_by_position`: mean entropy at each response position per source, with CI bands;
 - :func:`roc_curves`: telling own from off-policy responses by mean entropy alone.
+
+:func:`describe_source` says what a source label (``own``, ``own_other_prompt``, ``human``,
+``writer:<model>``) means; every figure names its sources that way. All use the white template of
+the project's other figures.
 """
 
 from __future__ import annotations
@@ -17,9 +21,29 @@ from plotly.subplots import make_subplots
 from sklearn.metrics import roc_curve
 
 __all__ = ["gap_ratios", "reader_writer_heatmap", "entropy_distributions", "entropy_by_position", "roc_curves",
-           "all_figures"]
+           "all_figures", "describe_source", "SOURCE_DESCRIPTIONS"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+TEMPLATE = "plotly_white"
+
+# What each source label means (the reading protocol is in docs/policy-gap.md).
+SOURCE_DESCRIPTIONS = {
+    "own": "the reader's own sampled answer to this prompt, read from its sampled ids: the on-policy read",
+    "own_other_prompt": "the reader's own answer to another prompt, read after this prompt: its own style, "
+                        "but not an answer to this prompt",
+    "human": "the human-written answer to this prompt",
+}
+
+
+def describe_source(source: str) -> str:
+    """A source label with what it means, e.g. ``own_other_prompt (the reader's own answer to another prompt, ...)``.
+
+    >>> describe_source("writer:gemma-3-270m")
+    "writer:gemma-3-270m (gemma-3-270m's answer to this prompt, re-tokenized by the reader)"
+    """
+    if source.startswith("writer:"):
+        return f"{source} ({source.split(':', 1)[1]}'s answer to this prompt, re-tokenized by the reader)"
+    return f"{source} ({SOURCE_DESCRIPTIONS[source]})" if source in SOURCE_DESCRIPTIONS else source
 
 
 def _readers(result) -> list[str]:
@@ -37,6 +61,11 @@ def _sources(result) -> list[str]:
     order = {"own": 0, "own_other_prompt": 1, "human": 3}
     sources = {c["source"] for c in result.summary["cells"]}
     return sorted(sources, key=lambda s: (order.get(s, 2), s))
+
+
+def _num(value) -> float:
+    """A bound as a float: NaN where there is none (``None`` once read back from JSON)."""
+    return float("nan") if value is None else float(value)
 
 
 def _color(source: str, sources: list[str]) -> str:
@@ -57,25 +86,35 @@ def gap_ratios(result) -> go.Figure:
         n = [r["span"]["n_prompts"] for r in rows]
         first = [r[f"first_{k}"].get("ratio_off_on", {}).get("value") for r in rows]
         fig.add_trace(go.Scatter(
-            x=[q["value"] for q in ratio], y=labels, mode="markers", name=source,
+            x=[q["value"] for q in ratio], y=labels, mode="markers", name=describe_source(source),
             marker={"color": _color(source, sources), "size": 10},
             error_x={"type": "data", "symmetric": False,
-                     "array": [q["high"] - q["value"] for q in ratio],
-                     "arrayminus": [q["value"] - q["low"] for q in ratio]},
+                     "array": [_num(q["high"]) - _num(q["value"]) for q in ratio],
+                     "arrayminus": [_num(q["value"]) - _num(q["low"]) for q in ratio]},
             customdata=np.stack([n, first], 1),
             hovertemplate="%{y}<br>off/on %{x:.3f}<br>n=%{customdata[0]} prompts<br>"
                           f"first {k} tokens: " + "%{customdata[1]:.3f}<extra>" + source + "</extra>",
         ))
     fig.add_vline(x=1.0, line_dash="dash", line_color="grey")
     fig.update_layout(title="off-policy / on-policy mean output entropy (95% CI over prompts; 1 = no gap)",
-                      xaxis_title="ratio of mean entropy, off / on", height=300 + 30 * len(fig.data[0].y if fig.data else []))
+                      xaxis_title="ratio of mean entropy, off / on", template=TEMPLATE,
+                      height=300 + 30 * len(fig.data[0].y if fig.data else []),
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.25, "title": {"text": "off-policy source:"}})
     return fig
 
 
 def reader_writer_heatmap(result) -> go.Figure:
-    """Reader x writer mean entropy, one panel per format; hover shows the CI and prompt count."""
+    """Reader x writer mean entropy, one panel per format, on one colour scale; hover shows the CI.
+
+    Rows read, columns wrote; the cell where a reader reads its own text is marked "on-policy"
+    (the matrix is rarely square: ``human`` is a column, and one reader gives one row). The panels
+    share their rows (labelled once, on the left) and one colour axis, so the one colour bar holds
+    for every panel.
+    """
     formats = _formats(result)
-    fig = make_subplots(rows=1, cols=len(formats), subplot_titles=[f"format: {f}" for f in formats])
+    fig = make_subplots(rows=1, cols=len(formats), subplot_titles=[f"format: {f}" for f in formats],
+                        shared_yaxes=True, horizontal_spacing=0.03)
+    values = []
     for col, fmt in enumerate(formats, start=1):
         table = result.summary["matrix"].get(fmt, {})
         readers = [r for r in _readers(result) if r in table]
@@ -87,15 +126,23 @@ def reader_writer_heatmap(result) -> go.Figure:
                 cell = table[reader].get(writer)
                 row_z.append(None if cell is None else cell["mean"])
                 row_t.append("" if cell is None else
-                             f"{cell['mean']:.2f}<br>[{cell['low']:.2f}, {cell['high']:.2f}]<br>n={cell['n_prompts']}")
+                             ("<b>on-policy</b><br>" if writer == reader else "")
+                             + f"{_num(cell['mean']):.2f}<br>[{_num(cell['low']):.2f}, {_num(cell['high']):.2f}]"
+                             f"<br>n={cell['n_prompts']}")
             z.append(row_z)
             text.append(row_t)
+        values += [v for row in z for v in row if v is not None and np.isfinite(v)]
         fig.add_trace(go.Heatmap(z=z, x=[f"writer: {w}" for w in writers], y=[f"reader: {r}" for r in readers],
-                                 text=text, texttemplate="%{text}", colorscale="Viridis",
-                                 colorbar={"title": "nats"}, showscale=col == len(formats)),
+                                 text=text, texttemplate="%{text}", coloraxis="coloraxis",
+                                 hovertemplate="%{y}<br>%{x}<br>%{text}<extra>" + fmt + "</extra>"),
                       row=1, col=col)
-    fig.update_layout(title="mean output entropy over the response (reader x writer; diagonal = on-policy)",
-                      height=420)
+    colour_axis = {"colorscale": "Viridis", "colorbar": {"title": {"text": "nats"}}}
+    if values:
+        colour_axis.update(cmin=min(values), cmax=max(values))
+    fig.update_yaxes(automargin=True)
+    fig.update_layout(title="mean output entropy over the response: rows read, columns wrote; the cell marked "
+                            "on-policy is a reader reading its own text (one colour scale for every panel)",
+                      coloraxis=colour_axis, height=220 + 90 * max(1, len(_readers(result))), template=TEMPLATE)
     return fig
 
 
@@ -111,11 +158,12 @@ def entropy_distributions(result) -> go.Figure:
                 values = [r["mean_entropy"] for r in rows if r["reader"] == reader and r["format"] == fmt
                           and r["source"] == source and r["mean_entropy"] is not None]
                 if values:
-                    fig.add_trace(go.Box(y=values, name=source, marker_color=_color(source, sources),
+                    fig.add_trace(go.Box(y=values, name=describe_source(source), marker_color=_color(source, sources),
                                          boxpoints="all", jitter=0.4, pointpos=0, showlegend=False),
                                   row=i, col=j)
     fig.update_yaxes(title_text="mean entropy per response (nats)", col=1)
-    fig.update_layout(title="per-response mean output entropy by source", height=320 * len(formats) + 80)
+    fig.update_layout(title="per-response mean output entropy by source", height=320 * len(formats) + 80,
+                      template=TEMPLATE)
     return fig
 
 
@@ -137,14 +185,15 @@ def entropy_by_position(result) -> go.Figure:
         fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([high, low[::-1]]),
                                  fill="toself", mode="lines", fillcolor=color, opacity=0.15, line={"width": 0},
                                  hoverinfo="skip", showlegend=False), row=i, col=j)
-        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=curve["source"], line={"color": color},
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name=describe_source(curve["source"]), line={"color": color},
                                  legendgroup=curve["source"], showlegend=curve["source"] not in shown,
                                  customdata=n[keep], hovertemplate="position %{x}<br>%{y:.3f} nats<br>n=%{customdata}"),
                       row=i, col=j)
         shown.add(curve["source"])
     fig.update_xaxes(title_text="response token position")
     fig.update_yaxes(title_text="mean entropy (nats)", col=1)
-    fig.update_layout(title="output entropy by position in the response", height=320 * len(formats) + 80)
+    fig.update_layout(title="output entropy by position in the response", height=320 * len(formats) + 80,
+                      template=TEMPLATE, legend={"orientation": "h", "yanchor": "top", "y": -0.12})
     return fig
 
 
@@ -170,11 +219,12 @@ def roc_curves(result) -> go.Figure:
                     continue
                 fpr, tpr, _ = roc_curve([1] * len(own) + [0] * len(off), own + off)
                 auc = row["auroc_entropy"]
-                fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=row["source"],
+                fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=describe_source(row["source"]),
                                          line={"color": _color(row["source"], sources)},
                                          legendgroup=row["source"], showlegend=row["source"] not in shown,
                                          hovertemplate=f"{row['source']}: AUROC {auc['auroc']:.2f} "
-                                                       f"[{auc['low']:.2f}, {auc['high']:.2f}]<extra></extra>"),
+                                                       f"[{_num(auc['low']):.2f}, {_num(auc['high']):.2f}]"
+                                                       "<extra></extra>"),
                               row=i, col=j)
                 shown.add(row["source"])
             fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"},
@@ -182,7 +232,7 @@ def roc_curves(result) -> go.Figure:
     fig.update_xaxes(title_text="false positive rate")
     fig.update_yaxes(title_text="true positive rate", col=1)
     fig.update_layout(title="own vs off-policy by mean entropy alone (hover: AUROC with DeLong 95% CI)",
-                      height=320 * len(formats) + 80)
+                      height=320 * len(formats) + 80, template=TEMPLATE)
     return fig
 
 
@@ -196,8 +246,9 @@ CAPTIONS = {
     ),
     "reader_writer_heatmap": (
         "Reader x writer matrix",
-        "Rows read, columns wrote; the diagonal is the on-policy read. A post-trained model's row should be "
-        "darkest on its own column. Cells give the mean over prompts, its 95% CI and the number of prompts.",
+        "Rows read, columns wrote; the cell marked on-policy is a reader reading its own text. A post-trained "
+        "model's row should be darkest on its own column. Cells give the mean over prompts, its 95% CI and the "
+        "number of prompts; one colour scale serves every panel.",
     ),
     "entropy_distributions": (
         "Per-response mean entropy by source",

@@ -20,12 +20,13 @@ from surprise_probe.core.utils.jsonio import (
     software_versions,
     write_json,
 )
+from surprise_probe.core.utils.notebook import NotebookView
 from surprise_probe.core.utils.outputs import claim_output, config_record_path, first_difference
 
 # --- running ----------------------------------------------------------------------------------------
 
-@dataclass
-class StudyResult:
+@dataclass(repr=False)
+class StudyResult(NotebookView):
     """Per stage: status (``done``, ``resumed``, ``failed``, ``skipped``), settings, seconds, error."""
 
     out: Path
@@ -43,6 +44,19 @@ class StudyResult:
 
     def save(self, folder: str | Path | None = None) -> dict[str, Path]:
         return {"json": write_json(Path(folder or self.out) / "study.json", self.to_dict())}
+
+    def _view(self) -> tuple[str, list[tuple[str, str]]]:
+        counts: dict[str, int] = {}
+        for stage in self.stages.values():
+            counts[stage["status"]] = counts.get(stage["status"], 0) + 1
+        report = Path(self.out) / "report.html"
+        rows = [("folder", str(self.out)), ("report", str(report) if report.exists() else "not written")]
+        for name, stage in self.stages.items():
+            text = stage["status"] + (f", {stage['seconds']:.1f} s" if "seconds" in stage else "")
+            error = stage.get("error")
+            rows.append((name, text + (f": {error[:150]}" if error else "")))
+        tally = ", ".join(f"{n} {status}" for status, n in counts.items())
+        return f"{len(self.stages)} stages ({tally}), {self.total_seconds:.0f} s, {self.out}", rows
 
 
 def check_stages(out: str | Path, settings: dict, items: Sequence, stages: Sequence[Stage] | None = None) -> None:

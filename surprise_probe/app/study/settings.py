@@ -12,14 +12,17 @@ from surprise_probe.core.models.loading import (
 )
 
 # Sizes of the default study: under 15 minutes on 2 CPU cores with the embedded SmolLM2-135M
-# (docs/index.md gives the measured time per stage).
+# (docs/index.md gives the measured time per stage: 397 s with steering on 6 inputs x 4 random
+# directions; 10 x 10 adds about 260 s by estimate_seconds, about 660 s in all).
 DEFAULT_SETTINGS = {
     "max_inputs": 60,  # the first N inputs are captured and probed
     "batch_size": 8,
-    "steer_inputs": 6,
+    # steering and the comparison: at least MIN_UNITS sequences and MIN_RANDOM_DIRECTIONS random
+    # directions (core/utils/stats.py), so the report's causal verdict is tested at the default size
+    "steer_inputs": 10,
     "strengths": [-4.0, -2.0, 0.0, 2.0, 4.0],
     "compare_strengths": [-4.0, 0.0, 4.0],  # the entropy-direction comparison (3 directions, so fewer)
-    "random_directions": 4,
+    "random_directions": 10,
     "n_boot": 1000,
     "seed": 0,
     "patch_pairs": 6,  # on/off-policy pairs (the model samples one answer per pair)

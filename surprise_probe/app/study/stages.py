@@ -1,4 +1,9 @@
-"""The study's stages: what each computes, the settings that define it, and its report sections."""
+"""The study's stages: what each computes, the settings that define it, and its report sections.
+
+A section may carry a question (``SectionSpec.question``, a key of
+``surprise_probe.report.verdicts.QUESTIONS``): the report opens with its verdict, judged from
+that stage's results by the rule printed beside it.
+"""
 
 
 from __future__ import annotations
@@ -148,7 +153,8 @@ def _fit_stage(target: str) -> Stage:
         target, f"Probes: decoding {target}")
     return Stage(f"fit_{target}", config, run, load=lambda ctx, folder: folder / "probe", needs=("capture",),
                  owned=("sweep.json",),
-                 sections=(SectionSpec(f"fit_{target}", title, f"fit_{target}", lambda f: fit_section(f, target)),))
+                 sections=(SectionSpec(f"fit_{target}", title, f"fit_{target}", lambda f: fit_section(f, target),
+                                       question="decodable" if target == "surprise" else None),))
 
 
 # --- steering and the entropy-direction comparison --------------------------------------------------
@@ -362,7 +368,7 @@ def default_stages() -> list[Stage]:
         Stage("steer", _steer_config, _run_steer, load=lambda ctx, folder: read_json(folder / "steer.json"),
               needs=("fit_surprise",), owned=("steer.json",),
               sections=(SectionSpec("steer", "Steering and ablation along the surprise direction", "steer",
-                                    steer_section),)),
+                                    steer_section, question="causal"),)),
         Stage("compare", lambda s, i: {**_steer_config(s, i), "compare_strengths": s["compare_strengths"],
                                        "directions": "surprise vs entropy"}, _run_compare,
               load=lambda ctx, folder: folder / "direction_comparison.json", needs=("fit_surprise", "fit_entropy"),
@@ -372,7 +378,7 @@ def default_stages() -> list[Stage]:
         Stage("patch", _patch_config, _run_patch, load=lambda ctx, folder: folder, needs=("fit_surprise",),
               owned=("patch.json",),
               sections=(SectionSpec("patch", "Activation patching along the surprise direction", "patch",
-                                    patch_section),)),
+                                    patch_section, question="patching"),)),
         Stage("attribution", _attribution_config, _run_attribution, load=lambda ctx, folder: folder,
               needs=("fit_surprise", "patch"), owned=("attribution.json",),
               sections=(SectionSpec("attribution", "Attribution patching, validated against exact patching",
@@ -380,11 +386,12 @@ def default_stages() -> list[Stage]:
                         SectionSpec("token_view", "Token view: one conversation, token by token", "attribution",
                                     token_view_section, status_of="attribution"))),
         Stage("gap", _gap_config, _run_gap, load=lambda ctx, folder: folder / "gap.json", owned=("gap.json",),
-              sections=(SectionSpec("gap", "Policy gap: on-policy vs off-policy entropy", "gap", gap_section),)),
+              sections=(SectionSpec("gap", "Policy gap: on-policy vs off-policy entropy", "gap", gap_section,
+                                    question="gap"),)),
         Stage("intention", _intention_config, _run_intention, load=lambda ctx, folder: folder / "intention.json",
               owned=("intention.json",),
               sections=(SectionSpec("intention", "Cached intention: has the model chosen its topic before writing?",
-                                    "intention", intention_section),)),
+                                    "intention", intention_section, question="intention"),)),
         Stage("report", lambda settings, inputs: {}, _run_report, folder=None),
     ]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 __all__ = ["WAIT_POLICY", "available_cpus", "prefer_passive_waiting", "configure_threads", "thread_settings"]
@@ -62,11 +63,13 @@ def available_cpus() -> int:
     return max(1, count)
 
 
-def prefer_passive_waiting(environ=os.environ) -> bool:
+def prefer_passive_waiting(environ: MutableMapping[str, str] | None = None) -> bool:
     """Ask OpenMP threads to sleep when idle; only before torch loads, and only if you set nothing.
 
-    Returns whether the setting was made. Called by ``import surprise_probe``.
+    ``environ`` defaults to ``os.environ``. Returns whether the setting was made. Called by
+    ``import surprise_probe``.
     """
+    environ = os.environ if environ is None else environ
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return False
     environ["OMP_WAIT_POLICY"] = WAIT_POLICY
