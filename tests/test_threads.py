@@ -42,7 +42,10 @@ def test_configure_threads_follows_the_variable_and_refuses_nonsense(monkeypatch
         with pytest.raises(ValueError, match="SURPRISE_PROBE_THREADS='two'"):
             threads.configure_threads()
         monkeypatch.delenv(threads.THREADS_VARIABLE)
+        torch.set_num_threads(64)  # more than this process may use: capped
         assert threads.configure_threads() == threads.available_cpus()
+        torch.set_num_threads(1)  # a caller's own lower choice stands
+        assert threads.configure_threads() == 1
     finally:
         torch.set_num_threads(before)
 

@@ -48,7 +48,7 @@ __all__ = [
 
 # Settings that do not belong in a rerunnable record (actions and presentation, not settings).
 NOT_SETTINGS = {"func", "command", "config", "debug", "overwrite", "no_progress", "allow_download",
-                "allow_unverified_probe"}
+                "allow_unverified_probe", "threads"}
 
 
 class UsageError(Exception):

@@ -77,8 +77,9 @@ def prefer_passive_waiting(environ: MutableMapping[str, str] | None = None) -> b
 
 
 def configure_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads to ``threads`` (default: ``$SURPRISE_PROBE_THREADS``, else the
-    CPUs available to this process); returns the count used.
+    """Set torch's intra-op threads to ``threads`` (default: ``$SURPRISE_PROBE_THREADS``, else torch's
+    current count capped at the CPUs available to this process: never more threads than CPUs it
+    may use, and never more than a caller already chose); returns the count used.
 
     >>> import torch
     >>> configure_threads(1), torch.get_num_threads()
@@ -93,7 +94,7 @@ def configure_threads(threads: int | None = None) -> int:
                 raise ValueError(f"{THREADS_VARIABLE}={configured!r}: expected an integer >= 1")
             threads = int(configured)
         else:
-            threads = available_cpus()
+            threads = min(torch.get_num_threads(), available_cpus())
     if int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(int(threads))
