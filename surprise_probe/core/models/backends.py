@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 
 __all__ = ["is_hooked_transformer", "is_bridge", "backend_name", "hooked_transformer_available",
            "transformer_lens_version"]
@@ -37,11 +38,8 @@ def backend_name(model) -> str:
 @functools.cache
 def hooked_transformer_available() -> bool:
     """Whether this TransformerLens has ``HookedTransformer`` (3.x yes, 4.x no)."""
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # A module probe, not an import: on 4.x importing the removed name raises.
+    return importlib.util.find_spec("transformer_lens.HookedTransformer") is not None
 
 
 def transformer_lens_version() -> str:

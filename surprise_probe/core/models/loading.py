@@ -24,6 +24,7 @@ The cached copy of an embedded tokenizer is checked against the GGUF original wh
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -176,12 +177,9 @@ def _hub_folder(name: str, allow_download: bool) -> Path:
 
     candidates = [name]
     with contextlib.suppress(Exception):
-        try:
-            from transformer_lens.loading_from_pretrained import get_official_model_name  # 3.x
-        except ImportError:
-            from transformer_lens.supported_models import get_official_model_name  # 4.x
-
-        official = get_official_model_name(name)
+        names = importlib.import_module("transformer_lens.loading_from_pretrained" if hooked_transformer_available()
+                                        else "transformer_lens.supported_models")  # 3.x / 4.x
+        official = names.get_official_model_name(name)
         if official != name:
             candidates.append(official)
     for candidate in candidates:
