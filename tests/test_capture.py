@@ -124,6 +124,27 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_hooked, tmp_path, 
     ) == [f"{i:06d}" for i in range(8)]
 
 
+def test_content_hash_depends_on_the_data_not_the_shard_size(tiny_hooked, tmp_path):
+    items = [f"Text {i} says {'more ' * i}here." for i in range(6)]
+    runs = {size: sp.capture(tiny_hooked, items, shard_size=size, batch_size=2, out_dir=tmp_path / f"s{size}",
+                             progress=False) for size in (2, 4, 64)}
+    assert [len(run.manifest["shards"]) for run in runs.values()] == [3, 2, 1]
+    assert len({run.manifest["content_hash"] for run in runs.values()}) == 1
+    for run in runs.values():
+        sp.load_capture(run.path, verify=True)  # the per-sequence file digests verify
+    # other data, another hash: one more text, or one changed byte (which verify also names)
+    more = sp.capture(tiny_hooked, [*items, "One more."], shard_size=2, batch_size=2, out_dir=tmp_path / "more",
+                      progress=False)
+    assert more.manifest["content_hash"] != runs[2].manifest["content_hash"]
+    hook = runs[2].hooks[-1]
+    file = runs[2].path / "shards" / "000001" / f"{hook}.npy"
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 1
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="000001.*does not match its manifest hash"):
+        sp.load_capture(runs[2].path, verify=True)
+
+
 def test_rerun_of_finished_run_is_a_no_op(tiny_hooked, tmp_path, monkeypatch):
     sp.capture(tiny_hooked, TEXTS, out_dir=tmp_path / "r", progress=False)
     monkeypatch.setattr(capture_module, "_capture_shard", lambda *a, **k: pytest.fail("recomputed"))

@@ -161,10 +161,11 @@ def _worker(mode: str, out: Path, tokenizer_folder: str, hf_folder: str, items_t
             sp.capture(model, items if rank == 0 else items[::-1], progress=False)
         except ValueError as error:
             errors["disagree"] = str(error)
-        try:  # one shard for two ranks
-            sp.capture(model, items[:1], progress=False)
-        except ValueError as error:
-            errors["few_shards"] = str(error)
+        # fewer shards than ranks: the shards shrink so both ranks work (3 items), or one waits (1 item)
+        for n in (3, 1):
+            few = sp.capture(model, items[:n], out_dir=out / f"few{n}", progress=False)
+            got["results"][f"few{n}"] = {"content_hash": few.manifest["content_hash"],
+                                         "n_shards": len(few.manifest["shards"]), "n_sequences": few.n_sequences}
         try:  # one sequence for two ranks
             run_sweep(model, encode_items(model, items[:1]), "blocks.0.hook_resid_post",
                       _steering(model).direction[None], ALPHAS, progress=False)
@@ -257,8 +258,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path, tiny_tokenizer, tiny_hoo
         # errors are raised on every rank, and say what to change
         errors = res["errors"]
         assert "ranks disagree about the capture input" in errors["disagree"] and "inputs_hash" in errors["disagree"]
-        assert "1 shards cannot be split over 2 ranks" in errors["few_shards"]
-        assert "smaller shard_size" in errors["few_shards"]
+        for n, n_shards in ((3, 2), (1, 1)):  # the same data as one process with one shard
+            single_few = sp.capture(tiny_hooked, ITEMS[:n], out_dir=tmp_path / "single" / f"few{n}", progress=False)
+            assert res[f"few{n}"] == {"content_hash": single_few.manifest["content_hash"], "n_shards": n_shards,
+                                      "n_sequences": n}
+            assert len(single_few.manifest["shards"]) == 1
         assert "1 sequences cannot be split over 2 ranks" in errors["few_sequences"]
 
 

@@ -126,8 +126,11 @@ def _capture_shard(
                                                              "input_surprise", "output_entropy", "scored")}
     acts: dict[str, list[np.ndarray]] = {hook: [] for hook in hooks}
     pad = pad_id(model)
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
+    # Batches start at global multiples of batch_size, so (with shard_size a multiple of batch_size)
+    # every sequence meets the same batch whatever the shard size: the same bytes, the same hash.
+    cuts = [s for s in range(len(encoded)) if s == 0 or (first_id + s) % batch_size == 0] + [len(encoded)]
+    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+        chunk = encoded[start:stop]
         batch = pad_batch(chunk, pad, padding_side)
         surprise, entropy, stored = forward_metrics(model, batch, hooks)
         real = batch.attention_mask.bool()
@@ -217,6 +220,10 @@ def capture(
     if not encoded:
         raise ValueError("capture got no inputs")
     _check_lengths(items, encoded)
+    world = distributed.world_size()
+    if -(-len(encoded) // shard_size) < world:
+        # Fewer shards than ranks: smaller shards, so the work is split (ranks beyond the inputs wait).
+        shard_size = max(1, -(-len(encoded) // world))
     identity = {
         "format_version": FORMAT_VERSION,
         "model_id": model_id(model),
@@ -236,7 +243,7 @@ def capture(
     distributed.check_same(identity, "capture input")
     np_dtype = _NUMPY_DTYPES[dtype]
     n_shards = (len(encoded) + shard_size - 1) // shard_size
-    mine = distributed.split(n_shards, "shards")
+    mine = distributed.split(n_shards, "shards", allow_idle=True)
     started = time.perf_counter()
 
     out_path = Path(out_dir) if out_dir is not None else None
@@ -266,8 +273,9 @@ def capture(
                 in_memory.append(_capture_shard(model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar))
                 continue
             # Stream each batch's activations into the shard's files (memory: one batch, not a shard).
-            n_tokens = sum(len(item.token_ids) for item in part)
-            with ShardWriter(out_path, index, hooks, n_tokens, int(model.cfg.d_model), np_dtype) as writer:
+            lengths = [len(item.token_ids) for item in part]
+            with ShardWriter(out_path, index, hooks, sum(lengths), int(model.cfg.d_model), np_dtype,
+                             sequence_lengths=lengths) as writer:
                 shard = _capture_shard(
                     model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar, writer=writer
                 )
@@ -281,7 +289,8 @@ def capture(
         else:
             entries = sorted((e for part in distributed.all_gather(entries) for e in part), key=lambda e: e["index"])
 
-    shards_meta = entries if out_path is not None else [
+    # The per-sequence digests stay in each shard's shard.json (the manifest keeps their hash).
+    shards_meta = [{k: v for k, v in e.items() if k != "sequence_digests"} for e in entries] if out_path is not None else [
         {"index": s.index, "n_tokens": len(s), "n_sequences": s.n_sequences, "n_scored": int(s.scored.sum())}
         for s in in_memory
     ]

@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# How a shard's "files" digests are made (recorded per shard as "file_digest"): SHA-256 of the .npy
+# header followed by the per-sequence SHA-256s of the data. Shards without it hash the whole file.
+FILE_DIGEST = "npy-header+sequence-sha256"
 COLUMNS = ("token_ids", "sequence_ids", "positions", "input_surprise", "output_entropy", "scored")
 _COLUMN_DTYPES = {
     "token_ids": np.int64,
@@ -186,6 +189,84 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class SequenceDigests:
+    """SHA-256 of each sequence's rows in each file, fed in order in chunks of any size.
+
+    The capture's content hash is built from these, so it depends on the data alone, not on how
+    the sequences were cut into shards (``shard_size``) or spread over ranks. ``lengths`` are the
+    shard's sequences' token counts, in order.
+    """
+
+    def __init__(self, lengths) -> None:
+        self.bounds = np.cumsum(np.asarray(lengths, dtype=np.int64)).tolist()
+        self.state: dict[str, tuple[list[bytes], object, int]] = {}
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows)
+        done, hasher, position = self.state.get(name) or ([], hashlib.sha256(), 0)
+        row_bytes = rows.nbytes // max(len(rows), 1)
+        data, offset = memoryview(rows).cast("B"), 0
+        while offset < len(rows):
+            take = min(self.bounds[len(done)] - position, len(rows) - offset)
+            hasher.update(data[offset * row_bytes : (offset + take) * row_bytes])
+            offset, position = offset + take, position + take
+            if position == self.bounds[len(done)]:
+                done.append(hasher.digest())
+                hasher = hashlib.sha256()
+        self.state[name] = (done, hasher, position)
+
+    def file_hexdigest(self, name: str, header: bytes) -> str:
+        """A file's digest: its ``.npy`` header, then its sequences' digests (no byte hashed twice)."""
+        return hashlib.sha256(header + b"".join(self.state.get(name, ([],))[0])).hexdigest()
+
+    def hexdigests(self) -> list[str]:
+        """One digest per sequence, over every file's rows (files in name order)."""
+        n = len(self.bounds)
+        short = {name: len(done) for name, (done, _, _) in self.state.items() if len(done) != n}
+        if short:
+            raise ValueError(f"expected rows for {n} sequences per file, got {short}")
+        names = sorted(self.state)
+        return [
+            hashlib.sha256(b"".join(name.encode() + b":" + self.state[name][0][i] for name in names)).hexdigest()
+            for i in range(n)
+        ]
+
+
+def _npy_header(array: np.ndarray, shape: tuple[int, ...] | None = None) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for ``array`` (or for its dtype at ``shape``)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {
+        "descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+        "shape": tuple(array.shape if shape is None else shape),
+    })
+    return buffer.getvalue()
+
+
+def _file_digest(file: Path, lengths: list[int]) -> str:
+    """Recompute a stored file's :data:`FILE_DIGEST`-style digest from its bytes."""
+    with open(file, "rb") as handle:
+        np.lib.format.read_magic(handle)
+        np.lib.format.read_array_header_1_0(handle)
+        header_length = handle.tell()
+    array = _load_npy(file, mmap_mode="r")
+    with open(file, "rb") as handle:
+        header = handle.read(header_length)
+    sequences = SequenceDigests(lengths)
+    block = 4096  # rows per read: bounded memory on large shards
+    for start in range(0, len(array), block):
+        sequences.add(file.name, np.asarray(array[start : start + block]))
+    return sequences.file_hexdigest(file.name, header)
+
+
+def _sequence_lengths(sequence_ids: np.ndarray) -> list[int]:
+    """Token counts of the consecutive runs of equal ids (a shard's sequences, in order)."""
+    ids = np.asarray(sequence_ids)
+    if not len(ids):
+        return []
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return np.diff(np.r_[starts, len(ids)]).tolist()
+
+
 def shard_name(index: int) -> str:
     return f"{index:06d}"
 
@@ -201,13 +282,15 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
     files, sizes = {}, {}
     arrays = {name: np.ascontiguousarray(shard.column(name), dtype=_COLUMN_DTYPES[name]) for name in COLUMNS}
     arrays.update({hook: np.ascontiguousarray(shard._activations[hook]) for hook in shard.hooks})
+    sequences = SequenceDigests(_sequence_lengths(arrays["sequence_ids"]))
     try:
         with _shard_errors(tmp, shard.index):
             tmp.mkdir()
         for name, array in arrays.items():
             with _shard_errors(tmp / f"{name}.npy", shard.index):
                 np.save(tmp / f"{name}.npy", array)
-            files[f"{name}.npy"] = _sha256(tmp / f"{name}.npy")
+            sequences.add(f"{name}.npy", array)
+            files[f"{name}.npy"] = sequences.file_hexdigest(f"{name}.npy", _npy_header(array))
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no temporary folder behind
         raise
@@ -223,6 +306,8 @@ def write_shard(root: Path, shard: CaptureShard) -> dict:
         "last_sequence": int(shard.sequence_ids.max()),
         "files": files,
         "sizes": sizes,
+        "file_digest": FILE_DIGEST,
+        "sequence_digests": sequences.hexdigests(),
     }
     try:
         write_json(tmp / "shard.json", entry)
@@ -252,9 +337,13 @@ class ShardWriter:
     """
 
     def __init__(self, root: Path, index: int, hooks: tuple[str, ...] | list[str], n_tokens: int, d_model: int,
-                 dtype) -> None:
+                 dtype, sequence_lengths=None) -> None:
         self.root, self.index, self.hooks = Path(root), index, tuple(hooks)
         self.n_tokens, self.d_model, self.dtype = int(n_tokens), int(d_model), np.dtype(dtype)
+        lengths = [self.n_tokens] if sequence_lengths is None else [int(n) for n in sequence_lengths]
+        if sum(lengths) != self.n_tokens:
+            raise ValueError(f"sequence_lengths sum to {sum(lengths)}, but the shard has {self.n_tokens} tokens")
+        self.sequences = SequenceDigests(lengths)
         shards_dir = self.root / "shards"
         shards_dir.mkdir(parents=True, exist_ok=True)
         self.final = shards_dir / shard_name(index)
@@ -262,20 +351,16 @@ class ShardWriter:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.rows = dict.fromkeys(self.hooks, 0)
-        self.files, self.digests = {}, {}
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {
-            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-            "shape": (self.n_tokens, self.d_model),
-        })
+        self.files = {}
+        self.header = _npy_header(np.empty((0, self.d_model), self.dtype), shape=(self.n_tokens, self.d_model))
         try:
             with _shard_errors(self.tmp, index):
                 self.tmp.mkdir()
             for hook in self.hooks:
                 with _shard_errors(self.tmp / f"{hook}.npy", index):
                     handle = open(self.tmp / f"{hook}.npy", "wb")  # noqa: SIM115 - closed in finish/close
-                self.files[hook], self.digests[hook] = handle, hashlib.sha256()
-                self._write(hook, header.getvalue())
+                self.files[hook] = handle
+                self._write(hook, self.header)
         except Exception:
             self._discard()
             raise
@@ -283,7 +368,6 @@ class ShardWriter:
     def _write(self, hook: str, data) -> None:
         with _shard_errors(self.tmp / f"{hook}.npy", self.index):
             self.files[hook].write(data)
-        self.digests[hook].update(data)
 
     def _discard(self) -> None:
         """Close every file and remove the temp folder (after an error: nothing half-written stays)."""
@@ -298,7 +382,9 @@ class ShardWriter:
             raise ValueError(f"{hook}: expected rows of ({self.d_model},) {self.dtype}, got {rows.shape} {rows.dtype}")
         if self.rows[hook] + len(rows) > self.n_tokens:
             raise ValueError(f"{hook}: more than the shard's {self.n_tokens} tokens were written")
-        self._write(hook, memoryview(np.ascontiguousarray(rows)).cast("B"))
+        rows = np.ascontiguousarray(rows)
+        self._write(hook, memoryview(rows).cast("B"))
+        self.sequences.add(f"{hook}.npy", rows)
         self.rows[hook] += len(rows)
 
     def close(self) -> None:
@@ -324,12 +410,14 @@ class ShardWriter:
         files = {}
         for name in COLUMNS:
             buffer = io.BytesIO()
-            np.save(buffer, np.ascontiguousarray(columns[name], dtype=_COLUMN_DTYPES[name]))
+            array = np.ascontiguousarray(columns[name], dtype=_COLUMN_DTYPES[name])
+            self.sequences.add(f"{name}.npy", array)
+            np.save(buffer, array)
             with _shard_errors(self.tmp / f"{name}.npy", self.index):
                 (self.tmp / f"{name}.npy").write_bytes(buffer.getvalue())
-            files[f"{name}.npy"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+            files[f"{name}.npy"] = self.sequences.file_hexdigest(f"{name}.npy", _npy_header(array))
         for hook in self.hooks:
-            files[f"{hook}.npy"] = self.digests[hook].hexdigest()
+            files[f"{hook}.npy"] = self.sequences.file_hexdigest(f"{hook}.npy", self.header)
         sizes = {name: (self.tmp / name).stat().st_size for name in files}
         sequence_ids = np.asarray(columns["sequence_ids"])
         entry = {
@@ -342,6 +430,8 @@ class ShardWriter:
             "last_sequence": int(sequence_ids.max()),
             "files": files,
             "sizes": sizes,
+            "file_digest": FILE_DIGEST,
+            "sequence_digests": self.sequences.hexdigests(),
         }
         write_json(self.tmp / "shard.json", entry)
         with _shard_errors(self.final, self.index):
@@ -384,8 +474,19 @@ def completed_shards(root: Path) -> dict[int, dict]:
 
 
 def content_hash(entries: list[dict]) -> str:
+    """SHA-256 of the capture's data: its sequences' digests in order (see :class:`SequenceDigests`).
+
+    The same inputs, model and options give the same hash whatever ``shard_size`` or number of
+    ranks wrote them. Shards written before per-sequence digests existed hash their files instead.
+    """
     digest = hashlib.sha256()
-    for entry in sorted(entries, key=lambda e: e["index"]):
+    ordered = sorted(entries, key=lambda e: e["index"])
+    if all("sequence_digests" in entry for entry in ordered):
+        for entry in ordered:
+            for sequence in entry["sequence_digests"]:
+                digest.update(f"{sequence}\n".encode())
+        return digest.hexdigest()
+    for entry in ordered:
         for name, sha in sorted(entry["files"].items()):
             digest.update(f"{entry['name']}/{name}:{sha}\n".encode())
     return digest.hexdigest()
@@ -406,6 +507,7 @@ def verify_capture(run: Capture, hooks: list[str] | None = None) -> None:
         if not folder.is_dir():
             raise ValueError(f"capture {run.path} is damaged: shard folder {folder} is missing")
         sizes = entry.get("sizes", {})
+        lengths = None
         for name, sha in entry["files"].items():
             file = folder / name
             if not file.exists():
@@ -417,7 +519,15 @@ def verify_capture(run: Capture, hooks: list[str] | None = None) -> None:
                 )
             if size == 0:
                 raise ValueError(f"capture {run.path} is damaged: {file} is empty (0 bytes)")
-            if (wanted is None or name in wanted) and _sha256(file) != sha:
+            if wanted is not None and name not in wanted:
+                continue
+            if entry.get("file_digest") == FILE_DIGEST:
+                if lengths is None:
+                    lengths = _sequence_lengths(_load_npy(folder / "sequence_ids.npy"))
+                actual = _file_digest(file, lengths)
+            else:
+                actual = _sha256(file)
+            if actual != sha:
                 raise ValueError(
                     f"capture {run.path} is damaged: {file} does not match its manifest hash "
                     "(changed after it was written); recapture it, or pass --no-verify to use it anyway"

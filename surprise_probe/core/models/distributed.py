@@ -207,13 +207,14 @@ def check_same(value: dict, what: str) -> None:
     )
 
 
-def split(n_items: int, what: str) -> list[int]:
+def split(n_items: int, what: str, allow_idle: bool = False) -> list[int]:
     """Indices of the items this rank owns: ``rank, rank + world, ...`` (deterministic).
 
-    Raises ``ValueError`` (on every rank alike) when there are fewer items than ranks.
+    Raises ``ValueError`` (on every rank alike) when there are fewer items than ranks, unless
+    ``allow_idle`` (then the ranks beyond the items own nothing and only wait for the others).
     """
     world = world_size()
-    if n_items < world:
+    if n_items < world and not allow_idle:
         raise ValueError(
             f"{n_items} {what} cannot be split over {world} ranks (each rank needs at least one); "
             f"launch at most {n_items} processes (torchrun --nproc_per_node / --nnodes)"
