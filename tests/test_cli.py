@@ -133,6 +133,12 @@ def test_every_output_config_reruns_its_command(tiny_loader, tiny_hooked, tmp_pa
     assert (tmp_path / "gen.jsonl").read_text() == (tmp_path / "gen2.jsonl").read_text()
     for path in tmp_path.rglob("*.json"):  # strict JSON everywhere
         _strict_json(path)
+    # every output readable like any file the user writes: 0666 less the umask (0644 under 022)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")
+             if p.is_file() and p.name not in ("in.txt", "prompts.jsonl")}
+    assert modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
     assert tiny_loader  # the loader was used (the cases above needed the model)
 
 
