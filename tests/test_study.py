@@ -4,11 +4,14 @@ import json
 
 import pytest
 import torch
+from surprise_probe.probes.direction import ProbeDirection
 
 from surprise_probe.app import study as study_module
 from surprise_probe.app.cli import main
 from surprise_probe.app.commands import _common
 from surprise_probe.app.study import runner as study_runner
+from surprise_probe.app.study.stages import StudyContext
+from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.utils.jsonio import read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,3 +186,18 @@ def test_the_whole_study_on_the_embedded_model(tmp_path, capsys):
     assert (out / "report.html").stat().st_size < 10_000_000
     view = read_json(out / "attribution" / "token_view.json")
     assert view["tokens"][0] == "<|im_start|>" and view["positions"][0] == 0  # starts at the beginning
+
+
+def test_stages_share_one_direction_object_per_probe(tiny_hooked, tmp_path):
+    """The study's stages get the probe as one in-memory object (read and verified once), not a
+    file each stage reloads; the file is for provenance and for a resumed study."""
+    d = torch.randn(tiny_hooked.cfg.d_model, generator=torch.Generator().manual_seed(0)).double().numpy()
+    probe = ProbeDirection(d / (d ** 2).sum() ** 0.5, mean=0.0, std=1.5, hook="blocks.1.hook_resid_post", layer=1,
+                           model_id=model_id(tiny_hooked), d_model=tiny_hooked.cfg.d_model, target="surprise")
+    probe.save(tmp_path / "probe")
+    ctx = StudyContext(model=tiny_hooked, items=[], out=tmp_path, settings={}, model_name="tiny")
+    first = ctx.direction(tmp_path / "probe")
+    assert ctx.direction(str(tmp_path / "probe")) is first  # read once
+    assert first.std == 1.5 and first.hook == probe.hook
+    ctx.directions[str(tmp_path / "other")] = probe  # what the fit stage hands over in memory
+    assert ctx.direction(tmp_path / "other") is probe  # no file needed

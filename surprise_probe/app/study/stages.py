@@ -78,6 +78,16 @@ class StudyContext:
     status: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     stages: list = field(default_factory=list)  # the stages being run (the report shows their sections)
+    directions: dict = field(default_factory=dict)  # probe path -> ProbeDirection, one object per probe
+
+    def direction(self, path: str | Path) -> ProbeDirection:
+        """The probe direction saved at ``path``: the fit stage's own object when it ran in this
+        process, else read (and verified) once; every later stage shares it. The path stays for
+        provenance (its hash is recorded beside each result)."""
+        key = str(Path(path))
+        if key not in self.directions:
+            self.directions[key] = ProbeDirection.load(path, model=self.model)
+        return self.directions[key]
 
 
 @dataclass
@@ -145,8 +155,12 @@ def _fit_stage(target: str) -> Stage:
                          progress=ctx.progress)
         for result in fit.sweep.hooks:  # every layer's direction: the token view decodes at each
             if float(np.linalg.norm(result.coef)) > 0:
-                fit.sweep.direction(result.hook).save(direction_path(folder, result.hook))
+                direction = fit.sweep.direction(result.hook)
+                path = direction_path(folder, result.hook)
+                direction.save(path)
+                ctx.directions[str(path)] = direction
         fit.save(folder)
+        ctx.directions[str(folder / "probe")] = fit.sweep.direction()
         return folder / "probe"
 
     title = {"surprise": "Probes: decoding input surprise", "entropy": "Probes: decoding output entropy"}.get(
@@ -166,7 +180,7 @@ def _steer_config(settings: dict, inputs: str) -> dict:
 
 def _run_steer(ctx: StudyContext, folder: Path):
     probe_path = ctx.results["fit_surprise"]
-    probe = ProbeDirection.load(probe_path, model=ctx.model)
+    probe = ctx.direction(probe_path)
     settings = ctx.settings
     result = steering_experiment(
         ctx.model, ctx.items[: settings["steer_inputs"]], probe, settings["strengths"], probe_path=probe_path,
@@ -178,13 +192,13 @@ def _run_steer(ctx: StudyContext, folder: Path):
 
 
 def _run_compare(ctx: StudyContext, folder: Path):
-    surprise = ProbeDirection.load(ctx.results["fit_surprise"], model=ctx.model)
+    surprise = ctx.direction(ctx.results["fit_surprise"])
     entropy_folder = Path(ctx.results["fit_entropy"]).parent
-    entropy_best = ProbeDirection.load(ctx.results["fit_entropy"], model=ctx.model)
+    entropy_best = ctx.direction(ctx.results["fit_entropy"])
     directions = {f"entropy (best hook, {entropy_best.hook})": entropy_best}
     at_surprise_hook = direction_path(entropy_folder, surprise.hook)
     if entropy_best.hook != surprise.hook and at_surprise_hook.with_name(at_surprise_hook.name + ".json").exists():
-        directions[f"entropy (surprise hook, {surprise.hook})"] = ProbeDirection.load(at_surprise_hook, model=ctx.model)
+        directions[f"entropy (surprise hook, {surprise.hook})"] = ctx.direction(at_surprise_hook)
     settings = ctx.settings
     result = entropy_direction_comparison(
         ctx.model, ctx.items[: settings["steer_inputs"]], surprise, directions, settings["compare_strengths"],
@@ -238,7 +252,7 @@ def build_policy_pairs(model, n_pairs: int, *, max_new_tokens: int, seed: int, p
 def _run_patch(ctx: StudyContext, folder: Path):
     settings = ctx.settings
     probe_path = ctx.results["fit_surprise"]
-    probe = ProbeDirection.load(probe_path, model=ctx.model)
+    probe = ctx.direction(probe_path)
     pairs = build_policy_pairs(ctx.model, settings["patch_pairs"], max_new_tokens=settings["sample_tokens"],
                                seed=settings["seed"], progress=ctx.progress)
     folder.mkdir(parents=True, exist_ok=True)
@@ -277,7 +291,7 @@ def _patched_moves(patch_folder: Path, probe_path: Path, hooks: list[str], n_pai
 def _run_attribution(ctx: StudyContext, folder: Path):
     settings = ctx.settings
     probe_path = Path(ctx.results["fit_surprise"])
-    probe = ProbeDirection.load(probe_path, model=ctx.model)
+    probe = ctx.direction(probe_path)
     pairs = read_json(Path(ctx.results["patch"]) / "pairs.json")["pairs"]
     hooks = [resid_post(layer) for layer in patch_layers(int(ctx.model.cfg.n_layers), settings["patch_layers"])]
     validate_attribution(ctx.model, [(p["source"], p["destination"]) for p in pairs], direction=probe, hooks=hooks,
@@ -287,7 +301,7 @@ def _run_attribution(ctx: StudyContext, folder: Path):
     for hook in resid_post_hooks(ctx.model):
         path = direction_path(probe_path.parent, hook)
         if path.with_name(path.name + ".json").exists():
-            probes[hook] = ProbeDirection.load(path, model=ctx.model)
+            probes[hook] = ctx.direction(path)
     strength = max(abs(s) for s in settings["strengths"]) or 1.0
     token_view_data(ctx.model, ctx.items[0], probe, probes=probes, strength=strength,
                     max_tokens=settings["token_view_tokens"],
