@@ -328,41 +328,9 @@ def fit_sweep(
     True
     """
     hooks = _check_hooks(run, hooks)
-    alphas = np.sort(
-        np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64).reshape(-1)
-    )
-    if len(alphas) == 0 or np.any(~np.isfinite(alphas)) or np.any(alphas <= 0):
-        raise ValueError(
-            f"alphas must be a non-empty list of finite values > 0, got {alphas.tolist()}"
-        )
-    if n_shuffles < 0:
-        raise ValueError(f"n_shuffles must be >= 0, got {n_shuffles}")
+    alphas = _check_options(alphas, n_shuffles)
     nested = bool(nested and n_folds >= 3)
-
-    # step 0: tokens, targets, folds, control targets
-    data = select_target(run, target, span=span)
-    covariate_values = _covariate_values(data, covariates)
-    n_selected = data.n_tokens
-    if covariate_values:
-        keep = np.all([np.isfinite(v) for v in covariate_values.values()], axis=0)
-        if not keep.any():
-            raise ValueError(
-                f"no token of target {data.name!r} has a value in every covariate "
-                f"({sorted(covariate_values)}); are they from this capture?"
-            )
-        data = data.restrict(keep)
-        covariate_values = {name: v[keep] for name, v in covariate_values.items()}
-    try:
-        folds = assign_folds(data.sequence_ids, n_folds, seed)
-    except ValueError as error:
-        raise ValueError(f"target {data.name!r}: {error}") from None
-    for fold in range(n_folds):
-        rest = data.y[folds != fold]
-        if np.ptp(rest) == 0:
-            raise ValueError(
-                f"target {data.name!r} is constant ({rest[0]}) on the training tokens of fold {fold}; "
-                "nothing to fit there (capture more varied sequences)"
-            )
+    data, covariate_values, n_selected, folds = _select_tokens(run, target, span, covariates, n_folds, seed)
     if distributed.is_distributed():
         distributed.split(len(data.masks), "shards")  # a clear error when ranks outnumber shards
         distributed.check_same(
@@ -370,142 +338,15 @@ def fit_sweep(
              "seed": seed, "n_shuffles": n_shuffles, "nested": nested, "standardize": standardize},
             "fit input",
         )
-    fitters = {
-        "token": token_mean_fitter(data.token_ids, data.y),
-        "position": position_fitter(data.positions, data.span_positions, data.y),
-        "bigram": bigram_mean_fitter(data.previous_ids, data.token_ids, data.y),
-        **{name: covariate_fitter(values, data.y) for name, values in covariate_values.items()},
-    }
-    # column f of each: on fold f the held-out prediction, on the other folds a prediction from
-    # data without fold f and the token's own fold, so training residuals are not in-sample
-    control_fits = {name: cross_fitted_predictions(fit, folds, n_folds) for name, fit in fitters.items()}
-    rows = np.arange(data.n_tokens)
-    oof = {name: fit[rows, folds] for name, fit in control_fits.items()}
-    rng = np.random.default_rng(seed + 1)
-    shuffled = [data.y[rng.permutation(data.n_tokens), None] for _ in range(n_shuffles)]
-    columns = np.concatenate(
-        [data.y[:, None], *(data.y[:, None] - fit for fit in control_fits.values()), *shuffled],
-        axis=1,
-    )
-    n_sets = len(control_fits)
-
-    # Hooks run in parallel threads with one BLAS thread each: numpy releases the GIL inside BLAS
-    # and LAPACK, and multi-threaded BLAS on these few-hundred-wide matrices spin-waits, which is
-    # up to 10x slower whenever another process holds a core.
-    workers = max(1, min(len(hooks), os.cpu_count() or 1))
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        stats = _accumulate(run, data, hooks, folds, n_folds, columns, pool, progress)
-
-        def solve(hook: str) -> tuple[str, _HookFit]:
-            return hook, _fit_hook(
-                stats.pop(hook), alphas, nested, standardize, n_shuffles, n_sets
-            )
-
-        fits: dict[str, _HookFit] = dict(
-            tqdm(
-                pool.map(solve, hooks),
-                total=len(hooks),
-                desc="fit: solve",
-                unit="hook",
-                disable=not progress,
-            )
-        )
-
-    # step 2: held-out predictions of the chosen probes
-    predictions = {hook: np.zeros((data.n_tokens, 1 + n_sets)) for hook in hooks}
-    offset = 0
-    for index, shard in enumerate(
-        tqdm(
-            run.shards(),
-            total=getattr(run, "n_shards", None),
-            desc="fit: held-out predictions",
-            unit="shard",
-            disable=not progress,
-        )
-    ):
-        mask = data.masks[index]
-        count = int(mask.sum())
-        if count == 0:
-            continue
-        chunk = slice(offset, offset + count)
-        offset += count
-        if not distributed.owns(index):
-            continue  # another rank's rows; summed in below
-        shard_folds = folds[chunk]
-        for hook in hooks:
-            X = np.asarray(shard.activations(hook)[mask], dtype=np.float64).reshape(count, -1)
-            fit = fits[hook]
-            # every token through every outer fold's probe, for the target and each residual target
-            per_fold = einops.einsum(X, fit.outer_coef, "n d, fold t d -> n fold t") + fit.outer_intercept[None]
-            predictions[hook][chunk] = per_fold[np.arange(count), shard_folds]
-    if distributed.is_distributed():
-        predictions = dict(zip(hooks, distributed.all_reduce_sum([predictions[h] for h in hooks]), strict=True))
-
-    # scores
+    oof, columns, n_sets = _control_targets(data, covariate_values, folds, n_folds, n_shuffles, seed)
+    fits = _fit_hooks(run, data, hooks, folds, n_folds, columns, alphas, nested, standardize, n_shuffles, n_sets,
+                      progress)
+    predictions = _heldout_predictions(run, data, hooks, folds, fits, n_sets, progress)
     boot = SequenceBootstrap(data.sequence_ids, n_boot=n_boot, seed=seed)
-    residuals = {name: data.y - prediction for name, prediction in oof.items()}
-    baseline_r2 = {name: boot.r2(data.y, prediction) for name, prediction in oof.items()}
-    token_mean_r2 = baseline_r2["token"]
-    controls = {
-        "token_mean_r2": token_mean_r2,
-        "token_mean_r": boot.pearson(data.y, oof["token"]),
-        "position_r2": baseline_r2["position"],
-        "position_r": boot.pearson(data.y, oof["position"]),
-        "bigram_r2": baseline_r2["bigram"],
-        "bigram_r": boot.pearson(data.y, oof["bigram"]),
-        "covariate_r2": {name: baseline_r2[name] for name in covariate_values},
-        "embedding_hook": EMBEDDING_HOOK if EMBEDDING_HOOK in hooks else None,
-        "surprise_entropy_r": (
-            SequenceBootstrap(data.pair_sequence_ids, n_boot=n_boot, seed=seed).pearson(
-                data.pair_surprise, data.pair_entropy
-            )
-            if len(data.pair_surprise) > 2
-            else None
-        ),
-    }
-    names = list(control_fits)
-    results = []
-    for hook in hooks:
-        fit, pred = fits[hook], predictions[hook]
-        r2 = boot.r2(data.y, pred[:, 0])
-        fold_r2 = []
-        for fold in range(n_folds):
-            inside = folds == fold
-            y_fold = data.y[inside]
-            fold_r2.append(
-                float(
-                    1
-                    - np.sum((y_fold - pred[inside, 0]) ** 2)
-                    / np.sum((y_fold - y_fold.mean()) ** 2)
-                )
-            )
-        exceed = sum(value >= r2.value for value in fit.shuffle_r2)
-        beyond = {
-            name: boot.r2(residuals[name], pred[:, 1 + r]) for r, name in enumerate(names)
-        }
-        results.append(
-            HookResult(
-                hook=hook,
-                depth=float(hook_depth(hook)),
-                layer=hook_layer(hook),
-                alpha=fit.alpha,
-                fold_alphas=fit.fold_alphas,
-                r2=r2,
-                pearson_r=boot.pearson(data.y, pred[:, 0]),
-                residual_r2=beyond.pop("token"),
-                shuffle_r2=fit.shuffle_r2,
-                shuffle_p=(1 + exceed) / (1 + n_shuffles) if n_shuffles else float("nan"),
-                selectivity=r2.value - token_mean_r2.value,
-                cv_r2_by_alpha=fit.cv_r2_by_alpha,
-                fold_r2=fold_r2,
-                stats_r2=fit.stats_r2,
-                coef=fit.coef,
-                intercept=fit.intercept,
-                projection_mean=fit.projection_mean,
-                projection_std=fit.projection_std,
-                beyond_r2=beyond,
-            )
-        )
+    controls = _control_scores(data, oof, boot, covariate_values, hooks, n_boot, seed)
+    names = [name for name in oof]
+    results = [_score_hook(hook, fits[hook], predictions[hook], data, oof, names, folds, n_folds, boot,
+                           controls["token_mean_r2"], n_shuffles) for hook in hooks]
     notes = []
     if controls["embedding_hook"]:
         controls["embedding_r2"] = next(r.r2 for r in results if r.hook == EMBEDDING_HOOK)
@@ -516,10 +357,9 @@ def fit_sweep(
     notes += small_sample_warnings(units=data.n_sequences, unit_name="sequences")
     for note in notes:
         warnings.warn(note, stacklevel=2)
-
     by_source = (
         scores_by_source(
-            {k: v for k, v in sources.items()},
+            dict(sources),
             data.sequence_ids,
             data.y,
             {name: oof[name] for name in ("token", "position", "bigram")},
@@ -530,32 +370,8 @@ def fit_sweep(
         if sources
         else {}
     )
-    config = {
-        "target": data.name,
-        "hooks": hooks,
-        "alphas": alphas.tolist(),
-        "n_folds": n_folds,
-        "seed": seed,
-        "n_shuffles": n_shuffles,
-        "n_boot": n_boot,
-        "nested": nested,
-        "standardize": standardize,
-        "folds": "grouped by sequence id (seeded permutation, round-robin)",
-        "controls": {
-            "residual_training_targets": "cross-fitted: each training token's control prediction comes from "
-            "folds other than the held-out fold and its own (needs >= 3 folds)",
-            "token": "mean target per token type on the training folds (unseen -> training mean)",
-            "position": "ridge (alpha 1e-3) on one-hot bins of position in sequence and in scored span",
-            "bigram": "mean target per (previous, current) token pair (unseen -> token type -> training mean)",
-            **{name: "ridge on the covariate and one-hot bins of its training quantiles" for name in covariate_values},
-        },
-        "covariates": sorted(covariate_values),
-        "span": data.span,
-        "span_rule": SPANS[data.span],
-        "n_tokens_outside_span": data.n_outside_span,
-        "n_tokens_selected": n_selected,
-        "n_tokens_dropped_for_covariates": n_selected - data.n_tokens,
-    }
+    config = _sweep_config(data, hooks, alphas, n_folds, seed, n_shuffles, n_boot, nested, standardize,
+                           covariate_values, n_selected)
     return SweepResult(
         model_id=str(run.model_id),
         d_model=int(run.d_model),
@@ -583,3 +399,204 @@ def fit_sweep(
         by_source=by_source,
         warnings=notes,
     )
+
+
+# --- fit_sweep's steps, in order ----------------------------------------------------------------------
+
+def _check_options(alphas, n_shuffles: int) -> np.ndarray:
+    """The ridge grid, sorted (default ``DEFAULT_ALPHAS``); errors name the bad value."""
+    alphas = np.sort(np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64).reshape(-1))
+    if len(alphas) == 0 or np.any(~np.isfinite(alphas)) or np.any(alphas <= 0):
+        raise ValueError(f"alphas must be a non-empty list of finite values > 0, got {alphas.tolist()}")
+    if n_shuffles < 0:
+        raise ValueError(f"n_shuffles must be >= 0, got {n_shuffles}")
+    return alphas
+
+
+def _select_tokens(run, target, span: str, covariates, n_folds: int, seed: int):
+    """Step 0: the tokens and their target (less those a covariate lacks), and folds by sequence."""
+    data = select_target(run, target, span=span)
+    covariate_values = _covariate_values(data, covariates)
+    n_selected = data.n_tokens
+    if covariate_values:
+        keep = np.all([np.isfinite(v) for v in covariate_values.values()], axis=0)
+        if not keep.any():
+            raise ValueError(
+                f"no token of target {data.name!r} has a value in every covariate "
+                f"({sorted(covariate_values)}); are they from this capture?"
+            )
+        data = data.restrict(keep)
+        covariate_values = {name: v[keep] for name, v in covariate_values.items()}
+    try:
+        folds = assign_folds(data.sequence_ids, n_folds, seed)
+    except ValueError as error:
+        raise ValueError(f"target {data.name!r}: {error}") from None
+    for fold in range(n_folds):
+        rest = data.y[folds != fold]
+        if np.ptp(rest) == 0:
+            raise ValueError(
+                f"target {data.name!r} is constant ({rest[0]}) on the training tokens of fold {fold}; "
+                "nothing to fit there (capture more varied sequences)"
+            )
+    return data, covariate_values, n_selected, folds
+
+
+def _control_targets(data, covariate_values: dict, folds: np.ndarray, n_folds: int, n_shuffles: int, seed: int):
+    """Step 1: the controls' cross-fitted predictions and the columns every hook's probe fits.
+
+    Returns the controls' out-of-fold predictions (name -> per token), the target columns (the
+    target, the target minus each control, then the shuffled targets) and the number of controls.
+    """
+    fitters = {
+        "token": token_mean_fitter(data.token_ids, data.y),
+        "position": position_fitter(data.positions, data.span_positions, data.y),
+        "bigram": bigram_mean_fitter(data.previous_ids, data.token_ids, data.y),
+        **{name: covariate_fitter(values, data.y) for name, values in covariate_values.items()},
+    }
+    # column f of each: on fold f the held-out prediction, on the other folds a prediction from
+    # data without fold f and the token's own fold, so training residuals are not in-sample
+    control_fits = {name: cross_fitted_predictions(fit, folds, n_folds) for name, fit in fitters.items()}
+    rows = np.arange(data.n_tokens)
+    oof = {name: fit[rows, folds] for name, fit in control_fits.items()}
+    rng = np.random.default_rng(seed + 1)
+    shuffled = [data.y[rng.permutation(data.n_tokens), None] for _ in range(n_shuffles)]
+    columns = np.concatenate(
+        [data.y[:, None], *(data.y[:, None] - fit for fit in control_fits.values()), *shuffled],
+        axis=1,
+    )
+    return oof, columns, len(control_fits)
+
+
+def _fit_hooks(run, data, hooks, folds, n_folds, columns, alphas, nested, standardize, n_shuffles, n_sets,
+               progress) -> dict[str, _HookFit]:
+    """Step 2: one pass over the activations for every hook's statistics, then each hook's fits.
+
+    Hooks run in parallel threads with one BLAS thread each: numpy releases the GIL inside BLAS
+    and LAPACK, and multi-threaded BLAS on these few-hundred-wide matrices spin-waits, which is
+    up to 10x slower whenever another process holds a core.
+    """
+    workers = max(1, min(len(hooks), os.cpu_count() or 1))
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        stats = _accumulate(run, data, hooks, folds, n_folds, columns, pool, progress)
+
+        def solve(hook: str) -> tuple[str, _HookFit]:
+            return hook, _fit_hook(stats.pop(hook), alphas, nested, standardize, n_shuffles, n_sets)
+
+        return dict(tqdm(pool.map(solve, hooks), total=len(hooks), desc="fit: solve", unit="hook",
+                         disable=not progress))
+
+
+def _heldout_predictions(run, data, hooks, folds, fits, n_sets: int, progress) -> dict[str, np.ndarray]:
+    """Step 3: every token through the probe of its own held-out fold (per hook: target and residuals)."""
+    predictions = {hook: np.zeros((data.n_tokens, 1 + n_sets)) for hook in hooks}
+    offset = 0
+    for index, shard in enumerate(
+        tqdm(run.shards(), total=getattr(run, "n_shards", None), desc="fit: held-out predictions", unit="shard",
+             disable=not progress)
+    ):
+        mask = data.masks[index]
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        chunk = slice(offset, offset + count)
+        offset += count
+        if not distributed.owns(index):
+            continue  # another rank's rows; summed in below
+        shard_folds = folds[chunk]
+        for hook in hooks:
+            X = np.asarray(shard.activations(hook)[mask], dtype=np.float64).reshape(count, -1)
+            fit = fits[hook]
+            # every token through every outer fold's probe, for the target and each residual target
+            per_fold = einops.einsum(X, fit.outer_coef, "n d, fold t d -> n fold t") + fit.outer_intercept[None]
+            predictions[hook][chunk] = per_fold[np.arange(count), shard_folds]
+    if distributed.is_distributed():
+        predictions = dict(zip(hooks, distributed.all_reduce_sum([predictions[h] for h in hooks]), strict=True))
+    return predictions
+
+
+def _control_scores(data, oof: dict, boot: SequenceBootstrap, covariate_values: dict, hooks, n_boot: int,
+                    seed: int) -> dict:
+    """Step 4a: each control's own held-out R² and r (the baselines every probe is read against)."""
+    baseline_r2 = {name: boot.r2(data.y, prediction) for name, prediction in oof.items()}
+    return {
+        "token_mean_r2": baseline_r2["token"],
+        "token_mean_r": boot.pearson(data.y, oof["token"]),
+        "position_r2": baseline_r2["position"],
+        "position_r": boot.pearson(data.y, oof["position"]),
+        "bigram_r2": baseline_r2["bigram"],
+        "bigram_r": boot.pearson(data.y, oof["bigram"]),
+        "covariate_r2": {name: baseline_r2[name] for name in covariate_values},
+        "embedding_hook": EMBEDDING_HOOK if EMBEDDING_HOOK in hooks else None,
+        "surprise_entropy_r": (
+            SequenceBootstrap(data.pair_sequence_ids, n_boot=n_boot, seed=seed).pearson(
+                data.pair_surprise, data.pair_entropy
+            )
+            if len(data.pair_surprise) > 2
+            else None
+        ),
+    }
+
+
+def _score_hook(hook: str, fit: _HookFit, pred: np.ndarray, data, oof: dict, names: list[str], folds, n_folds: int,
+                boot: SequenceBootstrap, token_mean_r2, n_shuffles: int) -> HookResult:
+    """Step 4b: one hook's held-out scores: R² and r with CIs, per fold, beyond each control, shuffle p."""
+    r2 = boot.r2(data.y, pred[:, 0])
+    fold_r2 = []
+    for fold in range(n_folds):
+        y_fold = data.y[folds == fold]
+        fold_r2.append(float(1 - np.sum((y_fold - pred[folds == fold, 0]) ** 2)
+                             / np.sum((y_fold - y_fold.mean()) ** 2)))
+    exceed = sum(value >= r2.value for value in fit.shuffle_r2)
+    beyond = {name: boot.r2(data.y - oof[name], pred[:, 1 + r]) for r, name in enumerate(names)}
+    return HookResult(
+        hook=hook,
+        depth=float(hook_depth(hook)),
+        layer=hook_layer(hook),
+        alpha=fit.alpha,
+        fold_alphas=fit.fold_alphas,
+        r2=r2,
+        pearson_r=boot.pearson(data.y, pred[:, 0]),
+        residual_r2=beyond.pop("token"),
+        shuffle_r2=fit.shuffle_r2,
+        shuffle_p=(1 + exceed) / (1 + n_shuffles) if n_shuffles else float("nan"),
+        selectivity=r2.value - token_mean_r2.value,
+        cv_r2_by_alpha=fit.cv_r2_by_alpha,
+        fold_r2=fold_r2,
+        stats_r2=fit.stats_r2,
+        coef=fit.coef,
+        intercept=fit.intercept,
+        projection_mean=fit.projection_mean,
+        projection_std=fit.projection_std,
+        beyond_r2=beyond,
+    )
+
+
+def _sweep_config(data, hooks, alphas, n_folds, seed, n_shuffles, n_boot, nested, standardize, covariate_values,
+                  n_selected) -> dict:
+    """What the sweep did, in words and numbers (``SweepResult.config``)."""
+    return {
+        "target": data.name,
+        "hooks": hooks,
+        "alphas": alphas.tolist(),
+        "n_folds": n_folds,
+        "seed": seed,
+        "n_shuffles": n_shuffles,
+        "n_boot": n_boot,
+        "nested": nested,
+        "standardize": standardize,
+        "folds": "grouped by sequence id (seeded permutation, round-robin)",
+        "controls": {
+            "residual_training_targets": "cross-fitted: each training token's control prediction comes from "
+            "folds other than the held-out fold and its own (needs >= 3 folds)",
+            "token": "mean target per token type on the training folds (unseen -> training mean)",
+            "position": "ridge (alpha 1e-3) on one-hot bins of position in sequence and in scored span",
+            "bigram": "mean target per (previous, current) token pair (unseen -> token type -> training mean)",
+            **{name: "ridge on the covariate and one-hot bins of its training quantiles" for name in covariate_values},
+        },
+        "covariates": sorted(covariate_values),
+        "span": data.span,
+        "span_rule": SPANS[data.span],
+        "n_tokens_outside_span": data.n_outside_span,
+        "n_tokens_selected": n_selected,
+        "n_tokens_dropped_for_covariates": n_selected - data.n_tokens,
+    }
