@@ -317,7 +317,36 @@ def run_sweep(
     where the clean run's is not), and before any forward for a steering strength whose edit
     overflows the float32 norm of the activation (``MAX_STEER``).
     """
+    amounts, directions = _check_sweep(model, kind, positions, batch_size, max_batch_tokens, amounts, directions,
+                                       scale)
+    labels = list(labels) if labels is not None else [f"direction {i}" for i in range(len(directions))]
+    if distributed.is_distributed():
+        # Under torchrun: this rank runs sequences rank, rank + world, ...; the rows are gathered.
+        mine = distributed.split(len(encoded), "sequences")
+        show = progress and distributed.is_main()
+        with distributed.alone():
+            part = run_sweep(
+                model, [encoded[s] for s in mine], hook, directions, amounts, labels=labels, kind=kind, scale=scale,
+                positions=positions, batch_size=batch_size, max_batch_tokens=max_batch_tokens, batched=batched,
+                progress=show,
+            )
+        return _gather_rows(part, mine, len(encoded))
+    sweep = _Sweep(model, encoded, hook, directions, amounts, labels, kind, scale, positions)
+    layer = start_layer(model, hook) if batched else None
+    if layer is not None:
+        sweep.run_suffix(layer, batch_size, max_batch_tokens, progress)
+    elif batched:
+        sweep.run_fan_out(batch_size, max_batch_tokens, progress)
+    else:
+        sweep.run_loop(batch_size, max_batch_tokens, progress)
+    if batched:
+        _fill_skipped(sweep.table, sweep.identity, sweep.first_of)
+    return sweep.table
 
+
+def _check_sweep(model, kind: str, positions: str, batch_size: int, max_batch_tokens: int, amounts, directions,
+                 scale: float) -> tuple[np.ndarray, Tensor]:
+    """``run_sweep``'s arguments checked before any forward; returns the amounts and directions as arrays."""
     if kind not in ("steer", "ablate"):
         raise ValueError(f"kind must be 'steer' or 'ablate', got {kind!r}")
     if positions not in ("response", "all"):
@@ -343,191 +372,194 @@ def run_sweep(
     d_model = int(model.cfg.d_model)
     if directions.shape[-1] != d_model:
         raise ValueError(f"directions have width {directions.shape[-1]} but the model has d_model={d_model}")
-    labels = list(labels) if labels is not None else [f"direction {i}" for i in range(len(directions))]
-    if distributed.is_distributed():
-        # Under torchrun: this rank runs sequences rank, rank + world, ...; the rows are gathered.
-        mine = distributed.split(len(encoded), "sequences")
-        show = progress and distributed.is_main()
-        with distributed.alone():
-            part = run_sweep(
-                model, [encoded[s] for s in mine], hook, directions, amounts, labels=labels, kind=kind, scale=scale,
-                positions=positions, batch_size=batch_size, max_batch_tokens=max_batch_tokens, batched=batched,
-                progress=show,
-            )
-        return _gather_rows(part, mine, len(encoded))
-    n_dir, n_amount, n_seq = len(directions), len(amounts), len(encoded)
-    conditions = [(i, j) for i in range(n_dir) for j in range(n_amount)]
-    # The batched engines run only these: not the identity edits (the clean run, filled in at the
-    # end) and each repeated amount once (copied to its repeats at the end).
-    identity = identity_amounts(kind, amounts)
-    first_of = [int(np.flatnonzero(amounts == a)[0]) for a in amounts]  # first index of each amount
-    to_run = [c for c, (_, j) in enumerate(conditions) if not identity[j] and first_of[j] == j]
-    pad = pad_id(model)
-    device = model_device(model)
-    shape = (n_dir, n_amount, n_seq)
-    table = SweepTable(
-        labels, amounts, np.zeros(shape), np.zeros(shape), np.zeros(shape),
-        np.zeros(n_seq), np.array([int(e.scored.sum()) for e in encoded], dtype=np.float64),
-    )
+    return amounts, directions
 
-    make = Steer if kind == "steer" else Ablate
-    extra = {"scale": scale} if kind == "steer" else {}
 
-    vocab = int(model.cfg.d_vocab_out)
-    uniform = np.log(vocab) * (1 - 1e-6)  # a mean entropy at or above this: every token's output is uniform
+class _Sweep:
+    """One sweep's conditions, its table, and the three engines that fill it.
 
-    def store(rows: list[tuple[int, int]], sums) -> None:
+    The batched engines (``run_suffix``, ``run_fan_out``) run only ``to_run``: not the identity
+    edits (the clean run, filled in at the end) and each repeated amount once (copied to its
+    repeats at the end); the reference loop (``run_loop``) runs every condition.
+    """
+
+    def __init__(self, model, encoded: Sequence, hook: str, directions: Tensor, amounts: np.ndarray,
+                 labels: list[str], kind: str, scale: float, positions: str) -> None:
+        self.model, self.encoded, self.hook, self.directions, self.amounts = model, encoded, hook, directions, amounts
+        self.labels, self.kind, self.positions = labels, kind, positions
+        self.amount_name = "strength" if kind == "steer" else "fraction"
+        self.make = Steer if kind == "steer" else Ablate
+        self.extra = {"scale": scale} if kind == "steer" else {}
+        n_dir, n_amount, n_seq = len(directions), len(amounts), len(encoded)
+        self.conditions = [(i, j) for i in range(n_dir) for j in range(n_amount)]
+        self.identity = identity_amounts(kind, amounts)
+        self.first_of = [int(np.flatnonzero(amounts == a)[0]) for a in amounts]  # first index of each amount
+        self.to_run = [c for c, (_, j) in enumerate(self.conditions) if not self.identity[j] and self.first_of[j] == j]
+        self.device = model_device(model)
+        self.vocab = int(model.cfg.d_vocab_out)
+        self.uniform = np.log(self.vocab) * (1 - 1e-6)  # a mean entropy at or above this: every output is uniform
+        shape = (n_dir, n_amount, n_seq)
+        self.table = SweepTable(
+            labels, amounts, np.zeros(shape), np.zeros(shape), np.zeros(shape),
+            np.zeros(n_seq), np.array([int(e.scored.sum()) for e in encoded], dtype=np.float64),
+        )
+
+    # --- recording ------------------------------------------------------------------------------
+
+    def store(self, rows: list[tuple[int, int]], sums) -> None:
+        """Enter per-row sums (entropy, KL, agreement, finite) for (sequence, condition) ``rows``."""
         entropy, kl, agree, finite = sums
+        table, amounts, name = self.table, self.amounts, self.amount_name
         for row, (s, c) in enumerate(rows):
-            i, j = conditions[c]
+            i, j = self.conditions[c]
             if not finite[row]:
                 raise ValueError(
-                    f"{amount_name}={amounts[j]:g} on direction {labels[i]!r} ({kind}) gave non-finite logits "
-                    f"(NaN or inf) for input {s}; the edited activation overflowed, use smaller {amount_name}s"
+                    f"{name}={amounts[j]:g} on direction {self.labels[i]!r} ({self.kind}) gave non-finite logits "
+                    f"(NaN or inf) for input {s}; the edited activation overflowed, use smaller {name}s"
                 )
-            n = table.n_tokens[s]
-            if entropy[row] >= n * uniform > table.clean_entropy[s]:
+            if entropy[row] >= table.n_tokens[s] * self.uniform > table.clean_entropy[s]:
                 raise ValueError(
-                    f"{amount_name}={amounts[j]:g} on direction {labels[i]!r} ({kind}) saturated the model on input "
-                    f"{s}: its output is uniform (entropy = ln {vocab} = {np.log(vocab):.4f} nats) at "
-                    f"every scored token, so the edit swamped the activation (rounding or a layer norm left nothing "
-                    f"of it); use smaller {amount_name}s"
+                    f"{name}={amounts[j]:g} on direction {self.labels[i]!r} ({self.kind}) saturated the model on "
+                    f"input {s}: its output is uniform (entropy = ln {self.vocab} = {np.log(self.vocab):.4f} nats) "
+                    f"at every scored token, so the edit swamped the activation (rounding or a layer norm left "
+                    f"nothing of it); use smaller {name}s"
                 )
             table.entropy[i, j, s], table.kl[i, j, s], table.agree[i, j, s] = entropy[row], kl[row], agree[row]
 
-    def record(rows: list[tuple[int, int]], logits: Tensor, scored: Tensor, clean: dict) -> None:
+    def record(self, rows: list[tuple[int, int]], logits: Tensor, scored: Tensor, clean: dict) -> None:
         """Metrics of ``logits`` (one row per (sequence, condition) of ``rows``) at ``scored``."""
         scored = scored.to(logits.device)
         segments = [(row, *clean[s]) for row, (s, _) in enumerate(rows)]
         flat = logits[scored]
-        store(rows, _segment_sums(lambda a, b: flat[a:b], segments, int(logits.shape[-1]), len(rows)))
+        self.store(rows, _segment_sums(lambda a, b: flat[a:b], segments, int(logits.shape[-1]), len(rows)))
 
-    def keep_clean(s: int, selected: Tensor, clean: dict) -> None:
+    def keep_clean(self, s: int, selected: Tensor, clean: dict) -> None:
         """Clean log-probs and top-1 tokens at the scored tokens of sequence ``s`` (``selected``:
         their logits), computed once per sequence."""
         if not torch.isfinite(selected).all():
             raise ValueError(f"input {s} gives non-finite logits even without intervention")
         log_probs, top1, entropy = clean_distribution(selected)
         clean[s] = (log_probs, top1)
-        table.clean_entropy[s] = float(entropy.double().sum())
+        self.table.clean_entropy[s] = float(entropy.double().sum())
 
-    def condition_rows(block: list[int], n_rows: int, with_clean: bool):
-        """Per-row directions and amounts of a block of conditions (row 0 clean if asked)."""
-        picked = [conditions[c] for c in block]
-        dirs = directions[[i for i, _ in picked]]
-        row_amounts = torch.tensor([amounts[j] for _, j in picked], dtype=torch.float32)
+    def edit(self, block: list[int], n_rows: int, where: Tensor, with_clean: bool):
+        """The intervention running a block of conditions as rows (row 0 clean if asked)."""
+        picked = [self.conditions[c] for c in block]
+        dirs = self.directions[[i for i, _ in picked]]
+        row_amounts = torch.tensor([self.amounts[j] for _, j in picked], dtype=torch.float32)
         if with_clean:
-            dirs = torch.cat([directions[:1], dirs])
+            dirs = torch.cat([self.directions[:1], dirs])
             row_amounts = torch.cat([torch.zeros(1), row_amounts])
-        return dirs, row_amounts
+        return self.make(hooks=self.hook, direction=dirs, **{self.amount_name: row_amounts}, fan_out=n_rows,
+                         positions=where.expand(n_rows, -1), **self.extra)
 
-    layer = start_layer(model, hook) if batched else None
-    if layer is not None:
-        # Compute floor (interventions.suffix): the clean run once, each condition from the hook
-        # on, only from the first edited position on, unembedded only at scored positions.
+    # --- the engines ----------------------------------------------------------------------------
+
+    def run_suffix(self, layer: int, batch_size: int, max_batch_tokens: int, progress: bool) -> None:
+        """Compute floor (interventions.suffix): the clean run once, each condition from the hook
+        on, only from the first edited position on, unembedded only at scored positions."""
+        model, table = self.model, self.table
         per_forward_rows = [
-            max(1, min(batch_size, max_batch_tokens // max(1, len(e.token_ids) - _first_edited(e, positions))))
-            for e in encoded
+            max(1, min(batch_size, max_batch_tokens // max(1, len(e.token_ids) - _first_edited(e, self.positions))))
+            for e in self.encoded
         ]
-        n_blocks = sum(-(-len(to_run) // r) for r in per_forward_rows)
-        bar = tqdm(total=n_blocks, desc=f"{kind} sweep", unit="fwd", disable=not progress)
-        for s, item in enumerate(encoded):
-            tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
-            first = _first_edited(item, positions)
-            prefix = clean_prefix(model, tokens, layer, first)
-            suffix_scored = torch.as_tensor(item.scored[first:], dtype=torch.bool)
-            where = suffix_scored if positions == "response" else torch.ones_like(suffix_scored)
-            at = torch.nonzero(suffix_scored).squeeze(-1).to(device)
-            clean_final = run_from_hook(model, prefix, prefix.residual)[0, at]
-            clean = {}
-            keep_clean(s, _unembed_chunks(model, clean_final), clean)
-            table.n_forwards += 1
-            rows = per_forward_rows[s]
-            for k in range(0, len(to_run), rows):
-                block = to_run[k : k + rows]
-                dirs, row_amounts = condition_rows(block, len(block), with_clean=False)
-                intervention = make(hooks=hook, direction=dirs, **{amount_name: row_amounts}, fan_out=len(block),
-                                    positions=where.expand(len(block), -1), **extra)
-                edited = _edit(intervention, hook, prefix.residual)
-                final = run_from_hook(model, prefix, edited)[:, at]  # (rows, n_at, d_model)
-                flat = einops.rearrange(final, "rows at d -> (rows at) d")  # row-major: row r is segment r
-                store([(s, c) for c in block], _segment_sums(
-                    lambda a, b, flat=flat: unembed(model, flat[a:b].unsqueeze(0))[0],
-                    [(r, *clean[s]) for r in range(len(block))], int(model.cfg.d_vocab_out), len(block),
-                ))
+        n_blocks = sum(-(-len(self.to_run) // r) for r in per_forward_rows)
+        with tqdm(total=n_blocks, desc=f"{self.kind} sweep", unit="fwd", disable=not progress) as bar:
+            for s, item in enumerate(self.encoded):
+                tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=self.device).unsqueeze(0)
+                first = _first_edited(item, self.positions)
+                prefix = clean_prefix(model, tokens, layer, first)
+                suffix_scored = torch.as_tensor(item.scored[first:], dtype=torch.bool)
+                where = suffix_scored if self.positions == "response" else torch.ones_like(suffix_scored)
+                at = torch.nonzero(suffix_scored).squeeze(-1).to(self.device)
+                clean_final = run_from_hook(model, prefix, prefix.residual)[0, at]
+                clean = {}
+                self.keep_clean(s, _unembed_chunks(model, clean_final), clean)
                 table.n_forwards += 1
-                table.n_rows += len(block)
-                bar.update()
-            del prefix, clean
-    elif batched:
-        # Fan-out: one unpadded sequence per forward; the hook copies it to [clean, conditions...]
-        # rows, so the layers before the hook run once for all of them.
+                rows = per_forward_rows[s]
+                for k in range(0, len(self.to_run), rows):
+                    block = self.to_run[k : k + rows]
+                    edited = _edit(self.edit(block, len(block), where, with_clean=False), self.hook, prefix.residual)
+                    final = run_from_hook(model, prefix, edited)[:, at]  # (rows, n_at, d_model)
+                    flat = einops.rearrange(final, "rows at d -> (rows at) d")  # row-major: row r is segment r
+                    self.store([(s, c) for c in block], _segment_sums(
+                        lambda a, b, flat=flat: unembed(model, flat[a:b].unsqueeze(0))[0],
+                        [(r, *clean[s]) for r in range(len(block))], self.vocab, len(block),
+                    ))
+                    table.n_forwards += 1
+                    table.n_rows += len(block)
+                    bar.update()
+                del prefix, clean
+
+    def run_fan_out(self, batch_size: int, max_batch_tokens: int, progress: bool) -> None:
+        """One unpadded sequence per forward; the hook copies it to [clean, conditions...] rows,
+        so the layers before the hook run once for all of them."""
+        model, table = self.model, self.table
         bar = None
-        for s, item in enumerate(encoded):
+        for s, item in enumerate(self.encoded):
             n_tok = len(item.token_ids)
             per_forward = max(1, min(batch_size, max_batch_tokens // max(1, n_tok)) - 1)
             # With nothing to run (every condition is the clean run), one block of no conditions
             # still gives the clean row.
-            blocks = [to_run[k : k + per_forward] for k in range(0, len(to_run), per_forward)] or [[]]
+            blocks = [self.to_run[k : k + per_forward] for k in range(0, len(self.to_run), per_forward)] or [[]]
             if bar is None:
-                bar = tqdm(total=n_seq * len(blocks), desc=f"{kind} sweep", unit="fwd", disable=not progress)
-            tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
+                bar = tqdm(total=len(self.encoded) * len(blocks), desc=f"{self.kind} sweep", unit="fwd",
+                           disable=not progress)
+            tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=self.device).unsqueeze(0)
             scored = torch.as_tensor(item.scored, dtype=torch.bool).unsqueeze(0)
+            where = scored if self.positions == "response" else torch.ones_like(scored)
             clean: dict[int, Tensor] = {}
             for block in blocks:
                 n_rows = len(block) + 1  # row 0 is the clean run (amount 0)
-                dirs, row_amounts = condition_rows(block, n_rows, with_clean=True)
-                where = scored if positions == "response" else torch.ones_like(scored)
-                intervention = make(hooks=hook, direction=dirs, **{amount_name: row_amounts}, fan_out=n_rows,
-                                    positions=where.expand(n_rows, -1), **extra)
-                with intervention.apply(model), torch.no_grad():
+                with self.edit(block, n_rows, where, with_clean=True).apply(model), torch.no_grad():
                     logits = model(tokens, return_type="logits")
                 table.n_forwards += 1
                 bar.update()
                 if logits.shape[0] != n_rows:
                     raise RuntimeError(
-                        f"fanning out at {hook} gave {logits.shape[0]} rows instead of {n_rows}; this model "
+                        f"fanning out at {self.hook} gave {logits.shape[0]} rows instead of {n_rows}; this model "
                         "does not support it, run with batched=False"
                     )
                 if s not in clean:
-                    keep_clean(s, logits[0][scored[0].to(logits.device)], clean)
+                    self.keep_clean(s, logits[0][scored[0].to(logits.device)], clean)
                 if block:
-                    record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
+                    self.record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
                 table.n_rows += len(block)
                 del logits
-    else:
-        # The reference loop: one condition (scalar amount, one direction) per forward over padded
-        # batches of sequences; the clean runs first.
+        if bar is not None:
+            bar.close()
+
+    def run_loop(self, batch_size: int, max_batch_tokens: int, progress: bool) -> None:
+        """The reference loop: one condition (scalar amount, one direction) per forward over padded
+        batches of sequences; the clean runs first."""
+        model, table, encoded = self.model, self.table, self.encoded
+        pad = pad_id(model)
         seq_chunks = _token_chunks([len(e.token_ids) for e in encoded], max_batch_tokens, batch_size)
-        bar = tqdm(total=len(seq_chunks) * (1 + len(conditions)), desc=f"{kind} loop", unit="fwd",
-                   disable=not progress)
-        clean = {}
-        for seqs in seq_chunks:
-            batch = pad_batch([encoded[s] for s in seqs], pad)
-            logits = _forward(model, batch)
-            table.n_forwards += 1
-            bar.update()
-            for row, s in enumerate(seqs):
-                keep_clean(s, logits[row][batch.scored[row].to(logits.device)], clean)
-            del logits
-        for c, (i, j) in enumerate(conditions):
+        with tqdm(total=len(seq_chunks) * (1 + len(self.conditions)), desc=f"{self.kind} loop", unit="fwd",
+                  disable=not progress) as bar:
+            clean = {}
             for seqs in seq_chunks:
                 batch = pad_batch([encoded[s] for s in seqs], pad)
-                where = batch.scored if positions == "response" else batch.attention_mask.bool()
-                intervention = make(hooks=hook, direction=directions[i], **{amount_name: float(amounts[j])},
-                                    positions=where, **extra)
-                with intervention.apply(model):
-                    logits = _forward(model, batch)
+                logits = _forward(model, batch)
                 table.n_forwards += 1
-                table.n_rows += len(seqs)
                 bar.update()
-                record([(s, c) for s in seqs], logits, batch.scored, clean)
+                for row, s in enumerate(seqs):
+                    self.keep_clean(s, logits[row][batch.scored[row].to(logits.device)], clean)
                 del logits
-    if bar is not None:
-        bar.close()
-    if batched:
-        _fill_skipped(table, identity, first_of)
-    return table
+            for c, (i, j) in enumerate(self.conditions):
+                for seqs in seq_chunks:
+                    batch = pad_batch([encoded[s] for s in seqs], pad)
+                    where = batch.scored if self.positions == "response" else batch.attention_mask.bool()
+                    intervention = self.make(hooks=self.hook, direction=self.directions[i],
+                                             **{self.amount_name: float(self.amounts[j])}, positions=where,
+                                             **self.extra)
+                    with intervention.apply(model):
+                        logits = _forward(model, batch)
+                    table.n_forwards += 1
+                    table.n_rows += len(seqs)
+                    bar.update()
+                    self.record([(s, c) for s in seqs], logits, batch.scored, clean)
+                    del logits
 
 
 def _fill_skipped(table: SweepTable, identity: np.ndarray, first_of: list[int]) -> None:
