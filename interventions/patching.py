@@ -425,63 +425,25 @@ def activation_patching(
     """
 
     hooks = resolve_hooks(model, hooks=list(hooks))
-    for group in groups:
-        parse_group(group)
     components = list(components)
-    for component in components:
-        if component not in ("direction", "all"):
-            raise ValueError(f"unknown patch component {component!r}; expected 'direction' or 'all'")
-    vector, direction_hook = None, None
-    if random_directions < 0:
-        raise ValueError(f"random_directions must be >= 0, got {random_directions}")
-    if random_directions and "direction" not in components:
-        raise ValueError("random directions are controls for the 'direction' component; include it in components")
-    if "direction" in components:
-        if direction is None:
-            raise ValueError("the 'direction' component needs a direction (probe); pass direction= or use components=('all',)")
-        steering = direction if isinstance(direction, SteeringDirection) else from_probe(model, direction)
-        vector, direction_hook = steering.direction, steering.hook
-    if not pairs:
-        raise ValueError("no pairs given; expected at least one (source, destination) pair")
-
-    def enc(item, where):
-        if isinstance(item, Encoded):
-            return item
-        try:
-            return encode(model, item, index=where)
-        except InputTooLong as error:
-            raise ValueError(
-                f"{where} has {error.n_tokens} tokens, more than the model context of {error.limit}; patching "
-                "does not truncate (a cut source or destination would no longer align with its partner), so "
-                "shorten that pair in the pairs file"
-            ) from None
-
-    encoded = [(enc(s, f"pair {i} source"), enc(d, f"pair {i} destination")) for i, (s, d) in enumerate(pairs)]
-    alignments = {}
-    for i, (src, dst) in enumerate(encoded):
-        for group in groups:
-            alignments[i, group] = align_positions(src, dst, group, i)
-        alignments[i, "measured"] = align_positions(src, dst, "response", i)
-
-    group_positions = {group: int(sum(len(alignments[i, group][0]) for i in range(len(encoded)))) for group in groups}
+    vector, direction_hook = _check_patching(model, pairs, groups, components, direction, random_directions)
+    encoded, alignments = _encode_pairs(model, pairs, groups)
+    n_pairs = len(encoded)
+    group_positions = {group: int(sum(len(alignments[i, group][0]) for i in range(n_pairs))) for group in groups}
     vectors = {"direction": vector, "all": None}
     controls = [f"random{k}" for k in range(random_directions)]
     if controls:
         vectors.update(zip(controls, make_random(int(model.cfg.d_model), random_directions, seed=seed), strict=True))
-    run_components = components + controls
     # a group with no positions in any pair is n/a: nothing to patch, so it is not run
-    conditions = [(c, h, g) for c in run_components for h in hooks for g in groups if group_positions[g]]
-    n_pairs = len(encoded)
+    conditions = [(c, h, g) for c in components + controls for h in hooks for g in groups if group_positions[g]]
     mine = distributed.split(n_pairs, "pairs")  # under torchrun: pairs rank, rank + world, ...
-    bar = tqdm(total=len(mine) * len(conditions), desc="patching", unit="run",
-               disable=not (progress and distributed.is_main()))
-    h_source, h_destination, h_patched = patched_entropies(
-        model, encoded, alignments, conditions, vectors, mine, batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens, bar=bar)
-    bar.close()
+    with tqdm(total=len(mine) * len(conditions), desc="patching", unit="run",
+              disable=not (progress and distributed.is_main())) as bar:
+        h_source, h_destination, h_patched = patched_entropies(
+            model, encoded, alignments, conditions, vectors, mine, batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens, bar=bar)
     # each rank filled only its own pairs (zeros elsewhere), so summing over ranks gathers them
     h_source, h_destination, h_patched = distributed.all_reduce_sum([h_source, h_destination, h_patched])
-
     gap = h_source - h_destination
     if np.abs(gap.mean()) < 1e-12:
         raise ValueError(
@@ -489,33 +451,14 @@ def activation_patching(
             f"{gap.mean():.3g} nats), so the fraction of the gap a patch closes is undefined"
         )
     moved = h_patched - h_destination  # (n_cond, n_pairs)
-    # mean over pairs of moved / mean of gap = ratio of sums over the same pairs
-    if conditions:
-        fractions, low, high = bootstrap_sums(
-            np.divide, moved, gap, n_boot=n_boot, level=level, seed=seed
-        )
-        fractions, low, high = (np.atleast_1d(v) for v in (fractions, low, high))
-    else:
-        fractions = low = high = np.zeros(0)
-
-    def cell(values, component, h, g):
-        key = (component, h, g)
-        return values[conditions.index(key)] if key in conditions else None
+    fractions, low, high = _gap_fractions(moved, gap, n_boot, level, seed)
 
     def grid(values):
-        return {component: [[cell(values, component, h, g) for g in groups] for h in hooks]
+        return {component: [[_cell(values, conditions, component, h, g) for g in groups] for h in hooks]
                 for component in components}
 
-    random_fraction, random_mean, random_std, z = [], [], [], []
-    for h in hooks:
-        per_group = [None if not group_positions[g] else [float(cell(fractions, c, h, g)) for c in controls]
-                     for g in groups]
-        random_fraction.append(per_group if controls else [])
-        random_mean.append([None if v is None else float(np.mean(v)) for v in per_group] if controls else [])
-        random_std.append([None if v is None or len(v) < 2 else float(np.std(v, ddof=1)) for v in per_group]
-                          if controls else [])
-        z.append([None if v is None or len(v) < 2 else zscore(float(cell(fractions, "direction", h, g)), np.asarray(v))
-                  for g, v in zip(groups, per_group, strict=True)] if controls else [])
+    random_fraction, random_mean, random_std, z = _random_controls(fractions, conditions, hooks, groups,
+                                                                   group_positions, controls)
     notes = small_sample_warnings(random_directions=random_directions or None, units=n_pairs, unit_name="pairs")
     notes += [f"group {g!r} has no positions in any pair; reported as n/a" for g in groups if not group_positions[g]]
 
@@ -542,3 +485,81 @@ def activation_patching(
         direction_hook=direction_hook,
         level=level,
     )
+
+
+# --- activation_patching's steps --------------------------------------------------------------------
+
+def _check_patching(model, pairs, groups, components: list[str], direction, random_directions: int):
+    """Arguments checked before any forward; returns the direction's unit vector and hook (or Nones)."""
+    for group in groups:
+        parse_group(group)
+    for component in components:
+        if component not in ("direction", "all"):
+            raise ValueError(f"unknown patch component {component!r}; expected 'direction' or 'all'")
+    if random_directions < 0:
+        raise ValueError(f"random_directions must be >= 0, got {random_directions}")
+    if random_directions and "direction" not in components:
+        raise ValueError("random directions are controls for the 'direction' component; include it in components")
+    vector, direction_hook = None, None
+    if "direction" in components:
+        if direction is None:
+            raise ValueError("the 'direction' component needs a direction (probe); pass direction= or use components=('all',)")
+        steering = direction if isinstance(direction, SteeringDirection) else from_probe(model, direction)
+        vector, direction_hook = steering.direction, steering.hook
+    if not pairs:
+        raise ValueError("no pairs given; expected at least one (source, destination) pair")
+    return vector, direction_hook
+
+
+def _encode_pairs(model, pairs, groups) -> tuple[list[tuple[Encoded, Encoded]], dict]:
+    """Each pair encoded (never truncated) and its positions aligned per group and for the measured span."""
+
+    def enc(item, where):
+        if isinstance(item, Encoded):
+            return item
+        try:
+            return encode(model, item, index=where)
+        except InputTooLong as error:
+            raise ValueError(
+                f"{where} has {error.n_tokens} tokens, more than the model context of {error.limit}; patching "
+                "does not truncate (a cut source or destination would no longer align with its partner), so "
+                "shorten that pair in the pairs file"
+            ) from None
+
+    encoded = [(enc(s, f"pair {i} source"), enc(d, f"pair {i} destination")) for i, (s, d) in enumerate(pairs)]
+    alignments = {}
+    for i, (src, dst) in enumerate(encoded):
+        for group in groups:
+            alignments[i, group] = align_positions(src, dst, group, i)
+        alignments[i, "measured"] = align_positions(src, dst, "response", i)
+    return encoded, alignments
+
+
+def _gap_fractions(moved: np.ndarray, gap: np.ndarray, n_boot: int, level: float, seed: int):
+    """Per condition: mean over pairs of the entropy moved / mean gap (a ratio of sums), with its CI."""
+    if not len(moved):
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    fractions, low, high = bootstrap_sums(np.divide, moved, gap, n_boot=n_boot, level=level, seed=seed)
+    return tuple(np.atleast_1d(v) for v in (fractions, low, high))
+
+
+def _cell(values, conditions: list, component: str, hook: str, group: str):
+    key = (component, hook, group)
+    return values[conditions.index(key)] if key in conditions else None
+
+
+def _random_controls(fractions, conditions, hooks, groups, group_positions, controls):
+    """Per hook x group: the random directions' fractions, their mean and std, and the probe's z."""
+    random_fraction, random_mean, random_std, z = [], [], [], []
+    if not controls:
+        return [[] for _ in hooks], [[] for _ in hooks], [[] for _ in hooks], [[] for _ in hooks]
+    for h in hooks:
+        per_group = [None if not group_positions[g] else [float(_cell(fractions, conditions, c, h, g))
+                                                          for c in controls] for g in groups]
+        random_fraction.append(per_group)
+        random_mean.append([None if v is None else float(np.mean(v)) for v in per_group])
+        random_std.append([None if v is None or len(v) < 2 else float(np.std(v, ddof=1)) for v in per_group])
+        z.append([None if v is None or len(v) < 2
+                  else zscore(float(_cell(fractions, conditions, "direction", h, g)), np.asarray(v))
+                  for g, v in zip(groups, per_group, strict=True)])
+    return random_fraction, random_mean, random_std, z
