@@ -6,7 +6,11 @@
   the cell where a reader reads its own text (marked "on-policy") is the on-policy read;
 - :func:`entropy_distributions`: per-response mean entropy per source (one box per source);
 - :func:`entropy_by_position`: mean entropy at each response position per source, with CI bands;
-- :func:`roc_curves`: telling own from off-policy responses by mean entropy alone.
+- :func:`roc_curves`: telling own from off-policy responses by mean entropy alone;
+- :func:`detector_aurocs`: the AUROC of own vs each source for every zero-shot detector (entropy,
+  log-likelihood, log-rank, Fast-DetectGPT, Binoculars), one panel per detector, with CIs;
+- :func:`temperature_curve`: the off/on ratio against own responses sampled at each temperature,
+  one line per off-policy source with its CI band (only when temperatures were asked for).
 
 :func:`describe_source` says what a source label (``own``, ``own_other_prompt``, ``human``,
 ``writer:<model>``) means; every figure names its sources that way. All use the white template of
@@ -20,8 +24,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from sklearn.metrics import roc_curve
 
+from surprise_probe.analyses.policy.statistics import DETECTORS
+
 __all__ = ["gap_ratios", "reader_writer_heatmap", "entropy_distributions", "entropy_by_position", "roc_curves",
-           "all_figures", "describe_source", "SOURCE_DESCRIPTIONS"]
+           "detector_aurocs", "temperature_curve", "all_figures", "describe_source", "SOURCE_DESCRIPTIONS"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
 TEMPLATE = "plotly_white"
@@ -236,6 +242,112 @@ def roc_curves(result) -> go.Figure:
     return fig
 
 
+_DETECTOR_TITLES = {"entropy": "mean entropy", "log_likelihood": "mean log-likelihood", "log_rank": "mean log-rank",
+                    "fast_detectgpt": "Fast-DetectGPT", "binoculars": "Binoculars"}
+
+
+def detector_aurocs(result) -> go.Figure:
+    """AUROC of own (positives) vs each off-policy source, one panel per detector, one row per
+    reader | format | source, with the DeLong CI; 0.5 (dashed) is chance. A detector with no
+    number (Binoculars without a second reader sharing the tokenizer) says why in its panel."""
+    detectors = result.summary.get("detectors") or {name: {"key": f"auroc_{name}"} for name in DETECTORS}
+    names = list(detectors)
+    sources = _sources(result)
+    rows = [r for r in result.summary["comparisons"] if r["span"].get("n_prompts")]
+    labels = [f"{r['reader']} | {r['format']} | {r['source']}" for r in rows]
+    fig = make_subplots(rows=1, cols=len(names), shared_yaxes=True, horizontal_spacing=0.02,
+                        subplot_titles=[_DETECTOR_TITLES.get(n, n) for n in names])
+    shown = set()
+    for col, name in enumerate(names, start=1):
+        key = detectors[name]["key"]
+        missing = {r.get(key, {}).get("reason") for r in rows if r.get(key, {}).get("available") is False}
+        for source in [s for s in sources if s != "own"]:
+            mine = [(label, r[key]) for label, r in zip(labels, rows, strict=True)
+                    if r["source"] == source and r.get(key, {}).get("available", True) and key in r]
+            if not mine:
+                continue
+            values = [row for _, row in mine]
+            fig.add_trace(go.Scatter(
+                x=[_num(v["auroc"]) for v in values], y=[label for label, _ in mine], mode="markers",
+                name=describe_source(source), legendgroup=source, showlegend=source not in shown,
+                marker={"color": _color(source, sources), "size": 9},
+                error_x={"type": "data", "symmetric": False,
+                         "array": [_num(v["high"]) - _num(v["auroc"]) for v in values],
+                         "arrayminus": [_num(v["auroc"]) - _num(v["low"]) for v in values]},
+                customdata=np.array([[v.get("n_pos"), v.get("n_neg")] for v in values], dtype=object),
+                hovertemplate="%{y}<br>AUROC %{x:.3f}<br>own n=%{customdata[0]}, other n=%{customdata[1]}"
+                              f"<extra>{_DETECTOR_TITLES.get(name, name)}</extra>",
+            ), row=1, col=col)
+            shown.add(source)
+        fig.add_vline(x=0.5, line_dash="dash", line_color="grey", row=1, col=col)
+        if missing and not any(key in r and r[key].get("available", True) for r in rows):
+            fig.add_annotation(text="not available:<br>" + "<br>".join(_wrap(m) for m in sorted(filter(None, missing))),
+                               xref=f"x{col if col > 1 else ''} domain", yref="y domain", x=0.5, y=0.5,
+                               showarrow=False, font={"size": 10, "color": "grey"})
+    fig.update_xaxes(range=[-0.02, 1.02], title_text="AUROC")
+    fig.update_yaxes(automargin=True)
+    fig.update_layout(title="telling own (on-policy) text from each source: AUROC per detector, every score "
+                            "oriented so higher = own (DeLong 95% CI; 0.5 = chance)",
+                      template=TEMPLATE, height=320 + 24 * len(rows),
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "title": {"text": "off-policy source:"}})
+    return fig
+
+
+def _wrap(text: str, width: int = 40) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "<br>".join([*lines, line])
+
+
+def temperature_curve(result) -> go.Figure:
+    """Off/on mean-entropy ratio against the reader's own responses sampled at each temperature:
+    one panel per reader (its sampling format), one line per off-policy source with its CI band."""
+    curve = result.summary.get("temperature_curve") or []
+    readers = [r for r in _readers(result) if any(row["reader"] == r for row in curve)] or _readers(result)
+    sources = _sources(result)
+    fig = make_subplots(rows=1, cols=len(readers), shared_yaxes=True,
+                        subplot_titles=[f"{r} reads ({next((row['format'] for row in curve if row['reader'] == r), '')})"
+                                        for r in readers])
+    shown = set()
+    for col, reader in enumerate(readers, start=1):
+        for source in sorted({row["source"] for row in curve if row["reader"] == reader},
+                             key=lambda s: sources.index(s) if s in sources else len(sources)):
+            mine = sorted([row for row in curve if row["reader"] == reader and row["source"] == source],
+                          key=lambda row: row["temperature"])
+            x = np.array([row["temperature"] for row in mine])
+            y = np.array([_num(row["ratio"]) for row in mine])
+            low = np.array([_num(row["ci"][0]) for row in mine])
+            high = np.array([_num(row["ci"][1]) for row in mine])
+            color = _color(source, sources) if source in sources else _COLORS[-1]
+            band = np.isfinite(low) & np.isfinite(high)
+            if band.any():
+                fig.add_trace(go.Scatter(x=np.concatenate([x[band], x[band][::-1]]),
+                                         y=np.concatenate([high[band], low[band][::-1]]), fill="toself",
+                                         mode="lines", fillcolor=color, opacity=0.15, line={"width": 0},
+                                         hoverinfo="skip", showlegend=False, legendgroup=source), row=1, col=col)
+            fig.add_trace(go.Scatter(
+                x=x, y=y, mode="lines+markers", name=describe_source(source), line={"color": color},
+                legendgroup=source, showlegend=source not in shown,
+                customdata=np.stack([low, high, [row["n"] for row in mine]], 1),
+                hovertemplate="T=%{x}<br>off/on %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
+                              "<br>n=%{customdata[2]} prompts<extra>" + source + "</extra>",
+            ), row=1, col=col)
+            shown.add(source)
+        fig.add_hline(y=1.0, line_dash="dash", line_color="grey", row=1, col=col)
+    fig.update_xaxes(title_text="sampling temperature of the reader's own responses")
+    fig.update_yaxes(title_text="off / on mean entropy", col=1)
+    fig.update_layout(title="off/on entropy ratio vs the temperature the reader's own responses were sampled at "
+                            "(95% paired bootstrap CI over prompts; 1 = no gap)",
+                      template=TEMPLATE, height=420,
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.2, "title": {"text": "off-policy source:"}})
+    return fig
+
+
 CAPTIONS = {
     "gap_ratios": (
         "Off/on ratio of mean entropy",
@@ -264,6 +376,21 @@ CAPTIONS = {
         "Positives: the reader's own responses; score: minus the mean entropy. The diagonal is chance; hover "
         "for the AUROC with its DeLong 95% CI.",
     ),
+    "detector_aurocs": (
+        "Zero-shot detectors of model-written text",
+        "The same question as the ROC curves, asked of five detectors computed from the same reads: mean entropy "
+        "(lower = own), mean log-likelihood of the response tokens (higher = own), mean log-rank (lower = own), "
+        "Fast-DetectGPT's analytic criterion (higher = own) and Binoculars (lower = own; needs a second reader "
+        "with the same tokenizer). Each marker: the AUROC of own vs that source with its DeLong 95% CI; right "
+        "of 0.5 = the detector picks the reader's own text. Docs: docs/policy-gap.md.",
+    ),
+    "temperature_curve": (
+        "Off/on ratio vs sampling temperature",
+        "Each reader's own responses sampled again at each temperature; the off-policy texts stay the same. A "
+        "ratio that falls towards 1 as the temperature rises says the gap comes from sampling the reader's modes "
+        "(low temperature makes own text low-entropy by construction); one that stays above 1 at T = 1 is the "
+        "on-policy gap proper. Bands: 95% paired bootstrap CI over prompts.",
+    ),
 }
 
 
@@ -274,4 +401,6 @@ def all_figures(result) -> dict[str, go.Figure]:
         "entropy_distributions": entropy_distributions(result),
         "entropy_by_position": entropy_by_position(result),
         "roc_curves": roc_curves(result),
+        "detector_aurocs": detector_aurocs(result),
+        **({"temperature_curve": temperature_curve(result)} if result.summary.get("temperature_curve") else {}),
     }

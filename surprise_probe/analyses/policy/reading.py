@@ -14,19 +14,24 @@ response token is the reader's uncertainty about the next token after reading it
 read from its exact sampled ids only in the format it was sampled in; in any other format it is
 re-tokenized from its text like every other source. An empty response is kept as a
 :class:`Reading` with no tokens, so it is counted, never silently dropped.
+
+The same forward gives, per response token, the per-token quantities of the zero-shot detectors
+(:func:`surprise_probe.core.forward.passes.scored_metrics`: log-likelihood, log-rank, and
+Fast-DetectGPT's expected log-likelihood and its variance); an ``observer`` model with the reader's
+tokenizer reads the same ids too and adds Binoculars' cross-entropy term.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from surprise_probe.analyses.policy.prompts import GapPrompt, prefix_ids, text_response_ids
 from surprise_probe.analyses.policy.writers import WriterResponse
-from surprise_probe.core.forward.passes import forward_metrics
+from surprise_probe.core.forward.passes import scored_metrics
 from surprise_probe.core.text.encoding import Encoded, pad_batch, pad_id
 from surprise_probe.core.utils.progress import tqdm
 
@@ -44,6 +49,14 @@ class Reading:
     entropy: np.ndarray  # float64, one value per scored (response) token; empty for an empty response
     probe_readout: float = float("nan")  # mean probe projection over the span, when a probe is given
     truncated: int = 0  # response tokens cut to fit the context
+    # Per scored token x_t, from the distribution p that predicted it (float64, aligned with entropy):
+    log_likelihood: np.ndarray = field(default_factory=lambda: np.zeros(0))  # log p(x_t)
+    log_rank: np.ndarray = field(default_factory=lambda: np.zeros(0))  # log rank of x_t under p (rank 1 = top)
+    expected_log_likelihood: np.ndarray = field(default_factory=lambda: np.zeros(0))  # sum_v p log p
+    log_likelihood_variance: np.ndarray = field(default_factory=lambda: np.zeros(0))  # variance of log p(X), X ~ p
+    # Binoculars: -sum_v q log p with q the observer's distribution on the same ids (empty: no observer)
+    cross_entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    observer: str | None = None  # the model that gave ``cross_entropy``
 
 
 def _source_items(reader: str, model, prompts, responses, formats):
@@ -84,10 +97,17 @@ def read_sources(
     *,
     batch_size: int = 8,
     probe=None,
+    observer=None,
+    observer_name: str | None = None,
     progress: bool = True,
 ) -> list[Reading]:
-    """Teacher-forced reads of every source under every format; one :class:`Reading` each."""
+    """Teacher-forced reads of every source under every format; one :class:`Reading` each.
+
+    ``observer`` (a model with the reader's tokenizer, named ``observer_name``) reads the same ids
+    for Binoculars' cross term; a sequence longer than its context gets none (empty ``cross_entropy``).
+    """
     n_ctx = int(model.cfg.n_ctx)
+    observer_ctx = int(observer.cfg.n_ctx) if observer is not None else 0
     planned, readings = [], []
     for fmt, source, i, j, exact, prefix, ids in _source_items(reader, model, prompts, responses, formats):
         truncated = max(0, len(prefix) + len(ids) - n_ctx)
@@ -108,15 +128,43 @@ def read_sources(
                 for _, prefix, ids in chunk
             ]
             batch = pad_batch(encoded, pad_id(model), "right")
-            _, entropy, stored = forward_metrics(model, batch, hooks)
-            entropy = entropy.double().cpu().numpy()
+            fits = observer is not None and max(batch.lengths) <= observer_ctx
+            metrics, stored = scored_metrics(model, batch, hooks, observer=observer if fits else None)
+            per_token = {name: getattr(metrics, name).double().cpu().numpy() for name in _PER_TOKEN}
+            cross = None
+            if observer is not None and not fits:  # only the rows that fit the observer's context
+                cross = _observer_cross_entropy(model, observer, encoded, observer_ctx)
+            elif fits:
+                cross = metrics.cross_entropy.double().cpu().numpy()
             scored = batch.scored.numpy()
             if probe is not None:
                 acts = stored[probe.hook].float().cpu().numpy()
             for row, (key, _, _) in enumerate(chunk):
                 readout = float(probe.project(acts[row][scored[row]]).mean()) if probe is not None else float("nan")
-                readings.append(Reading(key[0], key[1], key[2], key[3], key[4], key[5],
-                                        entropy[row][scored[row]], readout, key[6]))
+                span = {name: values[row][scored[row]] for name, values in per_token.items()}
+                row_cross = np.zeros(0) if cross is None or cross[row] is None else cross[row][scored[row]]
+                readings.append(Reading(key[0], key[1], key[2], key[3], key[4], key[5], span.pop("output_entropy"),
+                                        readout, key[6], **span, cross_entropy=row_cross,
+                                        observer=observer_name if len(row_cross) else None))
             bar.update(len(chunk))
     bar.close()
     return readings
+
+
+_PER_TOKEN = ("output_entropy", "log_likelihood", "log_rank", "expected_log_likelihood", "log_likelihood_variance")
+
+
+def _observer_cross_entropy(model, observer, encoded: list[Encoded], observer_ctx: int) -> list[np.ndarray | None]:
+    """Binoculars' cross term for the rows that fit the observer's context (None for the others); the
+    reader reads those rows again (rare: only where the observer's context is the shorter)."""
+    out: list[np.ndarray | None] = [None] * len(encoded)
+    keep = [i for i, e in enumerate(encoded) if len(e) <= observer_ctx]
+    if keep:
+        batch = pad_batch([encoded[i] for i in keep], pad_id(model), "right")
+        metrics, _ = scored_metrics(model, batch, observer=observer)
+        cross = metrics.cross_entropy.double().cpu().numpy()
+        for row, i in enumerate(keep):
+            grid = np.full(max(len(e) for e in encoded), np.nan)
+            grid[: cross.shape[1]] = cross[row]
+            out[i] = grid
+    return out

@@ -7,6 +7,13 @@ off-policy responses by mean entropy alone (lower = own) with a DeLong CI, and, 
 direction, by the probe's mean readout over the span. Empty responses are counted per cell and
 left out of every mean.
 
+Beside the entropy AUROC, the same comparison gives the AUROC of the zero-shot detectors of
+model-written text in :data:`DETECTORS` (mean log-likelihood, mean log-rank, Fast-DetectGPT's
+analytic criterion, Binoculars), each from the same reads, each oriented so that a higher score
+means "written by the reader" (own = the positives), with the same DeLong CI.
+:func:`temperature_curve` gives the off/on ratio against own responses sampled at other
+temperatures.
+
 A statistic given too few units says so instead of a degenerate number: a CI over prompts needs at
 least 2 prompts and a DeLong CI at least 2 responses on each side (else its bounds are NaN and a
 ``note`` says what it needs); ``own_other_prompt`` needs at least 2 prompts; the summary's
@@ -16,7 +23,7 @@ least 2 prompts and a DeLong CI at least 2 responses on each side (else its boun
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.stats
@@ -25,7 +32,7 @@ from jaxtyping import Float
 from surprise_probe.analyses.policy.reading import Reading
 from surprise_probe.core.utils.stats import bootstrap_sums, small_sample_warnings
 
-__all__ = ["auroc_with_ci", "summarize"]
+__all__ = ["auroc_with_ci", "summarize", "DETECTORS", "response_statistics", "temperature_curve"]
 
 
 def auroc_with_ci(
@@ -53,6 +60,62 @@ def auroc_with_ci(
     half = z * math.sqrt(max(var, 0.0))
     return {"auroc": auc, "low": max(0.0, auc - half), "high": min(1.0, auc + half), "n_pos": m, "n_neg": n,
             "level": level, "method": "DeLong"}
+
+
+# Each detector: the per-response statistic it reads (a key of :func:`response_statistics` and of
+# ``per_response`` in gap.json), its sign (score = sign x statistic, so a higher score means
+# on-policy: written by the reader), what it measures, and which direction means on-policy.
+DETECTORS: dict[str, dict] = {
+    "entropy": {
+        "statistic": "mean_entropy", "sign": -1,
+        "measures": "mean output entropy of the reader over the response (its uncertainty about each next token)",
+        "on_policy": "lower mean entropy",
+    },
+    "log_likelihood": {
+        "statistic": "mean_log_likelihood", "sign": 1,
+        "measures": "mean over response tokens of log p(x_t | x_<t) under the reader",
+        "on_policy": "higher mean log-likelihood",
+    },
+    "log_rank": {
+        "statistic": "mean_log_rank", "sign": -1,
+        "measures": "mean over response tokens of the log of x_t's rank in the reader's next-token distribution "
+                    "(rank 1 = its top token; ties share the best rank)",
+        "on_policy": "lower mean log-rank (score = minus the mean log-rank)",
+    },
+    "fast_detectgpt": {
+        "statistic": "fast_detectgpt", "sign": 1,
+        "measures": "Fast-DetectGPT's analytic criterion (Bao et al. 2023), the reader sampling and scoring: "
+                    "sum_t (log p(x_t) - mu_t) / sqrt(sum_t var_t), mu_t and var_t the mean and variance of "
+                    "log p(X) for X drawn from the reader's distribution at t",
+        "on_policy": "higher criterion",
+    },
+    "binoculars": {
+        "statistic": "binoculars", "sign": -1,
+        "measures": "Binoculars (Hans et al. 2024): the reader's log-perplexity of the response divided by the "
+                    "cross-perplexity mean_t(-sum_v q_t(v) log p_t(v)), p the reader (performer) and q an observer "
+                    "model with the same tokenizer, on the same ids",
+        "on_policy": "lower Binoculars score (score = minus it)",
+    },
+}
+
+
+def response_statistics(r: Reading) -> dict[str, float]:
+    """Each detector's per-response statistic (NaN where undefined: an empty response, zero
+    variance, no observer). Keys: the ``statistic`` of each entry of :data:`DETECTORS`."""
+    nan = float("nan")
+    if not len(r.entropy):
+        return {d["statistic"]: nan for d in DETECTORS.values()}
+    variance = float(np.sum(r.log_likelihood_variance)) if len(r.log_likelihood_variance) else nan
+    fast = (float(np.sum(r.log_likelihood - r.expected_log_likelihood)) / math.sqrt(variance)
+            if variance > 0 else nan)
+    cross = float(np.mean(r.cross_entropy)) if len(r.cross_entropy) == len(r.entropy) else nan
+    return {
+        "mean_entropy": float(np.mean(r.entropy)),
+        "mean_log_likelihood": float(np.mean(r.log_likelihood)) if len(r.log_likelihood) else nan,
+        "mean_log_rank": float(np.mean(r.log_rank)) if len(r.log_rank) else nan,
+        "fast_detectgpt": fast,
+        "binoculars": -float(np.mean(r.log_likelihood)) / cross if cross > 0 else nan,
+    }
 
 
 def _ci(values: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
@@ -103,9 +166,18 @@ def _paired(on: dict[int, float], off: dict[int, float], n_boot: int, level: flo
 
 def summarize(
     readings: Sequence[Reading], *, k: int = 8, max_position: int = 48, n_boot: int = 1000, level: float = 0.95,
-    seed: int = 0,
+    seed: int = 0, binoculars: Mapping[str, dict] | None = None,
 ) -> dict:
-    """Cells, paired comparisons against ``own``, AUROCs, position curves and the reader x writer matrix."""
+    """Cells, paired comparisons against ``own``, AUROCs, position curves and the reader x writer matrix.
+
+    ``binoculars`` maps a reader to ``{"available": bool, "observer": name or None, "reason": str}``
+    (why a reader has no Binoculars score); by default it is read off the readings.
+    """
+    binoculars = dict(binoculars or {})
+    for reader in {r.reader for r in readings} - set(binoculars):
+        observer = next((r.observer for r in readings if r.reader == reader and r.observer), None)
+        binoculars[reader] = {"available": observer is not None, "observer": observer,
+                              "reason": None if observer else "no observer model read these texts"}
     groups: dict[tuple[str, str, str], list[Reading]] = {}
     for r in readings:
         groups.setdefault((r.reader, r.format, r.source), []).append(r)
@@ -121,9 +193,13 @@ def summarize(
             continue
         comparisons.append({"reader": reader, "format": fmt, "source": source,
                             **_comparison(groups[(reader, fmt, "own")], rs, k=k, n_boot=n_boot, level=level,
-                                          seed=seed)})
+                                          seed=seed, binoculars=binoculars[reader])})
+    detectors = {name: {"key": f"auroc_{name}", **spec} for name, spec in DETECTORS.items()}
+    detectors["binoculars"].update(
+        available=any(b["available"] for b in binoculars.values()),
+        readers={reader: dict(b) for reader, b in sorted(binoculars.items())})
     return {"cells": cells, "comparisons": comparisons, "curves": curves, "matrix": _matrix(cells),
-            "warnings": _warnings(readings, comparisons)}
+            "detectors": detectors, "warnings": _warnings(readings, comparisons)}
 
 
 def _warnings(readings: Sequence[Reading], comparisons: list[dict]) -> list[str]:
@@ -176,17 +252,29 @@ def _position_curve(rs: list[Reading], *, max_position: int, n_boot: int, level:
     return {"mean": point, "low": low, "high": high, "n_tokens": counts.sum(1)}
 
 
-def _comparison(own: list[Reading], rs: list[Reading], *, k: int, n_boot: int, level: float, seed: int) -> dict:
+def _comparison(own: list[Reading], rs: list[Reading], *, k: int, n_boot: int, level: float, seed: int,
+                binoculars: dict | None = None) -> dict:
     """One off-policy source against ``own``: paired statistics (span, first ``k``) and AUROCs."""
     on_whole, off_whole = _per_prompt(own, None), _per_prompt(rs, None)
     on_first, off_first = _per_prompt(own, k), _per_prompt(rs, k)
     row = {"span": _paired(on_whole, off_whole, n_boot, level, seed),
            f"first_{k}": _paired(on_first, off_first, n_boot, level, seed)}
-    # AUROC: own responses are the positives; a lower mean entropy should mean own, so the
-    # score is -entropy (0.5 = indistinguishable).
-    own_means = np.array([r.entropy.mean() for r in own if len(r.entropy)])
-    off_means = np.array([r.entropy.mean() for r in rs if len(r.entropy)])
-    row["auroc_entropy"] = auroc_with_ci(-own_means, -off_means, level)
+    # AUROC per detector: own responses are the positives and every score is oriented so that
+    # higher means own (0.5 = indistinguishable); e.g. entropy's score is -mean entropy.
+    own_stats = [response_statistics(r) for r in own if len(r.entropy)]
+    off_stats = [response_statistics(r) for r in rs if len(r.entropy)]
+    for name, spec in DETECTORS.items():
+        if name == "binoculars" and not (binoculars or {}).get("available"):
+            row["auroc_binoculars"] = {"available": False,
+                                       "reason": (binoculars or {}).get("reason") or "no observer model"}
+            continue
+        on = np.array([spec["sign"] * x[spec["statistic"]] for x in own_stats])
+        off = np.array([spec["sign"] * x[spec["statistic"]] for x in off_stats])
+        auroc = auroc_with_ci(on[np.isfinite(on)], off[np.isfinite(off)], level)
+        auroc.update(available=True, n_undefined=int((~np.isfinite(on)).sum() + (~np.isfinite(off)).sum()))
+        if name == "binoculars":
+            auroc["observer"] = binoculars["observer"]
+        row[f"auroc_{name}"] = auroc
     own_probe = np.array([r.probe_readout for r in own if np.isfinite(r.probe_readout)])
     off_probe = np.array([r.probe_readout for r in rs if np.isfinite(r.probe_readout)])
     if len(own_probe) and len(off_probe):
@@ -210,3 +298,50 @@ def _matrix(cells: list[dict]) -> dict:
             continue
         out.setdefault(cell["format"], {}).setdefault(cell["reader"], {})[writer] = cell["mean_entropy"]
     return out
+
+
+def temperature_curve(
+    readings: Sequence[Reading],
+    by_temperature: Mapping[float, Sequence[Reading]],
+    formats: Mapping[str, str],
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> list[dict]:
+    """Off/on mean-entropy ratio per reader, off-policy source and sampling temperature.
+
+    ``by_temperature[T]``: the reads of each reader's own responses sampled at ``T`` (sources
+    ``own`` and ``own_other_prompt``) in the format ``formats[reader]`` (the one it samples in,
+    where read); the other sources (``writer:<model>``, ``human``) are the reads in ``readings``,
+    which do not depend on ``T``. One row per (reader, source, T): the ratio with its paired bootstrap CI over prompts,
+    ``n`` prompts, and the reader's own mean entropy at ``T`` with its CI.
+    """
+    rows = []
+    for temperature in sorted(by_temperature):
+        at_t = by_temperature[temperature]
+        for reader, fmt in formats.items():
+            own = [r for r in at_t if (r.reader, r.format, r.source) == (reader, fmt, "own")]
+            if not own:
+                continue
+            on = _per_prompt(own, None)
+            off_sources: dict[str, list[Reading]] = {}
+            for r in readings:
+                if r.reader == reader and r.format == fmt and r.source not in ("own", "own_other_prompt"):
+                    off_sources.setdefault(r.source, []).append(r)
+            other = [r for r in at_t if (r.reader, r.format, r.source) == (reader, fmt, "own_other_prompt")]
+            if other:
+                off_sources["own_other_prompt"] = other
+            own_mean = _ci(np.array(list(on.values())), n_boot, level, seed)
+            for source, rs in sorted(off_sources.items()):
+                paired = _paired(on, _per_prompt(rs, None), n_boot, level, seed)
+                ratio = paired.get("ratio_off_on", {})
+                row = {"reader": reader, "format": fmt, "temperature": float(temperature), "source": source,
+                       "ratio": ratio.get("value", float("nan")),
+                       "ci": [ratio.get("low", float("nan")), ratio.get("high", float("nan"))],
+                       "n": paired["n_prompts"], "level": level,
+                       "mean_entropy_own": own_mean, "n_empty_own": sum(not len(r.entropy) for r in own)}
+                if ratio.get("note"):
+                    row["note"] = ratio["note"]
+                rows.append(row)
+    return sorted(rows, key=lambda r: (r["reader"], r["format"], r["source"], r["temperature"]))

@@ -43,6 +43,7 @@ __all__ = [
     "nonneg_int",
     "finite_float",
     "nonneg_float",
+    "positive_float",
     "run_main",
 ]
 
@@ -86,6 +87,7 @@ positive_int = _type("positive_int", lambda v: v >= 1, "an integer >= 1")
 nonneg_int = _type("nonneg_int", lambda v: v >= 0, "an integer >= 0")
 finite_float = _type("finite_float", math.isfinite, "a finite number", float)
 nonneg_float = _type("nonneg_float", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", float)
+positive_float = _type("positive_float", lambda v: math.isfinite(v) and v > 0, "a finite number > 0", float)
 level_float = _type("level_float", lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)", float)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from surprise_probe.analyses.policy.gap import policy_gap
+from surprise_probe.analyses.policy.gap import check_temperatures, policy_gap
 from surprise_probe.analyses.policy.prompts import FORMATS, builtin_gap_prompts, read_gap_prompts
 from surprise_probe.app.commands._common import (
     UsageError,
@@ -16,6 +16,7 @@ from surprise_probe.app.commands._common import (
     level_float,
     nonneg_float,
     nonneg_int,
+    positive_float,
     positive_int,
     usage_errors,
 )
@@ -38,7 +39,9 @@ def add_parser(subparsers) -> None:
                     "another prompt, each other model's response, and the human answer when the prompt file has "
                     "one; in three formats (assistant turn, user turn, plain 'Question: ...\\nAnswer:'). "
                     "Reports the off/on entropy ratio, paired differences, AUROC and the reader x writer matrix "
-                    "with CIs over prompts. See docs/policy-gap.md.",
+                    "with CIs over prompts, the AUROC of zero-shot detectors of model-written text (log-likelihood, "
+                    "log-rank, Fast-DetectGPT, Binoculars) from the same reads, and with --temperatures the off/on "
+                    "ratio against own responses sampled at each temperature. See docs/policy-gap.md.",
     )
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
                         help="readers and writers (embedded names, local folders or cached hub names), loaded one "
@@ -57,6 +60,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="longest sampled response")
     parser.add_argument("--temperature", type=nonneg_float, default=1.0,
                         help="sampling temperature (1.0 samples the model's own distribution: the on-policy case)")
+    parser.add_argument("--temperatures", nargs="+", type=positive_float, default=None,
+                        help="temperature curve: each reader's own responses sampled again at each of these "
+                             "temperatures (e.g. 0.3 0.7 1.0) and the off/on ratio against them, with CIs (default: "
+                             "none, the single --temperature)")
+    parser.add_argument("--no-binoculars", action="store_true",
+                        help="skip the Binoculars detector, which reads with a second model sharing the reader's "
+                             "tokenizer (two models held at once)")
     parser.add_argument("--k", type=positive_int, default=8, help="matched positions: the first k response tokens")
     parser.add_argument("--probe", type=Path, default=None,
                         help="a saved surprise-probe direction (path stem of .json + .safetensors): adds the AUROC from the "
@@ -107,13 +117,16 @@ def run(args) -> int:
                                      "use --formats plain, or leave --formats out (plain for such models)")
             if args.probe is not None:
                 _check_probe(args.probe)
+            if args.temperatures:
+                check_temperatures(args.temperatures)
             claim = stack.enter_context(claim_output(args.out, "gap", command_config(args), overwrite=args.overwrite))
         if claim.finished:
             print(f"{args.out} holds this result already (gap.json); --overwrite recomputes it")
             return 0
         n_answers = sum(p.answer is not None for p in prompts)
         print(f"[gap] {len(prompts)} prompts ({n_answers} with a human answer) x {args.samples_per_prompt} sample(s), "
-              f"up to {args.max_new_tokens} tokens at temperature {args.temperature}; models: {', '.join(args.models)}")
+              f"up to {args.max_new_tokens} tokens at temperature {args.temperature}; models: {', '.join(args.models)}"
+              + (f"; temperature curve at {' '.join(f'{t:g}' for t in args.temperatures)}" if args.temperatures else ""))
         loaders = {
             name: (lambda name=name: load_model(name, device=args.device, dtype=args.dtype,
                                                 progress=not args.no_progress,
@@ -127,6 +140,7 @@ def run(args) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, k=args.k, seed=args.seed,
             batch_size=args.batch_size, sample_batch_size=args.sample_batch_size, probe_path=args.probe, work_dir=args.out, overwrite=args.overwrite,
             n_boot=args.n_boot, level=args.level, progress=not args.no_progress, post_trained=post_trained,
+            temperatures=args.temperatures, binoculars=not args.no_binoculars,
         )
         paths = result.save(args.out)
         claim.finish()

@@ -7,9 +7,19 @@ the model's distribution over ``x_{t+1}``:
 - output entropy ``H_t = -sum_v p_t(v) log p_t(v)``.
 
 Both in nats, computed in float32 or better from ``log_softmax`` so that nothing underflows.
+
+For zero-shot detectors of model-written text (docs/policy-gap.md), :func:`next_token_statistics`
+gives, from the distribution ``p`` that predicted a token ``x`` (one row of logits), the token's
+log-likelihood ``log p(x)``, its log-rank ``log(1 + #{v: p(v) > p(x)})`` (rank 1 = the top token),
+the distribution's entropy, and the mean ``mu = sum_v p(v) log p(v)`` and variance
+``sum_v p(v) (log p(v) - mu)^2`` of the log-likelihood of a token drawn from ``p`` (Fast-DetectGPT's
+analytic reference); :func:`cross_entropy` gives ``-sum_v q(v) log p(v)`` between two models'
+distributions (Binoculars' cross-perplexity). Callers pass only the rows of logits they score.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -24,6 +34,9 @@ __all__ = [
     "surprise_and_entropy",
     "chunked_surprise_and_entropy",
     "chunk_positions",
+    "NextTokenStatistics",
+    "next_token_statistics",
+    "cross_entropy",
     "MeanWithCI",
     "bootstrap_mean",
 ]
@@ -164,3 +177,82 @@ def _entropy_from_log_probs(log_probs: Float[Tensor, "*batch vocab"]) -> Float[T
     if bad.any():
         entropy[bad] = -torch.nan_to_num(torch.exp(log_probs[bad]) * log_probs[bad], nan=0.0).sum(-1)
     return entropy
+
+
+class NextTokenStatistics(NamedTuple):
+    """Per row of logits: what the distribution ``p = softmax(logits)`` says about the token that came.
+
+    ``log_likelihood = log p(x)``; ``log_rank = log(1 + #{v: p(v) > p(x)})`` (ties share the best
+    rank); ``entropy = -sum_v p(v) log p(v)``; ``expected_log_likelihood = sum_v p(v) log p(v)``
+    (= -entropy: the mean log-likelihood of a token drawn from ``p``);
+    ``log_likelihood_variance = sum_v p(v) (log p(v) - expected_log_likelihood)^2``.
+    """
+
+    log_likelihood: Float[Tensor, " n"]
+    log_rank: Float[Tensor, " n"]
+    entropy: Float[Tensor, " n"]
+    expected_log_likelihood: Float[Tensor, " n"]
+    log_likelihood_variance: Float[Tensor, " n"]
+
+
+def next_token_statistics(
+    logits: Float[Tensor, "n vocab"], targets: Int[Tensor, " n"], block: int | None = None
+) -> NextTokenStatistics:
+    """:class:`NextTokenStatistics` of each row's ``targets`` token, in float32 (float64 above a 131k
+    vocabulary), over blocks of ``block`` rows (default: about ``CACHE_ELEMENTS`` logits) so the
+    temporaries stay in the CPU's cache and bounded.
+
+    >>> stats = next_token_statistics(torch.tensor([[2.0, 0.0, 0.0, 0.0]]), torch.tensor([1]))
+    >>> round(float(stats.log_rank[0].exp()), 6), round(float(stats.expected_log_likelihood[0] + stats.entropy[0]), 6)
+    (2.0, 0.0)
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (n, vocab) and targets (n,), got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    n, vocab = logits.shape
+    block = block or max(1, CACHE_ELEMENTS // max(1, vocab))
+    parts = []
+    for start in range(0, n, block):
+        log_probs = _log_probs(logits[start : start + block])
+        picked = targets[start : start + block].to(log_probs.device).unsqueeze(-1)
+        likelihood = log_probs.gather(-1, picked)
+        # Strictly more probable tokens: ties share the best rank, so a flat distribution gives rank 1.
+        rank = (log_probs > likelihood).sum(-1).to(log_probs.dtype) + 1
+        entropy = _entropy_from_log_probs(log_probs)
+        expected = -entropy
+        # Centred (not E[(log p)^2] - mu^2, which cancels badly when the variance is small);
+        # p = 0 tokens contribute 0 (their log p is -inf).
+        probs = torch.exp(log_probs)
+        spread = torch.where(probs > 0, probs * (log_probs - expected.unsqueeze(-1)).square(), 0.0).sum(-1)
+        parts.append((likelihood.squeeze(-1), torch.log(rank), entropy, expected, spread))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.float32, device=logits.device)
+        return NextTokenStatistics(empty, empty, empty, empty, empty)
+    return NextTokenStatistics(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+
+def cross_entropy(
+    observer_logits: Float[Tensor, "n vocab"], performer_logits: Float[Tensor, "n vocab"], block: int | None = None
+) -> Float[Tensor, " n"]:
+    """``-sum_v q(v) log p(v)`` per row, ``q = softmax(observer_logits)``, ``p = softmax(performer_logits)``.
+
+    Binoculars' per-token cross-perplexity term (observer's probabilities weighting the
+    performer's log-probabilities, as in the authors' code). Blocks as in :func:`next_token_statistics`.
+
+    >>> float(cross_entropy(torch.zeros(1, 4), torch.zeros(1, 4))[0])  # doctest: +ELLIPSIS
+    1.386...
+    """
+    if observer_logits.shape != performer_logits.shape or observer_logits.dim() != 2:
+        raise ValueError(f"expected two (n, vocab) logits of one shape, got {tuple(observer_logits.shape)} and "
+                         f"{tuple(performer_logits.shape)}")
+    n, vocab = performer_logits.shape
+    block = block or max(1, CACHE_ELEMENTS // max(1, vocab))
+    parts = []
+    for start in range(0, n, block):
+        performer = _log_probs(performer_logits[start : start + block])
+        observer = _log_probs(observer_logits[start : start + block].to(performer.device)).to(performer.dtype)
+        weights = torch.exp(observer)
+        parts.append(-torch.where(weights > 0, weights * performer, 0.0).sum(-1))
+    if not parts:
+        return torch.zeros(0, dtype=torch.float32, device=performer_logits.device)
+    return torch.cat(parts)

@@ -15,13 +15,20 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from surprise_probe.core.forward.metrics import chunked_surprise_and_entropy, surprise_and_entropy
+from surprise_probe.core.forward.metrics import (
+    chunk_positions,
+    chunked_surprise_and_entropy,
+    cross_entropy,
+    next_token_statistics,
+    surprise_and_entropy,
+)
 from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.devices import model_device
 from surprise_probe.core.text.encoding import Batch, encode, pad_batch, pad_id
 from surprise_probe.core.utils.notebook import NotebookView, TextTable, number_text
 
-__all__ = ['forward', 'forward_metrics', 'final_residual', 'unembed', 'token_metrics', 'TokenMetrics']
+__all__ = ['forward', 'forward_metrics', 'final_residual', 'unembed', 'token_metrics', 'TokenMetrics',
+           'ScoredMetrics', 'scored_metrics']
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
@@ -109,6 +116,120 @@ def forward_metrics(
         batch.tokens, int(model.cfg.d_vocab_out), attention_mask,
     )
     return surprise, entropy, stored
+
+
+@dataclass(frozen=True)
+class ScoredMetrics:
+    """Per-token metrics of a batch at its scored positions (NaN everywhere else), from one forward.
+
+    For a scored position ``t`` (``p_t``: the distribution over the token after ``t``):
+
+    - ``output_entropy[b, t] = H_t``, as :func:`forward_metrics` gives it;
+    - ``log_likelihood[b, t] = log p_{t-1}(x_t)`` (minus the input surprise);
+    - ``log_rank[b, t]``: log of ``x_t``'s rank under ``p_{t-1}`` (1 = the top token);
+    - ``expected_log_likelihood[b, t] = sum_v p_{t-1}(v) log p_{t-1}(v)`` and
+      ``log_likelihood_variance[b, t]``: the mean and variance of ``log p_{t-1}(X)`` for ``X ~ p_{t-1}``
+      (Fast-DetectGPT's analytic reference, the reader being the sampling and the scoring model);
+    - ``cross_entropy[b, t] = -sum_v q_{t-1}(v) log p_{t-1}(v)`` with ``q`` an observer model's
+      distribution on the same ids (Binoculars), or ``None`` without an observer.
+
+    The quantities at ``t`` that look back at ``p_{t-1}`` are NaN where ``t - 1`` is padding or
+    ``t = 0``. ``n_unembedded`` counts the positions whose logits were computed: the scored ones
+    and the ones just before them.
+    """
+
+    output_entropy: Float[Tensor, "batch pos"]
+    log_likelihood: Float[Tensor, "batch pos"]
+    log_rank: Float[Tensor, "batch pos"]
+    expected_log_likelihood: Float[Tensor, "batch pos"]
+    log_likelihood_variance: Float[Tensor, "batch pos"]
+    cross_entropy: Float[Tensor, "batch pos"] | None
+    n_unembedded: int
+
+
+def _logits_at_positions(model, batch: Batch, hooks: Sequence[str], rows: Tensor, cols: Tensor):
+    """``(logits_at, stored)``: ``logits_at(a, b)`` -> the logits at positions ``(rows[a:b], cols[a:b])``.
+
+    A HookedTransformer unembeds its final residual at just those positions; a TransformerBridge is
+    asked (``logits_to_keep``) for the columns any row needs, so no other column is unembedded.
+    """
+    out = final_residual(model, batch, hooks)
+    if out is not None:
+        residual, stored = out
+        gathered = residual[rows.to(residual.device), cols.to(residual.device)]
+        return (lambda a, b: unembed(model, gathered[a:b])), stored
+    if is_hooked_transformer(model):  # a hook at or after the final norm: the full forward's logits
+        logits, stored = forward(model, batch, hooks)
+        rows, cols = rows.to(logits.device), cols.to(logits.device)
+        return (lambda a, b: logits[rows[a:b], cols[a:b]]), stored
+    stored: dict[str, Tensor] = {}
+    device = model_device(model)
+    columns, within = torch.unique(cols, return_inverse=True)
+    logits = model.run_with_hooks(
+        batch.tokens.to(device), fwd_hooks=_keepers(hooks, stored), return_type="logits",
+        attention_mask=batch.attention_mask.to(device), logits_to_keep=columns.to(device),
+    )
+    rows, within = rows.to(logits.device), within.to(logits.device)
+    return (lambda a, b: logits[rows[a:b], within[a:b]]), stored
+
+
+@torch.no_grad()
+def scored_metrics(
+    model, batch: Batch, hooks: Sequence[str] = (), observer=None
+) -> tuple[ScoredMetrics, dict[str, Float[Tensor, "batch pos d_model"]]]:
+    """:class:`ScoredMetrics` at ``batch.scored`` and the ``hooks``' activations, from one forward.
+
+    Only the scored positions and the positions that predict them are unembedded (never the full
+    batch x pos x vocab logits); the metrics are float32 (float64 above a 131k vocabulary).
+    ``observer`` (a model with the same vocabulary) reads the same ids in a forward of its own and
+    adds the Binoculars cross term. No gradients (a detector pass, not an attribution).
+    """
+    scored = batch.scored.bool()
+    real = batch.attention_mask.bool()
+    predicts = torch.zeros_like(scored)
+    predicts[:, :-1] = scored[:, 1:] & real[:, :-1]
+    rows, cols = (scored | predicts).nonzero(as_tuple=True)
+    if observer is not None and int(observer.cfg.d_vocab_out) != int(model.cfg.d_vocab_out):
+        raise ValueError(f"the observer's vocabulary ({int(observer.cfg.d_vocab_out)}) is not the reader's "
+                         f"({int(model.cfg.d_vocab_out)}); Binoculars needs one tokenizer")
+    # Nothing scored: the forward still runs for the hooks (unembedding one position).
+    asked = (rows, cols) if len(rows) else (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    logits_at, stored = _logits_at_positions(model, batch, hooks, *asked)
+    observer_logits_at = _logits_at_positions(observer, batch, (), *asked)[0] if observer is not None else None
+    width = batch.tokens.shape[1]
+    targets = batch.tokens[rows, (cols + 1).clamp(max=width - 1)]
+    step = chunk_positions(1, int(model.cfg.d_vocab_out))
+    grids: dict[str, Tensor] = {}
+    for start in range(0, len(rows), step):
+        stop = min(len(rows), start + step)
+        logits = logits_at(start, stop)
+        stats = next_token_statistics(logits, targets[start:stop])
+        here = (rows[start:stop], cols[start:stop])
+        chunk = {"output_entropy": (stats.entropy, scored[here], 0)}
+        for name in ("log_likelihood", "log_rank", "expected_log_likelihood", "log_likelihood_variance"):
+            chunk[name] = (getattr(stats, name), predicts[here], 1)
+        if observer_logits_at is not None:
+            chunk["cross_entropy"] = (cross_entropy(observer_logits_at(start, stop), logits), predicts[here], 1)
+        for name, (values, where, shift) in chunk.items():
+            _place(grids, name, batch.tokens.shape, values, *here, where, shift)
+        del logits
+    empty = torch.full(batch.tokens.shape, float("nan"))
+    names = ["output_entropy", "log_likelihood", "log_rank", "expected_log_likelihood", "log_likelihood_variance"]
+    metrics = ScoredMetrics(
+        *(grids.get(name, empty) for name in names),
+        cross_entropy=None if observer is None else grids.get("cross_entropy", empty),
+        n_unembedded=len(rows),
+    )
+    return metrics, stored
+
+
+def _place(grids: dict[str, Tensor], name: str, shape, values: Tensor, rows: Tensor, cols: Tensor,
+           where: Tensor, shift: int) -> None:
+    """Write ``values[where]`` at ``(rows, cols + shift)`` of the NaN-filled grid ``grids[name]``."""
+    if name not in grids:
+        grids[name] = torch.full(shape, float("nan"), dtype=values.dtype, device=values.device)
+    where = where.to(values.device)
+    grids[name][rows.to(values.device)[where], cols.to(values.device)[where] + shift] = values[where]
 
 
 @dataclass(frozen=True, repr=False)
