@@ -140,3 +140,26 @@ def test_direction_comparison_skips_the_zero_strength_rows(tiny_model, counter, 
         assert np.asarray(got.kl)[:, 1].tolist() == [0.0] * len(got.labels)
     n_dir = 1 + 2  # each direction with its 2 random controls (no orthogonal one)
     assert before_rows - new_rows >= len(directions) * len(ITEMS) * n_dir
+
+
+def test_bridge_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_bridge_model, monkeypatch):
+    """On a TransformerBridge the fan-out engine asks for the scored columns' logits only
+    (logits_to_keep): the unembedding sees fewer positions, and every number is unchanged."""
+    model = tiny_bridge_model
+    seen = []
+    handle = model.unembed.register_forward_hook(lambda module, inputs, output: seen.append(int(output.shape[1])))
+    kwargs = dict(strengths=[-2.0, 0.0, 2.0], random_directions=1, n_boot=10, progress=False)
+    try:
+        kept = dose_response(model, ITEMS, _steering(model), **kwargs)
+        widths_kept = list(seen)
+        seen.clear()
+        monkeypatch.setattr(sweep_module, "KEEP_SCORED_LOGITS", False)
+        every = dose_response(model, ITEMS, _steering(model), **kwargs)
+    finally:
+        handle.remove()
+    encoded = encode_items(model, ITEMS)
+    # each forward unembeds one sequence's scored positions, against all its positions before
+    assert set(widths_kept) == {int(e.scored.sum()) for e in encoded}
+    assert set(seen) == {len(e.token_ids) for e in encoded} and sum(widths_kept) < sum(seen)
+    for key in ("entropy", "kl", "top1_agreement"):
+        np.testing.assert_allclose(getattr(kept, key), getattr(every, key), rtol=0, atol=1e-5, err_msg=key)
