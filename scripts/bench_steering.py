@@ -339,16 +339,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-methods", nargs="+", default=PEER_METHODS, choices=PEER_METHODS)
     parser.add_argument("--peer-directions", type=int, default=6, help="with --peers: probe + orthogonal + random")
     parser.add_argument("--peer-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--backends", action="store_true",
+                        help="the same batched dose-response on the HookedTransformer (suffix engine) and the "
+                             "TransformerBridge (fan-out, scored logits only and every position), one run")
     args = parser.parse_args(argv)
     if args.peer_child:
         method, folder, work, threads, repeats = args.peer_child
         row = _peer_child(method, Path(folder), Path(work), int(threads), int(repeats))
         (Path(work) / f"{method}.json").write_text(json.dumps(row))
         return 0
-    if args.peers:
-        return peers_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peers:
+        return peers_main(args)
+    if args.backends:
+        return backends_main(args)
 
     from surprise_probe.interventions import SteeringDirection, dose_response, suffix
     from surprise_probe.interventions.sweep import identity_amounts
@@ -436,6 +441,67 @@ def main(argv: list[str] | None = None) -> int:
             "fused_attention": suffix.FUSE_ATTENTION, "torch_threads": torch.get_num_threads(), "versions": software_versions(),
         })
     return 0 if ok else 1
+
+
+def backends_main(args) -> int:
+    """``--backends``: one dose-response (probe-like + orthogonal + random directions x strengths) on
+    the same weights as a HookedTransformer (suffix engine) and as a TransformerBridge (fan-out
+    engine, with the scored logits only and with every position's logits), CPU seconds best of
+    ``--repeats``, and the largest difference of entropy and KL between backends."""
+    from surprise_probe.interventions import SteeringDirection, dose_response
+    from surprise_probe.interventions import sweep as sweep_module
+
+    from surprise_probe.core.models.loading import load_model
+    from surprise_probe.core.text.encoding import encode_all
+    from surprise_probe.core.utils.jsonio import software_versions, write_json
+    from surprise_probe.testing import tiny_bridge, tiny_hooked_transformer
+
+    if args.model == "tiny":  # two different random models: timings only, the diff column means nothing
+        models = {"hooked": tiny_hooked_transformer(), "bridge": tiny_bridge()}
+    else:
+        models = {b: load_model(args.model, device=args.device, backend=b, progress=False) for b in ("hooked", "bridge")}
+    first = models["hooked"]
+    layer = int(first.cfg.n_layers) // 2 if args.layer is None else args.layer
+    hook = f"blocks.{layer}.hook_resid_post"
+    encoded = encode_all(first, _items(first, args.n_inputs), truncate=True)
+    d = torch.randn(int(first.cfg.d_model), generator=torch.Generator().manual_seed(0))
+    d = d / d.norm()
+    direction = SteeringDirection(d, hook, _projection_std(first, encoded, hook, d))
+    kwargs = dict(random_directions=args.random_directions, batch_size=args.batch_size,
+                  max_batch_tokens=args.max_batch_tokens, progress=False, n_boot=10)
+    runs = [("hooked", "suffix engine", True), ("bridge", "fan-out, scored logits only", True),
+            ("bridge", "fan-out, every position's logits", False)]
+    timings, results = {}, {}
+    for backend, label, keep in runs:
+        model = models[backend]
+        sweep_module.KEEP_SCORED_LOGITS = keep
+        dose_response(model, encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)
+        best = float("inf")
+        for _ in range(args.repeats):
+            start = time.process_time()
+            results[label] = dose_response(model, encoded, direction, args.strengths, **kwargs)
+            best = min(best, time.process_time() - start)
+        timings[label] = best
+    sweep_module.KEEP_SCORED_LOGITS = True
+    reference = results["suffix engine"]
+    n_tokens = int(sum(int(e.scored.sum()) for e in encoded))
+    print(f"model {args.model}, {hook}, {len(encoded)} conversations ({n_tokens} scored tokens of "
+          f"{sum(len(e.token_ids) for e in encoded)}), {2 + args.random_directions} directions x "
+          f"{len(args.strengths)} strengths, torch threads {torch.get_num_threads()}")
+    print(f"\n| backend | engine | CPU seconds (best of {args.repeats}) | x HookedTransformer | max abs diff vs it |")
+    print("|---|---|---:|---:|---:|")
+    rows = []
+    for backend, label, _ in runs:
+        diff = max(float(np.abs(np.asarray(getattr(results[label], k)) - np.asarray(getattr(reference, k))).max())
+                   for k in ("entropy", "kl"))
+        ratio = timings[label] / timings["suffix engine"]
+        rows.append({"backend": backend, "engine": label, "cpu_seconds": timings[label], "ratio": ratio, "diff": diff})
+        print(f"| {backend} | {label} | {timings[label]:.2f} | {ratio:.2f} | {diff:.1e} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "bench_steering_backends.json", {"rows": rows, "hook": hook, "n_tokens": n_tokens,
+                                                               "versions": software_versions()})
+    return 0
 
 
 if __name__ == "__main__":
