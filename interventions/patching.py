@@ -67,7 +67,12 @@ from surprise_probe.core.forward.hooks import (
     resolve_hooks,
 )
 from surprise_probe.core.forward.metrics import chunk_positions, output_entropy
-from surprise_probe.core.forward.passes import final_residual, forward_metrics, unembed
+from surprise_probe.core.forward.passes import (
+    final_residual,
+    forward_metrics,
+    output_entropy_at,
+    unembed,
+)
 from surprise_probe.core.models import distributed
 from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.devices import model_device
@@ -388,9 +393,12 @@ def patched_entropies(
                 values = _entropy_at(model, residual, range(len(block)),
                                      [measured_dst[row] - prefix for row, _ in block])
             else:
+                # only the measured positions are unembedded (the union over the block's rows)
+                columns = np.unique(np.concatenate([measured_dst[row] for row, _ in block]))
                 with torch.no_grad(), apply_all(model, patches):
-                    _, entropy, _ = forward_metrics(model, batch)
-                values = [_measured_entropy(entropy, measured_dst[row], r) for r, (row, _) in enumerate(block)]
+                    entropy = output_entropy_at(model, batch, columns.tolist())
+                values = [_measured_entropy(entropy, np.searchsorted(columns, measured_dst[row]), r)
+                          for r, (row, _) in enumerate(block)]
             for value, (row, c) in zip(values, block, strict=True):
                 h_patched[c, chunk[row]] = value
             if bar is not None:

@@ -20,6 +20,7 @@ from surprise_probe.core.forward.metrics import (
     chunked_surprise_and_entropy,
     cross_entropy,
     next_token_statistics,
+    output_entropy,
     surprise_and_entropy,
 )
 from surprise_probe.core.models.backends import is_hooked_transformer
@@ -28,7 +29,7 @@ from surprise_probe.core.text.encoding import Batch, encode, pad_batch, pad_id
 from surprise_probe.core.utils.notebook import NotebookView, TextTable, number_text
 
 __all__ = ['forward', 'forward_metrics', 'final_residual', 'unembed', 'token_metrics', 'TokenMetrics',
-           'ScoredMetrics', 'scored_metrics']
+           'ScoredMetrics', 'scored_metrics', 'output_entropy_at']
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
@@ -116,6 +117,36 @@ def forward_metrics(
         batch.tokens, int(model.cfg.d_vocab_out), attention_mask,
     )
     return surprise, entropy, stored
+
+
+@torch.no_grad()
+def output_entropy_at(model, batch: Batch, columns: Sequence[int]) -> Float[Tensor, "batch n_columns"]:
+    """Output entropy of every row of ``batch`` at the positions ``columns`` only: a HookedTransformer
+    unembeds its final residual there, a TransformerBridge is asked for just those columns' logits
+    (``logits_to_keep``); a bounded number of positions' logits exist at a time. The hooks and
+    edits active on the model apply (patching calls it inside ``apply_all``).
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> batch = pad_batch([encode(model, "One short text here.")], pad_id(model))
+    >>> output_entropy_at(model, batch, [1, 3]).shape
+    torch.Size([1, 2])
+    """
+    columns = torch.as_tensor(list(columns), dtype=torch.long)
+    device = model_device(model)
+    out = final_residual(model, batch)
+    if out is not None:
+        residual = out[0][:, columns.to(out[0].device)]
+        logits_at = lambda a, b: unembed(model, residual[:, a:b])  # noqa: E731 - one line, used once
+    else:
+        logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device),
+                       return_type="logits", **({} if is_hooked_transformer(model)
+                                                else {"logits_to_keep": columns.to(device)}))
+        if is_hooked_transformer(model):
+            logits = logits[:, columns.to(logits.device)]
+        logits_at = lambda a, b: logits[:, a:b]  # noqa: E731
+    step = chunk_positions(int(batch.tokens.shape[0]), int(model.cfg.d_vocab_out))
+    return torch.cat([output_entropy(logits_at(a, a + step)) for a in range(0, len(columns), step)], dim=1)
 
 
 @dataclass(frozen=True)
