@@ -38,7 +38,8 @@ PAIRS = [(_conv(TINY_CORPUS[i], TINY_CORPUS[(i + 1) % 6]), _conv(TINY_CORPUS[i],
 
 TINY_SETTINGS = {"model": "tiny-random-3l", "input": "12 tiny conversations", "n_boot": 50, "steer_inputs": 3,
                  "random_directions": 2, "strengths": [-2.0, 0.0, 2.0], "patch_pairs": 4, "patch_layers": 3,
-                 "sample_tokens": 12, "token_view_tokens": 64, "gap_prompts": 4, "intention_prompts": 2,
+                 "sample_tokens": 12, "token_view_tokens": 64, "gap_prompts": 4, "gap_temperatures": [0.5, 1.0],
+                 "intention_prompts": 2,
                  "intention_samples": 3, "intention_tokens": 8, "intention_ks": [0, 1, 4]}
 
 
@@ -375,6 +376,21 @@ def test_every_source_label_is_explained_where_it_appears(tiny_study):
                 if trace.name and trace.name.split(" (")[0] == source:
                     assert trace.name == describe_source(source)
     assert any(f"reading {describe_source('own_other_prompt')}" in n.measure for n in section.numbers)
+
+
+def test_gap_section_shows_the_detectors_and_the_temperature_curve(tiny_study):
+    section = next(s for s in study_sections(tiny_study, report_sections()) if s.key == "gap")
+    gap = read_json(tiny_study / "gap" / "gap.json")
+    curve = gap["summary"]["temperature_curve"]
+    assert sorted({point["temperature"] for point in curve}) == [0.5, 1.0]
+    titles = [fig.layout.title.text or "" for fig in section.figures]
+    assert any("temperature" in t.lower() for t in titles) and any("AUROC" in t for t in titles), titles
+    at = {(n.measure.split(" temperature ")[-1], n.value) for n in section.numbers if "sampled at temperature" in n.measure}
+    assert {round(p["ratio"], 12) for p in curve if p["ratio"] is not None} == {round(v, 12) for _, v in at}
+    # beside each comparison: the entropy AUROC against the best other detector, by the stated rule
+    compared = [n.control for n in section.numbers if "mean entropy off / on" in n.measure]
+    assert compared and all(re.search(r"entropy AUROC .* (better than|worse than|not distinguishable from) ", c)
+                            for c in compared), compared
 
 
 def test_reader_writer_heatmap_labels_rows_once_on_one_colour_scale(tiny_study):

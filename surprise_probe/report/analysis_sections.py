@@ -87,6 +87,7 @@ def gap_section(folder: str | Path) -> StageSection:
             controls += [f"plain format (formatting control): {_fmt(r['span']['ratio_off_on']['value'])}" for r in plain]
             controls.append(f"AUROC own vs this source {_fmt(auroc.get('auroc'))} [{_fmt(auroc.get('low'))}, "
                             f"{_fmt(auroc.get('high'))}]")
+            controls.append(detector_comparison(row))
             controls += [f"caveat: {note}" for note in small_sample_warnings(units=row["span"]["n_prompts"],
                                                                              unit_name="prompts")]
             numbers.append(Number(
@@ -95,9 +96,25 @@ def gap_section(folder: str | Path) -> StageSection:
                 _ci(ratio), control="; ".join(controls), n=f"{row['span']['n_prompts']} prompts"))
     n = f"{data['n_prompts']} prompts, {data['config']['n_samples']} sample(s) each, readers " + ", ".join(
         f"{m['name']} ({kinds[m['name']] or '?'})" for m in data["models"])
+    curve = data["summary"].get("temperature_curve") or []
+    for point in curve:
+        if point.get("ratio") is None:
+            continue
+        own = point.get("mean_entropy_own") or {}
+        numbers.append(Number(
+            f"{point['reader']} ({point['format']} format) reading {describe_source(point['source'])}: off / on with "
+            f"its own answers sampled at temperature {point['temperature']:g}", point["ratio"],
+            tuple(point["ci"]) if point.get("ci") else None,
+            control=f"own answers' mean entropy {_fmt(own.get('mean'))} [{_fmt(own.get('low'))}, "
+                    f"{_fmt(own.get('high'))}] nats",
+            n=f"{point['n']} prompts"))
     saved = _SavedGap(data)
     figures = [policy_plots.gap_ratios(saved), policy_plots.reader_writer_heatmap(saved),
                policy_plots.entropy_by_position(saved)]
+    if any(key.startswith("auroc_") and key != "auroc_entropy" for r in rows for key in r):
+        figures.append(policy_plots.detector_aurocs(saved))
+    if curve:
+        figures.append(policy_plots.temperature_curve(saved))
     sources = sorted({c["source"] for c in data["summary"]["cells"]}, key=lambda s: (s != "own", _source_order(s)))
     glossary = "; ".join(f"<code>{escape(source)}</code>: {escape(policy_plots.SOURCE_DESCRIPTIONS.get(source, ''))}"
                          if not source.startswith("writer:") else escape(policy_plots.describe_source(source))
@@ -107,9 +124,43 @@ def gap_section(folder: str | Path) -> StageSection:
         caption=("Each reader's mean output entropy on another source's text divided by its entropy on its own sampled "
                  f"answers (95% paired bootstrap CI over prompts; first {k} tokens in the JSON).<br>"
                  "1 = no gap; the claim is a ratio well above 1 for a post-trained reader and near 1 for a base "
-                 f"reader; the plain format is the formatting control.<br>Sources: {glossary}."),
+                 f"reader; the plain format is the formatting control.<br>Sources: {glossary}.<br>"
+                 "Detectors: the AUROC of own vs each source for the entropy signature and for zero-shot detectors "
+                 "of model-written text computed by the same reader (log-likelihood, log-rank, Fast-DetectGPT, "
+                 "Binoculars where two readers share a tokenizer); the rule beside each number: entropy is 'better' "
+                 "or 'worse' than the best other detector only where their CIs do not overlap. Temperature curve: "
+                 "the off/on ratio with the reader's own answers sampled at each temperature; a ratio that crosses "
+                 "1 as the temperature rises makes a reversal at T = 1 a sampling artefact."),
         figures=[f for f in figures if f.data], numbers=numbers, json_paths=[path], sample=n,
     )
+
+
+def detector_comparison(row: Mapping) -> str:
+    """The entropy signature against the best other zero-shot detector of one comparison, by a stated
+    rule: 'better' / 'worse' only where the two AUROC CIs do not overlap, else 'not distinguishable'.
+
+    >>> row = {"auroc_entropy": {"auroc": 0.55, "low": 0.4, "high": 0.7},
+    ...        "auroc_fast_detectgpt": {"auroc": 0.95, "low": 0.9, "high": 1.0, "available": True}}
+    >>> detector_comparison(row)
+    'entropy AUROC 0.550 [0.400, 0.700] worse than Fast-DetectGPT 0.950 [0.900, 1.000] (CIs apart)'
+    """
+    entropy = row.get("auroc_entropy") or {}
+    others = {key[len("auroc_"):]: value for key, value in row.items()
+              if key.startswith("auroc_") and key != "auroc_entropy" and isinstance(value, Mapping)
+              and value.get("available", True) and value.get("auroc") is not None}
+    if entropy.get("auroc") is None or not others:
+        return "no other detector to compare with"
+    name, best = max(others.items(), key=lambda item: item[1]["auroc"])
+    title = policy_plots.detector_title(name)
+    if entropy["low"] > best["high"]:
+        verdict = "better than"
+    elif entropy["high"] < best["low"]:
+        verdict = "worse than"
+    else:
+        verdict = "not distinguishable from"
+    apart = " (CIs apart)" if verdict != "not distinguishable from" else " (CIs overlap)"
+    return (f"entropy AUROC {_fmt(entropy['auroc'])} [{_fmt(entropy['low'])}, {_fmt(entropy['high'])}] {verdict} "
+            f"{title} {_fmt(best['auroc'])} [{_fmt(best['low'])}, {_fmt(best['high'])}]{apart}")
 
 
 def intention_section(folder: str | Path) -> StageSection:

@@ -246,6 +246,11 @@ _DETECTOR_TITLES = {"entropy": "mean entropy", "log_likelihood": "mean log-likel
                     "fast_detectgpt": "Fast-DetectGPT", "binoculars": "Binoculars"}
 
 
+def detector_title(name: str) -> str:
+    """A detector's name for people (``fast_detectgpt`` -> ``Fast-DetectGPT``)."""
+    return _DETECTOR_TITLES.get(name, name)
+
+
 def detector_aurocs(result) -> go.Figure:
     """AUROC of own (positives) vs each off-policy source, one panel per detector, one row per
     reader | format | source, with the DeLong CI; 0.5 (dashed) is chance. A detector with no

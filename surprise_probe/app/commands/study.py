@@ -6,6 +6,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from surprise_probe.analyses.policy.gap import check_temperatures
 from surprise_probe.app.commands._common import (
     UsageError,
     add_command,
@@ -15,6 +16,7 @@ from surprise_probe.app.commands._common import (
     finite_float,
     load_model_from_args,
     nonneg_int,
+    positive_float,
     positive_int,
     usage_errors,
 )
@@ -76,6 +78,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--strengths", type=finite_float, nargs="+", default=None,
                         help=f"steering strengths in units of the probe projection's std (default "
                              f"{DEFAULT_SETTINGS['strengths']}; --quick {QUICK_SETTINGS['strengths']})%(default).0s")
+    parser.add_argument("--gap-temperatures", type=positive_float, nargs="*", default=None,
+                        help=f"the policy gap's temperature curve: own answers sampled again at each (none given: "
+                             f"no curve; default {DEFAULT_SETTINGS['gap_temperatures']}; --quick "
+                             f"{QUICK_SETTINGS['gap_temperatures']})%(default).0s")
     parser.add_argument("--base-reader", default="auto",
                         help="a base model that also samples and reads in the policy gap: 'auto' (gemma-3-270m when "
                              "its package is installed, not with --quick), 'none', or a model name")
@@ -111,6 +117,8 @@ def _resolve_sizes(args) -> None:
             setattr(args, key, preset[key])
     if args.strengths is None:
         args.strengths = list(preset["strengths"])
+    if args.gap_temperatures is None:
+        args.gap_temperatures = list(preset["gap_temperatures"])
 
 
 def run(args) -> int:
@@ -120,6 +128,7 @@ def run(args) -> int:
             _resolve_sizes(args)
             if len(set(args.strengths)) < 2:
                 raise ValueError(f"--strengths needs at least two distinct values, got {args.strengths}")
+            check_temperatures(args.gap_temperatures)
             if args.patch_pairs < 2:
                 raise ValueError(f"--patch-pairs {args.patch_pairs}: at least 2 are needed (a pair's destination "
                                  "is the answer to another prompt)")

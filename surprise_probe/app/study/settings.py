@@ -31,6 +31,8 @@ DEFAULT_SETTINGS = {
     "sample_tokens": 48,  # longest sampled answer (patch pairs and policy gap)
     "token_view_tokens": 112,
     "gap_prompts": 16,
+    # the gap's temperature curve: own answers sampled again at each (1.0 reuses the main samples)
+    "gap_temperatures": [0.3, 0.7, 1.0],
     "base_reader": None,  # e.g. "gemma-3-270m": a base model that also reads and writes in the gap
     "intention_prompts": 4,  # prompt groups (x 3 phrasings each)
     "intention_samples": 6,
@@ -53,6 +55,7 @@ QUICK_SETTINGS = {
     "sample_tokens": 24,
     "token_view_tokens": 64,
     "gap_prompts": 6,
+    "gap_temperatures": [0.3, 1.0],
     "intention_prompts": 2,
     "intention_samples": 4,
     "intention_tokens": 10,
@@ -86,7 +89,8 @@ def describe_sizes(settings: dict, n_items: int) -> str:
         f"  patch + attribution: {s['patch_pairs']} on/off-policy pairs (answers up to {s['sample_tokens']} tokens), "
         f"{s['patch_layers']} layers, {s['patch_random_directions']} random directions; token view "
         f"{s['token_view_tokens']} tokens",
-        f"  policy gap       : {s['gap_prompts']} prompts, base reader: {base}",
+        f"  policy gap       : {s['gap_prompts']} prompts, base reader: {base}; detectors; temperature curve "
+        f"{s.get('gap_temperatures') or 'off'}",
         f"  intention        : {s['intention_prompts']} prompts x 3 phrasings x {s['intention_samples']} samples "
         f"of {s['intention_tokens']} tokens, ks {s['intention_ks']}",
     ])
@@ -130,6 +134,7 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         # the whole gap stage with gemma-3-270m (cached) at the default sizes, f = 2.41 s (2026-11-24).
         base_reader_seconds = (30.0 if cached else 150.0) + 0.021 * f * s["gap_prompts"] * (s["sample_tokens"] + 12)
     strengths, controls = len(s["strengths"]), s["random_directions"] + 2
+    extra_temperatures = len([t for t in s.get("gap_temperatures") or () if t != 1.0])
     layers = patch_layers(n_layers, s["patch_layers"])
     # A fit: about 1 s per hook whatever the corpus (nested CV, controls, bootstrap) plus the data:
     # 30.8 / 31.3 s at 12 items (the quick study), 36.7 / 35.9 s at 60 items, 31 hooks.
@@ -145,7 +150,9 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
                                                    * len(layers) * len(PATCH_GROUPS)),
         "attribution": 0.0154 * f * (s["patch_pairs"] * (6 + len(layers) * len(PATCH_GROUPS))
                                      + s["token_view_tokens"] * n_layers / 4),
-        "gap": 0.024 * f * s["gap_prompts"] * (s["sample_tokens"] + 12) + base_reader_seconds,
+        # each extra temperature of the curve: own answers sampled and read again (about half the stage)
+        "gap": 0.024 * f * s["gap_prompts"] * (s["sample_tokens"] + 12) * (1 + 0.5 * extra_temperatures)
+               + base_reader_seconds,
         "intention": 0.00244 * f * s["intention_prompts"] * 3 * s["intention_samples"]
                      * s["intention_tokens"] * (2 + len(s["intention_ks"])),
         "report": 5.0,

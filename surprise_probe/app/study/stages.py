@@ -313,7 +313,8 @@ def _run_attribution(ctx: StudyContext, folder: Path):
 
 def _gap_config(settings: dict, inputs: str) -> dict:
     return {"model": settings["model"], "dtype": settings.get("dtype", "float32"), "probe_inputs": inputs,
-            **_keys(settings, "gap_prompts", "base_reader", "sample_tokens", "n_boot", "seed", "batch_size")}
+            **_keys(settings, "gap_prompts", "base_reader", "sample_tokens", "n_boot", "seed", "batch_size"),
+            "gap_temperatures": settings.get("gap_temperatures")}
 
 
 def _run_gap(ctx: StudyContext, folder: Path):
@@ -332,6 +333,7 @@ def _run_gap(ctx: StudyContext, folder: Path):
         models, builtin_gap_prompts()[: settings["gap_prompts"]], max_new_tokens=settings["sample_tokens"],
         seed=settings["seed"], batch_size=settings["batch_size"], probe_path=probe, work_dir=folder,
         n_boot=settings["n_boot"], progress=ctx.progress, post_trained=post_trained or None,
+        temperatures=settings.get("gap_temperatures") or None,
     )
     result.save(folder)
     return folder / "gap.json"
