@@ -16,6 +16,7 @@ from surprise_probe.interventions.dose_response import (
     directional_ablation,
     dose_response,
 )
+from surprise_probe.interventions.norm_control import NormControlResult, norm_control
 from surprise_probe.interventions.patching import (
     PatchingResult,
     activation_patching,
@@ -35,6 +36,7 @@ from surprise_probe.core.forward.edits import (
     Clamp,
     Intervention,
     Patch,
+    Replace,
     Steer,
     Touched,
     apply_all,
@@ -47,6 +49,7 @@ __all__ = [
     "Clamp",
     "Ablate",
     "Patch",
+    "Replace",
     "Touched",
     "apply_all",
     "resid_hooks",
@@ -69,4 +72,6 @@ __all__ = [
     "direction_attribution",
     "Sample",
     "generate",
+    "NormControlResult",
+    "norm_control",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-__all__ = ["dose_response_figure", "ablation_figure", "patching_figure"]
+__all__ = ["dose_response_figure", "ablation_figure", "patching_figure", "norm_control_figure"]
 
 # probe red, orthogonal control blue, every random direction one neutral grey (band, mean line and bars)
 _PROBE, _ORTHO, _RANDOM, _RANDOM_LINE = "#d62728", "#1f77b4", "rgba(120,120,120,0.25)", "#7f7f7f"
@@ -144,3 +144,104 @@ def _layer_label(hook: str) -> str:
     if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
         return f"L{parts[1]} {parts[2].removeprefix('hook_')}"
     return hook
+
+
+_MODE_NAMES = {"total": "total (nothing frozen)", "final_norm_frozen": "final norm frozen",
+               "later_norms_frozen": "all later norms frozen"}
+_ENTROPY_PROBE = "#ff7f0e"
+
+
+def _error_bar(value: float, low: float, high: float) -> dict:
+    return {"type": "data", "symmetric": False, "array": [high - value], "arrayminus": [value - low]}
+
+
+def norm_control_figure(result) -> go.Figure:
+    """"Surprise or the norm?" in four panels: the entropy slope with norms free or frozen (probe
+    bar with its CI, random directions as grey points); the slope remaining with the entropy
+    neurons mean-ablated (vs random neuron sets); null-space share against cosine with the mean
+    residual (probe, entropy probe, random directions; dotted: what random expects); and every
+    neuron of the entropy-neuron layer(s), output-weight norm against null-space share."""
+    data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.17, horizontal_spacing=0.1, subplot_titles=(
+        "entropy slope (nats per std of steering)", "slope remaining with entropy neurons mean-ablated",
+        "direction geometry", "neurons of the entropy-neuron layer(s)"))
+    for k, mode in enumerate(_MODE_NAMES):
+        effect = data["effects"][mode]
+        value, (low, high) = effect["probe_slope"], effect["probe_slope_ci"]
+        share = data["direct_share"].get(mode)
+        note = "" if share is None else f"<br>share of total {share['value']:.3f}"
+        fig.add_trace(go.Bar(
+            x=[_MODE_NAMES[mode]], y=[value], marker_color=_PROBE, error_y=_error_bar(value, low, high),
+            name="probe direction", legendgroup="probe", showlegend=k == 0,
+            hovertemplate=f"%{{x}}<br>slope %{{y:.4g}} [{low:.4g}, {high:.4g}]<br>z = {_z(effect['z_score'])}"
+                          f"{note}<extra>probe</extra>",
+        ), row=1, col=1)
+        fig.add_trace(go.Scatter(
+            x=[_MODE_NAMES[mode]] * len(effect["random_slopes"]), y=effect["random_slopes"], mode="markers",
+            marker={"color": _RANDOM_LINE, "size": 7, "opacity": 0.7}, name="random directions",
+            legendgroup="random", showlegend=k == 0, hovertemplate="random: %{y:.4g}<extra></extra>",
+        ), row=1, col=1)
+    mediation = data.get("mediation")
+    if mediation:
+        value, low, high = mediation["remaining"], mediation["remaining_low"], mediation["remaining_high"]
+        fig.add_trace(go.Bar(
+            x=[f"{len(data['entropy_neurons'])} entropy neurons"], y=[value], marker_color=_PROBE,
+            error_y=_error_bar(value, low, high), showlegend=False,
+            hovertemplate="remaining %{y:.3f}" + f" [{low:.3f}, {high:.3f}]<extra></extra>",
+        ), row=1, col=2)
+        fig.add_trace(go.Scatter(
+            x=["random neuron sets"] * len(mediation["random_remaining"]), y=mediation["random_remaining"],
+            mode="markers", marker={"color": _RANDOM_LINE, "size": 7}, showlegend=False,
+            hovertemplate="random set: %{y:.3f}<extra></extra>",
+        ), row=1, col=2)
+        fig.add_hline(y=1.0, line={"dash": "dot", "color": _RANDOM_LINE}, row=1, col=2)
+    else:
+        fig.add_annotation(text="not run (see warnings)", showarrow=False, xref="x2 domain", yref="y2 domain",
+                           x=0.5, y=0.5)
+    geometry = data["geometry"]
+    random = geometry["random"]
+    fig.add_trace(go.Scatter(
+        x=random["null_share"], y=random["cos_mean_residual"], mode="markers",
+        marker={"color": _RANDOM_LINE, "size": 7}, name="random directions", legendgroup="random", showlegend=False,
+        hovertemplate="share %{x:.4f}<br>cos %{y:.3f}<extra>random</extra>",
+    ), row=2, col=1)
+    points = [("probe direction", geometry["probe"], _PROBE, "probe")]  # red: the probe's legend entry above
+    if geometry.get("entropy_probe"):
+        points.append((f"entropy probe ({geometry['entropy_probe']['hook']})", geometry["entropy_probe"],
+                       _ENTROPY_PROBE, "entropy"))
+    for name, point, color, group in points:
+        fig.add_trace(go.Scatter(
+            x=[point["null_share"]], y=[point["cos_mean_residual"]], mode="markers",
+            marker={"color": color, "size": 12, "symbol": "diamond"}, name=name, legendgroup=group,
+            showlegend=group != "probe",
+            hovertemplate="share %{x:.4f}<br>cos %{y:.3f}<extra>" + name + "</extra>",
+        ), row=2, col=1)
+    expected = geometry["null_space"]["expected_random_share"]
+    fig.add_vline(x=expected, line={"dash": "dot", "color": _RANDOM_LINE}, row=2, col=1)
+    chosen = {(n["layer"], n["index"]) for n in data["entropy_neurons"]}
+    for layer, values in data.get("neuron_scatter", {}).items():
+        picked = [i for i in range(len(values["norm"])) if (int(layer), i) in chosen]
+        rest = [i for i in range(len(values["norm"])) if (int(layer), i) not in chosen]
+        for indices, color, size, name in ((rest, _RANDOM_LINE, 4, f"layer {layer} neurons"),
+                                           (picked, _PROBE, 9, f"layer {layer} entropy neurons")):
+            fig.add_trace(go.Scatter(
+                x=[values["norm"][i] for i in indices], y=[values["share"][i] for i in indices], mode="markers",
+                marker={"color": color, "size": size}, name=name, customdata=indices,
+                hovertemplate="neuron %{customdata}<br>norm %{x:.3f}<br>share %{y:.3f}<extra>" + f"L{layer}</extra>",
+            ), row=2, col=2)
+    fig.update_yaxes(title_text="nats per std", row=1, col=1)
+    fig.update_yaxes(title_text="fraction of the total slope", row=1, col=2)
+    fig.update_xaxes(title_text=f"share of squared norm in W_U's {geometry['null_space']['k']} least-read directions",
+                     row=2, col=1)
+    fig.update_yaxes(title_text="cosine with the mean residual", row=2, col=1)
+    fig.update_xaxes(title_text="||W_out[i]||", row=2, col=2)
+    fig.update_yaxes(title_text="null-space share of W_out[i]", row=2, col=2)
+    total = data["effects"]["total"]
+    fig.update_layout(
+        title=(f"Surprise or the norm? Steering at {data['hook']} ({data['normalization_type']})<br><sup>total slope "
+               f"{total['probe_slope']:.4g} nats/std, z = {_z(total['z_score'])}; {data['n_sequences']} sequences, "
+               f"{data['n_tokens']} scored tokens; bars: {round(100 * data['level'])}% CI</sup>"),
+        template="plotly_white", height=820, margin={"t": 110, "l": 60, "r": 30}, barmode="overlay",
+        legend={"orientation": "h", "y": -0.12},
+    )
+    return fig

@@ -9,7 +9,9 @@ exception never leaves a hook behind) and yields a :class:`Touched` record of th
   strength is in units of the probe's own spread);
 - :class:`Clamp`: set the projection ``<x, d>`` to ``value``;
 - :class:`Ablate`: ``x - fraction * <x, d> d`` (fraction = 1 projects ``d`` out);
-- :class:`Patch`: copy the component along ``d`` (or the whole activation) from a source run.
+- :class:`Patch`: copy the component along ``d`` (or the whole activation) from a source run;
+- :class:`Replace`: set the activation, or some of its units, to fixed values (freeze a norm's
+  ``hook_scale`` at its clean value, mean-ablate MLP neurons at ``mlp.hook_post``).
 
 ``strength`` / ``fraction`` / ``value`` may be one number or one per batch row, and ``direction``
 one vector or one per batch row: that is how sweeps put many strengths and directions into one
@@ -28,7 +30,7 @@ forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,6 +48,7 @@ __all__ = [
     "Clamp",
     "Ablate",
     "Patch",
+    "Replace",
     "apply_all",
     "resid_hooks",
     "unit_directions",
@@ -336,3 +339,68 @@ class Patch(Intervention):
             return aligned
         d = _rows(self.direction.to(activation.device), batch, "direction")
         return activation + (_projection(aligned, d) - _projection(activation, d)) * d
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replace(Intervention):
+    """Set the activation, or some of its units (last axis), to fixed values at ``positions``.
+
+    ``value``: a tensor broadcastable to the activation ``(batch, pos, width)``, e.g. a clean run's
+    ``ln_final.hook_scale`` ``(1, pos, 1)`` (freezing the norm at its clean value) or a mean
+    activation per neuron ``(d_mlp,)`` (mean ablation); with several ``hooks``, a mapping hook name
+    -> such a tensor. ``units``: which units of the last axis are replaced, a bool mask
+    ``(width,)`` or one per batch row ``(batch, width)``; None replaces all of them. Entries outside
+    ``positions`` (e.g. rows not selected by a ``(batch, pos)`` mask) keep their activation.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> tokens = model.to_tokens("Hello world")
+    >>> _, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_scale")
+    >>> freeze = Replace(hooks="ln_final.hook_scale", value=cache["ln_final.hook_scale"])
+    >>> with freeze.apply(model):
+    ...     frozen = model(tokens)
+    >>> bool(torch.equal(frozen, model(tokens)))          # freezing at the clean value changes nothing
+    True
+    """
+
+    value: Tensor | Mapping[str, Tensor] = None
+    units: Bool[Tensor, " width"] | Bool[Tensor, "batch width"] | None = None
+
+    def __post_init__(self):
+        self._check_fan_out()
+        hooks = self._hook_names()
+        if self.value is None:
+            raise ValueError("Replace needs value=: a tensor broadcastable to the activation, or one per hook")
+        if isinstance(self.value, Mapping):
+            missing = [hook for hook in hooks if hook not in self.value]
+            if missing:
+                raise ValueError(f"Replace has no value for hook(s) {missing}; values are given for {list(self.value)}")
+            values = {hook: torch.as_tensor(self.value[hook]) for hook in hooks}
+        else:
+            values = {hook: torch.as_tensor(self.value) for hook in hooks}
+        for hook, value in values.items():
+            if not torch.isfinite(value).all():
+                raise ValueError(f"Replace value for {hook} must be finite")
+        object.__setattr__(self, "value", values)
+        if self.units is not None:
+            units = torch.as_tensor(self.units)
+            if units.dtype != torch.bool or units.ndim not in (1, 2):
+                raise ValueError(f"units must be a bool mask (width,) or (batch, width), got {units.dtype} "
+                                 f"{tuple(units.shape)}")
+            object.__setattr__(self, "units", units)
+
+    def edit(self, activation, mask, hook):
+        value = self.value[hook].to(device=activation.device, dtype=activation.dtype)
+        try:
+            replaced = torch.broadcast_to(value, activation.shape)
+        except RuntimeError as error:
+            raise ValueError(f"Replace value for {hook} has shape {tuple(value.shape)}, which does not broadcast "
+                             f"to the activation's {tuple(activation.shape)}") from error
+        if self.units is None:
+            return replaced
+        units = self.units.to(activation.device)
+        if units.shape[-1] != activation.shape[-1] or (units.ndim == 2 and units.shape[0] != activation.shape[0]):
+            raise ValueError(f"units mask has shape {tuple(units.shape)} but the activation at {hook} is "
+                             f"{tuple(activation.shape)}; give (width,) or (batch, width)")
+        units = units.reshape(1, 1, -1) if units.ndim == 1 else units.unsqueeze(1)
+        return torch.where(units, replaced, activation)

@@ -13,12 +13,19 @@ from collections.abc import Sequence
 
 from surprise_probe.core.models.loading import model_id
 
-__all__ = ["EMBEDDING_HOOK", "resid_post", "resid_post_hooks", "default_hooks", "resolve_hooks", "hook_layer",
-           "resid_post_layer", "hook_depth", "layer_label"]
+__all__ = ["EMBEDDING_HOOK", "FINAL_NORM_SCALE", "resid_post", "resid_post_hooks", "default_hooks", "resolve_hooks",
+           "hook_layer", "resid_post_layer", "hook_depth", "layer_label", "mlp_post", "norm_scale_hooks"]
 
 # The residual stream before block 0: the embedding (plus positions), for the token-identity control.
 EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+# The final norm's scale (LayerNorm: the std of the centred residual; RMSNorm: its root mean square),
+# the number the residual is divided by before the unembedding.
+FINAL_NORM_SCALE = "ln_final.hook_scale"
+# A block's norms of the residual stream and the depth of the residual each one reads: ln1 (and a
+# post-attention norm) the block's input, ln2 (and a post-MLP norm) the stream after attention.
+_NORM_SCALE = re.compile(r"blocks\.(\d+)\.(ln1|ln2|ln1_post|ln2_post)\.hook_scale")
+_NORM_DEPTH = {"ln1": 0.0, "ln1_post": 0.0, "ln2": 0.5, "ln2_post": 0.5}
 
 
 def resid_post(layer: int) -> str:
@@ -123,3 +130,42 @@ def hook_depth(hook: str) -> float:
     return layer + 0.5
 
 
+
+
+def mlp_post(layer: int) -> str:
+    """The MLP's neuron activations of block ``layer`` (what ``W_out`` reads).
+
+    >>> mlp_post(29)
+    'blocks.29.mlp.hook_post'
+    """
+    return f"blocks.{int(layer)}.mlp.hook_post"
+
+
+def norm_scale_hooks(model, after: str | None = None) -> list[str]:
+    """The ``hook_scale`` of every norm of the residual stream, in forward order, ``ln_final`` last.
+
+    With ``after`` (a residual hook), only the norms that read the residual stream at or after it
+    (an edit at ``after`` reaches them): ``blocks.{i}.ln1`` reads block i's input (depth i),
+    ``ln2`` the stream after attention (i + 0.5); query/key norms inside attention are not norms of
+    the residual stream and are left out. Raises when the model has no ``ln_final.hook_scale`` (no
+    final norm, or a backend that does not expose its scale), naming its normalization type.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> norm_scale_hooks(tiny_hooked_transformer(), after="blocks.0.hook_resid_post")
+    ['blocks.1.ln1.hook_scale', 'blocks.1.ln2.hook_scale', 'ln_final.hook_scale']
+    """
+    known = model.hook_dict
+    if FINAL_NORM_SCALE not in known:
+        raise ValueError(
+            f"{model_id(model)!r} has no {FINAL_NORM_SCALE!r} hook (normalization_type="
+            f"{getattr(model.cfg, 'normalization_type', None)!r}): it has no final norm whose scale could be frozen"
+        )
+    start = hook_depth(after) if after is not None else float("-inf")
+    found = []
+    for name in known:
+        match = _NORM_SCALE.fullmatch(name)
+        if match:
+            depth = int(match.group(1)) + _NORM_DEPTH[match.group(2)]
+            if depth >= start:
+                found.append((depth, match.group(2).endswith("_post"), name))
+    return [name for *_, name in sorted(set(found))] + [FINAL_NORM_SCALE]
