@@ -63,6 +63,7 @@ from surprise_probe.core.forward.hooks import (
     resid_post,
     resolve_hooks,
 )
+from surprise_probe.core.forward.passes import logits_only_at
 from surprise_probe.core.models.devices import model_device
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.utils.jsonio import software_versions, write_json
@@ -387,6 +388,7 @@ def norm_control(
         tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
         scored = torch.as_tensor(item.scored, dtype=torch.bool)
         where = scored if positions == "response" else torch.ones_like(scored)
+        columns = torch.nonzero(scored).squeeze(-1)
         clean_lp = None
         step = rows_per_seq[s] - 1
         for start in range(0, len(conditions), step):
@@ -399,22 +401,22 @@ def norm_control(
                                                       lambda x: x[..., 0]))]
             resid_obs = [(final_resid, _observer(stored, "norm", canonical[final_resid], scored,
                                                  lambda x: x.norm(dim=-1)))]
+            # only the scored positions are unembedded (after every norm hook): logits (rows, scored, vocab)
             with warnings.catch_warnings(), model.hooks(fwd_hooks=scale_obs), apply_all(model, interventions), \
-                    model.hooks(fwd_hooks=resid_obs), torch.no_grad():
+                    model.hooks(fwd_hooks=resid_obs), logits_only_at(model, columns) as keep, torch.no_grad():
                 warnings.filterwarnings("ignore", message=_BRIDGE_EDIT_WARNING)
-                logits = model(tokens, return_type="logits")
+                logits = model(tokens, return_type="logits", **keep)
             if logits.shape[0] != len(rows):
                 raise RuntimeError(f"fanning out at {hook} gave {logits.shape[0]} rows instead of {len(rows)}")
             if clean_lp is None:
-                selected = logits[0][scored.to(logits.device)]
+                selected = logits[0]
                 if not torch.isfinite(selected).all():
                     raise ValueError(f"input {s} gives non-finite logits even without intervention")
                 clean_lp, clean_top1, clean_entropy = clean_distribution(selected)
                 clean[:, s] = [float(clean_entropy.double().sum()), 0.0, float(stored["norm"][0]),
                                float(stored["scale"][0])]
-            at = scored.to(logits.device)
             for r, (m, i, j, a) in enumerate(block, start=1):
-                entropy, kl, _, finite = token_metrics(logits[r][at], clean_lp, clean_top1)
+                entropy, kl, _, finite = token_metrics(logits[r], clean_lp, clean_top1)
                 if not finite.all():
                     raise ValueError(f"strength={strengths[j]:g} on {labels[i]!r} ({MODES[m]}, neuron set {a}) gave "
                                      f"non-finite logits for input {s}; use smaller strengths")

@@ -7,7 +7,8 @@ positions are unembedded where a caller needs the metrics alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,8 @@ from surprise_probe.core.text.encoding import Batch, encode, pad_batch, pad_id
 from surprise_probe.core.utils.notebook import NotebookView, TextTable, number_text
 
 __all__ = ['forward', 'forward_metrics', 'final_residual', 'unembed', 'token_metrics', 'TokenMetrics',
-           'ScoredMetrics', 'scored_metrics', 'output_entropy_at']
+           'ScoredMetrics', 'scored_metrics', 'output_entropy_at',
+           'logits_only_at']
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
@@ -117,6 +119,40 @@ def forward_metrics(
         batch.tokens, int(model.cfg.d_vocab_out), attention_mask,
     )
     return surprise, entropy, stored
+
+
+@contextlib.contextmanager
+def logits_only_at(model, columns: Sequence[int] | Tensor) -> Iterator[dict]:
+    """Inside this block, a forward of ``model`` unembeds only the positions ``columns`` (the same
+    for every row): its logits are ``(batch, len(columns), vocab)``, column ``i`` the logits at
+    position ``columns[i]``. Yields the keyword arguments the forward takes (a TransformerBridge:
+    ``logits_to_keep``; a HookedTransformer: none, a hook on ``ln_final.hook_normalized`` keeps
+    those positions, after every norm hook has run). Hooks and edits on the model still apply.
+
+    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> model = tiny_hooked_transformer()
+    >>> tokens = model.to_tokens("A short text for the example.")
+    >>> with logits_only_at(model, [2, 4]) as kwargs:
+    ...     part = model(tokens, **kwargs)
+    >>> part.shape[1], bool(torch.allclose(part, model(tokens)[:, [2, 4]], atol=1e-5))
+    (2, True)
+    """
+    columns = torch.as_tensor(columns, dtype=torch.long)
+    if not is_hooked_transformer(model):
+        yield {"logits_to_keep": columns.to(model_device(model))}
+        return
+    if _NORMALIZED not in model.hook_dict:
+        raise ValueError(f"{type(model).__name__} has no {_NORMALIZED} hook (normalization_type "
+                         f"{model.cfg.normalization_type!r}) to keep positions at; unembed every position instead")
+
+    def keep(normalized, hook):  # noqa: ARG001 - TransformerLens hook signature
+        return normalized[:, columns.to(normalized.device)]
+
+    with model.hooks(fwd_hooks=[(_NORMALIZED, keep)]):
+        yield {}
+
+
+_NORMALIZED = "ln_final.hook_normalized"
 
 
 @torch.no_grad()
