@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-inputs", type=int, default=10)
     parser.add_argument("--probe", type=Path, help="a saved surprise ProbeDirection (default: fit one)")
     parser.add_argument("--entropy-probe", type=Path, help="a saved entropy ProbeDirection (default: fit one)")
-    parser.add_argument("--random", type=int, default=10, help="random directions and random neuron sets")
+    parser.add_argument("--random", type=int, default=10, help="random directions")
+    parser.add_argument("--random-neurons", type=int, default=5, help="random neuron sets (the study's default)")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[-4.0, 0.0, 4.0],
+                        help="steering strengths in std of the projection (the study's default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             probes[target] = ProbeDirection.load(path, model=model)
     inputs = (conversations if args.inputs == "builtin" else TEXTS)[: args.n_inputs]
     result = norm_control(model, probes["surprise"], inputs, entropy_direction=probes["entropy"],
-                          n_random=args.random, n_random_neurons=args.random, seed=args.seed)
+                          strengths=args.strengths, n_random=args.random, n_random_neurons=args.random_neurons,
+                          seed=args.seed)
     result.save(args.out)
     print(result.summary())
     print(f"{time.time() - start:.0f} s; wrote {args.out}/norm_control.json and norm_control.html")

@@ -39,6 +39,7 @@ PAIRS = [(_conv(TINY_CORPUS[i], TINY_CORPUS[(i + 1) % 6]), _conv(TINY_CORPUS[i],
 TINY_SETTINGS = {"model": "tiny-random-3l", "input": "12 tiny conversations", "n_boot": 50, "steer_inputs": 3,
                  "random_directions": 2, "strengths": [-2.0, 0.0, 2.0], "patch_pairs": 4, "patch_layers": 3,
                  "sample_tokens": 12, "token_view_tokens": 64, "gap_prompts": 4, "gap_temperatures": [0.5, 1.0],
+                 "norm_inputs": 3, "norm_neurons": 2, "norm_random_neurons": 1,
                  "intention_prompts": 2,
                  "intention_samples": 3, "intention_tokens": 8, "intention_ks": [0, 1, 4]}
 
@@ -75,10 +76,10 @@ def test_report_is_one_self_contained_page(tiny_study):
     assert len(re.findall(r"<script[^>]*>\s*/\*\*\s*\n?\s*\* plotly\.js", html)) <= 1
     assert html.count("plotly.js v") <= 2 and "<script src=" not in html  # inlined once, nothing fetched
     assert path.stat().st_size < 10_000_000
-    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "compare", "patch", "attribution", "token_view",
+    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "norm", "compare", "patch", "attribution", "token_view",
                   "gap", "intention"):
         assert f"id='stage-{stage}'" in html, stage
-    assert "10 of 10 ok" in html and "Key numbers" in html
+    assert "11 of 11 ok" in html and "Key numbers" in html
     # every stage's JSON is linked relative to the report
     for link in ("capture/capture_summary.json", "fit_surprise/sweep.json", "steer/steer.json",
                  "compare/direction_comparison.json", "patch/patch.json", "attribution/attribution.json",
@@ -273,9 +274,9 @@ def test_report_opens_with_verdicts_computed_by_the_rules(tiny_study):
     from surprise_probe.report.verdicts import QUESTIONS
 
     verdicts = study_verdicts(tiny_study, report_sections())
-    assert [v.key for v in verdicts] == ["decodable", "causal", "patching", "gap", "intention"]
-    files = {"decodable": "fit_surprise/sweep.json", "causal": "steer/steer.json", "patching": "patch/patch.json",
-             "gap": "gap/gap.json", "intention": "intention/intention.json"}
+    assert [v.key for v in verdicts] == ["decodable", "causal", "direct", "patching", "gap", "intention"]
+    files = {"decodable": "fit_surprise/sweep.json", "causal": "steer/steer.json", "direct": "norm/norm_control.json",
+             "patching": "patch/patch.json", "gap": "gap/gap.json", "intention": "intention/intention.json"}
     for verdict in verdicts:  # each answer is its rule applied to what the stage saved
         judged = QUESTIONS[verdict.key].judge(read_json(tiny_study / files[verdict.key]))
         assert replace(judged, section=verdict.section) == verdict
@@ -287,6 +288,7 @@ def test_report_opens_with_verdicts_computed_by_the_rules(tiny_study):
         assert f"href='#stage-{verdict.section}'>{escape(verdict.question)}" in html
     # the tiny study runs 2 random directions over 3 sequences: too small to test causality
     assert next(v for v in verdicts if v.key == "causal").answer == "not tested at this size"
+    assert next(v for v in verdicts if v.key == "direct").answer == "not tested at this size"  # 3 sequences
 
 
 def test_a_failed_stage_answers_not_run(tmp_path):

@@ -33,7 +33,7 @@ def test_verdicts_open_the_page_and_fit_it(browser):  # noqa: F811 - the shared 
                 right: r.right, scroll: t.scrollWidth, client: t.clientWidth,
                 rows: t.querySelectorAll('tr').length, answers: t.querySelectorAll('.sp-answer').length};
     """)
-    assert layout["top"] < layout["header"] and layout["rows"] == 6 and layout["answers"] == 5, layout
+    assert layout["top"] < layout["header"] and layout["rows"] == 7 and layout["answers"] == 6, layout
     assert layout["right"] <= WIDTH and layout["scroll"] <= layout["client"] + 1, layout
 
 

@@ -18,6 +18,7 @@ from surprise_probe.report.verdicts import (
     cached_intention,
     causal,
     decodable,
+    direct_effect,
     not_run,
     patching,
     policy_gap,
@@ -77,6 +78,26 @@ def test_causal_yes_no_and_too_small():
     assert causal(_steer(n=MIN_UNITS - 1)).answer == NOT_TESTED
     assert f"{MIN_RANDOM_DIRECTIONS} random directions" in causal(_steer()).numbers
     assert str(MIN_RANDOM_DIRECTIONS) in QUESTIONS["causal"].rule and str(MIN_UNITS) in QUESTIONS["causal"].rule
+
+
+def _norm(free=(0.084, 0.063, 0.114), frozen=(0.05, 0.02, 0.08), z=3.0, k=MIN_RANDOM_DIRECTIONS, n=MIN_UNITS):
+    def effect(values, z_score):
+        return {"probe_slope": values[0], "probe_slope_ci": list(values[1:]), "z_score": z_score,
+                "random_slopes": [0.0] * k}
+    return {"hook": "blocks.17.hook_resid_post", "n_sequences": n, "n_tokens": 400,
+            "effects": {"total": effect(free, 3.6), "final_norm_frozen": effect(frozen, z)},
+            "direct_share": {"final_norm_frozen": _ci(frozen[0] / free[0], 0.2, 0.9)}}
+
+
+def test_direct_effect_yes_no_and_too_small():
+    assert direct_effect(_norm()).answer == YES
+    # the measured case: free slope up, frozen slope at -0.027 [-0.049, 0.000]: carried by the norm
+    assert direct_effect(_norm(frozen=(-0.027, -0.049, 0.0002), z=-1.0)).answer == NO
+    assert direct_effect(_norm(frozen=(-0.05, -0.08, -0.02), z=-3.0)).answer == NO  # the other side: not the same effect
+    assert direct_effect(_norm(z=1.5)).answer == NO  # no further than random directions frozen the same way
+    assert direct_effect(_norm(k=MIN_RANDOM_DIRECTIONS - 1)).answer == NOT_TESTED
+    assert direct_effect(_norm(n=MIN_UNITS - 1)).answer == NOT_TESTED
+    assert "share of the free slope" in direct_effect(_norm()).numbers
 
 
 def _patch(n_pairs=MIN_UNITS, k=MIN_RANDOM_DIRECTIONS, fraction=0.3, ci=(0.1, 0.5), z=3.0,

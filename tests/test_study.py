@@ -61,15 +61,15 @@ def _inputs(tmp_path):
 def _argv(folder, inputs, out, *extra):
     return ["study", "--model", str(folder), "--input", str(inputs), "--out", str(out), "--quick", "--steer-inputs", "3",
             "--random-directions", "2", "--strengths", "-2", "0", "2", "--n-boot", "50", "--patch-pairs", "3",
-            "--gap-prompts", "3", "--intention-samples", "2", "--no-progress", *extra]
+            "--gap-prompts", "3", "--intention-samples", "2", "--norm-inputs", "2", "--no-progress", *extra]
 
 
 def _strict(path):
     return json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"{path}: {token}"))
 
 
-STAGES = ["capture", "fit_surprise", "fit_entropy", "steer", "compare", "patch", "attribution", "gap", "intention",
-          "report"]
+STAGES = ["capture", "fit_surprise", "fit_entropy", "steer", "norm", "compare", "patch", "attribution", "gap",
+          "intention", "report"]
 
 
 def test_study_runs_end_to_end_loads_the_model_once_and_resumes(long_context_folder, tmp_path, counted_loads, capsys):
@@ -80,7 +80,8 @@ def test_study_runs_end_to_end_loads_the_model_once_and_resumes(long_context_fol
     assert "study sizes (--quick)" in printed and "estimated time:" in printed and "patch + attribution" in printed
     assert len(counted_loads) == 1  # one load for every stage
     for path in ("capture/manifest.json", "fit_surprise/sweep.json", "fit_surprise/probe.json",
-                 "fit_entropy/sweep.json", "steer/steer.json", "compare/direction_comparison.json",
+                 "fit_entropy/sweep.json", "steer/steer.json", "norm/norm_control.json",
+                 "compare/direction_comparison.json",
                  "patch/pairs.json", "patch/patch.json", "attribution/attribution.json", "attribution/token_view.json",
                  "gap/gap.json", "intention/intention.json", "report.html", "index.html", "study.json", "config.json"):
         assert (out / path).exists(), path
@@ -90,8 +91,8 @@ def test_study_runs_end_to_end_loads_the_model_once_and_resumes(long_context_fol
         _strict(path)
     report = (out / "report.html").read_text(encoding="utf-8")
     assert report.count("plotly.js v") <= 2 and "<script src=" not in report and len(report) < 10_000_000
-    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "compare", "patch", "attribution", "token_view",
-                  "gap", "intention"):
+    for stage in ("capture", "fit_surprise", "fit_entropy", "steer", "norm", "compare", "patch", "attribution",
+                  "token_view", "gap", "intention"):
         assert f"id='stage-{stage}'" in report, stage
     assert "report.html" in (out / "index.html").read_text()
     pairs = read_json(out / "patch" / "pairs.json")["pairs"]
@@ -156,7 +157,7 @@ def test_a_failing_stage_is_recorded_and_the_others_run(long_context_folder, tmp
     assert "entropy probe exploded" in record["fit_entropy"]["error"]
     assert record["compare"]["error"] == "needs stage 'fit_entropy', which did not finish"
     report = (out / "report.html").read_text(encoding="utf-8")
-    assert "RuntimeError: entropy probe exploded" in report and "8 of 10 ok" in report
+    assert "RuntimeError: entropy probe exploded" in report and "9 of 11 ok" in report
 
 
 def test_study_reads_a_txt_input(long_context_folder, tmp_path):
@@ -175,14 +176,14 @@ def test_the_whole_study_on_the_embedded_model(tmp_path, capsys):
     argv = ["study", "--out", str(out), "--quick", "--max-inputs", "6", "--steer-inputs", "2", "--strengths", "-4", "4",
             "--random-directions", "1", "--n-boot", "50", "--patch-pairs", "2", "--patch-layers", "2",
             "--sample-tokens", "8", "--token-view-tokens", "24", "--gap-prompts", "2", "--intention-prompts", "1",
-            "--intention-samples", "2", "--no-progress"]
+            "--intention-samples", "2", "--norm-inputs", "2", "--gap-temperatures", "--no-progress"]
     assert main(argv) == 0
     stages = read_json(out / "study.json")["stages"]
     assert {name: s["status"] for name, s in stages.items()} == {name: "done" for name in STAGES}
     for path in out.rglob("*.json"):
         _strict(path)
     report = (out / "report.html").read_text(encoding="utf-8")
-    assert "10 of 10 ok" in report and "smollm2-135m-instruct" in report
+    assert "11 of 11 ok" in report and "smollm2-135m-instruct" in report
     assert (out / "report.html").stat().st_size < 10_000_000
     view = read_json(out / "attribution" / "token_view.json")
     assert view["tokens"][0] == "<|im_start|>" and view["positions"][0] == 0  # starts at the beginning

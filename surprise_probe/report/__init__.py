@@ -23,6 +23,7 @@ from surprise_probe.report.html import write_report_html
 from surprise_probe.report.intervention_sections import (
     attribution_section,
     compare_section,
+    norm_section,
     patch_section,
     steer_section,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "result_section",
     "capture_section",
     "fit_section",
+    "norm_section",
     "steer_section",
     "patch_section",
     "attribution_section",

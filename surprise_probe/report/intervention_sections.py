@@ -25,12 +25,13 @@ from surprise_probe.interventions.dose_response import DoseResponse
 from surprise_probe.interventions.plots import (
     ablation_figure,
     dose_response_figure,
+    norm_control_figure,
     patching_figure,
 )
 from surprise_probe.report.values import Number, StageSection, _ci, _fmt
 from surprise_probe.report.verdicts import patching_cell
 
-__all__ = ["steer_section", "compare_section", "patch_section", "attribution_section"]
+__all__ = ["steer_section", "norm_section", "compare_section", "patch_section", "attribution_section"]
 
 
 def _caveat(control: str, *, random_directions: int | None = None, units: int | None = None,
@@ -71,6 +72,69 @@ def steer_section(folder: str | Path) -> StageSection:
                  "in units of its projection's std; grey band: random directions of the same norm.<br>A causal "
                  "effect shows as a red slope outside the grey band; the ablation bar should stand apart from the grey ones."),
         figures=figures, numbers=numbers, json_paths=[path], sample=n,
+    )
+
+
+_MODE_TEXT = {"total": "entropy slope, norms free (total effect)",
+              "final_norm_frozen": "entropy slope, final norm's scale frozen at its clean value (direct effect)",
+              "later_norms_frozen": "entropy slope, every norm after the steered layer frozen"}
+
+
+def norm_section(folder: str | Path) -> StageSection:
+    """From ``norm_control.json``: is steering's entropy effect a change of the residual norm?
+
+    The slope with norms free, with the final norm frozen and with every later norm frozen (each
+    against random directions under the same freezing), how much the norm moves, the direction's
+    near-null-space share and mean-residual cosine, and the entropy neurons' mediation."""
+    path = Path(folder) / "norm_control.json"
+    data = read_json(path)
+    n_seq = data["n_sequences"]
+    n = f"{n_seq} sequences, {data['n_tokens']} scored tokens"
+    numbers = []
+    for mode, text in _MODE_TEXT.items():
+        effect = data["effects"][mode]
+        k = len(effect["random_slopes"])
+        share = (data.get("direct_share") or {}).get(mode)
+        control = (f"{k} random directions, same freezing: {_fmt(effect['random_slope_mean'])} ± "
+                   f"{_fmt(effect['random_slope_std'])} (z = {_fmt(effect['z_score'])})")
+        if share:
+            control += f"; share of the total slope {_fmt(share['value'])} [{_fmt(share['low'])}, {_fmt(share['high'])}]"
+        numbers.append(Number(f"{text} at {data['hook']}", effect["probe_slope"], _ci(effect["probe_slope_ci"]),
+                              control=_caveat(control, random_directions=k, units=n_seq), n=n, unit="nats/std"))
+    scale = data["norm_change"]["final_scale"]
+    numbers.append(Number(
+        "final norm's scale, change per std of steering (fraction of its clean value)", scale["relative_slope"],
+        _ci(scale["relative_slope_ci"]), control=f"random directions: |change| {_fmt(scale['random_abs_relative_mean'])} "
+        f"on average (z = {_fmt(scale['z_score'])})", n=n))
+    geometry = data["geometry"]
+    null, random = geometry["null_space"], geometry["random"]
+    numbers.append(Number(
+        f"share of the direction in W_U's near-null space ({null['k']} smallest singular directions)",
+        geometry["probe"]["null_share"], None,
+        control=f"random directions {_fmt(random.get('null_share_mean'))} ± {_fmt(random.get('null_share_std'))} "
+                f"(expected {_fmt(null['expected_random_share'])})", n=f"1 direction, {len(random.get('null_share', []))} random"))
+    numbers.append(Number(
+        "cosine of the direction with the mean residual at its hook", geometry["probe"]["cos_mean_residual"], None,
+        control=f"random directions {_fmt(random.get('cos_mean_residual_mean'))} ± "
+                f"{_fmt(random.get('cos_mean_residual_std'))}", n=n))
+    mediation = data.get("mediation")
+    if mediation:
+        numbers.append(Number(
+            f"share of the slope left with {len(data['entropy_neurons'])} entropy neurons mean-ablated",
+            mediation["remaining"], (mediation["remaining_low"], mediation["remaining_high"]),
+            control=f"{len(mediation['random_remaining'])} random neuron sets of the same layer: "
+                    f"{_fmt(mediation['random_remaining_mean'])} ± {_fmt(mediation['random_remaining_std'])} "
+                    f"(z = {_fmt(mediation.get('z_score'))})", n=n))
+    return StageSection(
+        "norm", "Surprise or the norm? Steering with the layer norms frozen",
+        caption=("The entropy slope of steering along the surprise direction with every norm free (total), with the "
+                 "final norm's scale frozen at its clean value, and with every later norm frozen; grey points: "
+                 "random directions under the same freezing. Geometry: the direction's share in W_U's near-null "
+                 "space and its cosine with the mean residual; entropy neurons: the final layer's neurons with a "
+                 "large output norm in that space, mean-ablated while steering.<br>A representation of surprise "
+                 "keeps its slope with the norms frozen; an effect carried by the norm (the final norm turning a "
+                 "larger residual into a temperature) falls to the random directions' level when they are frozen."),
+        figures=[norm_control_figure(data)], numbers=numbers, json_paths=[path], sample=n,
     )
 
 

@@ -31,7 +31,7 @@ from surprise_probe.analyses.policy.plots import describe_source
 from surprise_probe.core.utils.stats import MIN_RANDOM_DIRECTIONS, MIN_UNITS, permutation_p_text
 from surprise_probe.report.values import _fmt
 
-__all__ = ["Verdict", "Question", "QUESTIONS", "decodable", "causal", "patching", "policy_gap",
+__all__ = ["Verdict", "Question", "QUESTIONS", "decodable", "causal", "direct_effect", "patching", "policy_gap",
            "cached_intention", "not_run", "YES", "NO", "MIXED", "NOT_TESTED", "NOT_RUN", "ANSWERS_EXPLAINED"]
 
 YES, NO, MIXED, NOT_TESTED, NOT_RUN = "yes", "no", "mixed", "not tested at this size", "not run"
@@ -147,6 +147,35 @@ def causal(steer: Mapping) -> Verdict:
     excludes_zero = low is not None and high is not None and (low > 0 or high < 0)
     beyond = z is not None and abs(z) >= Z_MIN
     return question.verdict(YES if excludes_zero and beyond else NO, numbers)
+
+
+# --- 2b. direct effect (the norm control) -----------------------------------------------------------
+
+DIRECT_RULE = (
+    f"yes if, with the final norm's scale frozen at its clean value, the entropy slope along the direction has a 95% "
+    f"CI excluding 0 on the same side as the slope with the norms free, and |z| >= {Z_MIN:g} against random "
+    f"directions under the same freezing; otherwise no (the effect passes through the norm). Not tested with fewer "
+    f"than {MIN_RANDOM_DIRECTIONS} random directions or {MIN_UNITS} sequences.")
+
+
+def direct_effect(norm: Mapping) -> Verdict:
+    """From ``norm/norm_control.json``: does the steering effect survive freezing the final norm?"""
+    question = QUESTIONS["direct"]
+    total, frozen = norm["effects"]["total"], norm["effects"]["final_norm_frozen"]
+    k, n_seq = len(frozen.get("random_slopes") or []), norm.get("n_sequences") or 0
+    low, high = (_finite(v) for v in (frozen.get("probe_slope_ci") or [None, None]))
+    slope, z, free = _finite(frozen.get("probe_slope")), _finite(frozen.get("z_score")), _finite(total.get("probe_slope"))
+    share = (norm.get("direct_share") or {}).get("final_norm_frozen") or {}
+    numbers = (f"slope with the final norm frozen {_fmt(slope)} [{_fmt(low)}, {_fmt(high)}] nats/std, z = {_fmt(z)} "
+               f"against {k} random directions; with the norms free {_fmt(free)} [{_fmt(total['probe_slope_ci'][0])}, "
+               f"{_fmt(total['probe_slope_ci'][1])}]; share of the free slope {_ci_text(share)}; at {norm.get('hook')}, "
+               f"n = {n_seq} sequences, {norm.get('n_tokens')} tokens")
+    if k < MIN_RANDOM_DIRECTIONS or n_seq < MIN_UNITS:
+        return question.verdict(NOT_TESTED, numbers)
+    same_side = free is not None and low is not None and high is not None and (
+        (free > 0 and low > 0) or (free < 0 and high < 0))
+    beyond = z is not None and abs(z) >= Z_MIN
+    return question.verdict(YES if same_side and beyond else NO, numbers)
 
 
 # --- 3. patching ------------------------------------------------------------------------------------
@@ -341,6 +370,8 @@ QUESTIONS: dict[str, Question] = {q.key: q for q in (
              "sweep.json", decodable),
     Question("causal", "Does adding the surprise direction move output entropy more than random directions do?",
              CAUSAL_RULE, "steer.json", causal),
+    Question("direct", "Does the surprise direction still move entropy with the final norm frozen (not via the norm)?",
+             DIRECT_RULE, "norm_control.json", direct_effect),
     Question("patching", "Does patching the surprise direction close the on/off-policy entropy gap?",
              PATCHING_RULE, "patch.json", patching),
     Question("gap", "Is there an on/off-policy entropy gap, and for which source?", GAP_RULE, "gap.json",

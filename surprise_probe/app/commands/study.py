@@ -44,6 +44,7 @@ _SIZES = [
     ("--steer-inputs", "steer_inputs", positive_int, "inputs used for steering and the direction comparison"),
     ("--random-directions", "random_directions", nonneg_int, "random control directions for steering and ablation"),
     ("--n-boot", "n_boot", positive_int, "bootstrap resamples"),
+    ("--norm-inputs", "norm_inputs", positive_int, "inputs for the norm control (steering with the norms frozen)"),
     ("--patch-pairs", "patch_pairs", positive_int, "on/off-policy pairs for patching and attribution (>= 2)"),
     ("--patch-layers", "patch_layers", positive_int, "evenly spaced layers patched exactly"),
     ("--patch-random-directions", "patch_random_directions", nonneg_int,

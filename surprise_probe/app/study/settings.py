@@ -25,6 +25,14 @@ DEFAULT_SETTINGS = {
     "random_directions": 10,
     "n_boot": 1000,
     "seed": 0,
+    # the norm control: the surprise direction steered with the norms free / final norm frozen / all later
+    # norms frozen, each against the random directions under the same freezing; then the entropy
+    # neurons mean-ablated (against random neuron sets). Rows per input: 3 modes x (1 + random) x the
+    # non-zero strengths + (1 + random sets) x strengths.
+    "norm_inputs": 10,
+    "norm_strengths": [-4.0, 0.0, 4.0],
+    "norm_neurons": 10,
+    "norm_random_neurons": 5,
     "patch_pairs": 6,  # on/off-policy pairs (the model samples one answer per pair)
     "patch_layers": 8,  # evenly spaced layers patched exactly (and validated by attribution)
     "patch_random_directions": 2,  # random directions patched like the probe direction (the control)
@@ -56,6 +64,9 @@ QUICK_SETTINGS = {
     "token_view_tokens": 64,
     "gap_prompts": 6,
     "gap_temperatures": [0.3, 1.0],
+    "norm_inputs": 2,
+    "norm_neurons": 4,
+    "norm_random_neurons": 1,
     "intention_prompts": 2,
     "intention_samples": 4,
     "intention_tokens": 10,
@@ -63,6 +74,7 @@ QUICK_SETTINGS = {
 }
 
 PATCH_GROUPS = ("response", "first4")
+NORM_ROW_SECONDS = 0.02  # per input-row of the norm control, per second of the calibration forward (to calibrate)
 
 
 def patch_layers(n_layers: int, count: int) -> list[int]:
@@ -86,6 +98,8 @@ def describe_sizes(settings: dict, n_items: int) -> str:
         f"  capture + probes : {n_items} inputs, every layer; bootstrap {s['n_boot']}",
         f"  steer + compare  : {s['steer_inputs']} inputs x strengths {s['strengths']} x (probe, orthogonal, "
         f"{s['random_directions']} random); compare: 3 directions x {s['compare_strengths']}",
+        f"  norm control     : {s['norm_inputs']} inputs x strengths {s['norm_strengths']} x 3 freezings x (probe, "
+        f"{s['random_directions']} random); {s['norm_neurons']} entropy neurons vs {s['norm_random_neurons']} random sets",
         f"  patch + attribution: {s['patch_pairs']} on/off-policy pairs (answers up to {s['sample_tokens']} tokens), "
         f"{s['patch_layers']} layers, {s['patch_random_directions']} random directions; token view "
         f"{s['token_view_tokens']} tokens",
@@ -135,6 +149,7 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         base_reader_seconds = (30.0 if cached else 150.0) + 0.021 * f * s["gap_prompts"] * (s["sample_tokens"] + 12)
     strengths, controls = len(s["strengths"]), s["random_directions"] + 2
     extra_temperatures = len([t for t in s.get("gap_temperatures") or () if t != 1.0])
+    nonzero = len([v for v in s["norm_strengths"] if v != 0])
     layers = patch_layers(n_layers, s["patch_layers"])
     # A fit: about 1 s per hook whatever the corpus (nested CV, controls, bootstrap) plus the data:
     # 30.8 / 31.3 s at 12 items (the quick study), 36.7 / 35.9 s at 60 items, 31 hooks.
@@ -145,6 +160,9 @@ def estimate_seconds(settings: dict, n_items: int, forward_seconds: float, n_lay
         "fit_surprise": fit,
         "fit_entropy": fit,
         "steer": 0.11 * f * s["steer_inputs"] * (strengths * controls + controls),
+        # rows per input through the layers after the hook (about half the model) at every position
+        "norm": NORM_ROW_SECONDS * f * s["norm_inputs"] * (3 * (s["random_directions"] + 1) * nonzero
+                                                           + (s["norm_random_neurons"] + 1) * len(s["norm_strengths"])),
         "compare": 0.093 * f * s["steer_inputs"] * len(s["compare_strengths"]) * (s["random_directions"] + 1) * 3,
         "patch": 0.0224 * f * s["patch_pairs"] * (s["sample_tokens"] + (2 + s["patch_random_directions"]) * 2
                                                    * len(layers) * len(PATCH_GROUPS)),

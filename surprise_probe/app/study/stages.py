@@ -46,6 +46,7 @@ from surprise_probe.interventions.experiments import (
     probe_artifact,
     steering_experiment,
 )
+from surprise_probe.interventions.norm_control import norm_control
 from surprise_probe.probes import ProbeDirection
 from surprise_probe.probes.fit import fit_probes
 from surprise_probe.report import (
@@ -56,6 +57,7 @@ from surprise_probe.report import (
     fit_section,
     gap_section,
     intention_section,
+    norm_section,
     patch_section,
     steer_section,
     token_view_section,
@@ -207,6 +209,32 @@ def _run_compare(ctx: StudyContext, folder: Path):
     )
     result.save(folder)
     return folder / "direction_comparison.json"
+
+
+def _norm_config(settings: dict, inputs: str) -> dict:
+    return {**_capture_config(settings, inputs),
+            **_keys(settings, "norm_inputs", "norm_strengths", "random_directions", "norm_neurons",
+                    "norm_random_neurons", "n_boot", "seed")}
+
+
+def _run_norm(ctx: StudyContext, folder: Path):
+    """Surprise or the norm: the surprise direction steered with the norms free and frozen, its
+    geometry against W_U's near-null space (beside the entropy probe's at the same hook when fitted)
+    and the entropy neurons' mediation (interventions.norm_control)."""
+    settings = ctx.settings
+    surprise = ctx.direction(ctx.results["fit_surprise"])
+    entropy = None  # the entropy probe's direction at the same hook, for the geometry, when it was fitted
+    if ctx.results.get("fit_entropy") is not None:
+        at_hook = direction_path(Path(ctx.results["fit_entropy"]).parent, surprise.hook)
+        entropy = ctx.direction(at_hook) if at_hook.with_name(at_hook.name + ".json").exists() else None
+    result = norm_control(
+        ctx.model, surprise, ctx.items[: settings["norm_inputs"]], strengths=settings["norm_strengths"],
+        n_random=settings["random_directions"], entropy_direction=entropy, n_neurons=settings["norm_neurons"],
+        n_random_neurons=settings["norm_random_neurons"], n_boot=settings["n_boot"], seed=settings["seed"],
+        progress=ctx.progress,
+    )
+    result.save(folder)
+    return folder / "norm_control.json"
 
 
 # --- patching and attribution -----------------------------------------------------------------------
@@ -373,7 +401,8 @@ def _run_report(ctx: StudyContext, out: Path):
 
 
 def default_stages() -> list[Stage]:
-    """capture -> fit_surprise, fit_entropy -> steer -> compare -> patch -> attribution -> gap -> intention -> report."""
+    """capture -> fit_surprise, fit_entropy -> steer -> norm -> compare -> patch -> attribution -> gap -> intention
+    -> report."""
     return [
         Stage("capture", _capture_config, _run_capture, load=lambda ctx, folder: load_capture(folder),
               owned=("manifest.json", "run.json"),
@@ -385,6 +414,10 @@ def default_stages() -> list[Stage]:
               needs=("fit_surprise",), owned=("steer.json",),
               sections=(SectionSpec("steer", "Steering and ablation along the surprise direction", "steer",
                                     steer_section, question="causal"),)),
+        Stage("norm", _norm_config, _run_norm, load=lambda ctx, folder: folder / "norm_control.json",
+              needs=("fit_surprise",), owned=("norm_control.json",),
+              sections=(SectionSpec("norm", "Surprise or the norm? Steering with the layer norms frozen", "norm",
+                                    norm_section, question="direct"),)),
         Stage("compare", lambda s, i: {**_steer_config(s, i), "compare_strengths": s["compare_strengths"],
                                        "directions": "surprise vs entropy"}, _run_compare,
               load=lambda ctx, folder: folder / "direction_comparison.json", needs=("fit_surprise", "fit_entropy"),
