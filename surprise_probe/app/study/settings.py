@@ -11,9 +11,10 @@ from surprise_probe.core.models.loading import (
     available_models,
 )
 
-# Sizes of the default study: under 15 minutes on 2 CPU cores with the embedded SmolLM2-135M
+# Sizes of the default study: about 15 minutes on 2 CPU cores with the embedded SmolLM2-135M
 # (docs/index.md gives the measured time per stage: 397 s with steering on 6 inputs x 4 random
-# directions; 10 x 10 adds about 260 s by estimate_seconds, about 660 s in all).
+# directions; 10 x 10 adds about 260 s by estimate_seconds; the norm stage about 215 s and the gap's
+# temperature curve about 50 s more, about 925 s in all).
 DEFAULT_SETTINGS = {
     "max_inputs": 60,  # the first N inputs are captured and probed
     "batch_size": 8,
@@ -74,7 +75,10 @@ QUICK_SETTINGS = {
 }
 
 PATCH_GROUPS = ("response", "first4")
-NORM_ROW_SECONDS = 0.02  # per input-row of the norm control, per second of the calibration forward (to calibrate)
+# per input-row of the norm control (one condition on one ~230-token conversation, the layers after the
+# hook and the unembedding at the scored positions), per second of the calibration forward: 10 built-in
+# conversations x 84 rows took 427 s wall (398 CPU s) beside a test run, 2026-12-07
+NORM_ROW_SECONDS = 0.12
 
 
 def patch_layers(n_layers: int, count: int) -> list[int]:

@@ -211,6 +211,11 @@ def _run_compare(ctx: StudyContext, folder: Path):
     return folder / "direction_comparison.json"
 
 
+# Rows x positions per norm-control forward: its logits at the scored positions are rows x scored x
+# vocab floats (1.1 GB at 8192 tokens on SmolLM2's 49k vocabulary; the run peaked at 4.2 GB).
+NORM_BATCH_TOKENS = 4096
+
+
 def _norm_config(settings: dict, inputs: str) -> dict:
     return {**_capture_config(settings, inputs),
             **_keys(settings, "norm_inputs", "norm_strengths", "random_directions", "norm_neurons",
@@ -231,7 +236,7 @@ def _run_norm(ctx: StudyContext, folder: Path):
         ctx.model, surprise, ctx.items[: settings["norm_inputs"]], strengths=settings["norm_strengths"],
         n_random=settings["random_directions"], entropy_direction=entropy, n_neurons=settings["norm_neurons"],
         n_random_neurons=settings["norm_random_neurons"], n_boot=settings["n_boot"], seed=settings["seed"],
-        progress=ctx.progress,
+        progress=ctx.progress, max_batch_tokens=NORM_BATCH_TOKENS,
     )
     result.save(folder)
     return folder / "norm_control.json"
