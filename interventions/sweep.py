@@ -38,7 +38,7 @@ from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, sta
 from surprise_probe.interventions.sweep_metrics import clean_distribution, segment_sums
 from torch import Tensor
 
-from surprise_probe.core.forward.edits import Ablate, Steer, Touched
+from surprise_probe.core.forward.edits import Ablate, Steer
 from surprise_probe.core.forward.metrics import CHUNK_ELEMENTS
 from surprise_probe.core.forward.passes import unembed
 from surprise_probe.core.models import distributed
@@ -327,7 +327,7 @@ class _Sweep:
                 rows = per_forward_rows[s]
                 for k in range(0, len(self.to_run), rows):
                     block = self.to_run[k : k + rows]
-                    edited = _edit(self.edit(block, len(block), where, with_clean=False), self.hook, prefix.residual)
+                    edited = self.edit(block, len(block), where, with_clean=False).edited(prefix.residual, self.hook)
                     final = run_from_hook(model, prefix, edited)[:, at]  # (rows, n_at, d_model)
                     flat = einops.rearrange(final, "rows at d -> (rows at) d")  # row-major: row r is segment r
                     self.store([(s, c) for c in block], segment_sums(
@@ -448,15 +448,6 @@ def _gather_rows(part: SweepTable, mine: list[int], n_seq: int) -> SweepTable:
 def _first_edited(item, positions: str) -> int:
     """The first position an edit touches (0 for ``"all"``): everything before it is shared."""
     return 0 if positions == "all" else int(np.flatnonzero(item.scored)[0])
-
-
-def _edit(intervention, hook: str, residual: Tensor) -> Tensor:
-    """Apply ``intervention`` (with ``fan_out`` rows) to one clean residual, as its hook would."""
-    from types import SimpleNamespace
-
-
-    hook_fn = intervention._make_hook(hook, hook, Touched())
-    return hook_fn(residual, SimpleNamespace(name=hook))
 
 
 def _unembed_chunks(model, final: Tensor) -> Tensor:

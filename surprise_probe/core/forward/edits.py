@@ -194,22 +194,29 @@ class Intervention:
             # name and the requested alias): edit on the canonical call only, so exactly once.
             if hook.name is not None and hook.name != canonical:
                 return activation
-            if self.fan_out > 1:
-                if activation.shape[0] != 1:
-                    raise ValueError(
-                        f"fan_out={self.fan_out} needs a batch of one sequence at {requested}, got a batch "
-                        f"of {activation.shape[0]}"
-                    )
-                activation = activation.expand(self.fan_out, *activation.shape[1:])
-            batch, pos = activation.shape[:2]
-            mask = _position_mask(self.positions, batch, pos, activation.device)
-            work = activation if activation.dtype == torch.float64 else activation.float()
-            edited = self.edit(work, mask, requested).to(activation.dtype)
-            # Kept on the activation's device (no per-call copy or sync); Touched moves it on read.
-            touched.calls.append((requested, mask.detach().clone()))
-            return torch.where(mask.unsqueeze(-1), edited, activation)
+            return self.edited(activation, requested, touched)
 
         return hook_fn
+
+    def edited(self, activation: Tensor, hook: str, touched: Touched | None = None) -> Tensor:
+        """``activation`` as this intervention's hook at ``hook`` leaves it (fan-out, positions,
+        dtype), without a model: for engines that hold an activation themselves (the steering
+        sweep's suffix engine edits the cached clean residual with it)."""
+        if self.fan_out > 1:
+            if activation.shape[0] != 1:
+                raise ValueError(
+                    f"fan_out={self.fan_out} needs a batch of one sequence at {hook}, got a batch "
+                    f"of {activation.shape[0]}"
+                )
+            activation = activation.expand(self.fan_out, *activation.shape[1:])
+        batch, pos = activation.shape[:2]
+        mask = _position_mask(self.positions, batch, pos, activation.device)
+        work = activation if activation.dtype == torch.float64 else activation.float()
+        edited = self.edit(work, mask, hook).to(activation.dtype)
+        if touched is not None:
+            # Kept on the activation's device (no per-call copy or sync); Touched moves it on read.
+            touched.calls.append((hook, mask.detach().clone()))
+        return torch.where(mask.unsqueeze(-1), edited, activation)
 
     @contextmanager
     def apply(self, model) -> Iterator[Touched]:
