@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from surprise_probe.core.models import distributed
 from surprise_probe.core.models.devices import DTYPES, resolve_device
 from surprise_probe.core.models.loading import (
     DEFAULT_MODEL,
@@ -26,9 +27,11 @@ from surprise_probe.core.models.loading import (
     model_layer_count,
 )
 from surprise_probe.core.utils.jsonio import finite_or_none, read_json
-from surprise_probe.core.utils.outputs import check_writable_target
+from surprise_probe.core.utils.outputs import check_writable_target, claim_output
 
 __all__ = [
+    "claim_on_main",
+    "finished_everywhere",
     "UsageError",
     "Parser",
     "add_command",
@@ -202,6 +205,20 @@ def check_chat_templates(names: list[str], needed_for: str, instead: str) -> Non
         if chat_template_available(name) is False:
             raise UsageError(f"--models {name}: its tokenizer has no chat template, which {needed_for} needs; "
                              f"{instead}")
+
+
+def claim_on_main(stack: contextlib.ExitStack, args, command: str, owned: tuple[str, ...]):
+    """Claim ``args.out`` for ``command`` on rank 0 only (under torchrun the other ranks compute and
+    return ``None``; alone, this process is rank 0), held until ``stack`` closes."""
+    if not distributed.is_main():
+        return None
+    return stack.enter_context(claim_output(args.out, command, command_config(args), overwrite=args.overwrite,
+                                            owned_names=owned))
+
+
+def finished_everywhere(claim) -> bool:
+    """Whether rank 0's claim found the result already there; every rank gets rank 0's answer."""
+    return bool(distributed.all_gather(claim.finished if claim is not None else None)[0])
 
 
 def command_config(args) -> dict:

@@ -9,6 +9,7 @@ from surprise_probe.app.commands._common import (
     add_command,
     add_model_arguments,
     add_out_argument,
+    claim_on_main,
     command_config,
     input_spec,
     load_model_from_args,
@@ -18,10 +19,8 @@ from surprise_probe.app.commands._common import (
 )
 from surprise_probe.core.capture.run import capture
 from surprise_probe.core.capture.summary import summarize_capture
-from surprise_probe.core.models import distributed
 from surprise_probe.core.models.devices import STORAGE_DTYPES
 from surprise_probe.core.text.files import read_items
-from surprise_probe.core.utils.outputs import claim_output
 
 __all__ = ["add_parser", "run", "add_input_argument", "describe_items"]
 
@@ -75,11 +74,10 @@ def run(args) -> int:
             items = read_items(args.input)
             # Under torchrun every rank captures its shards; rank 0 alone claims the folder,
             # writes the summary and prints.
-            main = distributed.is_main()
+            claim = claim_on_main(stack, args, "capture", ("run.json",))
+            main = claim is not None
             if main:
                 print(f"[surprise-probe] {describe_items(args.input, items)}")
-            claim = stack.enter_context(claim_output(args.out, "capture", command_config(args),
-                                                     overwrite=args.overwrite, owned_names=("run.json",))) if main else None
         model = load_model_from_args(args, progress=not args.no_progress)
         run_ = capture(
             model, items, hooks=args.hooks, layers=args.layers, out_dir=args.out, batch_size=args.batch_size,

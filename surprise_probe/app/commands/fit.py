@@ -9,7 +9,9 @@ from pathlib import Path
 from surprise_probe.app.commands._common import (
     add_command,
     add_out_argument,
+    claim_on_main,
     command_config,
+    finished_everywhere,
     nonneg_int,
     positive_int,
     usage_errors,
@@ -17,7 +19,6 @@ from surprise_probe.app.commands._common import (
 from surprise_probe.core.capture.store import load_capture
 from surprise_probe.core.models import distributed
 from surprise_probe.core.models.loading import check_model_name
-from surprise_probe.core.utils.outputs import claim_output
 from surprise_probe.probes.fit import fit_probes
 from surprise_probe.probes.sources import read_sources
 from surprise_probe.probes.surprise_targets import parse_target_spec, resolve_target
@@ -114,10 +115,9 @@ def run(args) -> int:
             if args.out.resolve() == Path(args.activations).resolve():
                 raise ValueError(f"--out {args.out} is the capture folder itself; choose another folder")
             # Under torchrun every rank reads its shards; rank 0 alone claims the folder and writes.
-            main = distributed.is_main()
-            claim = stack.enter_context(claim_output(args.out, "fit", command_config(args), overwrite=args.overwrite,
-                                                     owned_names=("sweep.json",))) if main else None
-        if distributed.all_gather(claim.finished if main else None)[0]:
+            claim = claim_on_main(stack, args, "fit", ("sweep.json",))
+            main = claim is not None
+        if finished_everywhere(claim):
             print(f"{args.out} already holds this fit (same settings); nothing to do")
             return 0
         progress = not args.no_progress

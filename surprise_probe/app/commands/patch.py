@@ -7,16 +7,16 @@ import re
 
 from surprise_probe.app.commands._common import (
     add_command,
+    claim_on_main,
     command_config,
+    finished_everywhere,
     input_spec,
     load_model_from_args,
     nonneg_int,
     usage_errors,
 )
 from surprise_probe.app.commands.steer import add_probe_arguments, check_probe_file
-from surprise_probe.core.models import distributed
 from surprise_probe.core.text.files import read_pairs
-from surprise_probe.core.utils.outputs import claim_output
 from surprise_probe.interventions.experiments import patching_experiment
 
 __all__ = ["add_parser", "run"]
@@ -51,10 +51,9 @@ def run(args) -> int:
             probe = check_probe_file(args.probe, args.allow_unverified_probe)
             pairs = read_pairs(args.pairs)
             # Under torchrun the ranks split the inputs; rank 0 alone claims the folder, writes and prints.
-            main = distributed.is_main()
-            claim = stack.enter_context(claim_output(args.out, "patch", command_config(args), overwrite=args.overwrite,
-                                                     owned_names=("patch.json",))) if main else None
-        if distributed.all_gather(claim.finished if main else None)[0]:
+            claim = claim_on_main(stack, args, "patch", ("patch.json",))
+            main = claim is not None
+        if finished_everywhere(claim):
             print(f"{args.out} already holds this patching result (same settings); nothing to do")
             return 0
         model = load_model_from_args(args, progress=not args.no_progress)

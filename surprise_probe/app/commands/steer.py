@@ -10,7 +10,9 @@ from surprise_probe.app.commands._common import (
     add_command,
     add_model_arguments,
     add_out_argument,
+    claim_on_main,
     command_config,
+    finished_everywhere,
     finite_float,
     load_model_from_args,
     nonneg_float,
@@ -19,9 +21,7 @@ from surprise_probe.app.commands._common import (
     usage_errors,
 )
 from surprise_probe.app.commands.capture import add_input_argument
-from surprise_probe.core.models import distributed
 from surprise_probe.core.text.files import read_items
-from surprise_probe.core.utils.outputs import claim_output
 from surprise_probe.core.utils.stats import MIN_RANDOM_DIRECTIONS
 from surprise_probe.interventions.experiments import probe_artifact, steering_experiment
 from surprise_probe.interventions.sweep import MAX_STEER
@@ -101,10 +101,9 @@ def run(args) -> int:
             for note in probe.caveats():  # said before the work, not only in steer.json
                 print(f"warning: the steered probe at {note}", file=sys.stderr)
             # Under torchrun the ranks split the inputs; rank 0 alone claims the folder, writes and prints.
-            main = distributed.is_main()
-            claim = stack.enter_context(claim_output(args.out, "steer", command_config(args), overwrite=args.overwrite,
-                                                     owned_names=("steer.json",))) if main else None
-        if distributed.all_gather(claim.finished if main else None)[0]:
+            claim = claim_on_main(stack, args, "steer", ("steer.json",))
+            main = claim is not None
+        if finished_everywhere(claim):
             print(f"{args.out} already holds this steering result (same settings); nothing to do")
             return 0
         model = load_model_from_args(args, progress=not args.no_progress)
