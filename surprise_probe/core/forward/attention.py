@@ -12,7 +12,7 @@ log-n scaling, OLMo's QK norm or QKV clipping, split or per-head inputs, 4-bit w
 hook on the attention's hook points (those run the model's own attention, so the hooks fire).
 
 Used by the steering sweep's suffix engine (``interventions.suffix``) and by the sampler
-(``surprise_probe.core.forward.sampling``); tests/test_fused_attention.py checks both against the model's
+(``surprise_probe.core.forward.sampling``); tests/test_interventions_fused_attention.py checks both against the model's
 attention to 1e-5, padded and unpadded, with and without a key-value cache.
 
 >>> from surprise_probe.testing import tiny_hooked_transformer
