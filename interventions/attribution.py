@@ -55,7 +55,7 @@ from surprise_probe.interventions.patching import (
 )
 from torch import Tensor
 
-from surprise_probe.core.forward.directions import SteeringDirection, from_probe
+from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.edits import Ablate, apply_all, unit_directions
 from surprise_probe.core.forward.hooks import resid_post_hooks, resolve_hooks
 from surprise_probe.core.forward.metrics import chunk_positions, output_entropy
@@ -80,8 +80,6 @@ __all__ = [
 
 def _unit_vector(model, direction) -> Float[Tensor, " d_model"]:
     """A probe / SteeringDirection (checked against the model) or a raw vector, unit norm."""
-    if isinstance(direction, SteeringDirection):
-        return direction.direction.float()
     if hasattr(direction, "hook") and hasattr(direction, "direction"):
         return from_probe(model, direction).direction.float()
     return unit_directions(direction).reshape(-1)

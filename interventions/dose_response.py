@@ -173,7 +173,7 @@ def control_directions(direction: SteeringDirection, k: int, seed: int, orthogon
 
 
 def _direction(model, probe) -> SteeringDirection:
-    return probe if isinstance(probe, SteeringDirection) else from_probe(model, probe)
+    return from_probe(model, probe)
 
 
 def dose_response(

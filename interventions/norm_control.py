@@ -53,7 +53,7 @@ from surprise_probe.interventions.plots import norm_control_figure
 from surprise_probe.interventions.sweep import MAX_STEER, encode_items
 from surprise_probe.interventions.sweep_metrics import clean_distribution, token_metrics
 
-from surprise_probe.core.forward.directions import SteeringDirection, from_probe
+from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.edits import Replace, Steer, apply_all
 from surprise_probe.core.forward.hooks import (
     FINAL_NORM_SCALE,
@@ -185,12 +185,6 @@ class NormControlResult(NotebookView):
                 "json": write_json(folder / "norm_control.json", self.to_dict())}
 
 
-def _as_direction(model, direction, hook: str | None) -> SteeringDirection:
-    if isinstance(direction, SteeringDirection):
-        if hook is not None and hook != direction.hook:
-            return SteeringDirection(direction.direction, hook, direction.std, direction.label)
-        return direction
-    return from_probe(model, direction, hook=hook)
 
 
 def _observer(stored: dict, key: str, canonical: str, scored: torch.Tensor, reduce):
@@ -332,7 +326,7 @@ def norm_control(
     """
     if hook is not None and layer is not None:
         raise ValueError("pass layer= or hook=, not both")
-    steering = _as_direction(model, direction, resid_post(layer) if layer is not None else hook)
+    steering = from_probe(model, direction, hook=resid_post(layer) if layer is not None else hook)
     hook = resolve_hooks(model, hooks=[steering.hook])[0]
     if positions not in ("response", "all"):
         raise ValueError(f"positions must be 'response' or 'all', got {positions!r}")
@@ -364,7 +358,7 @@ def norm_control(
     extra = None
     mean_hooks = [hook]
     if entropy_direction is not None:
-        extra = _as_direction(model, entropy_direction, None)
+        extra = from_probe(model, entropy_direction)
         mean_hooks.append(extra.hook)
     scales, means = _clean_pass(model, encoded, later, sorted(set(mean_hooks)), layers if run_mediation else [],
                                 progress)

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from surprise_probe.core.forward.directions import SteeringDirection, from_probe
+from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.directions import random_directions as make_random
 from surprise_probe.core.forward.edits import Patch, Touched, apply_all
 from surprise_probe.core.forward.hooks import (
@@ -512,7 +512,7 @@ def _check_patching(model, pairs, groups, components: list[str], direction, rand
     if "direction" in components:
         if direction is None:
             raise ValueError("the 'direction' component needs a direction (probe); pass direction= or use components=('all',)")
-        steering = direction if isinstance(direction, SteeringDirection) else from_probe(model, direction)
+        steering = from_probe(model, direction)
         vector, direction_hook = steering.direction, steering.hook
     if not pairs:
         raise ValueError("no pairs given; expected at least one (source, destination) pair")

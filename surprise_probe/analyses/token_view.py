@@ -105,7 +105,7 @@ class TokenViewData(NotebookView):
 
 
 def _steering(model, direction) -> SteeringDirection:
-    return direction if isinstance(direction, SteeringDirection) else from_probe(model, direction)
+    return from_probe(model, direction)
 
 
 def _steer(hook: str, vector, strengths, std: float) -> Steer:

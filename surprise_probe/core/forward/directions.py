@@ -32,7 +32,9 @@ class SteeringDirection:
 def from_probe(model, probe, *, hook: str | None = None) -> SteeringDirection:
     """Check ``probe`` belongs to ``model`` and return its direction, hook and projection std.
 
-    Refuses a probe from another model (id or d_model), a hook the model lacks, and a
+    ``probe``: a fitted ``ProbeDirection`` or a ``SteeringDirection`` (returned as it is, at
+    ``hook`` when given, after the same checks): every intervention takes either through this one
+    function. Refuses a probe from another model (id or d_model), a hook the model lacks, and a
     non-positive std.
     """
 
@@ -58,6 +60,8 @@ def from_probe(model, probe, *, hook: str | None = None) -> SteeringDirection:
     norm = float(vector.norm())
     if not np.isfinite(norm) or norm == 0:
         raise ValueError(f"probe direction must be finite and non-zero, got norm {norm}")
+    if isinstance(probe, SteeringDirection):  # already a unit direction: kept as it is, bit for bit
+        return probe if hook == probe.hook else SteeringDirection(probe.direction, hook, probe.std, probe.label)
     return SteeringDirection(vector / norm, hook, std, "probe")
 
 
