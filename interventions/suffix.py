@@ -30,7 +30,6 @@ hooks on the attention, ...), or with ``FUSE_ATTENTION = False``, the model's ow
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surprise_probe.core.forward.attention import fused_attention
+from surprise_probe.core.forward.hooks import first_block_after
 from surprise_probe.core.models.backends import is_hooked_transformer
 
 __all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "FUSE_ATTENTION"]
@@ -46,19 +46,17 @@ FUSE_ATTENTION = True
 """Whether ``run_from_hook`` fuses attention where that is the same computation (a switch for
 benchmarks and debugging: ``False`` runs the model's own attention everywhere)."""
 
-_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 def start_layer(model, hook: str) -> int | None:
     """The first block to run after an edit at ``hook``, or None when the shortcut does not apply
     (not a HookedTransformer, not a residual-stream hook, or shortformer position embeddings)."""
-    match = _RESID.match(hook)
-    if not is_hooked_transformer(model) or match is None:
+    first = first_block_after(hook)
+    if not is_hooked_transformer(model) or first is None:
         return None
     if model.cfg.positional_embedding_type == "shortformer":
         return None
-    layer = int(match.group(1))
-    return layer + 1 if match.group(2) == "post" else layer
+    return first
 
 
 @dataclass

@@ -5,11 +5,11 @@ Write one with ``surprise_probe.core.utils.plots.write_html(fig, path)`` to get 
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import plotly.graph_objects as go
 from surprise_probe.probes.results import EMBEDDING_HOOK, SweepResult, layer_label
+
+from surprise_probe.core.forward.hooks import hook_kind
 
 __all__ = ["layer_sweep_figure", "alpha_curve_figure", "source_figure"]
 
@@ -100,7 +100,7 @@ def _add_control_traces(fig: go.Figure, result: SweepResult, ordered) -> None:
 
 def _kind(hook: str) -> str:
     """One curve per kind of hook; ``hook_resid_pre/mid/post`` are all the residual stream."""
-    kind = re.sub(r"^blocks\.\d+\.", "", hook)
+    kind = hook_kind(hook)
     return "residual stream" if kind.startswith("hook_resid_") else kind
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from surprise_probe.core.models.loading import model_id
 
 __all__ = ["EMBEDDING_HOOK", "FINAL_NORM_SCALE", "resid_post", "resid_post_hooks", "default_hooks", "resolve_hooks",
-           "hook_layer", "resid_post_layer", "hook_depth", "layer_label", "mlp_post", "norm_scale_hooks"]
+           "hook_layer", "hook_kind", "first_block_after", "resid_post_layer", "hook_depth", "layer_label", "mlp_post", "norm_scale_hooks"]
 
 # The residual stream before block 0: the embedding (plus positions), for the token-identity control.
 EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
@@ -65,6 +65,29 @@ def resid_post_layer(hook: str) -> int | None:
     """
     match = _BLOCK.fullmatch(hook)
     return int(match.group(1)) if match and match.group(2) == "hook_resid_post" else None
+
+
+def hook_kind(hook: str) -> str:
+    """A hook name without its block (``blocks.3.hook_resid_post`` -> ``hook_resid_post``).
+
+    >>> hook_kind("blocks.3.hook_resid_post"), hook_kind("ln_final.hook_scale")
+    ('hook_resid_post', 'ln_final.hook_scale')
+    """
+    match = _BLOCK.fullmatch(hook)
+    return match.group(2) if match else hook
+
+
+def first_block_after(hook: str) -> int | None:
+    """The first block an edit of the residual stream at ``hook`` changes: ``L + 1`` after
+    ``blocks.{L}.hook_resid_post``, ``L`` at ``blocks.{L}.hook_resid_pre``; None for any other hook.
+
+    >>> first_block_after("blocks.4.hook_resid_post"), first_block_after("blocks.4.hook_resid_pre")
+    (5, 4)
+    """
+    layer, kind = hook_layer(hook), hook_kind(hook)
+    if layer is None or kind not in ("hook_resid_pre", "hook_resid_post"):
+        return None
+    return layer + 1 if kind == "hook_resid_post" else layer
 
 
 def layer_label(hook: str) -> str:
