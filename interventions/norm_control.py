@@ -51,7 +51,7 @@ from surprise_probe.interventions.null_space import (
 )
 from surprise_probe.interventions.plots import norm_control_figure
 from surprise_probe.interventions.sweep import MAX_STEER, encode_items
-from surprise_probe.interventions.sweep_metrics import clean_distribution, token_metrics
+from surprise_probe.interventions.sweep_metrics import clean_distribution, steered_metrics
 
 from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.edits import Replace, Steer, apply_all
@@ -410,7 +410,7 @@ def norm_control(
                 clean[:, s] = [float(clean_entropy.double().sum()), 0.0, float(stored["norm"][0]),
                                float(stored["scale"][0])]
             for r, (m, i, j, a) in enumerate(block, start=1):
-                entropy, kl, _, finite = token_metrics(logits[r], clean_lp, clean_top1)
+                entropy, kl, _, finite = steered_metrics(logits[r], clean_lp, clean_top1)
                 if not finite.all():
                     raise ValueError(f"strength={strengths[j]:g} on {labels[i]!r} ({MODES[m]}, neuron set {a}) gave "
                                      f"non-finite logits for input {s}; use smaller strengths")

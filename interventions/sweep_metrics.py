@@ -15,10 +15,10 @@ from torch import Tensor
 
 from surprise_probe.core.forward.metrics import CACHE_ELEMENTS, CHUNK_ELEMENTS
 
-__all__ = ["token_metrics", "clean_distribution", "row_metrics", "segment_sums"]
+__all__ = ["steered_metrics", "clean_distribution", "row_metrics", "segment_sums"]
 
 
-def token_metrics(
+def steered_metrics(
     logits: Float[Tensor, "tokens vocab"],
     clean_log_probs: Float[Tensor, "tokens vocab"],
     clean_top1: Int[Tensor, " tokens"] | None = None,
@@ -37,7 +37,7 @@ def token_metrics(
         clean_top1 = clean_log_probs.argmax(-1)
     block = max(1, CACHE_ELEMENTS // max(1, int(logits.shape[-1])))
     if len(logits) > block:
-        parts = [token_metrics(logits[a : a + block], clean_log_probs[a : a + block], clean_top1[a : a + block])
+        parts = [steered_metrics(logits[a : a + block], clean_log_probs[a : a + block], clean_top1[a : a + block])
                  for a in range(0, len(logits), block)]
         return tuple(torch.cat(values) for values in zip(*parts))
     probs, log_probs, top = _distribution(logits)
@@ -99,7 +99,7 @@ def _top1_agrees(
 def clean_distribution(
     logits: Float[Tensor, "tokens vocab"],
 ) -> tuple[Float[Tensor, "tokens vocab"], Int[Tensor, " tokens"], Float[Tensor, " tokens"]]:
-    """The clean run's log-probabilities, top-1 tokens and entropy, computed as ``token_metrics``
+    """The clean run's log-probabilities, top-1 tokens and entropy, computed as ``steered_metrics``
     computes the steered ones (so identical logits give a KL of exactly 0), a cache-sized block
     of tokens at a time."""
     block = max(1, CACHE_ELEMENTS // max(1, int(logits.shape[-1])))
@@ -162,7 +162,7 @@ def segment_sums(logits_at, segments: list, vocab: int, n_rows: int):
                 continue
             row, clean, top1 = segments[i]
             offset = int(starts[i])
-            entropy, kl, agree, ok = token_metrics(
+            entropy, kl, agree, ok = steered_metrics(
                 logits[lo - a : hi - a], clean[lo - offset : hi - offset], top1[lo - offset : hi - offset]
             )
             pieces.append((row, torch.stack([entropy, kl, agree]).double().sum(-1)))

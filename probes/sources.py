@@ -17,12 +17,12 @@ from surprise_probe.probes.scoring import Estimate, SequenceBootstrap
 
 from surprise_probe.core.utils.jsonio import read_jsonl
 
-__all__ = ["calibration", "scores_by_source", "read_sources", "UNLABELLED"]
+__all__ = ["calibration", "scores_by_source", "read_source_labels", "UNLABELLED"]
 
 UNLABELLED = "unlabelled"
 
 
-def read_sources(path, n_sequences: int | None = None) -> dict[int, str]:
+def read_source_labels(path, n_sequences: int | None = None) -> dict[int, str]:
     """Source labels from the inputs file a capture was made from: the ``source`` key of each line.
 
     Sequence ``i`` of a capture is the ``i``-th non-blank line of its input file; lines without a
@@ -34,7 +34,7 @@ def read_sources(path, n_sequences: int | None = None) -> dict[int, str]:
     >>> path = Path(tempfile.mkdtemp()) / "inputs.jsonl"
     >>> rows = [{"text": "mine", "source": "own-sample"}, {"text": "theirs", "source": "human"}, {"text": "?"}]
     >>> _ = path.write_text("".join(json.dumps(row) + chr(10) for row in rows))
-    >>> read_sources(path, n_sequences=3)
+    >>> read_source_labels(path, n_sequences=3)
     {0: 'own-sample', 1: 'human'}
     """
     labels, count = {}, 0

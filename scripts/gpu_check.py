@@ -722,7 +722,7 @@ def stage_read(ctx: Context) -> dict:
         "details": {
             "source": source, "n_sequences": len(items), "n_tokens": int(run.n_tokens),
             "n_scored": int(entropy.size), "entropy_mean": float(np.nanmean(entropy)) if entropy.size else None,
-            "api": "sp.capture(hooks=[]) on {'token_ids', 'scored'} items (the gap's read_sources is not public)",
+            "api": "sp.capture(hooks=[]) on {'token_ids', 'scored'} items (the gap's read_responses is not public)",
         },
     }
 

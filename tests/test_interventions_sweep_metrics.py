@@ -30,7 +30,7 @@ def test_top1_agreement_follows_argmax_through_ties():
     logits[2, [5, 9]] = 2.0
     logits[3, 7] = 2.0
     logits[4, [0, 5, 11]] = 2.0
-    _, _, agree, finite = sweep.token_metrics(logits, torch.log_softmax(clean, -1))
+    _, _, agree, finite = sweep.steered_metrics(logits, torch.log_softmax(clean, -1))
     assert agree.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert agree.tolist() == _reference(logits, clean)[2].tolist()
     assert finite.all()
@@ -44,7 +44,7 @@ def test_token_metrics_match_float64_with_given_clean_top1(monkeypatch, cache):
     logits[6, :5] = float("-inf")  # probability exactly 0: entropy/KL terms are 0, row not finite
     monkeypatch.setattr(sweep, "CACHE_ELEMENTS", cache)
     clean_log_probs, clean_top1, clean_entropy = sweep.clean_distribution(clean_logits)
-    entropy, kl, agree, finite = sweep.token_metrics(logits, clean_log_probs, clean_top1)
+    entropy, kl, agree, finite = sweep.steered_metrics(logits, clean_log_probs, clean_top1)
     ref_entropy, ref_kl, ref_agree = _reference(logits, clean_logits)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-5)
     torch.testing.assert_close(kl.double(), ref_kl, rtol=0, atol=1e-5)
@@ -59,7 +59,7 @@ def test_identical_logits_give_kl_exactly_zero_and_full_agreement():
     generator = torch.Generator().manual_seed(4)
     logits = torch.randn(30, 64, generator=generator) * 5
     clean_log_probs, clean_top1, clean_entropy = sweep.clean_distribution(logits)
-    entropy, kl, agree, finite = sweep.token_metrics(logits.clone(), clean_log_probs, clean_top1)
+    entropy, kl, agree, finite = sweep.steered_metrics(logits.clone(), clean_log_probs, clean_top1)
     assert kl.tolist() == [0.0] * 30
     assert agree.tolist() == [1.0] * 30
     assert entropy.tolist() == clean_entropy.tolist()

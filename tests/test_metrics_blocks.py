@@ -43,7 +43,7 @@ def test_sweep_token_metrics_blocks_give_the_reference(monkeypatch, cache):
     logits[4, :7] = float("-inf")  # steered probabilities exactly 0 at seven tokens
     clean = torch.log_softmax(torch.randn(9, 40, generator=generator) * 3, -1)
     monkeypatch.setattr(sweep, "CACHE_ELEMENTS", cache)
-    entropy, kl, agree, finite = sweep.token_metrics(logits, clean)
+    entropy, kl, agree, finite = sweep.steered_metrics(logits, clean)
     log_probs = torch.log_softmax(logits.double(), -1)
     probs = log_probs.exp()
     zero = torch.zeros_like(probs)

@@ -14,7 +14,7 @@ from surprise_probe.analyses.policy.prompts import (
     read_gap_prompts,
     text_response_ids,
 )
-from surprise_probe.analyses.policy.reading import read_sources
+from surprise_probe.analyses.policy.reading import read_responses
 from surprise_probe.analyses.policy.statistics import auroc_with_ci, summarize
 from surprise_probe.analyses.policy.writers import WriterResponse, sample_writer
 from surprise_probe.app.cli import main
@@ -96,7 +96,7 @@ def test_statistics_match_a_direct_computation(gap):
 def test_own_reads_use_the_exact_sampled_ids_and_entropy_equals_a_full_forward(trained):
     model, _ = trained
     responses = {"m": sample_writer(model, "m", PROMPTS[:2], fmt="assistant", max_new_tokens=6, progress=False)}
-    readings = read_sources(model, "m", PROMPTS[:2], responses, ["assistant"], progress=False)
+    readings = read_responses(model, "m", PROMPTS[:2], responses, ["assistant"], progress=False)
     own = next(r for r in readings if r.source == "own" and r.prompt_index == 0)
     response = responses["m"][0]
     assert own.exact_ids and len(own.entropy) == len(response.content_ids)
@@ -129,7 +129,7 @@ def test_empty_responses_are_counted_not_dropped(tiny_hooked):
         "m": [WriterResponse("m", i, p.id, 0, "assistant", [] if i == 1 else [300, 301], False, "x")
               for i, p in enumerate(PROMPTS[:3])],
     }
-    readings = read_sources(tiny_hooked, "m", PROMPTS[:3], responses, ["assistant"], progress=False)
+    readings = read_responses(tiny_hooked, "m", PROMPTS[:3], responses, ["assistant"], progress=False)
     summary = summarize(readings, k=2, max_position=4, n_boot=50)
     own = next(c for c in summary["cells"] if c["source"] == "own")
     assert own["n_responses"] == 3 and own["n_empty"] == 1 and own["n_tokens"] == 4

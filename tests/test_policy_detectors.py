@@ -11,7 +11,7 @@ import torch
 from surprise_probe.analyses.policy.gap import policy_gap
 from surprise_probe.analyses.policy.plots import all_figures
 from surprise_probe.analyses.policy.prompts import GapPrompt, prefix_ids, text_response_ids
-from surprise_probe.analyses.policy.reading import Reading, read_sources
+from surprise_probe.analyses.policy.reading import Reading, read_responses
 from surprise_probe.analyses.policy.statistics import DETECTORS, response_statistics, summarize
 from surprise_probe.analyses.policy.writers import sample_writer
 from surprise_probe.core.forward import passes
@@ -176,10 +176,10 @@ def test_own_greedy_text_beats_the_same_tokens_shuffled(tiny_tokenizer):
     shuffled = [dataclasses.replace(r, content_ids=[int(t) for t in rng.permutation(r.content_ids)])
                 for r in greedy]
     assert all(len(set(r.content_ids)) > 1 for r in greedy)  # else a shuffle could be the same text
-    own = [r for r in read_sources(model, "m", prompts, {"m": greedy}, ["assistant"], progress=False)
+    own = [r for r in read_responses(model, "m", prompts, {"m": greedy}, ["assistant"], progress=False)
            if r.source == "own"]
     other = [dataclasses.replace(r, source="shuffled") for r in
-             read_sources(model, "m", prompts, {"m": shuffled}, ["assistant"], progress=False) if r.source == "own"]
+             read_responses(model, "m", prompts, {"m": shuffled}, ["assistant"], progress=False) if r.source == "own"]
     assert all(np.all(r.log_rank == 0) for r in own)
     row = next(c for c in summarize(own + other, n_boot=50)["comparisons"] if c["source"] == "shuffled")
     assert row["auroc_log_rank"]["auroc"] == 1.0
@@ -219,7 +219,7 @@ def test_fast_detectgpt_of_own_samples_at_temperature_one_is_standard_normal(tin
     model = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=5)
     drawn = sample_writer(model, "m", PROMPTS, fmt="assistant", n_samples=12, max_new_tokens=12, temperature=1.0,
                           progress=False)
-    own = [r for r in read_sources(model, "m", PROMPTS, {"m": drawn}, ["assistant"], progress=False)
+    own = [r for r in read_responses(model, "m", PROMPTS, {"m": drawn}, ["assistant"], progress=False)
            if r.source == "own" and len(r.entropy)]
     criterion = np.array([response_statistics(r)["fast_detectgpt"] for r in own])
     assert len(criterion) == 72

@@ -35,7 +35,7 @@ from surprise_probe.analyses.policy.prompts import (
     GapPrompt,
     has_chat_template,
 )
-from surprise_probe.analyses.policy.reading import Reading, read_sources
+from surprise_probe.analyses.policy.reading import Reading, read_responses
 from surprise_probe.analyses.policy.result import GapResult
 from surprise_probe.analyses.policy.statistics import summarize, temperature_curve
 from surprise_probe.analyses.policy.writers import WriterResponse, sample_writer
@@ -112,7 +112,7 @@ def policy_gap(
         model, observer = held.get_pair(name, observer_name)
         probe = _probe_for(model, probe_path)
         info[name]["probe"] = None if probe is None else {"hook": probe.hook, "model_id": probe.model_id}
-        mine = read_sources(model, name, prompts, responses, info[name]["formats_read"], batch_size=batch_size,
+        mine = read_responses(model, name, prompts, responses, info[name]["formats_read"], batch_size=batch_size,
                             probe=probe, observer=observer, observer_name=observer_name, progress=progress)
         readings += mine
         # The curve reads in the format the reader samples in (own text from its exact ids), or, if
@@ -132,7 +132,7 @@ def policy_gap(
             temperature_responses[t][name] = drawn
             # Only its own responses: prompts without answers, and no other writer.
             bare = [GapPrompt(p.id, p.prompt) for p in prompts]
-            by_temperature[t] += read_sources(model, name, bare, {name: drawn}, [fmt], batch_size=batch_size,
+            by_temperature[t] += read_responses(model, name, bare, {name: drawn}, [fmt], batch_size=batch_size,
                                               progress=progress)
     held.release()
     summary = summarize(readings, k=k, max_position=max_new_tokens, n_boot=n_boot, level=level, seed=seed,

@@ -35,7 +35,7 @@ from surprise_probe.core.forward.passes import scored_metrics
 from surprise_probe.core.text.encoding import Encoded, pad_batch, pad_id
 from surprise_probe.core.utils.progress import tqdm
 
-__all__ = ["Reading", "read_sources"]
+__all__ = ["Reading", "read_responses"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _source_items(reader: str, model, prompts, responses, formats):
                 yield fmt, "human", i, 0, False, prefix, text_response_ids(model, prompt.answer, fmt)
 
 
-def read_sources(
+def read_responses(
     model,
     reader: str,
     prompts: Sequence[GapPrompt],

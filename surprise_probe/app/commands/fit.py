@@ -20,7 +20,7 @@ from surprise_probe.core.capture.store import load_capture
 from surprise_probe.core.models import distributed
 from surprise_probe.core.models.loading import check_model_name
 from surprise_probe.probes.fit import fit_probes
-from surprise_probe.probes.sources import read_sources
+from surprise_probe.probes.sources import read_source_labels
 from surprise_probe.probes.surprise_targets import parse_target_spec, resolve_target
 from surprise_probe.probes.sweep import RESERVED_CONTROLS
 
@@ -108,7 +108,7 @@ def run(args) -> int:
             capture = load_capture(args.activations)
             _check_target_models(capture, [("--target", args.target)]
                                  + [("--residualize-on", s) for s in args.residualize_on])
-            sources = read_sources(args.sources, capture.n_sequences) if args.sources else None
+            sources = read_source_labels(args.sources, capture.n_sequences) if args.sources else None
             missing = [hook for hook in args.hooks or [] if hook not in capture.hooks]
             if missing:
                 raise ValueError(f"hook {missing[0]!r} was not captured; captured hooks: {capture.hooks}")
