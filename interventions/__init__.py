@@ -23,7 +23,7 @@ from surprise_probe.interventions.patching import (
     align_positions,
 )
 from surprise_probe.interventions.steered_generation import Sample, generate
-from surprise_probe.interventions.sweep import SweepTable, run_sweep
+from surprise_probe.interventions.steering_sweep import SweepTable, run_sweep
 
 from surprise_probe.core.forward.directions import (
     SteeringDirection,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from surprise_probe.interventions.sweep import SweepTable, encode_items, run_sweep
+from surprise_probe.interventions.steering_sweep import SweepTable, encode_items, run_sweep
 
 from surprise_probe.core.forward.directions import (
     SteeringDirection,

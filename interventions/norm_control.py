@@ -50,8 +50,8 @@ from surprise_probe.interventions.null_space import (
     unembedding_null_space,
 )
 from surprise_probe.interventions.plots import norm_control_figure
-from surprise_probe.interventions.sweep import MAX_STEER, encode_items
-from surprise_probe.interventions.sweep_metrics import clean_distribution, steered_metrics
+from surprise_probe.interventions.steered_metrics import clean_distribution, steered_metrics
+from surprise_probe.interventions.steering_sweep import MAX_STEER, encode_items
 
 from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.edits import Replace, Steer, apply_all

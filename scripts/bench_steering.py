@@ -10,7 +10,7 @@ loop does) and the batched sweep, which must agree to ``--atol``; and the *floor
 input, one clean forward up to the hook plus, for the N conditions the sweep must actually run,
 forwards from the hook to the logits at the scored positions only (``start_at_layer``, same rows
 per forward as the sweep, no metrics). N counts the distinct non-identity conditions: a
-strength-0 condition is the clean run (``interventions.sweep.identity_amounts``) and a repeated
+strength-0 condition is the clean run (``interventions.steering_sweep.identity_amounts``) and a repeated
 strength repeats a condition, so the sweep runs neither and the floor does not count them (x floor
 time stays like for like). The floor has no key-value cache sharing, so a sweep that shares the
 prompt can come in under it.
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         return backends_main(args)
 
     from surprise_probe.interventions import SteeringDirection, dose_response, suffix
-    from surprise_probe.interventions.sweep import identity_amounts
+    from surprise_probe.interventions.steering_sweep import identity_amounts
 
     from surprise_probe.core.text.encoding import encode_all
     from surprise_probe.core.utils.jsonio import software_versions, write_json
@@ -449,7 +449,7 @@ def backends_main(args) -> int:
     engine, with the scored logits only and with every position's logits), CPU seconds best of
     ``--repeats``, and the largest difference of entropy and KL between backends."""
     from surprise_probe.interventions import SteeringDirection, dose_response
-    from surprise_probe.interventions import sweep as sweep_module
+    from surprise_probe.interventions import steering_sweep as sweep_module
 
     from surprise_probe.core.models.loading import load_model
     from surprise_probe.core.text.encoding import encode_all

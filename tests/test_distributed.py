@@ -24,7 +24,7 @@ from surprise_probe.interventions import (
     dose_response,
     run_sweep,
 )
-from surprise_probe.interventions.sweep import encode_items
+from surprise_probe.interventions.steering_sweep import encode_items
 from surprise_probe.probes import fit_sweep
 
 import surprise_probe as sp

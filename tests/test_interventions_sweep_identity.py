@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from surprise_probe.interventions import dose_response, run_sweep
-from surprise_probe.interventions import sweep as sweep_module
+from surprise_probe.interventions import steering_sweep as sweep_module
 from surprise_probe.interventions.direction_comparison import compare_directions
-from surprise_probe.interventions.sweep import encode_items, identity_amounts
+from surprise_probe.interventions.steering_sweep import encode_items, identity_amounts
 
 from tests.conftest import CONVERSATION, TEXTS, random_steering
 

@@ -3,7 +3,7 @@ rows read in place) against an independent float64 computation: ties, -inf / +in
 segments that cross chunk and block boundaries, and identical logits giving a KL of exactly 0."""
 
 import pytest
-import surprise_probe.interventions.sweep_metrics as sweep
+import surprise_probe.interventions.steered_metrics as sweep
 import torch
 
 

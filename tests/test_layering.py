@@ -77,7 +77,7 @@ def _layer(module: str) -> str:
 
 def test_the_layout_is_what_the_docs_say():
     assert {"surprise_probe.core.capture.run", "surprise_probe.core.forward.hooks", "surprise_probe.probes.sweep",
-            "surprise_probe.interventions.sweep", "surprise_probe.analyses.policy.gap", "surprise_probe.report.html",
+            "surprise_probe.interventions.steering_sweep", "surprise_probe.analyses.policy.gap", "surprise_probe.report.html",
             "surprise_probe.app.cli", "surprise_probe.app.commands.fit", "surprise_probe.app.study.runner"} <= set(MODULES)
     assert {_layer(m) for m in MODULES} <= set(LAYERS)
 

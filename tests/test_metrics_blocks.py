@@ -36,7 +36,7 @@ def test_blocks_and_chunks_give_the_reference(monkeypatch, budget, cache):
 
 @pytest.mark.parametrize("cache", [2**20, 64, 1])
 def test_sweep_token_metrics_blocks_give_the_reference(monkeypatch, cache):
-    import surprise_probe.interventions.sweep_metrics as sweep
+    import surprise_probe.interventions.steered_metrics as sweep
 
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(9, 40, generator=generator) * 3

@@ -24,7 +24,7 @@ from surprise_probe.app.commands.capture import add_input_argument
 from surprise_probe.core.text.files import read_items
 from surprise_probe.core.utils.stats import MIN_RANDOM_DIRECTIONS
 from surprise_probe.interventions.experiments import probe_artifact, steering_experiment
-from surprise_probe.interventions.sweep import MAX_STEER
+from surprise_probe.interventions.steering_sweep import MAX_STEER
 from surprise_probe.probes import ProbeDirection
 
 __all__ = ["add_parser", "run", "add_probe_arguments", "check_probe_file"]

@@ -1,7 +1,7 @@
 """A steered run against the clean run, per token: output entropy, KL(steered || clean), top-1
 agreement and finiteness, fused into one softmax per cache-sized block of tokens.
 
-The sweep (:mod:`interventions.sweep`) and the norm controls score every condition with these;
+The sweep (:mod:`interventions.steering_sweep`) and the norm controls score every condition with these;
 :func:`segment_sums` sums them per row over the flat scored tokens of many rows at once, a chunk
 of ``metrics.CHUNK_ELEMENTS`` logits at a time, reading each clean row in place.
 """

@@ -34,8 +34,8 @@ import einops
 import numpy as np
 import torch
 from jaxtyping import Float
+from surprise_probe.interventions.steered_metrics import clean_distribution, segment_sums
 from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, start_layer
-from surprise_probe.interventions.sweep_metrics import clean_distribution, segment_sums
 from torch import Tensor
 
 from surprise_probe.core.forward.edits import Ablate, Steer
