@@ -27,6 +27,7 @@ per forward, and logits are turned into metrics a chunk of tokens at a time
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,9 +41,8 @@ from torch import Tensor
 
 from surprise_probe.core.forward.edits import Ablate, Steer
 from surprise_probe.core.forward.metrics import CHUNK_ELEMENTS
-from surprise_probe.core.forward.passes import unembed
+from surprise_probe.core.forward.passes import logits_only_at, unembed
 from surprise_probe.core.models import distributed
-from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.devices import model_device
 from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
 from surprise_probe.core.utils.progress import tqdm
@@ -50,8 +50,8 @@ from surprise_probe.core.utils.progress import tqdm
 __all__ = ["SweepTable", "run_sweep", "encode_items", "identity_amounts", "MAX_STEER", "KEEP_SCORED_LOGITS"]
 
 KEEP_SCORED_LOGITS = True
-"""Whether the fan-out engine asks a TransformerBridge for the scored positions' logits only (a
-switch for benchmarks: ``False`` unembeds every position, as before)."""
+"""Whether the fan-out engine unembeds the scored positions only (``logits_only_at``; a switch for
+benchmarks: ``False`` unembeds every position, as before)."""
 
 # A steering edit of this size or more (strength x std, along a unit direction) overflows the
 # float32 sum of squares every layer norm computes (sqrt of float32's largest value): the norm
@@ -356,17 +356,17 @@ class _Sweep:
             tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=self.device).unsqueeze(0)
             scored = torch.as_tensor(item.scored, dtype=torch.bool).unsqueeze(0)
             where = scored if self.positions == "response" else torch.ones_like(scored)
-            # A TransformerBridge unembeds only the scored columns (the wrapped Hugging Face model's
-            # logits_to_keep); the logits then hold just those, all of them scored.
-            keep = {}
-            if KEEP_SCORED_LOGITS and not is_hooked_transformer(model):
-                keep = {"logits_to_keep": torch.nonzero(scored[0]).squeeze(-1).to(self.device)}
-                scored = torch.ones(1, len(keep["logits_to_keep"]), dtype=torch.bool)
+            # Only the scored columns are unembedded (logits_only_at); the logits then hold just
+            # those, all of them scored.
+            columns = torch.nonzero(scored[0]).squeeze(-1)
+            if KEEP_SCORED_LOGITS:
+                scored = torch.ones(1, len(columns), dtype=torch.bool)
             clean: dict[int, Tensor] = {}
             for block in blocks:
                 n_rows = len(block) + 1  # row 0 is the clean run (amount 0)
-                with self.edit(block, n_rows, where, with_clean=True).apply(model), torch.no_grad():
-                    logits = model(tokens, return_type="logits", **keep)
+                keep = logits_only_at(model, columns) if KEEP_SCORED_LOGITS else contextlib.nullcontext({})
+                with self.edit(block, n_rows, where, with_clean=True).apply(model), keep as kwargs, torch.no_grad():
+                    logits = model(tokens, return_type="logits", **kwargs)
                 table.n_forwards += 1
                 bar.update()
                 if logits.shape[0] != n_rows:

@@ -163,3 +163,25 @@ def test_bridge_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_br
     assert set(seen) == {len(e.token_ids) for e in encoded} and sum(widths_kept) < sum(seen)
     for key in ("entropy", "kl", "top1_agreement"):
         np.testing.assert_allclose(getattr(kept, key), getattr(every, key), rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_hooked_fan_out_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_hooked, monkeypatch):
+    """A HookedTransformer steered at a hook the suffix engine does not take (an MLP output) runs the
+    fan-out engine: it too unembeds only the scored positions, with unchanged numbers."""
+    steering = random_steering(tiny_hooked, 0, 1.5, "blocks.0.hook_mlp_out")
+    seen = []
+    handle = tiny_hooked.unembed.register_forward_hook(lambda module, inputs, output: seen.append(int(output.shape[1])))
+    kwargs = dict(strengths=[-2.0, 0.0, 2.0], random_directions=1, n_boot=10, progress=False)
+    try:
+        kept = dose_response(tiny_hooked, ITEMS, steering, **kwargs)
+        widths_kept = list(seen)
+        seen.clear()
+        monkeypatch.setattr(sweep_module, "KEEP_SCORED_LOGITS", False)
+        every = dose_response(tiny_hooked, ITEMS, steering, **kwargs)
+    finally:
+        handle.remove()
+    encoded = encode_items(tiny_hooked, ITEMS)
+    assert set(widths_kept) == {int(e.scored.sum()) for e in encoded}
+    assert set(seen) == {len(e.token_ids) for e in encoded} and sum(widths_kept) < sum(seen)
+    for key in ("entropy", "kl", "top1_agreement"):
+        np.testing.assert_allclose(getattr(kept, key), getattr(every, key), rtol=0, atol=1e-5, err_msg=key)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from surprise_probe.core.utils.plots import write_report
+from surprise_probe.core.utils.plots import wrap_text, write_report
 from surprise_probe.report.values import STATUS_OK, Number, ReportHeader, StageSection
 from surprise_probe.report.verdicts import (
     ANSWERS_EXPLAINED,
@@ -130,17 +130,7 @@ def _verdicts_block(verdicts: Sequence[Verdict]) -> str:
 
 
 def _wrap_title(text: str, width: int = 95) -> str:
-    if "<br>" in text or len(text) <= width:
-        return text
-    words, lines, line = text.split(" "), [], ""
-    for word in words:
-        if line and len(line) + len(word) + 1 > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    lines.append(line)
-    return "<br>".join(lines)
+    return text if "<br>" in text or len(text) <= width else wrap_text(text, width)
 
 
 def _fit_width(fig: go.Figure) -> go.Figure:

@@ -10,6 +10,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from surprise_probe.core.utils.plots import wrap_text
+
 __all__ = ["topic_distribution_figure", "commitment_figure", "readout_figure", "prefill_figure",
            "readout_skip_reason"]
 
@@ -30,17 +32,6 @@ def readout_skip_reason(readout: dict) -> str:
                 f"here {len(classes)} topic{'s' * (len(classes) != 1)} qualified ({n_prompts} prompt "
                 f"group{'s' * (n_prompts != 1)})")
     return str(readout.get("skipped") or "no reason recorded")
-
-
-def _wrap(text: str, width: int = 60) -> str:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "<br>".join([*lines, line])
 
 
 def _as_dict(result) -> dict:
@@ -158,7 +149,7 @@ def readout_figure(result) -> go.Figure:
                                      mode="lines", line={"color": "black", "dash": "dash"}, legendgroup="majority",
                                      showlegend=first), row=1, col=col)
         else:
-            fig.add_annotation(text=_wrap(f"topic probe not fitted: {readout_skip_reason(readout)}"),
+            fig.add_annotation(text=wrap_text(f"topic probe not fitted: {readout_skip_reason(readout)}", 60),
                                showarrow=False, align="left", xref=f"x{col if col > 1 else ''} domain",
                                yref="y domain", x=0.5, y=0.5, bgcolor="rgba(255,255,255,0.85)")
         fig.update_xaxes(title_text="depth (0 = embedding)", row=1, col=col)

@@ -25,6 +25,7 @@ from plotly.subplots import make_subplots
 from sklearn.metrics import roc_curve
 
 from surprise_probe.analyses.policy.statistics import DETECTORS
+from surprise_probe.core.utils.plots import wrap_text
 
 __all__ = ["gap_ratios", "reader_writer_heatmap", "entropy_distributions", "entropy_by_position", "roc_curves",
            "detector_aurocs", "temperature_curve", "all_figures", "describe_source", "SOURCE_DESCRIPTIONS"]
@@ -286,7 +287,7 @@ def detector_aurocs(result) -> go.Figure:
             shown.add(source)
         fig.add_vline(x=0.5, line_dash="dash", line_color="grey", row=1, col=col)
         if missing and not any(key in r and r[key].get("available", True) for r in rows):
-            fig.add_annotation(text="not available:<br>" + "<br>".join(_wrap(m) for m in sorted(filter(None, missing))),
+            fig.add_annotation(text="not available:<br>" + "<br>".join(wrap_text(m, 40) for m in sorted(filter(None, missing))),
                                xref=f"x{col if col > 1 else ''} domain", yref="y domain", x=0.5, y=0.5,
                                showarrow=False, font={"size": 10, "color": "grey"})
     fig.update_xaxes(range=[-0.02, 1.02], title_text="AUROC")
@@ -296,17 +297,6 @@ def detector_aurocs(result) -> go.Figure:
                       template=TEMPLATE, height=320 + 24 * len(rows),
                       legend={"orientation": "h", "yanchor": "top", "y": -0.18, "title": {"text": "off-policy source:"}})
     return fig
-
-
-def _wrap(text: str, width: int = 40) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "<br>".join([*lines, line])
 
 
 def temperature_curve(result) -> go.Figure:

@@ -126,8 +126,8 @@ def logits_only_at(model, columns: Sequence[int] | Tensor) -> Iterator[dict]:
     """Inside this block, a forward of ``model`` unembeds only the positions ``columns`` (the same
     for every row): its logits are ``(batch, len(columns), vocab)``, column ``i`` the logits at
     position ``columns[i]``. Yields the keyword arguments the forward takes (a TransformerBridge:
-    ``logits_to_keep``; a HookedTransformer: none, a hook on ``ln_final.hook_normalized`` keeps
-    those positions, after every norm hook has run). Hooks and edits on the model still apply.
+    ``logits_to_keep``; a HookedTransformer: none, the unembedding's input is cut to those
+    positions, after every norm and hook has run). Hooks and edits on the model still apply.
 
     >>> from surprise_probe.testing import tiny_hooked_transformer
     >>> model = tiny_hooked_transformer()
@@ -141,18 +141,15 @@ def logits_only_at(model, columns: Sequence[int] | Tensor) -> Iterator[dict]:
     if not is_hooked_transformer(model):
         yield {"logits_to_keep": columns.to(model_device(model))}
         return
-    if _NORMALIZED not in model.hook_dict:
-        raise ValueError(f"{type(model).__name__} has no {_NORMALIZED} hook (normalization_type "
-                         f"{model.cfg.normalization_type!r}) to keep positions at; unembed every position instead")
 
-    def keep(normalized, hook):  # noqa: ARG001 - TransformerLens hook signature
-        return normalized[:, columns.to(normalized.device)]
+    def keep(module, args):  # noqa: ARG001 - PyTorch forward pre-hook signature
+        return (args[0][:, columns.to(args[0].device)], *args[1:])
 
-    with model.hooks(fwd_hooks=[(_NORMALIZED, keep)]):
+    handle = model.unembed.register_forward_pre_hook(keep)
+    try:
         yield {}
-
-
-_NORMALIZED = "ln_final.hook_normalized"
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -169,17 +166,15 @@ def output_entropy_at(model, batch: Batch, columns: Sequence[int]) -> Float[Tens
     torch.Size([1, 2])
     """
     columns = torch.as_tensor(list(columns), dtype=torch.long)
-    device = model_device(model)
     out = final_residual(model, batch)
     if out is not None:
         residual = out[0][:, columns.to(out[0].device)]
         logits_at = lambda a, b: unembed(model, residual[:, a:b])  # noqa: E731 - one line, used once
-    else:
-        logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device),
-                       return_type="logits", **({} if is_hooked_transformer(model)
-                                                else {"logits_to_keep": columns.to(device)}))
-        if is_hooked_transformer(model):
-            logits = logits[:, columns.to(logits.device)]
+    else:  # a TransformerBridge: only those columns' logits
+        device = model_device(model)
+        with logits_only_at(model, columns) as keep:
+            logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device),
+                           return_type="logits", **keep)
         logits_at = lambda a, b: logits[:, a:b]  # noqa: E731
     step = chunk_positions(int(batch.tokens.shape[0]), int(model.cfg.d_vocab_out))
     return torch.cat([output_entropy(logits_at(a, a + step)) for a in range(0, len(columns), step)], dim=1)

@@ -17,7 +17,23 @@ from plotly.subplots import make_subplots
 
 from surprise_probe.core.utils.jsonio import write_text
 
-__all__ = ["token_view", "entropy_by_position", "write_html", "write_report"]
+__all__ = ["token_view", "entropy_by_position", "write_html", "write_report", "wrap_text"]
+
+
+def wrap_text(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters at spaces, joined by ``<br>`` (plotly).
+
+    >>> wrap_text("one two three four", 9)
+    'one two<br>three<br>four'
+    """
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "<br>".join([*lines, line])
 
 
 def write_html(fig: go.Figure, path: str | Path) -> Path:
