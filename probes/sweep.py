@@ -169,7 +169,7 @@ def fit_sweep(
     predictions = _heldout_predictions(run, data, hooks, folds, fits, n_sets, progress)
     boot = SequenceBootstrap(data.sequence_ids, n_boot=n_boot, seed=seed)
     controls = _control_scores(data, oof, boot, covariate_values, hooks, n_boot, seed)
-    names = [name for name in oof]
+    names = list(oof)
     results = [_score_hook(hook, fits[hook], predictions[hook], data, oof, names, folds, n_folds, boot,
                            controls["token_mean_r2"], n_shuffles) for hook in hooks]
     notes = []

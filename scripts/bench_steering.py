@@ -86,6 +86,24 @@ def _projection_std(model, encoded, hook: str, direction: torch.Tensor) -> float
     return float((acts[hook][batch.scored].float() @ direction).std())
 
 
+def _sweep_job(model, args):
+    """The benchmarked dose-response: its layer and hook (default the middle layer), the encoded
+    inputs, a seeded random unit direction with its projection's std, and the sweep's options."""
+    from surprise_probe.interventions import SteeringDirection
+
+    from surprise_probe.core.text.encoding import encode_all
+
+    layer = int(model.cfg.n_layers) // 2 if args.layer is None else args.layer
+    hook = f"blocks.{layer}.hook_resid_post"
+    encoded = encode_all(model, _items(model, args.n_inputs), truncate=True)
+    d = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0))
+    d = d / d.norm()
+    direction = SteeringDirection(d, hook, _projection_std(model, encoded, hook, d))
+    kwargs = dict(random_directions=args.random_directions, batch_size=args.batch_size,
+                  max_batch_tokens=args.max_batch_tokens, progress=False, n_boot=10)
+    return layer, hook, encoded, direction, kwargs
+
+
 @torch.no_grad()
 def _floor(model, encoded, layer: int, n_conditions: int, batch_size: int, max_batch_tokens: int) -> None:
     """The floor's work: per input, the clean forward up to the hook, then ``n_conditions`` rows
@@ -355,22 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.backends:
         return backends_main(args)
 
-    from surprise_probe.interventions import SteeringDirection, dose_response, suffix
+    from surprise_probe.interventions import dose_response, suffix
     from surprise_probe.interventions.steering_sweep import identity_amounts
 
-    from surprise_probe.core.text.encoding import encode_all
     from surprise_probe.core.utils.jsonio import software_versions, write_json
 
     model = _model(args.model, args.device)
     suffix.FUSE_ATTENTION = not args.no_fused_attention
-    layer = int(model.cfg.n_layers) // 2 if args.layer is None else args.layer
-    hook = f"blocks.{layer}.hook_resid_post"
-    encoded = encode_all(model, _items(model, args.n_inputs), truncate=True)
-    d = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0))
-    d = d / d.norm()
-    direction = SteeringDirection(d, hook, _projection_std(model, encoded, hook, d))
-    kwargs = dict(random_directions=args.random_directions, batch_size=args.batch_size,
-                  max_batch_tokens=args.max_batch_tokens, progress=False, n_boot=10)
+    layer, hook, encoded, direction, kwargs = _sweep_job(model, args)
     dose_response(model, encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)  # warm-up
 
     timings, results = {}, {}
@@ -448,11 +458,10 @@ def backends_main(args) -> int:
     the same weights as a HookedTransformer (suffix engine) and as a TransformerBridge (fan-out
     engine, with the scored logits only and with every position's logits), CPU seconds best of
     ``--repeats``, and the largest difference of entropy and KL between backends."""
-    from surprise_probe.interventions import SteeringDirection, dose_response
+    from surprise_probe.interventions import dose_response
     from surprise_probe.interventions import steering_sweep as sweep_module
 
     from surprise_probe.core.models.loading import load_model
-    from surprise_probe.core.text.encoding import encode_all
     from surprise_probe.core.utils.jsonio import software_versions, write_json
     from surprise_probe.testing import tiny_bridge, tiny_hooked_transformer
 
@@ -460,15 +469,7 @@ def backends_main(args) -> int:
         models = {"hooked": tiny_hooked_transformer(), "bridge": tiny_bridge()}
     else:
         models = {b: load_model(args.model, device=args.device, backend=b, progress=False) for b in ("hooked", "bridge")}
-    first = models["hooked"]
-    layer = int(first.cfg.n_layers) // 2 if args.layer is None else args.layer
-    hook = f"blocks.{layer}.hook_resid_post"
-    encoded = encode_all(first, _items(first, args.n_inputs), truncate=True)
-    d = torch.randn(int(first.cfg.d_model), generator=torch.Generator().manual_seed(0))
-    d = d / d.norm()
-    direction = SteeringDirection(d, hook, _projection_std(first, encoded, hook, d))
-    kwargs = dict(random_directions=args.random_directions, batch_size=args.batch_size,
-                  max_batch_tokens=args.max_batch_tokens, progress=False, n_boot=10)
+    _, hook, encoded, direction, kwargs = _sweep_job(models["hooked"], args)
     runs = [("hooked", "suffix engine", True), ("bridge", "fan-out, scored logits only", True),
             ("bridge", "fan-out, every position's logits", False)]
     timings, results = {}, {}

@@ -247,10 +247,10 @@ def _file_digest(file: Path, lengths: list[int]) -> str:
     with open(file, "rb") as handle:
         np.lib.format.read_magic(handle)
         np.lib.format.read_array_header_1_0(handle)
-        header_length = handle.tell()
+        length = handle.tell()
+        handle.seek(0)
+        header = handle.read(length)
     array = _load_npy(file, mmap_mode="r")
-    with open(file, "rb") as handle:
-        header = handle.read(header_length)
     sequences = SequenceDigests(lengths)
     block = 4096  # rows per read: bounded memory on large shards
     for start in range(0, len(array), block):
