@@ -185,8 +185,6 @@ class NormControlResult(NotebookView):
                 "json": write_json(folder / "norm_control.json", self.to_dict())}
 
 
-
-
 def _observer(stored: dict, key: str, canonical: str, scored: torch.Tensor, reduce):
     """A hook that sums ``reduce(activation)`` over the scored positions, per row (canonical call only)."""
 
@@ -205,23 +203,19 @@ def _clean_pass(model, encoded, frozen: list[str], mean_hooks: list[str], neuron
     """Per sequence, the clean scales at ``frozen``; over the scored tokens of all inputs, the mean
     residual at ``mean_hooks`` and the mean activation of each neuron layer's neurons."""
     device = model_device(model)
-    scales, sums, counts = [], {}, {}
+    averaged = [*mean_hooks, *(mlp_post(layer) for layer in neuron_layers)]
+    names = set(frozen) | set(averaged)
+    scales, sums, n_scored = [], dict.fromkeys(averaged, 0), 0
     for item in tqdm(encoded, desc="clean runs", disable=not progress):
         tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=device).unsqueeze(0)
         scored = torch.as_tensor(item.scored, dtype=torch.bool, device=device)
-        names = set(frozen) | set(mean_hooks) | {mlp_post(layer) for layer in neuron_layers}
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name, names=names: name in names)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
         scales.append({hook: cache[hook].detach().float().cpu().clone() for hook in frozen})
-        for hook in mean_hooks:
-            sums[hook] = sums.get(hook, 0) + cache[hook][0][scored].double().sum(0).cpu()
-            counts[hook] = counts.get(hook, 0) + int(scored.sum())
-        for layer in neuron_layers:
-            name = mlp_post(layer)
-            sums[name] = sums.get(name, 0) + cache[name][0][scored].double().sum(0).cpu()
-            counts[name] = counts.get(name, 0) + int(scored.sum())
+        for name in averaged:
+            sums[name] = sums[name] + cache[name][0][scored].double().sum(0).cpu()
+        n_scored += int(scored.sum())
         del cache
-    means = {name: (sums[name] / counts[name]) for name in sums}
-    return scales, means
+    return scales, {name: total / n_scored for name, total in sums.items()}
 
 
 def _slope_ratio(strengths, numerator, denominator, counts, *, n_boot, level, seed) -> dict:
