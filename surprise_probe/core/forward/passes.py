@@ -212,25 +212,23 @@ class ScoredMetrics:
 def _logits_at_positions(model, batch: Batch, hooks: Sequence[str], rows: Tensor, cols: Tensor):
     """``(logits_at, stored)``: ``logits_at(a, b)`` -> the logits at positions ``(rows[a:b], cols[a:b])``.
 
-    A HookedTransformer unembeds its final residual at just those positions; a TransformerBridge is
-    asked (``logits_to_keep``) for the columns any row needs, so no other column is unembedded.
+    A HookedTransformer unembeds its final residual at just those positions; otherwise (a
+    TransformerBridge, or a hook at or after the final norm) only the columns any row needs are
+    unembedded (:func:`logits_only_at`).
     """
     out = final_residual(model, batch, hooks)
     if out is not None:
         residual, stored = out
         gathered = residual[rows.to(residual.device), cols.to(residual.device)]
         return (lambda a, b: unembed(model, gathered[a:b])), stored
-    if is_hooked_transformer(model):  # a hook at or after the final norm: the full forward's logits
-        logits, stored = forward(model, batch, hooks)
-        rows, cols = rows.to(logits.device), cols.to(logits.device)
-        return (lambda a, b: logits[rows[a:b], cols[a:b]]), stored
     stored: dict[str, Tensor] = {}
     device = model_device(model)
     columns, within = torch.unique(cols, return_inverse=True)
-    logits = model.run_with_hooks(
-        batch.tokens.to(device), fwd_hooks=_keepers(hooks, stored), return_type="logits",
-        attention_mask=batch.attention_mask.to(device), logits_to_keep=columns.to(device),
-    )
+    with logits_only_at(model, columns) as keep:
+        logits = model.run_with_hooks(
+            batch.tokens.to(device), fwd_hooks=_keepers(hooks, stored), return_type="logits",
+            attention_mask=batch.attention_mask.to(device), **keep,
+        )
     rows, within = rows.to(logits.device), within.to(logits.device)
     return (lambda a, b: logits[rows[a:b], within[a:b]]), stored
 
