@@ -20,6 +20,7 @@ from surprise_probe.analyses.policy.writers import WriterResponse, sample_writer
 from surprise_probe.app.cli import main
 from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
 from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
+from tests.conftest import needs_hooked_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,6 +30,7 @@ PROMPTS = [GapPrompt(f"p{i}", text) for i, text in enumerate(TINY_CORPUS)]
 @pytest.fixture(scope="module")
 def trained(tiny_tokenizer):
     """A tiny model trained (seeded AdamW) on its own low-temperature samples, and an untrained peer."""
+    needs_hooked_transformer()
     torch.manual_seed(0)
     model = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=1)
     drawn = sample(model, [chat_prompt_ids(model, p.prompt) for p in PROMPTS], n_samples=2, max_new_tokens=10,
@@ -137,6 +139,7 @@ def test_empty_responses_are_counted_not_dropped(tiny_hooked):
 
 
 def test_a_model_without_chat_template_reads_plain_only(tiny_tokenizer, tmp_path):
+    needs_hooked_transformer()
     model = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=2)
     model.tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
     model.tokenizer.chat_template = None

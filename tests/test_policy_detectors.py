@@ -19,6 +19,7 @@ from surprise_probe.core.forward.metrics import cross_entropy, next_token_statis
 from surprise_probe.core.text.encoding import Encoded, pad_batch, pad_id
 from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
 from surprise_probe.testing import tiny_tokenizer as tiny_tokenizer_of
+from tests.conftest import needs_hooked_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,6 +114,7 @@ def test_the_entropy_of_a_read_is_unchanged_by_the_detector_pass(tiny_hooked):
 @pytest.fixture(scope="module")
 def pair(tiny_tokenizer):
     """Two random readers sharing one tokenizer, and their gap over six prompts (Binoculars available)."""
+    needs_hooked_transformer()
     reader = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=1)
     observer = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=7)
     prompts = [GapPrompt(p.id, p.prompt, "The cat sat on the mat." if i % 2 else None) for i, p in enumerate(PROMPTS)]
@@ -169,6 +171,7 @@ def test_every_detector_has_a_key_an_orientation_a_figure_and_a_line(pair, tmp_p
 def test_own_greedy_text_beats_the_same_tokens_shuffled(tiny_tokenizer):
     """Greedy tokens are the reader's top choice at every step (log-rank exactly 0); shuffling the same
     tokens keeps the bag of tokens and breaks that, so the likelihood detectors separate them."""
+    needs_hooked_transformer()
     model = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=4)
     prompts = [GapPrompt(f"q{i}", f"{text} ({i})") for i, text in enumerate(TINY_CORPUS * 2)]
     greedy = sample_writer(model, "m", prompts, fmt="assistant", max_new_tokens=12, temperature=0.0, progress=False)
@@ -189,6 +192,7 @@ def test_own_greedy_text_beats_the_same_tokens_shuffled(tiny_tokenizer):
 
 
 def test_binoculars_is_unavailable_with_one_reader_or_two_tokenizers(tiny_tokenizer, tmp_path):
+    needs_hooked_transformer()
     model = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=1)
     alone = policy_gap({"a": model}, PROMPTS[:3], formats=["assistant"], max_new_tokens=4, n_boot=20, progress=False)
     row = alone.comparison("a", "assistant", "own_other_prompt")["auroc_binoculars"]
@@ -216,6 +220,7 @@ def test_an_empty_response_has_no_detector_score():
 def test_fast_detectgpt_of_own_samples_at_temperature_one_is_standard_normal(tiny_tokenizer):
     """By construction: for tokens drawn from the reader's own distribution, each log p(x_t) - mu_t has
     mean 0 and variance var_t, so the criterion has mean 0 and variance 1 over the reader's samples."""
+    needs_hooked_transformer()
     model = tiny_hooked_transformer(tokenizer=tiny_tokenizer, n_ctx=96, seed=5)
     drawn = sample_writer(model, "m", PROMPTS, fmt="assistant", n_samples=12, max_new_tokens=12, temperature=1.0,
                           progress=False)
