@@ -13,7 +13,13 @@ child process (so memory and CPU time are its own), best of ``--repeats`` timed 
 - ``tl_forward``: TransformerLens HookedTransformer plain forward (no recording, no metrics);
 - ``tl_run_with_cache``: ``run_with_cache`` filtered to the 31 hooks, metrics, one ``.npy`` per batch;
 - ``sp_capture``: ``surprise_probe.core.capture.run(..., out_dir=...)`` (HookedTransformer backend, default);
-- ``sp_capture_bridge``: the same on the TransformerBridge backend (the Hugging Face modules).
+- ``sp_capture_bridge``: the same on the TransformerBridge backend (the Hugging Face modules, its
+  attention fused: ``surprise_probe.core.forward.attention.fuse_bridge_attention``);
+- ``sp_capture_bridge_unfused``: the same with the bridge's own step-by-step attention.
+
+``--other-python PYTHON`` also runs the bridge methods under another interpreter (a venv with
+another TransformerLens, e.g. 4.3 beside this one's 3.9) in the same run, as rows
+``sp_capture_bridge@tl4.3.0``: both TransformerLens versions against the same Hugging Face unit.
 
 Measures: CPU seconds of the child during the timed run (``time.process_time``, all threads; the
 main figure, since other jobs share the cores), wall seconds, resident memory sampled every 10 ms
@@ -48,7 +54,8 @@ from pathlib import Path
 import numpy as np
 
 METHODS = ["hf_forward", "hf_hidden_states", "nnsight", "tl_forward", "tl_run_with_cache", "sp_capture",
-           "sp_capture_bridge"]
+           "sp_capture_bridge", "sp_capture_bridge_unfused"]
+BRIDGE_METHODS = ("sp_capture_bridge", "sp_capture_bridge_unfused")
 NEEDS = {"nnsight": "nnsight"}
 
 
@@ -146,6 +153,7 @@ def _save_batch(out: Path, index: int, activations, surprise, entropy) -> None:
 def _load(method: str, folder: Path):
     import torch
 
+    method = method.split("@")[0]  # "sp_capture_bridge@tl4.3.0": the method, run by another interpreter
     if method.startswith("hf_") or method == "nnsight":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,10 +163,14 @@ def _load(method: str, folder: Path):
 
             return LanguageModel(model, tokenizer=AutoTokenizer.from_pretrained(folder))
         return model
+    from surprise_probe.core.forward.attention import fuse_bridge_attention
     from surprise_probe.core.models.loading import load_model
 
-    return load_model(str(folder), device="cpu", backend="bridge" if method.endswith("_bridge") else "hooked",
-                      progress=False)
+    model = load_model(str(folder), device="cpu", backend="bridge" if "_bridge" in method else "hooked",
+                       progress=False)
+    if method == "sp_capture_bridge_unfused":
+        fuse_bridge_attention(model, enable=False)
+    return model
 
 
 def _run(method: str, model, ids, batch_size: int, out: Path) -> None:
@@ -169,6 +181,7 @@ def _run(method: str, model, ids, batch_size: int, out: Path) -> None:
     from surprise_probe.core.forward.hooks import default_hooks
 
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    method = method.split("@")[0]
     if method == "hf_forward":
         for tokens in batches:
             model(tokens, attention_mask=torch.ones_like(tokens))
@@ -200,7 +213,7 @@ def _run(method: str, model, ids, batch_size: int, out: Path) -> None:
             surprise, entropy = _metrics(logits, tokens)
             _save_batch(out, b, torch.stack([cache[h] for h in hooks]), surprise, entropy)
             del cache
-    elif method in ("sp_capture", "sp_capture_bridge"):
+    elif method in ("sp_capture", *BRIDGE_METHODS):
         sp.capture(model, [{"token_ids": row.tolist()} for row in ids], out_dir=out / "capture",
                    batch_size=batch_size, progress=False)
     else:
@@ -252,7 +265,10 @@ def child(method: str, folder: Path, corpus: Path, batch_size: int, repeats: int
         np.savez(work / f"{method}.npz", **results)
     for repeat in range(repeats):
         shutil.rmtree(work / f"{method}-{repeat}", ignore_errors=True)
-    return {"method": method, "cpu_seconds": min(cpu), "all_cpu_seconds": [round(t, 2) for t in cpu],
+    import importlib.metadata
+
+    return {"method": method, "transformer_lens": importlib.metadata.version("transformer-lens"),
+            "cpu_seconds": min(cpu), "all_cpu_seconds": [round(t, 2) for t in cpu],
             "wall_seconds": min(wall), "all_wall_seconds": [round(t, 2) for t in wall],
             "rss_before_mb": sampler.start_kb / 1024, "peak_rss_mb": sampler.peak_kb / 1024,
             "threads": torch.get_num_threads()}
@@ -285,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-layer", type=int, default=17, help="layer whose activations are compared")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_capture.md and .json")
+    parser.add_argument("--other-python", default=None, help="also run the bridge methods under this "
+                        "interpreter (a venv with another TransformerLens and this project installed)")
     parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -308,11 +326,17 @@ def main(argv: list[str] | None = None) -> int:
         corpus = work / "corpus.npy"
         np.save(corpus, _corpus(folder, args.n_sequences, args.seq_len))
         rows = []
-        for method in args.methods:
+        runs = [(method, sys.executable) for method in args.methods]
+        if args.other_python:
+            version = subprocess.run(
+                [args.other_python, "-c", "import importlib.metadata as m; print(m.version('transformer-lens'))"],
+                check=True, capture_output=True, text=True).stdout.strip()
+            runs += [(f"{method}@tl{version}", args.other_python) for method in args.methods if method in BRIDGE_METHODS]
+        for method, python in runs:
             if method in NEEDS and importlib.util.find_spec(NEEDS[method]) is None:
                 print(f"{method:<18} skipped: {NEEDS[method]} is not installed (pip install -e .[bench])", flush=True)
                 continue
-            cmd = [sys.executable, __file__, "--child", method, str(folder), str(corpus), str(args.batch_size),
+            cmd = [python, __file__, "--child", method, str(folder), str(corpus), str(args.batch_size),
                    str(args.repeats), str(args.threads), str(work), str(layer)]
             with open(work / f"{method}.log", "w") as log:
                 process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -325,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             row["child_cpu_seconds_total"] = usage.ru_utime + usage.ru_stime
             row["child_maxrss_mb"] = usage.ru_maxrss / 1024
             rows.append(row)
-            print(f"{method:<18} {row['cpu_seconds']:8.2f} CPU s  {row['wall_seconds']:8.2f} wall s  "
+            print(f"{method:<28} {row['cpu_seconds']:8.2f} CPU s  {row['wall_seconds']:8.2f} wall s  "
                   f"peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
         reference = "hf_hidden_states" if any(r["method"] == "hf_hidden_states" for r in rows) else None
         for row in rows:
@@ -340,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         f"`{unit['method']}`; agreement against `{reference}` (layer {layer} activations of the first batch, "
         "every token's surprise and entropy)",
         "",
-        "| method | CPU s | x HF forward (CPU) | wall s | x HF forward (wall) | peak RSS (MB) | RSS before (MB) "
+        "| method | TransformerLens | CPU s | x HF forward (CPU) | wall s | x HF forward (wall) | peak RSS (MB) | RSS before (MB) "
         "| layer acts rel. err | surprise max diff | entropy max diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         agree = row["agreement"]
@@ -353,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         row["cpu_ratio"] = row["cpu_seconds"] / unit["cpu_seconds"]
         row["wall_ratio"] = row["wall_seconds"] / unit["wall_seconds"]
         lines.append(
-            f"| {row['method']} | {row['cpu_seconds']:.2f} | {row['cpu_ratio']:.3f} | {row['wall_seconds']:.2f} | "
+            f"| {row['method']} | {row['transformer_lens']} | {row['cpu_seconds']:.2f} | {row['cpu_ratio']:.3f} | {row['wall_seconds']:.2f} | "
             f"{row['wall_ratio']:.3f} | {row['peak_rss_mb']:.0f} | {row['rss_before_mb']:.0f} | "
             f"{fmt('acts_rel_err')} | {fmt('surprise_max_abs_diff')} | {fmt('entropy_max_abs_diff')} |"
         )

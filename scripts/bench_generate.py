@@ -6,7 +6,9 @@ prompts), same settings: pure temperature sampling (``top_k=0``, ``top_p=1``), e
 ``--max-new-tokens`` new tokens per row (no early stop on either side), KV cache on both. The two
 run alternately, best of ``--repeats``, so machine load affects both alike. Ours runs twice per
 repeat: as it samples (fused attention where that is the same computation) and with
-TransformerLens' own attention (``sampling.FUSE_ATTENTION = False``), which checks the ids agree.
+TransformerLens' own attention (``sampling.FUSE_ATTENTION = False`` on a HookedTransformer,
+``fuse_bridge_attention(model, enable=False)`` on a TransformerBridge), which checks the ids agree.
+Run it under each TransformerLens (3.9 and 4.x venvs) for both versions' figures.
 Prints and writes ``bench_generate.json`` with the ratio ours / Hugging Face (target >= 0.8).
 
     flock /tmp/sp-model.lock .venv/bin/python scripts/bench_generate.py --out /tmp/bench-generate
@@ -22,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from surprise_probe.core.forward import sampling
+from surprise_probe.core.forward.attention import fuse_bridge_attention
 from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
+from surprise_probe.core.models.backends import is_bridge, transformer_lens_version
 from surprise_probe.core.models.loading import EMBEDDED_MODELS, embedded_folder, load_model
 from surprise_probe.core.text.files import builtin_prompts
 from surprise_probe.core.utils.jsonio import software_versions, write_json
@@ -61,11 +65,14 @@ def main() -> None:
 
     def run_ours(fused: bool = True) -> float:
         sampling.FUSE_ATTENTION = fused
+        if is_bridge(ours):
+            fuse_bridge_attention(ours, enable=fused)
         started = time.perf_counter()
         out = sample(ours, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      stop_ids=(), batch_size=len(prompts))
         elapsed = time.perf_counter() - started
         sampling.FUSE_ATTENTION = True
+        fuse_bridge_attention(ours)
         assert sum(len(s.response_ids) for s in out) == n_tokens
         samples[fused] = [s.response_ids for s in out]
         return elapsed
@@ -91,7 +98,8 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     rate = {k: n_tokens / v for k, v in best.items()}
     result = {
-        "model": args.model, "backend": type(ours).__name__, "batch_size": len(prompts),
+        "model": args.model, "backend": type(ours).__name__, "transformer_lens": transformer_lens_version(),
+        "batch_size": len(prompts),
         "prompt_tokens_max": width, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "threads": args.threads, "repeats": args.repeats, "seconds": times,
         "tokens_per_second": rate, "ratio_ours_over_hf": rate["ours"] / rate["hf"],
@@ -100,7 +108,7 @@ def main() -> None:
         "software_versions": software_versions(),
     }
     write_json(args.out / "bench_generate.json", result)
-    print(f"{args.model} ({type(ours).__name__}), batch {len(prompts)} x {args.max_new_tokens} new tokens, "
+    print(f"{args.model} ({type(ours).__name__}, TransformerLens {transformer_lens_version()}), batch {len(prompts)} x {args.max_new_tokens} new tokens, "
           f"T={args.temperature}, {args.threads} threads, best of {args.repeats}:")
     print(f"  ours {rate['ours']:.1f} tok/s   Hugging Face generate {rate['hf']:.1f} tok/s   "
           f"ratio {result['ratio_ours_over_hf']:.2f} (target >= 0.8)")

@@ -1,4 +1,4 @@
-"""A HookedTransformer's attention as one fused kernel, where that is the same computation.
+"""A model's attention as one fused kernel, where that is the same computation.
 
 TransformerLens' attention materialises the (batch x heads x query x key) scores in float32,
 masks them, softmaxes them, zeroes the NaN of fully masked rows and runs two hook points on
@@ -10,6 +10,19 @@ causal or local-window mask combined with the padding mask. It applies only wher
 same computation: not with soft-capped scores, ALiBi or relative positions, attention sinks,
 log-n scaling, OLMo's QK norm or QKV clipping, split or per-head inputs, 4-bit weights, or any
 hook on the attention's hook points (those run the model's own attention, so the hooks fire).
+
+A ``TransformerBridge`` (TransformerLens 3.9 and 4.x) re-implements the Hugging Face attention
+step by step for the same two hook points, so it pays the same passes. :func:`fuse_bridge_attention`
+gives its rotary attention (Llama, Mistral, Qwen2, SmolLM2, ...) the fused kernel: the bridge's own
+Q/K/V projections, ``hook_cos``/``hook_sin``, rotary embedding, key-value cache update and mask
+(``_apply_reconstruct_attention_mask``, so padding, causal and sliding-window masks are the
+bridge's), then ``scaled_dot_product_attention`` and the bridge's output projection; every hook
+point fires except ``hook_attn_scores`` and ``hook_pattern``, which do not exist in a fused kernel.
+It checks **at every call** whether either of those two has a hook (``run_with_cache`` of a
+pattern, a pattern patch, a gradient hook) or the call asks for attention weights; if so that call
+runs the bridge's own attention. Architectures it does not cover (Q/K norms, soft-capping, sinks,
+partial or interleaved rotary, split inputs, gated queries) are never patched:
+:func:`fuse_bridge_attention` returns how many layers it fused, and ``load_model`` records it.
 
 Used by the steering sweep's suffix engine (``interventions.suffix``) and by the sampler
 (``surprise_probe.core.forward.sampling``); tests/test_interventions_fused_attention.py checks both against the model's
@@ -28,13 +41,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from surprise_probe.core.models.backends import hooked_transformer_available
 
-__all__ = ["fused_attention", "fusable"]
+__all__ = ["fused_attention", "fusable", "fuse_bridge_attention", "bridge_fusable", "bridge_fused_layers"]
 
 _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -125,3 +139,131 @@ def fused_attention(model, layers: Iterable[int]) -> Iterator[bool]:
     finally:
         for attn in attns:
             del attn.forward
+
+
+# -- TransformerBridge ---------------------------------------------------------------------------
+
+
+def _has_hooks(point) -> bool:
+    return bool(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
+                or getattr(point, "fwd_hooks", None) or getattr(point, "bwd_hooks", None))
+
+
+def bridge_fusable(attn) -> bool:
+    """Whether :func:`fuse_bridge_attention` covers this bridge attention component exactly."""
+    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+        PositionEmbeddingsAttentionBridge as Rotary,
+    )
+
+    hf = getattr(attn, "original_component", None)
+    cfg = getattr(attn, "config", None)
+    flag = lambda name: bool(getattr(cfg, name, False))  # noqa: E731 - local shorthand
+    gate = getattr(attn, "_modules", {}).get("gate")
+    return (
+        isinstance(attn, Rotary)
+        and type(attn).forward is Rotary.forward  # not an architecture's own forward
+        and type(attn)._pre_output_projection is Rotary._pre_output_projection
+        and "forward" not in vars(attn)
+        and hf is not None and isinstance(getattr(hf, "head_dim", None), int)
+        and all(hasattr(attn, name) for name in ("q", "k", "v", "o", "hook_in", "hook_out",
+                                                 "hook_attn_scores", "hook_pattern"))
+        and "q_norm" not in attn.submodules and "k_norm" not in attn.submodules
+        and not any(flag(name) for name in ("use_split_qkv_input", "use_attn_in", "gated_q_proj",
+                                            "use_attn_result", "rotary_adjacent_pairs",
+                                            "rotary_interleaved_cos_sin", "qk_norm_after_rope"))
+        and getattr(hf, "key_multiplier", None) is None
+        and getattr(hf, "attn_logit_softcapping", None) is None
+        and getattr(hf, "sinks", None) is None
+        and getattr(getattr(hf, "config", None), "clip_qkv", None) is None
+        and not (isinstance(rope := getattr(getattr(hf, "config", None), "rope_parameters", None), dict)
+                 and rope.get("llama_4_scaling_beta") is not None)
+        and (gate is None or gate.original_component is None)
+        and getattr(cfg, "positional_embedding_type", "rotary") == "rotary"
+    )
+
+
+def _bridge_fused_forward(attn, *args, **kwargs):
+    """The bridge attention's forward with the scores never materialised (see the module docstring)."""
+    own = type(attn).forward
+    hf = attn.original_component
+    head_dim = hf.head_dim
+    position_embeddings = kwargs.get("position_embeddings")
+    if (
+        _has_hooks(attn.hook_attn_scores) or _has_hooks(attn.hook_pattern)
+        or kwargs.get("output_attentions") or (attn.training and getattr(hf, "attention_dropout", 0.0))
+        or not isinstance(position_embeddings, tuple) or position_embeddings[0].shape[-1] != head_dim
+        or not (args and isinstance(args[0], Tensor) or "hidden_states" in kwargs)
+    ):
+        return own(attn, *args, **kwargs)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    kwargs = dict(kwargs)
+    hidden_states = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+    kwargs.pop("position_embeddings")
+    attention_mask = kwargs.pop("attention_mask", None)
+    hidden_states = attn.hook_in(hidden_states)
+    input_shape = hidden_states.shape[:-1]
+    shape = (*input_shape, -1, head_dim)
+    q = attn.q(hidden_states).view(shape).transpose(1, 2)  # (batch, heads, pos, d_head)
+    k = attn.k(hidden_states).view(shape).transpose(1, 2)
+    v = attn.v(hidden_states).view(shape).transpose(1, 2)
+    cos, sin = attn._apply_position_embedding_hooks(position_embeddings)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if hasattr(attn, "hook_rot_q"):
+        q = attn.hook_rot_q(q)
+    if hasattr(attn, "hook_rot_k"):
+        k = attn.hook_rot_k(k)
+    k, v = attn._update_kv_cache(k, v, **kwargs)
+    # The bridge's own mask (padding, causal, window), added to zero scores: one row per query,
+    # shared by the heads.
+    mask = attn._apply_reconstruct_attention_mask(
+        attn_scores=q.new_zeros(q.shape[0], 1, q.shape[2], k.shape[2]), attention_mask=attention_mask,
+        seq_len=k.shape[2], q_seq_len=q.shape[2],
+    )
+    dead = torch.isneginf(mask).all(-1, keepdim=True) if attn.compatibility_mode else None
+    if dead is not None:
+        # A query that may attend to nothing (a left pad) gets zeros, as the bridge's NaN scrub
+        # gives it; it attends to everything first, so no kernel's forward or backward sees a NaN.
+        mask = mask.masked_fill(dead, 0.0)
+    z = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=float(getattr(hf, "scaling", head_dim**-0.5)),
+        enable_gqa=k.shape[1] != q.shape[1],
+    )  # (batch, heads, pos, d_head)
+    if dead is not None:
+        z = z.masked_fill(dead, 0.0)
+    z = z.transpose(1, 2).reshape(*input_shape, -1)
+    weight = getattr(getattr(attn.o, "original_component", None), "weight", None)
+    if isinstance(weight, Tensor) and weight.dtype.is_floating_point and z.dtype != weight.dtype:
+        z = z.to(weight.dtype)
+    return attn.hook_out(attn.o(z)), None
+
+
+def bridge_fused_layers(model) -> list[int]:
+    """The layers whose attention :func:`fuse_bridge_attention` has fused."""
+    return [i for i, block in enumerate(getattr(model, "blocks", ()))
+            if isinstance(forward := vars(getattr(block, "attn", None) or object()).get("forward"), partial)
+            and forward.func is _bridge_fused_forward]
+
+
+def fuse_bridge_attention(model, enable: bool = True) -> int:
+    """Give a ``TransformerBridge``'s rotary attention the fused kernel (``enable=False`` undoes it);
+    returns the number of layers fused. Anything else (a HookedTransformer, another architecture)
+    is left as is and gives 0.
+
+    >>> from surprise_probe.testing import tiny_bridge
+    >>> model = tiny_bridge()
+    >>> fuse_bridge_attention(model), fuse_bridge_attention(model, enable=False)
+    (2, 0)
+    """
+    fused = 0
+    for block in getattr(model, "blocks", ()):
+        attn = getattr(block, "attn", None)
+        if attn is None:
+            continue
+        own = vars(attn)  # the bridge forwards attribute writes to the wrapped module: write its dict
+        if isinstance(own.get("forward"), partial) and own["forward"].func is _bridge_fused_forward:
+            del own["forward"]
+        if enable and type(model).__name__ == "TransformerBridge" and bridge_fusable(attn):
+            own["forward"] = partial(_bridge_fused_forward, attn)  # the instance attribute shadows the method
+            fused += 1
+    return fused

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from surprise_probe.core.forward.attention import fuse_bridge_attention
 from surprise_probe.core.models.backends import (
     hooked_transformer_available,
     is_bridge,
@@ -268,6 +269,13 @@ def _convert(folder: Path, tokenizer, device: str, dtype: torch.dtype, backend: 
         device=None if device_map is not None else device,
     )
     model.enable_compatibility_mode()
+    if not fuse_bridge_attention(model) and len(getattr(model, "blocks", ())):
+        # Not silent: this architecture runs the bridge's step-by-step attention (same numbers, slower).
+        warnings.warn(
+            f"{folder.name}: the fused attention kernel does not cover "
+            f"{type(model.blocks[0].attn).__name__} here; the bridge's own attention runs",
+            stacklevel=4,
+        )
     return model
 
 
