@@ -6,11 +6,12 @@ included). Each runs alone, beside a PyTorch job doing matrix products on every 
 torch settings), and beside a second toolkit run of the same workload and setting. Ratios are
 within this one run (the machine's absolute speed varies).
 
-Settings:
-  spin-300k   libgomp's default (what the toolkit did before 2026-12): spin ~300k iterations, all cores
-  passive     OMP_WAIT_POLICY=PASSIVE: sleep at once (the toolkit's default since 2026-12-07,
-              surprise_probe.core.utils.threads, chosen from this benchmark)
-  spin-10k    GOMP_SPINCOUNT=10000: a short spin, then sleep
+Settings (every one but ``default`` fixes the thread count through SURPRISE_PROBE_THREADS):
+  spin-300k   libgomp's default spin (~300k iterations) on every available CPU: the toolkit before 2026-12
+  passive-all OMP_WAIT_POLICY=PASSIVE on every available CPU: the toolkit's default of the morning of 2026-12-07
+  default     nothing set: the toolkit's default now (passive waiting, and as many threads as CPUs are
+              idle when it starts, surprise_probe.core.utils.threads.configure_threads)
+  spin-10k    GOMP_SPINCOUNT=10000 on every available CPU: a short spin, then sleep (not run by default)
   one-thread  torch.set_num_threads(1) (cannot spin-wait for another thread)
 
 Workloads (SmolLM2-135M-Instruct, float32): forward (3 forwards of 8 x 128 tokens), capture
@@ -40,14 +41,17 @@ from surprise_probe.interventions import SteeringDirection, dose_response, rando
 import surprise_probe as sp
 from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
 from surprise_probe.core.text.files import builtin_items
-from surprise_probe.core.utils.threads import configure_threads
+from surprise_probe.core.utils.threads import available_cpus, configure_threads
 
+ALL = str(available_cpus())
 SETTINGS = {
-    "spin-300k": {"GOMP_SPINCOUNT": "300000"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "spin-10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin-300k": {"GOMP_SPINCOUNT": "300000", "SURPRISE_PROBE_THREADS": ALL},
+    "passive-all": {"OMP_WAIT_POLICY": "PASSIVE", "SURPRISE_PROBE_THREADS": ALL},
+    "default": {},
+    "spin-10k": {"GOMP_SPINCOUNT": "10000", "SURPRISE_PROBE_THREADS": ALL},
     "one-thread": {"GOMP_SPINCOUNT": "300000", "SURPRISE_PROBE_THREADS": "1"},
 }
+DEFAULT_SETTINGS = ("spin-300k", "passive-all", "default", "one-thread")
 WORKLOADS = ("forward", "capture", "steer", "sample")
 CONDITIONS = ("alone", "beside-matmul", "beside-toolkit")
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +100,7 @@ def _workload(name: str):
 
 def child(name: str, loop: bool) -> None:
     run = _workload(name)
+    threads = torch.get_num_threads()
     if loop:  # a competitor: repeat until killed
         while True:
             run()
@@ -103,7 +108,8 @@ def child(name: str, loop: bool) -> None:
     started, cpu0 = time.perf_counter(), usage.ru_utime + usage.ru_stime
     run()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"wall": time.perf_counter() - started, "cpu": usage.ru_utime + usage.ru_stime - cpu0}))
+    print(json.dumps({"wall": time.perf_counter() - started, "cpu": usage.ru_utime + usage.ru_stime - cpu0,
+                      "threads": threads}))
 
 
 MATMUL = """
@@ -143,7 +149,7 @@ def measure(workload: str, setting: str, condition: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -159,9 +165,9 @@ def main() -> int:
                 row = {"workload": workload, "condition": condition, "setting": setting,
                        **measure(workload, setting, condition)}
                 results.append(row)
-                print(f"{workload:8s} {condition:15s} {setting:11s} wall {row['wall']:7.2f} s  cpu {row['cpu']:7.2f} s",
-                      flush=True)
-    print("\nratios to one-thread in the same condition (wall, cpu); and to spin-300k alone (wall):")
+                print(f"{workload:8s} {condition:15s} {setting:11s} wall {row['wall']:7.2f} s  cpu {row['cpu']:7.2f} s"
+                      f"  threads {row['threads']}", flush=True)
+    print("\nratios to one-thread in the same condition (wall, cpu); alone, to spin-300k and passive-all (wall):")
     for workload in args.workloads:
         alone = {r["setting"]: r for r in results if r["workload"] == workload and r["condition"] == "alone"}
         for condition in args.conditions:
@@ -171,8 +177,9 @@ def main() -> int:
                 parts = [f"{workload:8s} {condition:15s} {setting:11s}"]
                 if one:
                     parts.append(f"vs one-thread wall {row['wall'] / one['wall']:.2f}x cpu {row['cpu'] / one['cpu']:.2f}x")
-                if condition == "alone" and "spin-300k" in alone:
-                    parts.append(f"vs spin-300k alone wall {row['wall'] / alone['spin-300k']['wall']:.2f}x")
+                for before in ("spin-300k", "passive-all"):
+                    if condition == "alone" and before in alone:
+                        parts.append(f"vs {before} alone wall {row['wall'] / alone[before]['wall']:.2f}x")
                 print("  ".join(parts))
     if args.json:
         args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

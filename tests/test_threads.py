@@ -34,6 +34,7 @@ def test_passive_waiting_only_before_torch_and_only_if_the_user_chose_nothing():
 
 
 def test_configure_threads_follows_the_variable_and_refuses_nonsense(monkeypatch):
+    monkeypatch.setattr(threads, "idle_cpus", lambda *a, **k: 64.0)  # an idle machine
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv(threads.THREADS_VARIABLE, "1")
@@ -58,3 +59,45 @@ def test_the_cli_sets_threads_and_refuses_a_bad_count(capsys):
         assert "--threads" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def _stat(cpus: list[tuple[int, int]]) -> str:
+    """A /proc/stat with one line per CPU: (busy jiffies, idle jiffies)."""
+    lines = ["cpu  0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{i} {busy} 0 0 {idle} 0 0 0 0" for i, (busy, idle) in enumerate(cpus)]
+    return "\n".join(lines + ["intr 1 2 3"]) + "\n"
+
+
+def test_idle_cpus_reads_proc_stat_over_the_interval(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text(_stat([(100, 100), (100, 100)]))
+    # Over the interval CPU 0 is busy 3/4 of the time, CPU 1 idle throughout: 0.25 + 1.0 idle.
+    monkeypatch.setattr(threads.time, "sleep", lambda s: stat.write_text(_stat([(175, 125), (100, 200)])))
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+    assert threads.idle_cpus(0.01, stat) == pytest.approx(1.25)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {1})  # only CPUs this process may use
+    stat.write_text(_stat([(100, 100), (100, 100)]))
+    assert threads.idle_cpus(0.01, stat) == pytest.approx(1.0)
+    assert threads.idle_cpus(0.01, tmp_path / "missing") is None
+
+
+def test_threads_follow_the_idle_cpus_and_come_back(monkeypatch):
+    before = torch.get_num_threads()
+    idle = {"now": 0.2}
+    monkeypatch.setattr(threads, "idle_cpus", lambda *a, **k: idle["now"])
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2)
+    monkeypatch.delenv(threads.THREADS_VARIABLE, raising=False)
+    try:
+        torch.set_num_threads(2)
+        assert threads.configure_threads() == 1  # both cores busy with other work: one thread
+        idle["now"] = 1.9
+        assert threads.refresh_threads() == 2 and torch.get_num_threads() == 2  # the load went: back to 2
+        idle["now"] = 0.9
+        assert threads.refresh_threads() == 1
+        assert threads.configure_threads(follow_load=False) == 2  # the CPUs available, load or not
+        threads.configure_threads(2)  # a fixed count (--threads) is never changed by load
+        assert threads.refresh_threads() is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        threads._LAST.update(set=None, ceiling=None)

@@ -22,6 +22,7 @@ from surprise_probe.core.utils.jsonio import (
 )
 from surprise_probe.core.utils.notebook import NotebookView
 from surprise_probe.core.utils.outputs import claim_output, config_record_path, first_difference
+from surprise_probe.core.utils.threads import refresh_threads
 
 # --- running ----------------------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ def run_study(
         for number, stage in enumerate(stages, start=1):
             config = finite_or_none(stage.config(settings, inputs))
             folder = stage.path(out)
+            refresh_threads()  # a competing job may have started or stopped since the last stage
             started = time.perf_counter()
             print(f"\n== {number}/{len(stages)} {stage.name}" + (f" -> {folder}" if folder else ""), flush=True)
             missing = [need for need in stage.needs if need not in ctx.results]

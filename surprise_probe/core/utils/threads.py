@@ -12,9 +12,13 @@ measures it; docs/benchmarks.md has the figures). So the toolkit:
   torch loads it). Chosen over libgomp's default and over a short spin (``GOMP_SPINCOUNT=10000``)
   by scripts/bench_contention.py (docs/benchmarks.md);
 - uses as many threads as CPUs are really available to the process (:func:`available_cpus`: its
-  CPU affinity and the cgroup's CPU quota, not the machine's core count), set by the CLI at start
-  (``--threads`` or ``SURPRISE_PROBE_THREADS`` override) and by :func:`configure_threads` for
-  library users.
+  CPU affinity and the cgroup's CPU quota, not the machine's core count) **and idle now**
+  (:func:`idle_cpus`: measured from ``/proc/stat`` over 0.1 s). Beside a job that keeps every
+  core busy, two threads each get half a core and wait on each other at every parallel region;
+  one thread does the same work in the same CPU time and less wall time
+  (scripts/bench_contention.py). Set by the CLI at start and again before each study stage, so
+  it follows a competitor that starts or stops (``--threads`` or ``SURPRISE_PROBE_THREADS`` fix
+  the count), and by :func:`configure_threads` for library users.
 
 >>> available_cpus() >= 1
 True
@@ -25,15 +29,20 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
-__all__ = ["WAIT_POLICY", "available_cpus", "prefer_passive_waiting", "configure_threads", "thread_settings"]
+__all__ = ["WAIT_POLICY", "available_cpus", "idle_cpus", "prefer_passive_waiting", "configure_threads",
+           "refresh_threads", "thread_settings"]
 
 # How idle OpenMP threads wait (libgomp's default spins ~300,000 iterations first). Chosen with
 # scripts/bench_contention.py: see docs/benchmarks.md.
 WAIT_POLICY = "PASSIVE"
 THREADS_VARIABLE = "SURPRISE_PROBE_THREADS"
+# What configure_threads set last, and the ceiling it lowered from: a count it lowered for load
+# may rise again to that ceiling when the load goes; a count the caller set is their ceiling.
+_LAST: dict[str, int | None] = {"set": None, "ceiling": None}
 
 
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -63,6 +72,44 @@ def available_cpus() -> int:
     return max(1, count)
 
 
+def _cpu_times(stat: Path) -> dict[int, tuple[int, int]]:
+    """``{cpu: (idle jiffies incl. iowait, total jiffies)}`` from a ``/proc/stat``."""
+    times = {}
+    for line in stat.read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            times[int(name[3:])] = (values[3] + values[4], sum(values))
+    return times
+
+
+def idle_cpus(interval: float = 0.1, stat: Path = Path("/proc/stat")) -> float | None:
+    """How many of this process's CPUs were idle over the next ``interval`` seconds (0 to their
+    count), from ``/proc/stat``; ``None`` where that cannot be read (not Linux).
+
+    >>> 0 <= (idle_cpus(0.05) or 0) <= available_cpus() + 1e-9
+    True
+    """
+    try:
+        mine = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        mine = None
+    try:
+        before = _cpu_times(stat)
+        time.sleep(interval)
+        after = _cpu_times(stat)
+    except (OSError, ValueError):
+        return None
+    idle = 0.0
+    for cpu, (idle_after, total_after) in after.items():
+        if (mine is not None and cpu not in mine) or cpu not in before:
+            continue
+        spent = total_after - before[cpu][1]
+        idle += (idle_after - before[cpu][0]) / spent if spent > 0 else 1.0
+    quota = _cgroup_quota()
+    return min(idle, quota) if quota is not None else idle
+
+
 def prefer_passive_waiting(environ: MutableMapping[str, str] | None = None) -> bool:
     """Ask OpenMP threads to sleep when idle; only before torch loads, and only if you set nothing.
 
@@ -76,10 +123,13 @@ def prefer_passive_waiting(environ: MutableMapping[str, str] | None = None) -> b
     return True
 
 
-def configure_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads to ``threads`` (default: ``$SURPRISE_PROBE_THREADS``, else torch's
-    current count capped at the CPUs available to this process: never more threads than CPUs it
-    may use, and never more than a caller already chose); returns the count used.
+def configure_threads(threads: int | None = None, follow_load: bool = True) -> int:
+    """Set torch's intra-op threads to ``threads`` and return the count used.
+
+    Default: ``$SURPRISE_PROBE_THREADS``, else torch's current count capped at the CPUs available
+    to this process (never more threads than CPUs it may use, never more than a caller already
+    chose) and, with ``follow_load``, at the CPUs idle now (:func:`idle_cpus`, rounded, at least
+    1). Call it again when the load may have changed: a count it lowered for load rises back.
 
     >>> import torch
     >>> configure_threads(1), torch.get_num_threads()
@@ -94,11 +144,33 @@ def configure_threads(threads: int | None = None) -> int:
                 raise ValueError(f"{THREADS_VARIABLE}={configured!r}: expected an integer >= 1")
             threads = int(configured)
         else:
-            threads = min(torch.get_num_threads(), available_cpus())
+            current = torch.get_num_threads()
+            ceiling = _LAST["ceiling"] if _LAST["set"] == current and _LAST["ceiling"] else current
+            ceiling = min(ceiling, available_cpus())
+            threads = ceiling
+            idle = idle_cpus() if follow_load and ceiling > 1 else None
+            if idle is not None:
+                threads = max(1, min(ceiling, math.floor(idle + 0.5)))
+            torch.set_num_threads(threads)
+            _LAST.update(set=threads, ceiling=ceiling)
+            return threads
     if int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(int(threads))
+    _LAST.update(set=None, ceiling=None)
     return int(threads)
+
+
+def refresh_threads() -> int | None:
+    """Before a long stage: measure the idle CPUs again and reset the count, only if the last
+    :func:`configure_threads` chose it by load and nobody changed it since (not ``--threads``, the
+    variable or a caller's own count); returns the new count, or ``None`` where it leaves it.
+    """
+    import torch
+
+    if _LAST["set"] is None or torch.get_num_threads() != _LAST["set"]:
+        return None
+    return configure_threads()
 
 
 def thread_settings() -> dict:
