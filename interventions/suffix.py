@@ -16,7 +16,7 @@ rounding (tested against the one-condition loop).
 The blocks after the hook compute attention as one fused kernel
 (``torch.nn.functional.scaled_dot_product_attention``, with the block's own projections, rotary
 embedding and causal or local mask) where that is the same computation
-(``surprise_probe.core.forward.attention.fused_attention``):
+(``surprise_probe.core.models.attention.fused_attention``):
 TransformerLens materialises the (rows x heads x query x key) scores in float32 and makes four
 passes over them, which on SmolLM2 was a fifth of a sweep's time and grows with the square of
 the context. Where it is not the same computation (soft-capped scores, ALiBi, attention sinks,
@@ -36,8 +36,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from surprise_probe.core.forward.attention import fused_attention
 from surprise_probe.core.forward.hooks import first_block_after
+from surprise_probe.core.models.attention import fused_attention
 from surprise_probe.core.models.backends import is_hooked_transformer
 
 __all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "FUSE_ATTENTION"]

@@ -14,7 +14,7 @@ child process (so memory and CPU time are its own), best of ``--repeats`` timed 
 - ``tl_run_with_cache``: ``run_with_cache`` filtered to the 31 hooks, metrics, one ``.npy`` per batch;
 - ``sp_capture``: ``surprise_probe.core.capture.run(..., out_dir=...)`` (HookedTransformer backend, default);
 - ``sp_capture_bridge``: the same on the TransformerBridge backend (the Hugging Face modules, its
-  attention fused: ``surprise_probe.core.forward.attention.fuse_bridge_attention``);
+  attention fused: ``surprise_probe.core.models.attention.fuse_bridge_attention``);
 - ``sp_capture_bridge_unfused``: the same with the bridge's own step-by-step attention.
 
 ``--other-python PYTHON`` also runs the bridge methods under another interpreter (a venv with
@@ -163,7 +163,7 @@ def _load(method: str, folder: Path):
 
             return LanguageModel(model, tokenizer=AutoTokenizer.from_pretrained(folder))
         return model
-    from surprise_probe.core.forward.attention import fuse_bridge_attention
+    from surprise_probe.core.models.attention import fuse_bridge_attention
     from surprise_probe.core.models.loading import load_model
 
     model = load_model(str(folder), device="cpu", backend="bridge" if "_bridge" in method else "hooked",

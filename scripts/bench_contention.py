@@ -6,13 +6,14 @@ included). Each runs alone, beside a PyTorch job doing matrix products on every 
 torch settings), and beside a second toolkit run of the same workload and setting. Ratios are
 within this one run (the machine's absolute speed varies).
 
-Settings (every one but ``default`` fixes the thread count through SURPRISE_PROBE_THREADS):
-  spin-300k   libgomp's default spin (~300k iterations) on every available CPU: the toolkit before 2026-12
-  passive-all OMP_WAIT_POLICY=PASSIVE on every available CPU: the toolkit's default of the morning of 2026-12-07
-  default     nothing set: the toolkit's default now (passive waiting, and as many threads as CPUs are
-              idle when it starts, surprise_probe.core.utils.threads.configure_threads)
-  spin-10k    GOMP_SPINCOUNT=10000 on every available CPU: a short spin, then sleep (not run by default)
-  one-thread  torch.set_num_threads(1) (cannot spin-wait for another thread)
+Settings:
+  spin-300k    libgomp's default spin (~300k iterations) on every available CPU: the toolkit before 2026-12
+  passive      nothing set: the toolkit's default (OMP_WAIT_POLICY=PASSIVE from ``import surprise_probe``,
+               as many threads as CPUs available; surprise_probe.core.utils.threads)
+  follow-load  SURPRISE_PROBE_THREADS=idle: passive, and as many threads as CPUs are idle when it starts
+               (tried on 2026-12-07 and not made the default: docs/benchmarks.md)
+  spin-10k     GOMP_SPINCOUNT=10000 on every available CPU: a short spin, then sleep (not run by default)
+  one-thread   torch.set_num_threads(1) (cannot spin-wait for another thread)
 
 Workloads (SmolLM2-135M-Instruct, float32): forward (3 forwards of 8 x 128 tokens), capture
 (sp.capture of 32 paragraphs, every 3rd layer, in memory), steer (dose-response, 4 inputs x 5
@@ -46,12 +47,12 @@ from surprise_probe.core.utils.threads import available_cpus, configure_threads
 ALL = str(available_cpus())
 SETTINGS = {
     "spin-300k": {"GOMP_SPINCOUNT": "300000", "SURPRISE_PROBE_THREADS": ALL},
-    "passive-all": {"OMP_WAIT_POLICY": "PASSIVE", "SURPRISE_PROBE_THREADS": ALL},
-    "default": {},
+    "passive": {},
+    "follow-load": {"SURPRISE_PROBE_THREADS": "idle"},
     "spin-10k": {"GOMP_SPINCOUNT": "10000", "SURPRISE_PROBE_THREADS": ALL},
     "one-thread": {"GOMP_SPINCOUNT": "300000", "SURPRISE_PROBE_THREADS": "1"},
 }
-DEFAULT_SETTINGS = ("spin-300k", "passive-all", "default", "one-thread")
+DEFAULT_SETTINGS = ("spin-300k", "passive", "follow-load", "one-thread")
 WORKLOADS = ("forward", "capture", "steer", "sample")
 CONDITIONS = ("alone", "beside-matmul", "beside-toolkit")
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def main() -> int:
                 results.append(row)
                 print(f"{workload:8s} {condition:15s} {setting:11s} wall {row['wall']:7.2f} s  cpu {row['cpu']:7.2f} s"
                       f"  threads {row['threads']}", flush=True)
-    print("\nratios to one-thread in the same condition (wall, cpu); alone, to spin-300k and passive-all (wall):")
+    print("\nratios to one-thread in the same condition (wall, cpu); alone, to spin-300k and passive (wall):")
     for workload in args.workloads:
         alone = {r["setting"]: r for r in results if r["workload"] == workload and r["condition"] == "alone"}
         for condition in args.conditions:
@@ -177,7 +178,7 @@ def main() -> int:
                 parts = [f"{workload:8s} {condition:15s} {setting:11s}"]
                 if one:
                     parts.append(f"vs one-thread wall {row['wall'] / one['wall']:.2f}x cpu {row['cpu'] / one['cpu']:.2f}x")
-                for before in ("spin-300k", "passive-all"):
+                for before in ("spin-300k", "passive"):
                     if condition == "alone" and before in alone:
                         parts.append(f"vs {before} alone wall {row['wall'] / alone[before]['wall']:.2f}x")
                 print("  ".join(parts))

@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from surprise_probe.core.forward import sampling
-from surprise_probe.core.forward.attention import fuse_bridge_attention
 from surprise_probe.core.forward.sampling import chat_prompt_ids, sample
+from surprise_probe.core.models.attention import fuse_bridge_attention
 from surprise_probe.core.models.backends import is_bridge, transformer_lens_version
 from surprise_probe.core.models.loading import EMBEDDED_MODELS, embedded_folder, load_model
 from surprise_probe.core.text.files import builtin_prompts

@@ -28,7 +28,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "surprise_probe.io": ("surprise_probe.core.text.files",),
     "surprise_probe.alignment": ("surprise_probe.core.text.alignment",),
     "surprise_probe.metrics": ("surprise_probe.core.forward.metrics",),
-    "surprise_probe.attention": ("surprise_probe.core.forward.attention",),
+    "surprise_probe.attention": ("surprise_probe.core.models.attention",),
     "surprise_probe.sampling": ("surprise_probe.core.forward.sampling",),
     "surprise_probe.generate": ("surprise_probe.core.forward.responses",),
     "surprise_probe.capture": ("surprise_probe.core.capture.run", "surprise_probe.core.forward.passes",

@@ -1,4 +1,4 @@
-"""A TransformerBridge's fused attention (surprise_probe.core.forward.attention.fuse_bridge_attention)
+"""A TransformerBridge's fused attention (surprise_probe.core.models.attention.fuse_bridge_attention)
 gives what the bridge's own attention gives: logits padded and unpadded, with a key-value cache,
 gradients; every hook point but the pattern and scores still fires; a hook on those runs the
 bridge's own attention for that call; architectures it does not cover are left alone. Runs on
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import surprise_probe as sp
-from surprise_probe.core.forward.attention import (
+from surprise_probe.core.forward.sampling import sample
+from surprise_probe.core.models.attention import (
     bridge_fusable,
     bridge_fused_layers,
     fuse_bridge_attention,
 )
-from surprise_probe.core.forward.sampling import sample
 from surprise_probe.core.models.backends import transformer_lens_version
 from surprise_probe.testing import tiny_bridge, tiny_llama_folder
 

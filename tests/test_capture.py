@@ -175,3 +175,46 @@ def test_token_metrics_facade(tiny_model):
     s, h = surprise_and_entropy(logits, torch.tensor(m.token_ids)[None])
     np.testing.assert_allclose(m.output_entropy, h[0].detach().numpy(), atol=1e-5)
     assert "surprise" in m.table()
+
+
+def test_fast_reads_give_the_same_numbers_and_leave_the_model_as_it_was(monkeypatch):
+    """A HookedTransformer captures with fused attention and its weights in forward order; the
+    activations and metrics equal the model's own forward's, padded batches included."""
+    import contextlib
+
+    import torch
+
+    from surprise_probe.testing import tiny_hooked_transformer
+
+    model = tiny_hooked_transformer(n_layers=3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    items = [*TEXTS[:5], "A much longer text than the others, so that every batch here needs padding."]
+    fast = sp.capture(model, items, batch_size=4, progress=False)
+    fused = []
+    monkeypatch.setattr(capture_module, "fused_attention",
+                        lambda m, layers: contextlib.nullcontext(bool(fused.append(list(layers)))))
+    sp.capture(model, items, batch_size=4, progress=False)
+    assert fused == [[0, 1, 2]]  # every layer's attention was asked to fuse
+    monkeypatch.setattr(capture_module, "_fast_reads", lambda m, hooks: contextlib.nullcontext())
+    own = sp.capture(model, items, batch_size=4, progress=False)
+    for hook in own.hooks:
+        np.testing.assert_allclose(fast.activations(hook), own.activations(hook), atol=1e-5, rtol=1e-5)
+    for column in ("input_surprise", "output_entropy"):
+        np.testing.assert_allclose(fast.column(column), own.column(column), atol=1e-5, equal_nan=True)
+    for name, p in model.named_parameters():  # same values, the default memory order again
+        assert p.is_contiguous() and torch.equal(p.detach(), before[name]), name
+
+
+def test_an_attention_hook_keeps_the_models_own_attention(monkeypatch):
+    import contextlib
+
+    from surprise_probe.testing import tiny_hooked_transformer
+
+    asked = []
+    monkeypatch.setattr(capture_module, "fused_attention",
+                        lambda m, layers: contextlib.nullcontext(bool(asked.append(list(layers)))))
+    model = tiny_hooked_transformer(n_layers=2)
+    for hooks in (["blocks.0.attn.hook_z"], ["blocks.1.hook_resid_post"]):
+        with capture_module._fast_reads(model, hooks):
+            pass
+    assert asked == [[], [0, 1]]

@@ -1,4 +1,4 @@
-"""The fused attention (surprise_probe.core.forward.attention.fused_attention) computes what the model's own
+"""The fused attention (surprise_probe.core.models.attention.fused_attention) computes what the model's own
 attention computes (in the sweep's suffix engine, and on left-padded batches with a key-value
 cache as the sampler runs it), falls back where it would not, and always puts the model back."""
 
@@ -13,8 +13,8 @@ from surprise_probe.interventions import suffix
 from surprise_probe.interventions.suffix import clean_prefix, run_from_hook
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from surprise_probe.core.forward.attention import fused_attention
 from surprise_probe.core.forward.sampling import decoding_layout
+from surprise_probe.core.models.attention import fused_attention
 from surprise_probe.testing import tiny_hooked_transformer
 
 

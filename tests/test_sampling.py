@@ -200,7 +200,7 @@ def test_fused_attention_samples_what_the_models_attention_samples(tiny_hooked, 
     """The sampler's fused attention (left-padded batches, a key-value cache) draws the same ids
     as TransformerLens' own attention, and a hook the caller puts on the attention still fires."""
     from surprise_probe.core.forward import sampling
-    from surprise_probe.core.forward.attention import fused_attention
+    from surprise_probe.core.models.attention import fused_attention
 
     with fused_attention(tiny_hooked, range(tiny_hooked.cfg.n_layers)) as fusable:
         assert fusable  # so the comparison below is fused against TransformerLens' attention

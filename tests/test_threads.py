@@ -90,12 +90,17 @@ def test_threads_follow_the_idle_cpus_and_come_back(monkeypatch):
     monkeypatch.delenv(threads.THREADS_VARIABLE, raising=False)
     try:
         torch.set_num_threads(2)
-        assert threads.configure_threads() == 1  # both cores busy with other work: one thread
+        assert threads.configure_threads() == 2  # the default does not follow load
+        assert threads.refresh_threads() is None
+        assert threads.configure_threads(follow_load=True) == 1  # both cores busy with other work
         idle["now"] = 1.9
         assert threads.refresh_threads() == 2 and torch.get_num_threads() == 2  # the load went: back to 2
         idle["now"] = 0.9
         assert threads.refresh_threads() == 1
-        assert threads.configure_threads(follow_load=False) == 2  # the CPUs available, load or not
+        monkeypatch.setenv(threads.THREADS_VARIABLE, "idle")  # the variable opts in too
+        idle["now"] = 0.0
+        assert threads.configure_threads() == 1
+        monkeypatch.delenv(threads.THREADS_VARIABLE)
         threads.configure_threads(2)  # a fixed count (--threads) is never changed by load
         assert threads.refresh_threads() is None and torch.get_num_threads() == 2
     finally:

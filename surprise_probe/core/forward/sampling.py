@@ -11,7 +11,7 @@ prefix, e.g. ``prompt_ids + revealed_prefix_ids`` for N continuations of a prefi
   ``past_key_values`` through the bridge's forward (so bridge hooks still fire). The prompt is
   read once, then each new token costs one single-position forward. Only the last position is
   unembedded. A ``HookedTransformer``'s attention runs as one fused kernel where that is the
-  same computation (:mod:`surprise_probe.core.forward.attention`; with a hook on the attention, TransformerLens'
+  same computation (:mod:`surprise_probe.core.models.attention`; with a hook on the attention, TransformerLens'
   own runs): 0.85-0.88x Hugging Face ``generate``'s tokens/s on SmolLM2 (0.77-0.80x with
   TransformerLens' attention; docs/benchmarks.md).
 - **Seeded per row, independent of batching.** Row ``(prompt, sample j)`` draws its uniforms from
@@ -56,8 +56,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from surprise_probe.core.forward.attention import fused_attention
 from surprise_probe.core.forward.passes import unembed
+from surprise_probe.core.models.attention import fused_attention
 from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.text.chat import encode_conversation
 from surprise_probe.core.text.encoding import encode, pad_id
@@ -66,7 +66,7 @@ from surprise_probe.core.utils.progress import tqdm
 __all__ = ["Sampled", "sample", "decoding_layout", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed"]
 
 FUSE_ATTENTION = True
-"""Whether a HookedTransformer samples with ``surprise_probe.core.forward.attention.fused_attention`` (where
+"""Whether a HookedTransformer samples with ``surprise_probe.core.models.attention.fused_attention`` (where
 it is the same computation; a switch for benchmarks and debugging)."""
 
 # The documented prompt format for models read or sampled without a chat template (base models).

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from surprise_probe.core.forward.attention import fuse_bridge_attention
+from surprise_probe.core.models.attention import fuse_bridge_attention
 from surprise_probe.core.models.backends import (
     hooked_transformer_available,
     is_bridge,

@@ -12,13 +12,14 @@ measures it; docs/benchmarks.md has the figures). So the toolkit:
   torch loads it). Chosen over libgomp's default and over a short spin (``GOMP_SPINCOUNT=10000``)
   by scripts/bench_contention.py (docs/benchmarks.md);
 - uses as many threads as CPUs are really available to the process (:func:`available_cpus`: its
-  CPU affinity and the cgroup's CPU quota, not the machine's core count) **and idle now**
-  (:func:`idle_cpus`: measured from ``/proc/stat`` over 0.1 s). Beside a job that keeps every
-  core busy, two threads each get half a core and wait on each other at every parallel region;
-  one thread does the same work in the same CPU time and less wall time
-  (scripts/bench_contention.py). Set by the CLI at start and again before each study stage, so
-  it follows a competitor that starts or stops (``--threads`` or ``SURPRISE_PROBE_THREADS`` fix
-  the count), and by :func:`configure_threads` for library users.
+  CPU affinity and the cgroup's CPU quota, not the machine's core count), set by the CLI at start
+  (``--threads`` or ``SURPRISE_PROBE_THREADS`` override) and by :func:`configure_threads` for
+  library users. With passive waiting, two threads beside a job that keeps both cores busy cost
+  0.78-0.89x the wall time and 0.96-1.05x the CPU time of one thread (scripts/bench_contention.py).
+- ``SURPRISE_PROBE_THREADS=idle`` (or ``configure_threads(follow_load=True)``) instead uses as many
+  threads as CPUs are idle when it starts (:func:`idle_cpus`, from ``/proc/stat`` over 0.1 s),
+  measured again before each study stage. Not the default: in that benchmark it cost 1.14-1.44x
+  the wall time of one thread where the default cost 0.78-1.08x.
 
 >>> available_cpus() >= 1
 True
@@ -123,13 +124,14 @@ def prefer_passive_waiting(environ: MutableMapping[str, str] | None = None) -> b
     return True
 
 
-def configure_threads(threads: int | None = None, follow_load: bool = True) -> int:
+def configure_threads(threads: int | None = None, follow_load: bool = False) -> int:
     """Set torch's intra-op threads to ``threads`` and return the count used.
 
     Default: ``$SURPRISE_PROBE_THREADS``, else torch's current count capped at the CPUs available
     to this process (never more threads than CPUs it may use, never more than a caller already
-    chose) and, with ``follow_load``, at the CPUs idle now (:func:`idle_cpus`, rounded, at least
-    1). Call it again when the load may have changed: a count it lowered for load rises back.
+    chose) and, with ``follow_load`` (or ``SURPRISE_PROBE_THREADS=idle``), at the CPUs idle now
+    (:func:`idle_cpus`, rounded, at least 1); :func:`refresh_threads` then re-measures, and a count
+    lowered for load rises back.
 
     >>> import torch
     >>> configure_threads(1), torch.get_num_threads()
@@ -139,38 +141,39 @@ def configure_threads(threads: int | None = None, follow_load: bool = True) -> i
 
     if threads is None:
         configured = os.environ.get(THREADS_VARIABLE, "").strip()
-        if configured:
+        if configured == "idle":
+            follow_load = True
+        elif configured:
             if not configured.isdigit() or int(configured) < 1:
-                raise ValueError(f"{THREADS_VARIABLE}={configured!r}: expected an integer >= 1")
+                raise ValueError(f"{THREADS_VARIABLE}={configured!r}: expected an integer >= 1 or 'idle'")
             threads = int(configured)
-        else:
-            current = torch.get_num_threads()
-            ceiling = _LAST["ceiling"] if _LAST["set"] == current and _LAST["ceiling"] else current
-            ceiling = min(ceiling, available_cpus())
-            threads = ceiling
-            idle = idle_cpus() if follow_load and ceiling > 1 else None
-            if idle is not None:
-                threads = max(1, min(ceiling, math.floor(idle + 0.5)))
-            torch.set_num_threads(threads)
-            _LAST.update(set=threads, ceiling=ceiling)
-            return threads
-    if int(threads) < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    torch.set_num_threads(int(threads))
-    _LAST.update(set=None, ceiling=None)
-    return int(threads)
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+        _LAST.update(set=None, ceiling=None)
+        return int(threads)
+    current = torch.get_num_threads()
+    ceiling = _LAST["ceiling"] if _LAST["set"] == current and _LAST["ceiling"] else current
+    ceiling = min(ceiling, available_cpus())
+    idle = idle_cpus() if follow_load and ceiling > 1 else None
+    threads = ceiling if idle is None else max(1, min(ceiling, math.floor(idle + 0.5)))
+    torch.set_num_threads(threads)
+    # Remembered only when chosen by load: refresh_threads re-measures then, and may rise back.
+    _LAST.update(set=threads if follow_load else None, ceiling=ceiling if follow_load else None)
+    return threads
 
 
 def refresh_threads() -> int | None:
     """Before a long stage: measure the idle CPUs again and reset the count, only if the last
-    :func:`configure_threads` chose it by load and nobody changed it since (not ``--threads``, the
-    variable or a caller's own count); returns the new count, or ``None`` where it leaves it.
+    :func:`configure_threads` chose it by load (``SURPRISE_PROBE_THREADS=idle``) and nobody changed
+    it since; returns the new count, or ``None`` where it leaves it (the default).
     """
     import torch
 
     if _LAST["set"] is None or torch.get_num_threads() != _LAST["set"]:
         return None
-    return configure_threads()
+    return configure_threads(follow_load=True)
 
 
 def thread_settings() -> dict:

@@ -61,6 +61,8 @@ def fusable(attn) -> bool:
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.utilities.activation_functions import softcap_enabled
 
+    if type(attn) not in (Attention, GroupedQueryAttention):
+        return False  # e.g. a TransformerBridge's attention (fuse_bridge_attention covers those)
     cfg = attn.cfg
     hooked = any(
         point._forward_hooks or point._backward_hooks or point.fwd_hooks or point.bwd_hooks
