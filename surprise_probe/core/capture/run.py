@@ -8,7 +8,6 @@ leaves a shard that looks complete, and a rerun resumes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import shutil
 import time
@@ -30,10 +29,7 @@ from surprise_probe.core.capture.store import (
 )
 from surprise_probe.core.forward.hooks import EMBEDDING_HOOK, resolve_hooks
 from surprise_probe.core.forward.passes import _NUMPY_DTYPES, forward_metrics
-from surprise_probe.core.forward.sampling import decoding_layout
 from surprise_probe.core.models import distributed
-from surprise_probe.core.models.attention import fused_attention
-from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.basis import model_fingerprint, weights_sha256
 from surprise_probe.core.models.devices import STORAGE_DTYPES, to_numpy
 from surprise_probe.core.models.loading import model_id
@@ -117,19 +113,6 @@ def _check_lengths(items: list, encoded: list[Encoded]) -> None:
     if not any(enc.scored[1:].any() for enc in encoded):
         raise ValueError("no input has a scored token after its first, so there is no input surprise to measure; "
                          "score more of each input (e.g. --score-prompt) or give longer inputs")
-
-
-@contextlib.contextmanager
-def _fast_reads(model, hooks: Sequence[str]):
-    """A HookedTransformer reads with its attention fused and its weights stored in the order its
-    forward asks for (no per-call weight copies): the sampler's two fast paths, same numbers to
-    float rounding. Not with a hook on the attention (its pattern and scores would not exist)."""
-    if not is_hooked_transformer(model):
-        yield
-        return
-    layers = () if any(".attn." in hook for hook in hooks) else range(int(model.cfg.n_layers))
-    with decoding_layout(model), fused_attention(model, layers):
-        yield
 
 
 @torch.inference_mode()
@@ -280,24 +263,23 @@ def capture(
     in_memory: list[CaptureShard] = []
     entries: list[dict] = []
     try:
-        with _fast_reads(model, hooks):
-            for index in mine:
-                if index in done:
-                    entries.append(done[index])
-                    continue
-                lo = index * shard_size
-                part = encoded[lo : lo + shard_size]
-                if out_path is None:
-                    in_memory.append(_capture_shard(model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar))
-                    continue
-                # Stream each batch's activations into the shard's files (memory: one batch, not a shard).
-                lengths = [len(item.token_ids) for item in part]
-                with ShardWriter(out_path, index, hooks, sum(lengths), int(model.cfg.d_model), np_dtype,
-                                 sequence_lengths=lengths) as writer:
-                    shard = _capture_shard(
-                        model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar, writer=writer
-                    )
-                    entries.append(writer.finish({name: shard.column(name) for name in COLUMNS}))
+        for index in mine:
+            if index in done:
+                entries.append(done[index])
+                continue
+            lo = index * shard_size
+            part = encoded[lo : lo + shard_size]
+            if out_path is None:
+                in_memory.append(_capture_shard(model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar))
+                continue
+            # Stream each batch's activations into the shard's files (memory: one batch, not a shard).
+            lengths = [len(item.token_ids) for item in part]
+            with ShardWriter(out_path, index, hooks, sum(lengths), int(model.cfg.d_model), np_dtype,
+                             sequence_lengths=lengths) as writer:
+                shard = _capture_shard(
+                    model, index, part, lo, hooks, batch_size, np_dtype, padding_side, bar, writer=writer
+                )
+                entries.append(writer.finish({name: shard.column(name) for name in COLUMNS}))
     finally:
         if bar is not None:
             bar.close()
