@@ -13,6 +13,7 @@ from surprise_probe.core.forward.sampling import (
     row_seed,
     sample,
 )
+from tests.conftest import needs_hooked_transformer
 
 PROMPTS = ["Hello world, how are you?", "The quick brown fox", "Hi"]
 
@@ -168,6 +169,7 @@ def _gated_gqa_model(tokenizer):
 
 
 def test_decoding_layout_removes_weight_copies_and_changes_nothing_else(tiny_tokenizer, monkeypatch):
+    needs_hooked_transformer()  # a HookedTransformer's weight layout (TransformerLens 3.x)
     import contextlib
 
     import einops
@@ -219,3 +221,22 @@ def test_fused_attention_samples_what_the_models_attention_samples(tiny_hooked, 
                     forward_context=context)
     assert seen[0] > 1 and seen[1:] == [1] * 7  # the prompt's queries, then one per step
     assert [s.response_ids for s in hooked] == [s.response_ids for s in own]
+
+
+def test_bridge_sampling_names_the_cache_as_this_transformers_expects():
+    """No deprecated ``past_key_values`` (removed in transformers 5.40), and the cache is used:
+    greedy ids equal greedy full forwards."""
+    import warnings
+
+    from surprise_probe.testing import tiny_bridge
+
+    model = tiny_bridge(n_layers=2, initializer_range=0.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sample(model, [[7, 8, 9, 10]], max_new_tokens=6, seed=1, temperature=0.0, stop_ids=set())
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    ids = [7, 8, 9, 10]
+    for _ in range(6):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]), return_type="logits")[0, -1].argmax()))
+    assert out[0].response_ids == ids[4:]

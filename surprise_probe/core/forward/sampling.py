@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -331,6 +332,9 @@ def _cached_stepper(model, tokens, mask, context):
     from transformers import DynamicCache
 
     state = {"cache": DynamicCache(config=model.original_model.config), "mask": mask}
+    # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated there,
+    # to be removed in 5.40); older ones only know ``past_key_values``.
+    cache_name = "cache" if "cache" in inspect.signature(model.original_model.forward).parameters else "past_key_values"
 
     def bridge_step(next_token):
         # The bridge forwards these to the wrapped Hugging Face model; it derives position ids from
@@ -340,7 +344,7 @@ def _cached_stepper(model, tokens, mask, context):
                 state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
             step_tokens = tokens if next_token is None else next_token[:, None]
             logits = model(step_tokens, attention_mask=state["mask"], use_cache=True,
-                           past_key_values=state["cache"], logits_to_keep=1)
+                           logits_to_keep=1, **{cache_name: state["cache"]})
         return logits[:, -1].float()
 
     return bridge_step
