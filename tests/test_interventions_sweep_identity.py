@@ -142,19 +142,18 @@ def test_direction_comparison_skips_the_zero_strength_rows(tiny_model, counter, 
     assert before_rows - new_rows >= len(directions) * len(ITEMS) * n_dir
 
 
-def test_bridge_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_bridge_model, monkeypatch):
-    """On a TransformerBridge the fan-out engine asks for the scored columns' logits only
-    (logits_to_keep): the unembedding sees fewer positions, and every number is unchanged."""
-    model = tiny_bridge_model
+def _unembeds_only_the_scored_positions(model, steering, monkeypatch) -> None:
+    """The fan-out engine unembeds each sequence's scored positions only (against all of them with
+    KEEP_SCORED_LOGITS off), with every number unchanged."""
     seen = []
     handle = model.unembed.register_forward_hook(lambda module, inputs, output: seen.append(int(output.shape[1])))
     kwargs = dict(strengths=[-2.0, 0.0, 2.0], random_directions=1, n_boot=10, progress=False)
     try:
-        kept = dose_response(model, ITEMS, _steering(model), **kwargs)
+        kept = dose_response(model, ITEMS, steering, **kwargs)
         widths_kept = list(seen)
         seen.clear()
         monkeypatch.setattr(sweep_module, "KEEP_SCORED_LOGITS", False)
-        every = dose_response(model, ITEMS, _steering(model), **kwargs)
+        every = dose_response(model, ITEMS, steering, **kwargs)
     finally:
         handle.remove()
     encoded = encode_items(model, ITEMS)
@@ -165,23 +164,14 @@ def test_bridge_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_br
         np.testing.assert_allclose(getattr(kept, key), getattr(every, key), rtol=0, atol=1e-5, err_msg=key)
 
 
+def test_bridge_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_bridge_model, monkeypatch):
+    """On a TransformerBridge the fan-out engine asks for the scored columns' logits only
+    (logits_to_keep): the unembedding sees fewer positions, and every number is unchanged."""
+    _unembeds_only_the_scored_positions(tiny_bridge_model, _steering(tiny_bridge_model), monkeypatch)
+
+
 def test_hooked_fan_out_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_hooked, monkeypatch):
     """A HookedTransformer steered at a hook the suffix engine does not take (an MLP output) runs the
     fan-out engine: it too unembeds only the scored positions, with unchanged numbers."""
     steering = random_steering(tiny_hooked, 0, 1.5, "blocks.0.hook_mlp_out")
-    seen = []
-    handle = tiny_hooked.unembed.register_forward_hook(lambda module, inputs, output: seen.append(int(output.shape[1])))
-    kwargs = dict(strengths=[-2.0, 0.0, 2.0], random_directions=1, n_boot=10, progress=False)
-    try:
-        kept = dose_response(tiny_hooked, ITEMS, steering, **kwargs)
-        widths_kept = list(seen)
-        seen.clear()
-        monkeypatch.setattr(sweep_module, "KEEP_SCORED_LOGITS", False)
-        every = dose_response(tiny_hooked, ITEMS, steering, **kwargs)
-    finally:
-        handle.remove()
-    encoded = encode_items(tiny_hooked, ITEMS)
-    assert set(widths_kept) == {int(e.scored.sum()) for e in encoded}
-    assert set(seen) == {len(e.token_ids) for e in encoded} and sum(widths_kept) < sum(seen)
-    for key in ("entropy", "kl", "top1_agreement"):
-        np.testing.assert_allclose(getattr(kept, key), getattr(every, key), rtol=0, atol=1e-5, err_msg=key)
+    _unembeds_only_the_scored_positions(tiny_hooked, steering, monkeypatch)
