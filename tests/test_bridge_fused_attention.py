@@ -42,15 +42,22 @@ def _logits(model, fused: bool, **kwargs):
         fuse_bridge_attention(model, enable=False)
 
 
-def test_fused_logits_equal_the_bridges_attention():
+def test_fused_logits_equal_the_bridges_attention(monkeypatch):
     model = tiny_bridge(n_layers=3)
     tokens, mask = _tokens_and_mask()
     assert fuse_bridge_attention(model) == 3 and bridge_fused_layers(model) == [0, 1, 2]
     fuse_bridge_attention(model, enable=False)
     assert bridge_fused_layers(model) == []
+    kernel_calls = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k))
     for attention_mask in (None, mask):
+        kernel_calls.clear()
         own = _logits(model, False, args=(tokens,), attention_mask=attention_mask)
+        assert not kernel_calls  # the bridge's own step-by-step attention
         fused = _logits(model, True, args=(tokens,), attention_mask=attention_mask)
+        assert len(kernel_calls) == 3  # one fused kernel per layer
         assert not torch.isnan(fused).any()
         torch.testing.assert_close(fused, own, atol=1e-5, rtol=1e-5)
 

@@ -53,6 +53,12 @@ __all__ = ["fused_attention", "fusable", "fuse_bridge_attention", "bridge_fusabl
 _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
+def _has_hooks(point) -> bool:
+    """Whether a hook point has any hook (PyTorch's or TransformerLens' own lists)."""
+    return bool(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
+                or getattr(point, "fwd_hooks", None) or getattr(point, "bwd_hooks", None))
+
+
 def fusable(attn) -> bool:
     """Whether the fused kernel computes exactly what ``attn.forward`` does (with its hooks)."""
     if not hooked_transformer_available():
@@ -64,10 +70,7 @@ def fusable(attn) -> bool:
     if type(attn) not in (Attention, GroupedQueryAttention):
         return False  # e.g. a TransformerBridge's attention (fuse_bridge_attention covers those)
     cfg = attn.cfg
-    hooked = any(
-        point._forward_hooks or point._backward_hooks or point.fwd_hooks or point.bwd_hooks
-        for point in attn.modules() if isinstance(point, HookPoint)
-    )
+    hooked = any(_has_hooks(point) for point in attn.modules() if isinstance(point, HookPoint))
     return (
         type(attn) in (Attention, GroupedQueryAttention)
         and "forward" not in vars(attn)  # not already replaced by someone else
@@ -144,11 +147,6 @@ def fused_attention(model, layers: Iterable[int]) -> Iterator[bool]:
 
 
 # -- TransformerBridge ---------------------------------------------------------------------------
-
-
-def _has_hooks(point) -> bool:
-    return bool(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
-                or getattr(point, "fwd_hooks", None) or getattr(point, "bwd_hooks", None))
 
 
 def bridge_fusable(attn) -> bool:
@@ -240,11 +238,14 @@ def _bridge_fused_forward(attn, *args, **kwargs):
     return attn.hook_out(attn.o(z)), None
 
 
+def _is_fused(attn) -> bool:
+    forward = getattr(attn, "__dict__", {}).get("forward")
+    return isinstance(forward, partial) and forward.func is _bridge_fused_forward
+
+
 def bridge_fused_layers(model) -> list[int]:
     """The layers whose attention :func:`fuse_bridge_attention` has fused."""
-    return [i for i, block in enumerate(getattr(model, "blocks", ()))
-            if isinstance(forward := vars(getattr(block, "attn", None) or object()).get("forward"), partial)
-            and forward.func is _bridge_fused_forward]
+    return [i for i, block in enumerate(getattr(model, "blocks", ())) if _is_fused(getattr(block, "attn", None))]
 
 
 def fuse_bridge_attention(model, enable: bool = True) -> int:
@@ -263,7 +264,7 @@ def fuse_bridge_attention(model, enable: bool = True) -> int:
         if attn is None:
             continue
         own = vars(attn)  # the bridge forwards attribute writes to the wrapped module: write its dict
-        if isinstance(own.get("forward"), partial) and own["forward"].func is _bridge_fused_forward:
+        if _is_fused(attn):
             del own["forward"]
         if enable and type(model).__name__ == "TransformerBridge" and bridge_fusable(attn):
             own["forward"] = partial(_bridge_fused_forward, attn)  # the instance attribute shadows the method
