@@ -2,7 +2,11 @@
 gives what the bridge's own attention gives: logits padded and unpadded, with a key-value cache,
 gradients; every hook point but the pattern and scores still fires; a hook on those runs the
 bridge's own attention for that call; architectures it does not cover are left alone. Runs on
-TransformerLens 3.9 and 4.x (CI runs it on both)."""
+TransformerLens 3.9 and 4.x (CI runs it on both).
+
+The bridge's two other shortcuts are checked the same way: its norms without their
+observation-only second pass (fuse_bridge_norms) and its blocks' remembered keyword filter
+(memoize_bridge_block_kwargs) give identical outputs and gradients, and step aside for hooks."""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from surprise_probe.core.models.attention import (
     bridge_fusable,
     bridge_fused_layers,
     fuse_bridge_attention,
+    fuse_bridge_norms,
+    memoize_bridge_block_kwargs,
 )
 from surprise_probe.core.models.backends import transformer_lens_version
 from surprise_probe.testing import tiny_bridge, tiny_llama_folder
@@ -161,3 +167,92 @@ def test_load_model_fuses_a_bridges_attention(tmp_path):
     folder, _ = tiny_llama_folder(tmp_path / "m", n_layers=2, d_model=32)
     model = sp.load_model(str(folder), backend="bridge", progress=False)
     assert bridge_fused_layers(model) == [0, 1]
+    assert fuse_bridge_norms(model) == 5  # it had: 2 per block and the final norm (re-fused here)
+    assert memoize_bridge_block_kwargs(model) == 2
+
+
+def _norm_class():
+    from transformer_lens.model_bridge.generalized_components.normalization import (
+        NormalizationBridge,
+    )
+
+    return NormalizationBridge
+
+
+def test_direct_norms_give_identical_outputs_and_gradients_and_skip_the_second_pass(monkeypatch):
+    model = tiny_bridge(n_layers=3, initializer_range=0.3)
+    tokens, mask = _tokens_and_mask()
+    second_passes = []
+    cls = _norm_class()
+    own_pass = cls._hf_autograd_forward_with_hooks
+    monkeypatch.setattr(cls, "_hf_autograd_forward_with_hooks",
+                        lambda self, x: second_passes.append(1) or own_pass(self, x))
+    results = {}
+    for direct in (False, True):
+        assert fuse_bridge_norms(model, enable=direct) == (7 if direct else 0)  # 2 per block + final
+        second_passes.clear()
+        stored = {}
+
+        def keep(act, hook, stored=stored):
+            act.retain_grad()
+            stored["act"] = act
+            return act
+
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", keep)]):
+            logits = model(tokens, attention_mask=mask, return_type="logits")
+            logits[:, -1].logsumexp(-1).sum().backward()
+        results[direct] = (logits.detach(), stored["act"].grad.clone(), len(second_passes))
+        model.zero_grad(set_to_none=True)
+    fuse_bridge_norms(model, enable=False)
+    assert results[False][2] == 7 and results[True][2] == 0  # the direct path ran, and only it
+    assert torch.equal(results[True][0], results[False][0])  # the same Hugging Face norm: bit for bit
+    finite = ~results[False][1].isnan()
+    assert finite[0].all()
+    assert torch.equal(results[True][1][finite], results[False][1][finite])
+
+
+def test_a_hook_on_a_norms_scale_or_normalized_runs_the_bridges_own_norm(model):
+    tokens, _ = _tokens_and_mask()
+    fuse_bridge_norms(model)
+    try:
+        seen = []
+        observe = [("blocks.1.ln1.hook_scale", lambda a, hook: seen.append(hook.name)),
+                   ("blocks.1.ln2.hook_normalized", lambda a, hook: seen.append(hook.name))]
+        with model.hooks(fwd_hooks=observe), torch.no_grad():
+            model(tokens, return_type=None)
+        assert seen == ["blocks.1.ln1.hook_scale", "blocks.1.ln2.hook_normalized"]
+        # An edit of the normalized input takes effect, as on the bridge's own norm.
+        halve = [("blocks.1.ln2.hook_normalized", lambda a, hook: a * 0.5)]
+        with model.hooks(fwd_hooks=halve), torch.no_grad(), pytest.warns(UserWarning):
+            direct = model(tokens, return_type="logits")
+    finally:
+        fuse_bridge_norms(model, enable=False)
+    with model.hooks(fwd_hooks=halve), torch.no_grad(), pytest.warns(UserWarning):
+        own = model(tokens, return_type="logits")
+    with torch.no_grad():
+        clean = model(tokens, return_type="logits")
+    assert torch.equal(direct, own) and not torch.allclose(direct, clean, atol=1e-3)
+
+
+def test_remembered_keyword_filter_answers_as_the_bridges_own(monkeypatch):
+    import inspect
+
+    model = tiny_bridge(n_layers=2)
+    block = model.blocks[0]
+    own = type(block)._filter_kwargs_for_forward
+    tokens, mask = _tokens_and_mask()
+    with torch.no_grad():
+        before = model(tokens, attention_mask=mask, return_type="logits")
+    assert memoize_bridge_block_kwargs(model) == 2
+    inspected = []
+    signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda f, *a, **k: inspected.append(f) or signature(f, *a, **k))
+    cases = [({"attention_mask": 1, "not_a_parameter": 2}, 0), ({"hidden_states": 0, "attention_mask": 1}, 1),
+             ({"position_ids": 3}, 0)]
+    for kwargs, positional in cases * 2:
+        assert block._filter_kwargs_for_forward(dict(kwargs), positional) == own(block, dict(kwargs), positional)
+    assert len(inspected) == len(cases) * 3  # each key once for the memo, twice for the reference
+    with torch.no_grad():
+        after = model(tokens, attention_mask=mask, return_type="logits")
+    assert torch.equal(before, after)
+    assert memoize_bridge_block_kwargs(model, enable=False) == 0 and "_filter_kwargs_for_forward" not in vars(block)

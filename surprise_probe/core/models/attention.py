@@ -270,3 +270,113 @@ def fuse_bridge_attention(model, enable: bool = True) -> int:
             own["forward"] = partial(_bridge_fused_forward, attn)  # the instance attribute shadows the method
             fused += 1
     return fused
+
+
+def _bridge_norm_class():
+    from transformer_lens.model_bridge.generalized_components.normalization import (
+        NormalizationBridge,
+    )
+
+    return NormalizationBridge
+
+
+def bridge_norm_fusable(norm) -> bool:
+    """Whether :func:`fuse_bridge_norms` may give ``norm`` its direct path: a ``NormalizationBridge``
+    (or a subclass that overrides neither of the two methods involved) around a real norm module."""
+    cls = _bridge_norm_class()
+    return (
+        isinstance(norm, cls)
+        and type(norm).forward is cls.forward
+        and type(norm)._hf_autograd_forward_with_hooks is cls._hf_autograd_forward_with_hooks
+        and isinstance(getattr(norm, "original_component", None), torch.nn.Module)
+        and not isinstance(norm.original_component, torch.nn.Identity)
+        and "forward" not in vars(norm)
+    )
+
+
+def _bridge_norm_forward(norm, hidden_states: Tensor, **kwargs) -> Tensor:
+    """The bridge norm's forward without its observation-only recomputation (see fuse_bridge_norms)."""
+    cls = _bridge_norm_class()
+    native = norm.use_native_layernorm_autograd or getattr(norm.config, "layer_norm_folding", False)
+    if kwargs or not native or _has_hooks(norm.hook_scale) or _has_hooks(norm.hook_normalized):
+        return cls.forward(norm, hidden_states, **kwargs)
+    hidden_states = norm.hook_in(hidden_states)
+    result = norm.original_component(hidden_states)
+    if result.dtype != hidden_states.dtype:
+        result = result.to(hidden_states.dtype)
+    return norm.hook_out(result)
+
+
+def _is_fused_norm(norm) -> bool:
+    forward = getattr(norm, "__dict__", {}).get("forward")
+    return isinstance(forward, partial) and forward.func is _bridge_norm_forward
+
+
+def fuse_bridge_norms(model, enable: bool = True) -> int:
+    """Skip a ``TransformerBridge`` norm's observation-only recomputation when nothing observes it;
+    returns the number of norms given the direct path (``enable=False`` undoes it).
+
+    The bridge's norm (TransformerLens 3.9 and 4.x, ``_hf_autograd_forward_with_hooks``) computes
+    the scale and the normalized input a second time, beside the Hugging Face norm, only to pass
+    them to ``hook_scale`` and ``hook_normalized``; without a hook on either it then returns the
+    Hugging Face norm's own output. The direct path returns that output without the second
+    computation (about 5% of a one-token decoding step on SmolLM2). It checks at every call: a hook
+    on either point (``run_with_cache``, an edit, a gradient hook) runs the bridge's own forward.
+
+    >>> from surprise_probe.testing import tiny_bridge
+    >>> model = tiny_bridge()
+    >>> fuse_bridge_norms(model), fuse_bridge_norms(model, enable=False)
+    (5, 0)
+    """
+    if type(model).__name__ != "TransformerBridge":
+        return 0
+    fused = 0
+    for module in model.modules():
+        if _is_fused_norm(module):
+            del vars(module)["forward"]
+        if enable and bridge_norm_fusable(module):
+            vars(module)["forward"] = partial(_bridge_norm_forward, module)  # shadows the method
+            fused += 1
+    return fused
+
+
+def _memoized_kwargs_filter(block, kwargs: dict, num_positional_args: int = 0) -> dict:
+    """``BlockBridge._filter_kwargs_for_forward`` with its decision remembered per set of names."""
+    forward = block.original_component.forward
+    key = (getattr(forward, "__func__", forward), tuple(kwargs), num_positional_args)
+    memo = vars(block).setdefault("_sp_kwargs_memo", {})
+    kept = memo.get(key)
+    if kept is None:
+        filtered = type(block)._filter_kwargs_for_forward(block, kwargs, num_positional_args)
+        kept = memo[key] = True if filtered is kwargs else tuple(filtered)
+        return filtered
+    return kwargs if kept is True else {name: kwargs[name] for name in kept}
+
+
+def memoize_bridge_block_kwargs(model, enable: bool = True) -> int:
+    """Remember, per block, which keyword arguments the Hugging Face layer accepts; returns the
+    number of blocks changed (``enable=False`` undoes it).
+
+    A ``TransformerBridge`` block (TransformerLens 3.9 and 4.x) filters the keyword arguments it
+    passes to the Hugging Face layer by ``inspect.signature`` of the layer's forward, at every call:
+    3% of a one-token decoding step on SmolLM2. The filter depends only on the arguments' names
+    (and how many are positional) and on that forward, so its answer is kept per such key.
+
+    >>> from surprise_probe.testing import tiny_bridge
+    >>> memoize_bridge_block_kwargs(tiny_bridge())
+    2
+    """
+    if type(model).__name__ != "TransformerBridge":
+        return 0
+    changed = 0
+    for block in getattr(model, "blocks", ()):
+        own = vars(block)
+        own.pop("_sp_kwargs_memo", None)
+        forward = own.get("_filter_kwargs_for_forward")
+        if isinstance(forward, partial) and forward.func is _memoized_kwargs_filter:
+            del own["_filter_kwargs_for_forward"]
+        if (enable and callable(getattr(type(block), "_filter_kwargs_for_forward", None))
+                and "_filter_kwargs_for_forward" not in own and getattr(block, "original_component", None) is not None):
+            own["_filter_kwargs_for_forward"] = partial(_memoized_kwargs_filter, block)
+            changed += 1
+    return changed

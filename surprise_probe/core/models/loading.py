@@ -31,7 +31,11 @@ from pathlib import Path
 
 import torch
 
-from surprise_probe.core.models.attention import fuse_bridge_attention
+from surprise_probe.core.models.attention import (
+    fuse_bridge_attention,
+    fuse_bridge_norms,
+    memoize_bridge_block_kwargs,
+)
 from surprise_probe.core.models.backends import (
     hooked_transformer_available,
     is_bridge,
@@ -269,6 +273,8 @@ def _convert(folder: Path, tokenizer, device: str, dtype: torch.dtype, backend: 
         device=None if device_map is not None else device,
     )
     model.enable_compatibility_mode()
+    fuse_bridge_norms(model)  # the same outputs without the norms' second, observation-only pass
+    memoize_bridge_block_kwargs(model)
     if not fuse_bridge_attention(model) and len(getattr(model, "blocks", ())):
         # Not silent: this architecture runs the bridge's step-by-step attention (same numbers, slower).
         warnings.warn(
