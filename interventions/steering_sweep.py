@@ -10,7 +10,9 @@ Batched (default), two engines giving the same numbers as the loop:
   positions from the first edited one on, unembedded only at scored positions;
 - otherwise (a TransformerBridge, another hook), *fan-out*: each sequence runs alone and the
   intervention hook copies it into one row per condition plus a clean row, so everything before
-  the hook is computed once per sequence.
+  the hook is computed once per block of conditions; on a TransformerBridge the positions before
+  the first edited one (the prompt) run once per sequence, their keys and values frozen in a
+  Hugging Face cache that every block attends to (``suffix.bridge_frozen_prefix``).
 
 Both batched engines run only the conditions that can differ from the clean run: a condition
 whose edit is the identity (additive steering at strength exactly 0, see ``identity_amounts``) is
@@ -36,7 +38,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from surprise_probe.interventions.steered_metrics import clean_distribution, segment_sums
-from surprise_probe.interventions.suffix import clean_prefix, run_from_hook, start_layer
+from surprise_probe.interventions.suffix import (
+    bridge_frozen_prefix,
+    clean_prefix,
+    run_from_hook,
+    start_layer,
+)
 from torch import Tensor
 
 from surprise_probe.core.forward.edits import Ablate, Steer
@@ -48,6 +55,10 @@ from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
 from surprise_probe.core.utils.progress import tqdm
 
 __all__ = ["SweepTable", "run_sweep", "encode_items", "identity_amounts", "MAX_STEER", "KEEP_SCORED_LOGITS"]
+
+FREEZE_PREFIX = True
+"""Whether the fan-out engine computes a bridge's positions before the first edited one once per
+sequence (``interventions.suffix.bridge_frozen_prefix``; a switch for benchmarks and tests)."""
 
 KEEP_SCORED_LOGITS = True
 """Whether the fan-out engine unembeds the scored positions only (``logits_only_at``; a switch for
@@ -342,7 +353,7 @@ class _Sweep:
     def run_fan_out(self, batch_size: int, max_batch_tokens: int, progress: bool) -> None:
         """One unpadded sequence per forward; the hook copies it to [clean, conditions...] rows,
         so the layers before the hook run once for all of them."""
-        model, table = self.model, self.table
+        model = self.model
         bar = None
         for s, item in enumerate(self.encoded):
             n_tok = len(item.token_ids)
@@ -354,34 +365,45 @@ class _Sweep:
                 bar = tqdm(total=len(self.encoded) * len(blocks), desc=f"{self.kind} sweep", unit="fwd",
                            disable=not progress)
             tokens = torch.as_tensor(item.token_ids, dtype=torch.long, device=self.device).unsqueeze(0)
-            scored = torch.as_tensor(item.scored, dtype=torch.bool).unsqueeze(0)
-            where = scored if self.positions == "response" else torch.ones_like(scored)
-            # Only the scored columns are unembedded (logits_only_at); the logits then hold just
-            # those, all of them scored.
-            columns = torch.nonzero(scored[0]).squeeze(-1)
-            if KEEP_SCORED_LOGITS:
-                scored = torch.ones(1, len(columns), dtype=torch.bool)
-            clean: dict[int, Tensor] = {}
-            for block in blocks:
-                n_rows = len(block) + 1  # row 0 is the clean run (amount 0)
-                keep = logits_only_at(model, columns) if KEEP_SCORED_LOGITS else contextlib.nullcontext({})
-                with self.edit(block, n_rows, where, with_clean=True).apply(model), keep as kwargs, torch.no_grad():
-                    logits = model(tokens, return_type="logits", **kwargs)
-                table.n_forwards += 1
-                bar.update()
-                if logits.shape[0] != n_rows:
-                    raise RuntimeError(
-                        f"fanning out at {self.hook} gave {logits.shape[0]} rows instead of {n_rows}; this model "
-                        "does not support it, run with batched=False"
-                    )
-                if s not in clean:
-                    self.keep_clean(s, logits[0][scored[0].to(logits.device)], clean)
-                if block:
-                    self.record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
-                table.n_rows += len(block)
-                del logits
+            # Everything before the first edited position is the clean run's: on a bridge its keys
+            # and values are computed once (bridge_frozen_prefix) and each forward runs from there.
+            first = _first_edited(item, self.positions) if FREEZE_PREFIX else 0
+            with bridge_frozen_prefix(model, tokens[:, :first]) as frozen:
+                start = first if frozen is not None else 0
+                self._fan_out_sequence(s, item, tokens[:, start:], start, frozen or {}, blocks, bar)
         if bar is not None:
             bar.close()
+
+    def _fan_out_sequence(self, s: int, item, tokens: Tensor, start: int, frozen: dict, blocks: list, bar) -> None:
+        """The fan-out forwards of sequence ``s`` from position ``start`` on (``frozen``: the
+        arguments that give them the positions before it)."""
+        model, table = self.model, self.table
+        scored = torch.as_tensor(item.scored[start:], dtype=torch.bool).unsqueeze(0)
+        where = scored if self.positions == "response" else torch.ones_like(scored)
+        # Only the scored columns are unembedded (logits_only_at); the logits then hold just
+        # those, all of them scored.
+        columns = torch.nonzero(scored[0]).squeeze(-1)
+        if KEEP_SCORED_LOGITS:
+            scored = torch.ones(1, len(columns), dtype=torch.bool)
+        clean: dict[int, Tensor] = {}
+        for block in blocks:
+            n_rows = len(block) + 1  # row 0 is the clean run (amount 0)
+            keep = logits_only_at(model, columns) if KEEP_SCORED_LOGITS else contextlib.nullcontext({})
+            with self.edit(block, n_rows, where, with_clean=True).apply(model), keep as kwargs, torch.no_grad():
+                logits = model(tokens, return_type="logits", **kwargs, **frozen)
+            table.n_forwards += 1
+            bar.update()
+            if logits.shape[0] != n_rows:
+                raise RuntimeError(
+                    f"fanning out at {self.hook} gave {logits.shape[0]} rows instead of {n_rows}; this model "
+                    "does not support it, run with batched=False"
+                )
+            if s not in clean:
+                self.keep_clean(s, logits[0][scored[0].to(logits.device)], clean)
+            if block:
+                self.record([(s, c) for c in block], logits[1:], scored.expand(len(block), -1), clean)
+            table.n_rows += len(block)
+            del logits
 
     def run_loop(self, batch_size: int, max_batch_tokens: int, progress: bool) -> None:
         """The reference loop: one condition (scalar amount, one direction) per forward over padded

@@ -22,6 +22,12 @@ passes over them, which on SmolLM2 was a fifth of a sweep's time and grows with 
 the context. Where it is not the same computation (soft-capped scores, ALiBi, attention sinks,
 hooks on the attention, ...), or with ``FUSE_ATTENTION = False``, the model's own attention runs.
 
+A TransformerBridge cannot be run from a hook onwards, but it shares the prompt the same way:
+:func:`bridge_frozen_prefix` runs the prompt once with a Hugging Face key-value cache and returns
+forward arguments under which a later forward of the positions after it attends to those keys
+and values (expanded to however many rows the forward has after a fan-out) and leaves them
+unchanged, so one cache serves every condition. The steering sweep's fan-out engine uses it.
+
 >>> from surprise_probe.testing import tiny_hooked_transformer
 >>> model = tiny_hooked_transformer()
 >>> start_layer(model, "blocks.0.hook_resid_post"), start_layer(model, "blocks.1.hook_attn_out")
@@ -30,6 +36,8 @@ hooks on the attention, ...), or with ``FUSE_ATTENTION = False``, the model's ow
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +45,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from surprise_probe.core.forward.hooks import first_block_after
+from surprise_probe.core.forward.sampling import bridge_cache_argument, bridge_cache_shim
 from surprise_probe.core.models.attention import fused_attention
-from surprise_probe.core.models.backends import is_hooked_transformer
+from surprise_probe.core.models.backends import is_bridge, is_hooked_transformer
 
-__all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "FUSE_ATTENTION"]
+__all__ = ["start_layer", "SharedPrefix", "clean_prefix", "run_from_hook", "bridge_frozen_prefix",
+           "FUSE_ATTENTION"]
 
 FUSE_ATTENTION = True
 """Whether ``run_from_hook`` fuses attention where that is the same computation (a switch for
@@ -117,3 +127,64 @@ def run_from_hook(model, prefix: SharedPrefix, residual: Float[Tensor, "rows suf
                 mask = None if mask is None else mask.to(device)
             residual = model.blocks[i](residual, past_kv_cache_entry=entry, attention_mask=mask)
     return residual
+
+
+def _full_attention_only(config) -> bool:
+    """Whether every layer attends to the whole past (no sliding window, whose cache is cropped)."""
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return layer_types == {"full_attention"} and not window
+
+
+@contextmanager
+def bridge_frozen_prefix(model, tokens: Int[Tensor, "1 prefix"]) -> Iterator[dict | None]:
+    """Run a bridge on ``tokens`` once; inside, the keyword arguments under which a forward of the
+    tokens that follow them attends to their keys and values, or None where that does not apply
+    (not a TransformerBridge, a sliding-window model, a model that does not use the cache).
+
+    Each forward's keys and values are appended to the prefix's (expanded to its rows) and not
+    stored, so the same arguments serve any number of forwards, with any number of rows. The
+    forwards must run inside the ``with`` (TransformerLens 3.9's bridge attention reads the cache
+    only under the name ``bridge_cache_shim`` gives it).
+
+    >>> from surprise_probe.testing import tiny_bridge
+    >>> model = tiny_bridge()
+    >>> tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    >>> full = model(tokens)[:, 3:]
+    >>> with bridge_frozen_prefix(model, tokens[:, :3]) as frozen:
+    ...     after = model(tokens[:, 3:], **frozen)
+    >>> bool(torch.allclose(after, full, atol=1e-4, rtol=1e-4))
+    True
+    """
+    hf_model = getattr(model, "original_model", None)
+    if not is_bridge(model) or hf_model is None or not _full_attention_only(hf_model.config) or tokens.shape[1] == 0:
+        yield None
+        return
+    with bridge_cache_shim(model), torch.no_grad():
+        yield _frozen_prefix_arguments(model, hf_model, tokens)
+
+
+def _frozen_prefix_arguments(model, hf_model, tokens: Tensor) -> dict | None:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf_model.config)
+    prefix: dict[int, tuple[Tensor, Tensor]] = {}
+    update = cache.update
+
+    def recording(key_states, value_states, layer_idx, *args, **kwargs):
+        prefix[layer_idx] = update(key_states, value_states, layer_idx, *args, **kwargs)
+        return prefix[layer_idx]
+
+    def frozen(key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = prefix[layer_idx]
+        rows = key_states.shape[0]
+        return (torch.cat([keys.expand(rows, -1, -1, -1), key_states], dim=-2),
+                torch.cat([values.expand(rows, -1, -1, -1), value_states], dim=-2))
+
+    name = bridge_cache_argument(model)
+    cache.update = recording
+    model(tokens, return_type=None, use_cache=True, logits_to_keep=1, **{name: cache})
+    if sorted(prefix) != list(range(int(model.cfg.n_layers))):
+        return None  # some layer did not go through the cache: it would not see the prefix
+    cache.update = frozen
+    return {"use_cache": True, name: cache}

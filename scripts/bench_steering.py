@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--backends", action="store_true",
                         help="the same batched dose-response on the HookedTransformer (suffix engine) and the "
-                             "TransformerBridge (fan-out, scored logits only and every position), one run")
+                             "TransformerBridge (fan-out, prompt run once and whole sequences), one run")
     args = parser.parse_args(argv)
     if args.peer_child:
         method, folder, work, threads, repeats = args.peer_child
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 def backends_main(args) -> int:
     """``--backends``: one dose-response (probe-like + orthogonal + random directions x strengths) on
     the same weights as a HookedTransformer (suffix engine) and as a TransformerBridge (fan-out
-    engine, with the scored logits only and with every position's logits), CPU seconds best of
+    engine, with each prompt run once and frozen, and with whole sequences), CPU seconds best of
     ``--repeats``, and the largest difference of entropy and KL between backends."""
     from surprise_probe.interventions import dose_response
     from surprise_probe.interventions import steering_sweep as sweep_module
@@ -470,12 +470,12 @@ def backends_main(args) -> int:
     else:
         models = {b: load_model(args.model, device=args.device, backend=b, progress=False) for b in ("hooked", "bridge")}
     _, hook, encoded, direction, kwargs = _sweep_job(models["hooked"], args)
-    runs = [("hooked", "suffix engine", True), ("bridge", "fan-out, scored logits only", True),
-            ("bridge", "fan-out, every position's logits", False)]
+    runs = [("hooked", "suffix engine", True), ("bridge", "fan-out, prompt once (frozen key-value cache)", True),
+            ("bridge", "fan-out, whole sequences (before)", False)]
     timings, results = {}, {}
-    for backend, label, keep in runs:
+    for backend, label, freeze in runs:
         model = models[backend]
-        sweep_module.KEEP_SCORED_LOGITS = keep
+        sweep_module.FREEZE_PREFIX = freeze
         dose_response(model, encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)
         best = float("inf")
         for _ in range(args.repeats):
@@ -483,7 +483,7 @@ def backends_main(args) -> int:
             results[label] = dose_response(model, encoded, direction, args.strengths, **kwargs)
             best = min(best, time.process_time() - start)
         timings[label] = best
-    sweep_module.KEEP_SCORED_LOGITS = True
+    sweep_module.FREEZE_PREFIX = True
     reference = results["suffix engine"]
     n_tokens = int(sum(int(e.scored.sum()) for e in encoded))
     print(f"model {args.model}, {hook}, {len(encoded)} conversations ({n_tokens} scored tokens of "

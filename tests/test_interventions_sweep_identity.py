@@ -11,6 +11,7 @@ from surprise_probe.interventions import steering_sweep as sweep_module
 from surprise_probe.interventions.direction_comparison import compare_directions
 from surprise_probe.interventions.steering_sweep import encode_items, identity_amounts
 
+from surprise_probe.core.models.backends import is_bridge
 from tests.conftest import CONVERSATION, TEXTS, random_steering
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,9 +158,15 @@ def _unembeds_only_the_scored_positions(model, steering, monkeypatch) -> None:
     finally:
         handle.remove()
     encoded = encode_items(model, ITEMS)
-    # each forward unembeds one sequence's scored positions, against all its positions before
-    assert set(widths_kept) == {int(e.scored.sum()) for e in encoded}
-    assert set(seen) == {len(e.token_ids) for e in encoded} and sum(widths_kept) < sum(seen)
+    # A bridge runs each prompt once (its last position unembedded: width 1) and then the positions
+    # from the first scored one on (bridge_frozen_prefix); a HookedTransformer's fan-out runs all.
+    bridge = is_bridge(model)
+    prompt_runs = {1} if bridge else set()
+    run_from = [int(np.flatnonzero(e.scored)[0]) if bridge else 0 for e in encoded]
+    # each forward unembeds one sequence's scored positions, against all the positions it ran before
+    assert set(widths_kept) == {int(e.scored.sum()) for e in encoded} | prompt_runs
+    assert set(seen) == {len(e.token_ids) - f for e, f in zip(encoded, run_from, strict=True)} | prompt_runs
+    assert sum(widths_kept) < sum(seen)
     for key in ("entropy", "kl", "top1_agreement"):
         np.testing.assert_allclose(getattr(kept, key), getattr(every, key), rtol=0, atol=1e-5, err_msg=key)
 
@@ -175,3 +182,30 @@ def test_hooked_fan_out_unembeds_only_the_scored_positions_with_the_same_numbers
     fan-out engine: it too unembeds only the scored positions, with unchanged numbers."""
     steering = random_steering(tiny_hooked, 0, 1.5, "blocks.0.hook_mlp_out")
     _unembeds_only_the_scored_positions(tiny_hooked, steering, monkeypatch)
+
+
+def test_bridge_runs_each_prompt_once_with_the_same_numbers(tiny_bridge_model, monkeypatch):
+    """On a TransformerBridge the fan-out engine runs each prompt (the positions before the first
+    edited one) once, freezing its keys and values, and every later forward only the rest: fewer
+    positions through the model, every number unchanged against running whole sequences."""
+    model = tiny_bridge_model
+    positions = []
+    handle = model.blocks[-1].register_forward_hook(
+        lambda module, inputs, output: positions.append(int((output[0] if isinstance(output, tuple) else output).shape[1])))
+    kwargs = dict(strengths=[-2.0, 0.0, 2.0, 4.0], random_directions=2, batch_size=3, n_boot=10, progress=False)
+    try:
+        frozen = dose_response(model, ITEMS, _steering(model), **kwargs)
+        frozen_positions = list(positions)
+        positions.clear()
+        monkeypatch.setattr(sweep_module, "FREEZE_PREFIX", False)
+        whole = dose_response(model, ITEMS, _steering(model), **kwargs)
+    finally:
+        handle.remove()
+    encoded = encode_items(model, ITEMS)
+    prompts = [int(np.flatnonzero(e.scored)[0]) for e in encoded]
+    assert max(prompts) > 0  # the conversation has a prompt; plain texts are scored from position 0
+    assert set(frozen_positions) == {p for p in prompts if p} | {len(e.token_ids) - p for e, p in zip(
+        encoded, prompts, strict=True)}
+    assert set(positions) == {len(e.token_ids) for e in encoded} and sum(frozen_positions) < sum(positions)
+    for key in ("entropy", "kl", "top1_agreement"):
+        np.testing.assert_allclose(getattr(frozen, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)

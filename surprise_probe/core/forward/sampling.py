@@ -64,7 +64,8 @@ from surprise_probe.core.text.chat import encode_conversation
 from surprise_probe.core.text.encoding import encode, pad_id
 from surprise_probe.core.utils.progress import tqdm
 
-__all__ = ["Sampled", "sample", "decoding_layout", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed"]
+__all__ = ["Sampled", "sample", "decoding_layout", "end_of_turn_ids", "chat_prompt_ids", "plain_prompt_ids", "PLAIN_FORMAT", "row_seed",
+           "bridge_cache_argument", "bridge_cache_shim"]
 
 FUSE_ATTENTION = True
 """Whether a HookedTransformer samples with ``surprise_probe.core.models.attention.fused_attention`` (where
@@ -248,7 +249,7 @@ def _sample_batch(model, prompts, seeds, max_new_tokens, temperature, stop, forw
     out = []
     step = _cached_stepper(model, tokens, mask, context)
     hooked = is_hooked_transformer(model)
-    with contextlib.nullcontext() if hooked else _bridge_cache_shim(model):
+    with contextlib.nullcontext() if hooked else bridge_cache_shim(model):
         logits = step(None)
         for t in range(max_new_tokens):
             next_token = _next_tokens(logits, uniforms[:, t], temperature)
@@ -332,9 +333,7 @@ def _cached_stepper(model, tokens, mask, context):
     from transformers import DynamicCache
 
     state = {"cache": DynamicCache(config=model.original_model.config), "mask": mask}
-    # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` is deprecated there,
-    # to be removed in 5.40); older ones only know ``past_key_values``.
-    cache_name = "cache" if "cache" in inspect.signature(model.original_model.forward).parameters else "past_key_values"
+    cache_name = bridge_cache_argument(model)
 
     def bridge_step(next_token):
         # The bridge forwards these to the wrapped Hugging Face model; it derives position ids from
@@ -350,8 +349,15 @@ def _cached_stepper(model, tokens, mask, context):
     return bridge_step
 
 
+def bridge_cache_argument(model) -> str:
+    """The name under which a bridge's Hugging Face model takes its key-value cache: ``cache`` in
+    transformers >= 5.2x (``past_key_values`` is deprecated there, to be removed in 5.40), else
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.original_model.forward).parameters else "past_key_values"
+
+
 @contextlib.contextmanager
-def _bridge_cache_shim(model):
+def bridge_cache_shim(model):
     """Hand the key-value cache to TransformerLens' bridge attention under the name it reads.
 
     transformers >= 5.2x passes the cache to attention as ``cache=``; TransformerLens 3.9's bridge
