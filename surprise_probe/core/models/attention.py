@@ -24,6 +24,11 @@ runs the bridge's own attention. Architectures it does not cover (Q/K norms, sof
 partial or interleaved rotary, split inputs, gated queries) are never patched:
 :func:`fuse_bridge_attention` returns how many layers it fused, and ``load_model`` records it.
 
+Two more bridge shortcuts live here because they follow the same rule (the same outputs, and the
+bridge's own code whenever a hook could see a difference): :func:`fuse_bridge_norms` skips the
+norms' observation-only second pass, :func:`memoize_bridge_block_kwargs` the blocks' per-call
+``inspect.signature``. ``load_model`` applies all three to every bridge.
+
 Used by the steering sweep's suffix engine (``interventions.suffix``) and by the sampler
 (``surprise_probe.core.forward.sampling``); tests/test_interventions_fused_attention.py checks both against the model's
 attention to 1e-5, padded and unpadded, with and without a key-value cache.
@@ -48,7 +53,8 @@ from torch import Tensor
 
 from surprise_probe.core.models.backends import hooked_transformer_available
 
-__all__ = ["fused_attention", "fusable", "fuse_bridge_attention", "bridge_fusable", "bridge_fused_layers"]
+__all__ = ["fused_attention", "fusable", "fuse_bridge_attention", "bridge_fusable", "bridge_fused_layers",
+           "fuse_bridge_norms", "bridge_norm_fusable", "memoize_bridge_block_kwargs"]
 
 _OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 

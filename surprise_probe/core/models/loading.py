@@ -219,9 +219,10 @@ def _load_folder(
         model = hooked_from_cache(cache_file, folder, tokenizer, device, dtype, n_devices) if cache_file else None
         if model is None:
             model = _convert(folder, tokenizer, device, dtype, backend, device_map, n_devices, max_memory)
-            release_memory()  # the Hugging Face model and the conversion's copies are gone: give them back
             if cache_file is not None and not is_bridge(model):
+                release_memory()  # the conversion's copies are gone: give them back before the cache's own
                 write_hooked_cache(cache_file, model, folder, tokenizer, device, dtype, n_devices)
+            # otherwise load_model releases once at the end (a collection costs ~0.3 s on a 135M model)
     model.cfg.model_name = name
     model.cfg.default_prepend_bos = False
     # What was asked of TransformerLens (both paths use its defaults; it skips centering the
