@@ -190,6 +190,13 @@ def test_decoding_layout_removes_weight_copies_and_changes_nothing_else(tiny_tok
         assert w_k.data_ptr() == block.attn._W_K.data_ptr()
     for name, p in model.named_parameters():
         assert p.is_contiguous() and not p.is_inference() and torch.equal(p, before[name]), name
+    # Re-entrant: an inner layout (one sample call of many) neither re-lays nor restores the weights.
+    with sampling.decoding_layout(model):
+        pointer = model.unembed.W_U.data_ptr()
+        with sampling.decoding_layout(model):
+            assert model.unembed.W_U.data_ptr() == pointer
+        assert model.unembed.W_U.data_ptr() == pointer and not model.unembed.W_U.is_contiguous()
+    assert all(p.is_contiguous() and torch.equal(p, before[name]) for name, p in model.named_parameters())
     greedy = sample(model, prompts[:1], max_new_tokens=6, temperature=0, stop_ids=())
     assert greedy[0].response_ids == _greedy_reference(model, prompts[0], 6)
     with_layout = sample(model, prompts, n_samples=2, max_new_tokens=8, seed=5, batch_size=3)

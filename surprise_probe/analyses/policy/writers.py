@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surprise_probe.analyses.policy.prompts import GapPrompt, prefix_ids
-from surprise_probe.core.forward.sampling import sample
+from surprise_probe.core.forward.sampling import decoding_layout, sample
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.utils.jsonio import (
     read_json,
@@ -114,23 +114,26 @@ def sample_writer(
     chunk_prompts = max(1, batch_size // n_samples)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"sample {name}", unit="prompt",
                disable=not progress)
-    for start in range(0, len(todo), chunk_prompts):
-        chunk = todo[start : start + chunk_prompts]
-        drawn = sample(model, [prefixes[i] for i in chunk], n_samples=n_samples, max_new_tokens=max_new_tokens,
-                       temperature=temperature, seed=seed, batch_size=batch_size)
-        for item in drawn:
-            prompt = prompts[chunk[item.prompt_index]]
-            key = (prompt.id, item.sample_index)
-            if key in done:
-                continue
-            record = {"prompt_id": prompt.id, "sample_index": item.sample_index, "format": fmt,
-                      "prefix_ids": item.prompt_ids, "content_ids": item.content_ids, "ended": item.ended,
-                      "text": item.text(model.tokenizer)}
-            done[key] = record
-            kept.append(record)
-        if store is not None:
-            write_jsonl(store, kept)
-        bar.update(len(chunk))
+    # One weight relayout for every chunk (sampling's decoding_layout is re-entrant): each chunk is
+    # its own sample call, so that an interrupted run keeps what it drew.
+    with decoding_layout(model):
+        for start in range(0, len(todo), chunk_prompts):
+            chunk = todo[start : start + chunk_prompts]
+            drawn = sample(model, [prefixes[i] for i in chunk], n_samples=n_samples, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, batch_size=batch_size)
+            for item in drawn:
+                prompt = prompts[chunk[item.prompt_index]]
+                key = (prompt.id, item.sample_index)
+                if key in done:
+                    continue
+                record = {"prompt_id": prompt.id, "sample_index": item.sample_index, "format": fmt,
+                          "prefix_ids": item.prompt_ids, "content_ids": item.content_ids, "ended": item.ended,
+                          "text": item.text(model.tokenizer)}
+                done[key] = record
+                kept.append(record)
+            if store is not None:
+                write_jsonl(store, kept)
+            bar.update(len(chunk))
     bar.close()
     index = {p.id: i for i, p in enumerate(prompts)}
     out = [

@@ -279,9 +279,12 @@ def decoding_layout(model):
 
     Values are unchanged (every forward gives the same numbers); only the per-step weight copies
     disappear. Attention with split inputs (``use_split_qkv_input``/``use_attn_in``) is left as is.
-    Any other model passes through untouched.
+    Any other model passes through untouched. Re-entrant: inside another ``decoding_layout`` of the
+    same model it changes nothing, so a caller that samples in many calls (one per chunk, for
+    resuming) wraps them once and pays the two copies of the weights once (0.46 s on SmolLM2).
     """
-    if not is_hooked_transformer(model) or model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
+    if (not is_hooked_transformer(model) or model.cfg.use_split_qkv_input or model.cfg.use_attn_in
+            or getattr(model, "_sp_decoding_layout", False)):
         yield model
         return
     changed = []
@@ -295,9 +298,11 @@ def decoding_layout(model):
                 inverse = tuple(int(i) for i in np.argsort(perm))
                 param.data = param.data.permute(perm).contiguous().permute(inverse)
                 changed.append(param)
+    model._sp_decoding_layout = True
     try:
         yield model
     finally:
+        model._sp_decoding_layout = False
         with torch.inference_mode(False), torch.no_grad():
             for param in changed:
                 param.data = param.data.contiguous()
