@@ -80,23 +80,29 @@ def test_fused_with_a_key_value_cache_samples_what_the_bridge_samples(model):
     assert len(runs[1][0].response_ids) == 8
 
 
+def _logits_and_resid_grad(model, tokens, mask):
+    """The logits, and the gradient of the last position's log-sum-exp at blocks.0.hook_resid_post."""
+    stored = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        stored["act"] = act
+        return act
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", keep)]):
+        logits = model(tokens, attention_mask=mask, return_type="logits")
+        logits[:, -1].logsumexp(-1).sum().backward()
+    grad = stored["act"].grad.clone()
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grad
+
+
 def test_gradients_through_the_fused_kernel_equal_the_bridges(model):
     tokens, mask = _tokens_and_mask()
     grads = []
     for fused in (False, True):
         fuse_bridge_attention(model, enable=fused)
-        stored = {}
-
-        def keep(act, hook, stored=stored):
-            act.retain_grad()
-            stored["act"] = act
-            return act
-
-        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", keep)]):
-            loss = model(tokens, attention_mask=mask, return_type="logits")[:, -1].logsumexp(-1).sum()
-            loss.backward()
-        grads.append(stored["act"].grad.clone())
-        model.zero_grad(set_to_none=True)
+        grads.append(_logits_and_resid_grad(model, tokens, mask)[1])
     fuse_bridge_attention(model, enable=False)
     assert grads[1].abs().sum() > 0 and not grads[1].isnan().any()  # through the fused attention
     # TransformerLens 3.9's own attention gives NaN gradients to every left-padded row (fixed in
@@ -191,18 +197,7 @@ def test_direct_norms_give_identical_outputs_and_gradients_and_skip_the_second_p
     for direct in (False, True):
         assert fuse_bridge_norms(model, enable=direct) == (7 if direct else 0)  # 2 per block + final
         second_passes.clear()
-        stored = {}
-
-        def keep(act, hook, stored=stored):
-            act.retain_grad()
-            stored["act"] = act
-            return act
-
-        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", keep)]):
-            logits = model(tokens, attention_mask=mask, return_type="logits")
-            logits[:, -1].logsumexp(-1).sum().backward()
-        results[direct] = (logits.detach(), stored["act"].grad.clone(), len(second_passes))
-        model.zero_grad(set_to_none=True)
+        results[direct] = (*_logits_and_resid_grad(model, tokens, mask), len(second_passes))
     fuse_bridge_norms(model, enable=False)
     assert results[False][2] == 7 and results[True][2] == 0  # the direct path ran, and only it
     assert torch.equal(results[True][0], results[False][0])  # the same Hugging Face norm: bit for bit

@@ -302,10 +302,9 @@ def bridge_norm_fusable(norm) -> bool:
 
 def _bridge_norm_forward(norm, hidden_states: Tensor, **kwargs) -> Tensor:
     """The bridge norm's forward without its observation-only recomputation (see fuse_bridge_norms)."""
-    cls = _bridge_norm_class()
     native = norm.use_native_layernorm_autograd or getattr(norm.config, "layer_norm_folding", False)
     if kwargs or not native or _has_hooks(norm.hook_scale) or _has_hooks(norm.hook_normalized):
-        return cls.forward(norm, hidden_states, **kwargs)
+        return _bridge_norm_class().forward(norm, hidden_states, **kwargs)
     hidden_states = norm.hook_in(hidden_states)
     result = norm.original_component(hidden_states)
     if result.dtype != hidden_states.dtype:
