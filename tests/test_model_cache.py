@@ -17,9 +17,15 @@ import surprise_probe as sp
 from surprise_probe.core.models import devices, hooked
 from surprise_probe.core.models import embedded as embedded_models
 from surprise_probe.core.models import loading as models
+from surprise_probe.core.models.backends import hooked_transformer_available
 from surprise_probe.core.models.basis import model_fingerprint
 
 NAME = "smollm2-135m-instruct"
+
+hooked_only = pytest.mark.skipif(
+    not hooked_transformer_available(),
+    reason="the HookedTransformer's cache (TransformerLens 3.x); the bridge's is tested by test_bridge_*",
+)
 
 
 @pytest.fixture
@@ -36,7 +42,10 @@ def cache_files(folder):
 
 
 def reference(folder, dtype):
-    """The straightforward TransformerLens load (what load_model did before the cache)."""
+    """The straightforward TransformerLens load (what load_model did before the cache); on
+    TransformerLens 4.x, which has no HookedTransformer, the bridge from the folder, never cached."""
+    if not hooked_transformer_available():
+        return sp.load_model(str(folder), device="cpu", dtype=dtype, progress=False)
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,6 +82,7 @@ def refuse_hugging_face_model(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
 
 
+@hooked_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_load_is_bit_identical_to_converting(embedded, monkeypatch, dtype):
     expected = reference(embedded, dtype)
@@ -110,6 +120,7 @@ def test_cache_key_follows_what_decides_the_weights(embedded, tmp_path):
     assert hooked.hooked_cache_file(embedded, NAME, torch.float32) != other
 
 
+@hooked_only
 def test_a_changed_folder_replaces_its_stale_cache(embedded, monkeypatch):
     sp.load_model(NAME, device="cpu", progress=False)
     [old] = cache_files(embedded)
@@ -120,6 +131,7 @@ def test_a_changed_folder_replaces_its_stale_cache(embedded, monkeypatch):
     assert new != old and not old.exists()
 
 
+@hooked_only
 def test_damaged_cache_is_ignored_and_rewritten(embedded, monkeypatch):
     expected = reference(embedded, torch.float32)
     sp.load_model(NAME, device="cpu", progress=False)
@@ -136,6 +148,7 @@ def test_damaged_cache_is_ignored_and_rewritten(embedded, monkeypatch):
         assert_same_model(sp.load_model(NAME, device="cpu", progress=False), expected)
 
 
+@hooked_only
 def test_cache_of_another_config_is_not_read(embedded, monkeypatch):
     """A file under the right name whose recorded config differs is converted over, silently."""
     sp.load_model(NAME, device="cpu", progress=False)
@@ -148,13 +161,91 @@ def test_cache_of_another_config_is_not_read(embedded, monkeypatch):
     assert calls == [1]
 
 
-def test_user_folders_and_the_bridge_are_not_cached(tiny_hf_folder, embedded):
-    sp.load_model(str(tiny_hf_folder), device="cpu", progress=False)
-    assert list(tiny_hf_folder.parent.glob("*.hooked-*.safetensors")) == []
-    bridge = sp.load_model(NAME, device="cpu", backend="bridge", progress=False)
-    assert type(bridge).__name__ == "TransformerBridge" and cache_files(embedded) == []
+def test_user_folders_are_not_cached(tiny_hf_folder, embedded):
+    for backend in ("auto", "bridge"):
+        sp.load_model(str(tiny_hf_folder), device="cpu", backend=backend, progress=False)
+    assert list(tiny_hf_folder.parent.glob("*.safetensors")) == []
 
 
+def bridge_files(folder):
+    return sorted(folder.parent.glob(f"{NAME}.bridge-*.safetensors"))
+
+
+def count_processing(monkeypatch) -> list:
+    """Count TransformerLens' weight processing computations (what the bridge cache saves)."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    calls, compute = [], ProcessWeights.process_weights
+    monkeypatch.setattr(ProcessWeights, "process_weights",
+                        staticmethod(lambda *args, **kwargs: calls.append(1) or compute(*args, **kwargs)))
+    return calls
+
+
+def assert_same_bridge(model, expected):
+    ours, theirs = model.state_dict(), expected.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key  # bit for bit
+    tokens = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected(tokens))
+        _, ours = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_post"))
+        _, theirs = expected.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_post"))
+    assert sorted(ours.keys()) == sorted(theirs.keys()) and len(ours.keys()) == 2
+    for name in theirs.keys():
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bridge_cached_processing_is_bit_identical(embedded, tiny_hf_folder, monkeypatch, dtype):
+    """The bridge's weight processing is computed once, cached beside the embedded model, then read:
+    the same weights, logits and activations as processing (a user folder: never cached)."""
+    calls = count_processing(monkeypatch)
+    first = sp.load_model(NAME, device="cpu", dtype=dtype, backend="bridge", progress=False)
+    assert calls == [1] and len(bridge_files(embedded)) == 1 and cache_files(embedded) == []
+    cached = sp.load_model(NAME, device="cpu", dtype=dtype, backend="bridge", progress=False)
+    assert calls == [1]  # read, not computed
+    reference = sp.load_model(str(tiny_hf_folder), device="cpu", dtype=dtype, backend="bridge", progress=False)
+    assert calls == [1, 1]
+    assert_same_bridge(first, reference)
+    assert_same_bridge(cached, reference)
+    assert model_fingerprint(cached)["weights_sha256"] == model_fingerprint(reference)["weights_sha256"]
+
+
+def test_bridge_cache_of_another_input_is_recomputed(embedded, monkeypatch):
+    """A file under the right name whose recorded input (keys, shapes, config, flags) differs is not read."""
+    from surprise_probe.core.models import bridge_cache
+
+    sp.load_model(NAME, device="cpu", backend="bridge", progress=False)
+    calls = count_processing(monkeypatch)
+    monkeypatch.setattr(bridge_cache, "_signature", lambda *args: "another input")
+    sp.load_model(NAME, device="cpu", backend="bridge", progress=False)
+    assert calls == [1] and len(bridge_files(embedded)) == 1
+
+
+def test_damaged_bridge_cache_warns_and_is_rewritten(embedded, tiny_hf_folder, monkeypatch):
+    sp.load_model(NAME, device="cpu", backend="bridge", progress=False)
+    [path] = bridge_files(embedded)
+    path.write_bytes(b"not a safetensors file")
+    calls = count_processing(monkeypatch)
+    with pytest.warns(UserWarning, match="ignoring the processed-weights cache.*processing again"):
+        model = sp.load_model(NAME, device="cpu", backend="bridge", progress=False)
+    assert calls == [1] and bridge_files(embedded) == [path] and path.stat().st_size > 1000
+    assert_same_bridge(model, sp.load_model(str(tiny_hf_folder), device="cpu", backend="bridge", progress=False))
+
+
+def test_unwritable_bridge_cache_warns_and_loads(embedded, tiny_hf_folder, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr("safetensors.torch.save_file", refuse)
+    with pytest.warns(UserWarning, match="could not cache the processed weights.*read-only"):
+        model = sp.load_model(NAME, device="cpu", backend="bridge", progress=False)
+    assert bridge_files(embedded) == [] and list(embedded.parent.glob(".*.tmp*")) == []
+    assert_same_bridge(model, sp.load_model(str(tiny_hf_folder), device="cpu", backend="bridge", progress=False))
+
+
+@hooked_only
 def test_unwritable_cache_warns_and_loads(embedded, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("read-only file system")

@@ -21,7 +21,7 @@ import torch
 
 from surprise_probe.core.utils.storage import sweep_temporaries, temporary_path
 
-__all__ = ["hooked_from_hf", "hooked_cache_file", "hooked_from_cache", "write_hooked_cache"]
+__all__ = ["hooked_from_hf", "hooked_cache_file", "hooked_from_cache", "write_hooked_cache", "processed_weights_file"]
 
 
 # The weight processing both HookedTransformer paths apply (as HookedTransformer.from_pretrained);
@@ -117,7 +117,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def hooked_cache_file(folder: Path, name: str, dtype: torch.dtype) -> Path:
-    """The cache file of ``folder``'s processed weights, named by a hash of everything that decides them.
+    """The cache file of ``folder``'s processed HookedTransformer weights (see ``processed_weights_file``)."""
+    return processed_weights_file(folder, name, dtype, "hooked", HOOKED_CACHE_FORMAT)
+
+
+def processed_weights_file(folder: Path, name: str, dtype: torch.dtype, kind: str, cache_format: int) -> Path:
+    """The cache file of ``folder``'s processed weights for backend ``kind``, named by a hash of
+    everything that decides them.
 
     The key covers every file of the folder (name, size, modification time) and the bytes of its
     config and build marker, the dtype, the processing, the cache format and the versions of
@@ -125,7 +131,7 @@ def hooked_cache_file(folder: Path, name: str, dtype: torch.dtype) -> Path:
     """
     files = sorted(path for path in folder.iterdir() if path.is_file())
     key = {
-        "format": HOOKED_CACHE_FORMAT,
+        "format": cache_format,
         "dtype": _dtype_name(dtype),
         "processing": {**_PROCESSING, "center_unembed": "unless the logits are softcapped"},
         "versions": {package: importlib.metadata.version(package) for package in ("transformer-lens", "transformers")}
@@ -136,7 +142,7 @@ def hooked_cache_file(folder: Path, name: str, dtype: torch.dtype) -> Path:
     for small in ("config.json", ".complete"):
         if (folder / small).is_file():
             digest.update((folder / small).read_bytes())
-    return folder.parent / f"{name}.hooked-{_dtype_name(dtype)}-{digest.hexdigest()[:16]}.safetensors"
+    return folder.parent / f"{name}.{kind}-{_dtype_name(dtype)}-{digest.hexdigest()[:16]}.safetensors"
 
 
 def _config_signature(cfg) -> str:

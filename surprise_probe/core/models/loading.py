@@ -41,6 +41,7 @@ from surprise_probe.core.models.backends import (
     is_bridge,
     transformer_lens_version,
 )
+from surprise_probe.core.models.bridge_cache import bridge_cache_file, bridge_processing_cache
 from surprise_probe.core.models.devices import (
     release_memory,
     resolve_device,
@@ -218,7 +219,10 @@ def _load_folder(
             cache_file = hooked_cache_file(folder, name, dtype)
         model = hooked_from_cache(cache_file, folder, tokenizer, device, dtype, n_devices) if cache_file else None
         if model is None:
-            model = _convert(folder, tokenizer, device, dtype, backend, device_map, n_devices, max_memory)
+            # A bridge caches the result of its weight processing instead (same folders, same key).
+            bridge_cache = bridge_cache_file(folder, name, dtype) if cache_processed and device_map is None else None
+            model = _convert(folder, tokenizer, device, dtype, backend, device_map, n_devices, max_memory,
+                             bridge_cache)
             if cache_file is not None and not is_bridge(model):
                 release_memory()  # the conversion's copies are gone: give them back before the cache's own
                 write_hooked_cache(cache_file, model, folder, tokenizer, device, dtype, n_devices)
@@ -237,7 +241,7 @@ def _load_folder(
 
 
 def _convert(folder: Path, tokenizer, device: str, dtype: torch.dtype, backend: str, device_map, n_devices: int,
-             max_memory):
+             max_memory, bridge_cache: Path | None = None):
     """Load the Hugging Face model and convert it (HookedTransformer, else TransformerBridge).
 
     Only the bridge keeps the Hugging Face model; a HookedTransformer returns without it.
@@ -262,26 +266,40 @@ def _convert(folder: Path, tokenizer, device: str, dtype: torch.dtype, backend: 
             "using TransformerBridge instead (same hook names)",
             stacklevel=4,
         )
-    from transformer_lens.model_bridge import TransformerBridge
-
     if device_map is None and n_devices > 1:
         raise ValueError(
             f"n_devices={n_devices} splits a HookedTransformer, but {folder} loads as a "
             "TransformerBridge; pass device_map='auto' (with max_memory=) instead"
         )
+    return bridge_from_hf(folder, hf_model, tokenizer, dtype, None if device_map is not None else device,
+                          processed_cache=bridge_cache)
+
+
+def bridge_from_hf(folder: Path, hf_model, tokenizer, dtype: torch.dtype, device: str | None,
+                   processed_cache: Path | None = None):
+    """A TransformerBridge around ``hf_model``, as ``load_model`` builds one: TransformerLens' weight
+    processing (``enable_compatibility_mode``) and the toolkit's bridge fast paths (fused attention,
+    direct norms, memoized block arguments). ``folder`` holds the model's config (no weights are read).
+
+    The fused attention is checked, not assumed: where it does not cover the architecture a warning
+    says the bridge's own attention runs (same numbers, slower). ``processed_cache``: a file that
+    keeps the weight processing's result for the next load (``bridge_processing_cache``).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
     model = TransformerBridge.boot_transformers(
-        str(folder), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
-        device=None if device_map is not None else device,
+        str(folder), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device,
     )
-    model.enable_compatibility_mode()
+    with bridge_processing_cache(processed_cache) if processed_cache is not None else contextlib.nullcontext():
+        model.enable_compatibility_mode()
     fuse_bridge_norms(model)  # the same outputs without the norms' second, observation-only pass
     memoize_bridge_block_kwargs(model)
     if not fuse_bridge_attention(model) and len(getattr(model, "blocks", ())):
         # Not silent: this architecture runs the bridge's step-by-step attention (same numbers, slower).
         warnings.warn(
-            f"{folder.name}: the fused attention kernel does not cover "
+            f"{Path(folder).name}: the fused attention kernel does not cover "
             f"{type(model.blocks[0].attn).__name__} here; the bridge's own attention runs",
-            stacklevel=4,
+            stacklevel=5,
         )
     return model
 
