@@ -58,6 +58,11 @@ from surprise_probe.interventions import (
 from surprise_probe.probes import fit_sweep
 
 import surprise_probe as sp
+from surprise_probe.core.models.backends import (
+    hooked_transformer_available,
+    transformer_lens_version,
+)
+from surprise_probe.core.models.loading import bridge_from_hf
 from surprise_probe.core.utils.jsonio import finite_or_none, write_json
 from surprise_probe.testing import tiny_tokenizer
 
@@ -358,22 +363,31 @@ def wrap_hooked(hf_model, tokenizer, folder: Path, name: str, device: str, dtype
 
 
 def wrap_bridge(hf_model, tokenizer, folder: Path, name: str, device: str, dtype: torch.dtype):
-    """A ``TransformerBridge`` in compatibility mode around ``hf_model`` (the loader's fallback path)."""
-    from transformer_lens.model_bridge import TransformerBridge
-
+    """A ``TransformerBridge`` around ``hf_model``, built as ``sp.load_model`` builds one (weight
+    processing and the bridge fast paths: ``bridge_from_hf``)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            str(folder), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device
-        )
-        bridge.enable_compatibility_mode()
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bridge = bridge_from_hf(folder, hf_model, tokenizer, dtype, device)
     return _finish_wrap(bridge, tokenizer, name)
 
 
+def resolve_llama_backend(asked: str) -> str:
+    """``auto`` -> what ``sp.load_model`` picks for Llama: HookedTransformer where this TransformerLens
+    has it (3.x), else the bridge (4.x). ``hooked`` on 4.x is an error naming the version."""
+    if asked not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"--llama-backend must be auto, hooked or bridge, got {asked!r}")
+    if asked == "auto":
+        return "hooked" if hooked_transformer_available() else "bridge"
+    if asked == "hooked" and not hooked_transformer_available():
+        raise ValueError(f"--llama-backend hooked needs HookedTransformer, which TransformerLens "
+                         f"{transformer_lens_version()} does not have (3.x only); use auto or bridge")
+    return asked
+
+
 def wrap(name: str, hf_model, tokenizer, folder: Path, device: str, dtype: torch.dtype, llama_backend: str = "hooked"):
-    """The backend ``sp.load_model(backend="auto")`` picks for a folder: HookedTransformer for Llama
-    (``llama_backend="bridge"`` forces the bridge), the TransformerBridge for Gemma 3 (TransformerLens
-    3.9's HookedTransformer does not support it).
+    """The backend ``sp.load_model(backend="auto")`` picks for a folder: HookedTransformer for Llama on
+    TransformerLens 3.x (``llama_backend="bridge"`` forces the bridge; see ``resolve_llama_backend``),
+    the TransformerBridge for Gemma 3 (TransformerLens 3.9's HookedTransformer does not support it).
 
     The bridge wraps ``hf_model`` itself, so it gets a copy (the original stays a plain baseline).
     """
@@ -924,8 +938,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="the JSON to write (rewritten after every stage)")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
-    parser.add_argument("--llama-backend", choices=("hooked", "bridge"), default="hooked",
-                        help="TransformerLens backend for the Llama model (Gemma 3 always loads as a bridge)")
+    parser.add_argument("--llama-backend", choices=("auto", "hooked", "bridge"), default="auto",
+                        help="TransformerLens backend for the Llama model (Gemma 3 always loads as a bridge); "
+                             "auto: HookedTransformer on TransformerLens 3.x, the bridge on 4.x")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip (and record as not run) the stages that would start after this many seconds "
                              "(default: 540 on the GPU, none with --smoke)")
@@ -934,6 +949,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        llama_backend = resolve_llama_backend(args.llama_backend)
+    except ValueError as error:
+        print(f"gpu_check: {error}", file=sys.stderr)
+        return 2
     # Nothing may reach the network (the GPU machine has none): fail fast instead of waiting on
     # timeouts. Set before anything imports transformers / huggingface_hub (they read it at import).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -950,7 +970,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     record = {
         "schema": SCHEMA_VERSION, "mode": "smoke" if smoke else "gpu", "device": device_name(device),
-        "options": {"device": device, "models": list(args.models), "llama_backend": args.llama_backend},
+        "options": {"device": device, "models": list(args.models), "llama_backend": llama_backend},
         "versions": versions(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "total_seconds": 0.0, "budget_seconds": budget,
         "targets": {stage: dict(target) for stage, target in TARGETS.items()},
@@ -959,7 +979,7 @@ def main(argv=None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="sp-gpu-check-") as work:
         for name in args.models:
-            run_model(name, smoke, device, sizes, Path(work), record, out, start, deadline, args.llama_backend)
+            run_model(name, smoke, device, sizes, Path(work), record, out, start, deadline, llama_backend)
     record["total_seconds"] = time.perf_counter() - start
     stages = [(name, stage, entry) for name, model in record["models"].items()
               for stage, entry in model["stages"].items()]

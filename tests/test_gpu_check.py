@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from surprise_probe.core.models.backends import (
+    hooked_transformer_available,
+    transformer_lens_version,
+)
+
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
@@ -75,8 +80,11 @@ def test_smoke_runs_every_stage(smoke, gc):
     _structure(record, gc)
     assert record["mode"] == "smoke" and record["finished"] and record["all_ok"] and record["no_oom"]
     assert record["versions"]["torch"] and record["versions"]["transformer_lens"]
+    # load_model's rule: Llama as a HookedTransformer where TransformerLens has one (3.x), else the bridge.
+    llama = "HookedTransformer" if hooked_transformer_available() else "TransformerBridge"
+    assert record["options"]["llama_backend"] == ("hooked" if hooked_transformer_available() else "bridge")
     for name, model in record["models"].items():
-        assert model["backend"] == {"llama-3.1-8b": "HookedTransformer", "gemma-3-262k": "TransformerBridge"}[name]
+        assert model["backend"] == {"llama-3.1-8b": llama, "gemma-3-262k": "TransformerBridge"}[name]
         assert model["n_parameters"] > 0
         for stage, entry in model["stages"].items():
             assert entry["ok"] and entry["error"] is None, (name, stage, entry["error"])
@@ -122,3 +130,15 @@ def test_gpu_mode_writes_the_same_fields(smoke, gc, tmp_path, monkeypatch, capsy
     for name in gc.MODELS:
         assert set(record["models"][name]["sizes"]) == set(smoke_record["models"][name]["sizes"])
         assert set(record["models"][name]["config"]) == set(smoke_record["models"][name]["config"])
+
+
+def test_llama_backend_follows_the_installed_transformer_lens(gc):
+    assert gc.resolve_llama_backend("bridge") == "bridge"
+    if hooked_transformer_available():
+        assert gc.resolve_llama_backend("auto") == gc.resolve_llama_backend("hooked") == "hooked"
+    else:
+        assert gc.resolve_llama_backend("auto") == "bridge"
+        with pytest.raises(ValueError, match=f"TransformerLens {transformer_lens_version()}.*3.x only"):
+            gc.resolve_llama_backend("hooked")
+    with pytest.raises(ValueError, match="'fast'"):
+        gc.resolve_llama_backend("fast")
