@@ -199,8 +199,8 @@ def entropy_direction_comparison(
     >>> import numpy as np
     >>> import surprise_probe as sp
     >>> from surprise_probe.probes import fit_sweep
-    >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import TINY_CORPUS, tiny_model
+    >>> model = tiny_model()
     >>> run = sp.capture(model, TINY_CORPUS * 2, progress=False)
     >>> fits = {t: fit_sweep(run, t, n_folds=3, n_shuffles=0, n_boot=20, nested=False, progress=False)
     ...         for t in ("surprise", "entropy")}

@@ -50,9 +50,9 @@ class DoseResponse(NotebookView):
     / their std. ``n_sequences`` / ``n_tokens``: the sample. ``table()`` flattens it, one dict per
     direction x strength; ``rows("random")`` indexes the random controls.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> from surprise_probe.testing import tiny_model
     >>> from surprise_probe.interventions import SteeringDirection, random_directions
-    >>> model = tiny_hooked_transformer()
+    >>> model = tiny_model()
     >>> d = SteeringDirection(random_directions(model.cfg.d_model, 1, seed=3)[0], "blocks.1.hook_resid_post", 1.0)
     >>> result = dose_response(model, ["A cat sat on the mat.", "Rain fell."], d, [-2.0, 0.0, 2.0],
     ...                        random_directions=2, n_boot=20, progress=False)

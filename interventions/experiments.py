@@ -7,8 +7,8 @@ the probe artifact they used (path and sha256 of its files) and the software ver
 
 >>> import tempfile, numpy as np
 >>> from surprise_probe.probes import ProbeDirection
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> model = tiny_hooked_transformer()
+>>> from surprise_probe.testing import tiny_model
+>>> model = tiny_model()
 >>> d = np.ones(model.cfg.d_model) / np.sqrt(model.cfg.d_model)
 >>> probe = ProbeDirection(d, mean=0.0, std=1.0, hook="blocks.1.hook_resid_post", layer=1,
 ...                        model_id=model.cfg.model_name, d_model=model.cfg.d_model, target="surprise")

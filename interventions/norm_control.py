@@ -307,9 +307,9 @@ def norm_control(
     ``n_random_neurons`` random neuron sets. Every forward has at most ``batch_size`` rows and
     ``max_batch_tokens`` tokens (a longer input still runs, with one condition per forward).
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> from surprise_probe.testing import tiny_model
     >>> from surprise_probe.interventions import SteeringDirection, random_directions
-    >>> model = tiny_hooked_transformer()
+    >>> model = tiny_model()
     >>> d = SteeringDirection(random_directions(model.cfg.d_model, 1, seed=3)[0], "blocks.0.hook_resid_post", 1.0)
     >>> result = norm_control(model, d, ["A cat sat on the mat.", "Rain fell."], strengths=[-1.0, 0.0, 1.0],
     ...                       n_random=2, n_neurons=2, n_random_neurons=2, n_boot=20, progress=False)

@@ -19,8 +19,8 @@ removes, is a trivial null direction and is left out of the basis. A random dire
 ``k / d_model`` of its squared norm there on average.
 
 >>> import torch
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> model = tiny_hooked_transformer()
+>>> from surprise_probe.testing import tiny_model
+>>> model = tiny_model()
 >>> null = unembedding_null_space(model)                  # k = 1 for d_model 64
 >>> null.k, round(float(null.share(null.basis[:, 0])), 6), null.expected_random_share
 (1, 1.0, 0.015625)

@@ -156,8 +156,8 @@ class ProbeDirection(NotebookView):
         :class:`~surprise_probe.core.forward.edits.Touched` record of the entries edited.
 
         >>> import torch
-        >>> from surprise_probe.testing import tiny_hooked_transformer
-        >>> model = tiny_hooked_transformer()
+        >>> from surprise_probe.testing import tiny_model
+        >>> model = tiny_model()
         >>> d = ProbeDirection(np.ones(model.cfg.d_model) / np.sqrt(model.cfg.d_model), mean=0.0, std=2.0,
         ...                    hook="blocks.1.hook_resid_post", layer=1, model_id=model.cfg.model_name,
         ...                    d_model=model.cfg.d_model, target="surprise")

@@ -7,8 +7,8 @@ alpha-curve plots (offline HTML), the held-out predictions and the best probe di
 
 >>> import tempfile
 >>> from surprise_probe.core.capture.run import capture
->>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
->>> run = capture(tiny_hooked_transformer(), TINY_CORPUS * 2, progress=False)
+>>> from surprise_probe.testing import TINY_CORPUS, tiny_model
+>>> run = capture(tiny_model(), TINY_CORPUS * 2, progress=False)
 >>> fit = fit_probes(run, "surprise", n_folds=3, n_shuffles=2, n_boot=20, nested=False, progress=False)
 >>> sorted(fit.save(tempfile.mkdtemp()))
 ['alphas_html', 'csv', 'heldout', 'html', 'json', 'probe']

@@ -146,8 +146,8 @@ class SweepResult(NotebookView):
 
     >>> import surprise_probe as sp
     >>> from surprise_probe.probes import fit_sweep
-    >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
-    >>> run = sp.capture(tiny_hooked_transformer(), TINY_CORPUS * 2, progress=False)
+    >>> from surprise_probe.testing import TINY_CORPUS, tiny_model
+    >>> run = sp.capture(tiny_model(), TINY_CORPUS * 2, progress=False)
     >>> result = fit_sweep(run, n_folds=3, n_shuffles=0, n_boot=50, progress=False)
     >>> [row["hook"] for row in result.table()]
     ['blocks.0.hook_resid_pre', 'blocks.0.hook_resid_post', 'blocks.1.hook_resid_post']

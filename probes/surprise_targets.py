@@ -122,8 +122,8 @@ def local_surprise(
     """The model's surprise at each selected token given only the previous ``window`` tokens.
 
     >>> import surprise_probe as sp
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> run = sp.capture(model, ["The quick brown fox jumps."], progress=False)
     >>> whole = local_surprise(model, run, window=64, progress=False)   # window >= length: full context
     >>> bool(np.allclose(whole.values, run.column("input_surprise", scored_only=True)[1:], atol=1e-4))
@@ -222,8 +222,8 @@ def computed_target(
     captured model is loaded by the capture's ``model_id``.
 
     >>> import surprise_probe as sp
-    >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import TINY_CORPUS, tiny_model
+    >>> model = tiny_model()
     >>> run = sp.capture(model, TINY_CORPUS[:2], progress=False)
     >>> target, info = computed_target(run, "local:2", load_model=lambda name: model, progress=False)
     >>> target.name, len(target.values) == info["n_selected_tokens"], info["rule"]

@@ -142,8 +142,8 @@ def fit_sweep(
     among them, it is the embedding-layer (token-identity) control.
 
     >>> import surprise_probe as sp
-    >>> from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
-    >>> run = sp.capture(tiny_hooked_transformer(), TINY_CORPUS * 2, progress=False)  # or sp.load_capture(folder)
+    >>> from surprise_probe.testing import TINY_CORPUS, tiny_model
+    >>> run = sp.capture(tiny_model(), TINY_CORPUS * 2, progress=False)  # or sp.load_capture(folder)
     >>> result = fit_sweep(run, "surprise", hooks=["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"],
     ...                    n_folds=3, n_shuffles=2, n_boot=50, progress=False)
     >>> result.best_hook(), result.n_sequences

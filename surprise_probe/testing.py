@@ -2,7 +2,8 @@
 
 ``tiny_tokenizer`` trains a byte-level BPE on a few sentences in-process (no download) and gives it a
 ChatML chat template like SmolLM2's. ``tiny_hooked_transformer`` and ``tiny_bridge`` build random
-2-layer models around it, one per TransformerLens backend, so code can be tested on both.
+2-layer models around it, one per TransformerLens backend, so code can be tested on both;
+``tiny_model`` picks the one this TransformerLens has (HookedTransformer on 3.x, the bridge on 4.x).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from surprise_probe.core.models.backends import (
 )
 
 __all__ = [
-    "tiny_llama_folder", "tiny_tokenizer", "tiny_hooked_transformer", "tiny_bridge", "TINY_CORPUS"]
+    "tiny_llama_folder", "tiny_tokenizer", "tiny_hooked_transformer", "tiny_bridge", "tiny_model",
+    "TINY_CORPUS"]
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -121,6 +123,7 @@ def tiny_llama_folder(
     (True, 1)
     """
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
     tokenizer = tokenizer or tiny_tokenizer(folder)
@@ -133,7 +136,13 @@ def tiny_llama_folder(
     if pad:
         settings["pad_token_id"] = tokenizer.pad_token_id
     model = LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()
-    model.save_pretrained(folder)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar from a test helper (a notebook shows it)
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
     return folder, model
 
@@ -160,3 +169,20 @@ def tiny_bridge(n_layers: int = 2, d_model: int = 64, n_ctx: int = 64, seed: int
     bridge.cfg.model_name = f"tiny-bridge-{n_layers}l-{d_model}d-s{seed}"
     bridge.hf_model_for_tests = hf_model
     return bridge.eval()
+
+
+def tiny_model(n_layers: int = 2, d_model: int = 64, n_ctx: int = 64, seed: int = 0, tokenizer=None):
+    """A tiny random model on whichever backend this TransformerLens has, for version-agnostic examples.
+
+    :func:`tiny_hooked_transformer` on TransformerLens 3.x (exactly it: same weights, same numbers),
+    :func:`tiny_bridge` on 4.x, which has no ``HookedTransformer``.
+
+    >>> from surprise_probe.core.models.backends import backend_name, hooked_transformer_available
+    >>> model = tiny_model(n_layers=1, d_model=32)
+    >>> model.cfg.n_layers, model.cfg.d_model
+    (1, 32)
+    >>> backend_name(model) == ("HookedTransformer" if hooked_transformer_available() else "TransformerBridge")
+    True
+    """
+    make = tiny_hooked_transformer if hooked_transformer_available() else tiny_bridge
+    return make(n_layers=n_layers, d_model=d_model, n_ctx=n_ctx, seed=seed, tokenizer=tokenizer)

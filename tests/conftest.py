@@ -32,11 +32,12 @@ def tiny_tokenizer(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def needs_hooked_transformer() -> None:
-    """Skip, saying why, where this TransformerLens has no HookedTransformer (4.x)."""
+def needs_hooked_transformer(what_runs: str = "the bridge variant of the test runs") -> None:
+    """Skip, saying why, where this TransformerLens has no HookedTransformer (4.x); ``what_runs`` says
+    what covers the same ground there (by default the test's bridge variant)."""
     if not hooked_transformer_available():
         pytest.skip(f"needs HookedTransformer, which TransformerLens {transformer_lens_version()} does not have "
-                    "(3.x only); the bridge variant of the test runs")
+                    f"(3.x only); {what_runs}")
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,9 @@ import torch
 from surprise_probe.interventions import SteeringDirection, activation_patching, dose_response
 
 from surprise_probe.core.capture.run import capture
+from surprise_probe.core.models.backends import hooked_transformer_available
 from surprise_probe.core.models.loading import load_model
+from tests.conftest import needs_hooked_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +39,7 @@ EVERY_MODULE_ON_CPU = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "mo
 
 @pytest.fixture(scope="module")
 def reference(tiny_hf_folder):
-    """The plain single-device load (HookedTransformer on the CPU)."""
+    """The plain single-device load on the CPU (HookedTransformer on TransformerLens 3.x, the bridge on 4.x)."""
     return load_model(tiny_hf_folder, device="cpu", progress=False)
 
 
@@ -54,7 +56,7 @@ def mapped(request, tiny_hf_folder):
 
 def test_device_map_loads_through_the_bridge_with_every_module_on_cpu(mapped, reference):
     assert type(mapped).__name__ == "TransformerBridge"
-    assert type(reference).__name__ == "HookedTransformer"
+    assert type(reference).__name__ == ("HookedTransformer" if hooked_transformer_available() else "TransformerBridge")
     assert {p.device.type for p in mapped.parameters()} == {"cpu"}
     assert mapped.cfg.n_layers == reference.cfg.n_layers
 
@@ -105,6 +107,8 @@ def test_steering_and_patching_through_a_device_map_equal_the_single_device_load
 
 
 def test_n_devices_one_is_the_plain_hooked_load(tiny_hf_folder, reference):
+    needs_hooked_transformer("n_devices= splits a HookedTransformer's layers; a bridge is placed by device_map= "
+                             "(tested above)")
     model = load_model(tiny_hf_folder, device="cpu", n_devices=1, backend="hooked", progress=False)
     assert model.cfg.n_devices == 1
     tokens = torch.as_tensor([[5, 17, 42, 7, 99]])
@@ -121,7 +125,10 @@ def test_n_devices_one_is_the_plain_hooked_load(tiny_hf_folder, reference):
         ({"max_memory": {"cpu": "1GiB"}}, "max_memory only applies with device_map="),
         ({"n_devices": 0}, "n_devices must be a whole number >= 1, got 0"),
         ({"device_map": {"": "cpu"}, "device": "cpu"}, "pass device='cpu' or device_map=, not both"),
-        ({"device_map": {"": "cpu"}, "backend": "hooked"}, "use n_devices= for backend='hooked'"),
+        # TransformerLens 4.x has no HookedTransformer: backend='hooked' is refused first, as early
+        ({"device_map": {"": "cpu"}, "backend": "hooked"},
+         "use n_devices= for backend='hooked'" if hooked_transformer_available()
+         else "backend='hooked' needs TransformerLens 3.x"),
     ],
 )
 def test_bad_device_options_fail_before_loading(tiny_hf_folder, options, expected, monkeypatch):

@@ -21,7 +21,8 @@ from surprise_probe.analyses.intention.statistics import topic_entropy
 from surprise_probe.analyses.intention.topics import validate_lexicon
 from surprise_probe.app.cli import main
 from surprise_probe.core.forward.sampling import chat_prompt_ids
-from surprise_probe.testing import tiny_hooked_transformer
+from surprise_probe.core.models.backends import hooked_transformer_available
+from surprise_probe.testing import tiny_model
 
 TOPICS = ["fox", "cat", "dog", "moon", "sea", "sky"]
 LEXICON = validate_lexicon({t: [t] for t in TOPICS})
@@ -34,12 +35,16 @@ PROMPTS = [IntentionPrompt(f"{group}-{i}", group, text, LEXICON)
            for group, texts in PHRASINGS.items() for i, text in enumerate(texts)]
 SETTINGS = {"n_samples": 24, "max_new_tokens": 6, "ks": (0, 1, 2, 4), "prefill_tokens": 2, "prefill_samples": 2,
             "n_boot": 200, "n_folds": 3, "n_shuffles": 2, "temperature": 1.0, "followup_phrasings": None}
+# tiny_model is a LayerNorm HookedTransformer on TransformerLens 3.x and a random Llama bridge
+# (initializer_range 0.02) on 4.x, which settles more slowly: 40 steps leave its "fox" answer at
+# topic entropy ~0.17 [0.01, 0.36] nats, 80 at ~0.06 [0.00, 0.16].
+STEPS = 40 if hooked_transformer_available() else 80
 
 
-def _train(tokenizer, always: str | None, seed: int, steps: int = 40):
+def _train(tokenizer, always: str | None, seed: int, steps: int = STEPS):
     """A tiny model trained to answer every prompt with "The <topic>." (fixed or uniform topic)."""
     torch.manual_seed(seed)
-    model = tiny_hooked_transformer(n_ctx=96, seed=seed, tokenizer=tokenizer)
+    model = tiny_model(n_ctx=96, seed=seed, tokenizer=tokenizer)
     model.train()
     prompts = [chat_prompt_ids(model, p.prompt) for p in PROMPTS]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -134,8 +139,8 @@ def test_save_writes_json_with_config_versions_and_figures(trained, tmp_path):
         assert paths[name].stat().st_size > 10_000
 
 
-def test_cache_reuses_finished_sampling_and_redoes_it_for_another_config(tiny_hooked, tmp_path, one_thread):
-    model = tiny_hooked_transformer(n_ctx=96, tokenizer=tiny_hooked.tokenizer)
+def test_cache_reuses_finished_sampling_and_redoes_it_for_another_config(tiny_tokenizer, tmp_path, one_thread):
+    model = tiny_model(n_ctx=96, tokenizer=tiny_tokenizer)
     small = {**SETTINGS, "n_samples": 2, "ks": (0, 2), "n_boot": 20}
     first = analyze_intention([model], PROMPTS[:2], cache_dir=tmp_path, progress=False, **small)
     folder = tmp_path / model.cfg.model_name

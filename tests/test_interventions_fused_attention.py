@@ -8,10 +8,19 @@ import contextlib
 import warnings
 
 import pytest
-import torch
-from surprise_probe.interventions import suffix
-from surprise_probe.interventions.suffix import clean_prefix, run_from_hook
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from surprise_probe.core.models.backends import hooked_transformer_available
+
+# HookedTransformer's fused attention (the bridge's: tests/test_bridge_fused_attention.py); on
+# TransformerLens 4.x, which has no HookedTransformer, this module skips as a whole.
+if not hooked_transformer_available():
+    pytest.skip("HookedTransformer's fused attention; TransformerLens 4.x has no HookedTransformer "
+                "(tests/test_bridge_fused_attention.py covers the bridge)", allow_module_level=True)
+
+import torch  # noqa: E402
+from surprise_probe.interventions import suffix  # noqa: E402
+from surprise_probe.interventions.suffix import clean_prefix, run_from_hook  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 from surprise_probe.core.forward.sampling import decoding_layout
 from surprise_probe.core.models.attention import fused_attention

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import surprise_probe as sp
+from surprise_probe.core.models.backends import hooked_transformer_available
 from surprise_probe.core.models.loading import available_models
+from tests.conftest import needs_hooked_transformer
 
 
 @pytest.fixture
@@ -23,6 +25,8 @@ def no_network(monkeypatch):
 def test_load_local_folder_matches_hugging_face(tiny_hf_folder, backend, no_network):
     from transformers import AutoModelForCausalLM
 
+    if backend == "hooked":
+        needs_hooked_transformer()
     model = sp.load_model(str(tiny_hf_folder), backend=backend, progress=False)
     expected = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
     assert type(model).__name__ == expected
@@ -38,7 +42,17 @@ def test_load_local_folder_matches_hugging_face(tiny_hf_folder, backend, no_netw
 
 
 def test_auto_backend_prefers_hooked_transformer(tiny_hf_folder):
-    assert type(sp.load_model(str(tiny_hf_folder), progress=False)).__name__ == "HookedTransformer"
+    """backend='auto': HookedTransformer where this TransformerLens has it (3.x), else the bridge (4.x)."""
+    expected = "HookedTransformer" if hooked_transformer_available() else "TransformerBridge"
+    assert type(sp.load_model(str(tiny_hf_folder), progress=False)).__name__ == expected
+
+
+def test_hooked_backend_needs_transformer_lens_3(tiny_hf_folder):
+    """On TransformerLens 4.x (no HookedTransformer) backend='hooked' is refused and says what to use."""
+    if hooked_transformer_available():
+        pytest.skip("TransformerLens 3.x has HookedTransformer: backend='hooked' loads (tested above)")
+    with pytest.raises(ValueError, match="backend='hooked' needs TransformerLens 3.x"):
+        sp.load_model(str(tiny_hf_folder), backend="hooked", progress=False)
 
 
 def test_unknown_model_lists_what_is_available(no_network):
@@ -110,20 +124,22 @@ def test_old_cache_marker_is_rebuilt(tmp_path, monkeypatch):
     assert embedded._is_complete(folder)
 
 
-def test_loaded_model_keeps_the_original_tokenizer(tiny_hf_folder):
+@pytest.mark.parametrize("backend", ["hooked", "bridge"])
+def test_loaded_model_keeps_the_original_tokenizer(tiny_hf_folder, backend):
     """TransformerLens swaps in an add_bos_token=True copy; load_model must put the original back."""
     from transformers import AutoTokenizer
 
+    if backend == "hooked":
+        needs_hooked_transformer()
     original = AutoTokenizer.from_pretrained(tiny_hf_folder)
     bos_adding = AutoTokenizer.from_pretrained(tiny_hf_folder, add_bos_token=True)
     text = "The quick brown fox."
     # The check can fail: a BOS-adding copy tokenizes this text differently.
     assert bos_adding(text)["input_ids"] != original(text)["input_ids"]
-    for backend in ("hooked", "bridge"):
-        model = sp.load_model(str(tiny_hf_folder), backend=backend, progress=False)
-        assert model.tokenizer(text)["input_ids"] == original(text)["input_ids"], backend
-        assert sp.encode(model, text).token_ids.tolist() == original(text)["input_ids"], backend
-        assert model.to_tokens(text)[0].tolist() == original(text)["input_ids"], backend
+    model = sp.load_model(str(tiny_hf_folder), backend=backend, progress=False)
+    assert model.tokenizer(text)["input_ids"] == original(text)["input_ids"], backend
+    assert sp.encode(model, text).token_ids.tolist() == original(text)["input_ids"], backend
+    assert model.to_tokens(text)[0].tolist() == original(text)["input_ids"], backend
 
 
 def _random_hf_folder(root, tokenizer, architecture: str):
@@ -158,6 +174,8 @@ def test_block_by_block_processing_is_transformer_lens_bit_for_bit(tmp_path, tin
     are exactly those of TransformerLens' whole-state-dict processing."""
     import copy
 
+    needs_hooked_transformer("this checks HookedTransformer's own block-by-block weight processing, "
+                             "which a bridge does not use")
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
 
@@ -188,6 +206,8 @@ def test_block_by_block_processing_leaves_unfoldable_configs_to_transformer_lens
                                                                                   monkeypatch):
     import copy
 
+    needs_hooked_transformer("this checks HookedTransformer's own block-by-block weight processing, "
+                             "which a bridge does not use")
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
     from transformer_lens.weight_processing import ProcessWeights

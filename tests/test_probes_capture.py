@@ -9,7 +9,7 @@ from surprise_probe.probes import ProbeDirection, fit_sweep
 from surprise_probe.probes.plots import alpha_curve_figure, layer_sweep_figure
 
 import surprise_probe as sp
-from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer, tiny_tokenizer
+from surprise_probe.testing import TINY_CORPUS, tiny_model, tiny_tokenizer
 
 TEXTS = [f"{TINY_CORPUS[i % 6]} {TINY_CORPUS[(7 * i + 1) % 6]}" for i in range(24)]
 
@@ -21,7 +21,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_hooked_transformer(tokenizer=tokenizer)
+    return tiny_model(tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,9 @@ def test_cli_fit_writes_table_plot_and_probe(capture_dir, model, tmp_path, token
     assert (out / "sweep.html").stat().st_size > 1_000_000  # plotly.js embedded: opens offline
     direction = ProbeDirection.load(out / "probe", model=model)
     assert direction.model_id == sp.model_id(model) and direction.d_model == model.cfg.d_model
-    other = tiny_hooked_transformer(seed=1, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="tiny-hooked-2l-64d-s1"):
+    other = tiny_model(seed=1, tokenizer=tokenizer)
+    assert sp.model_id(other) == other.cfg.model_name == sp.model_id(model).replace("-s0", "-s1")
+    with pytest.raises(ValueError, match=sp.model_id(other)):
         ProbeDirection.load(out / "probe", model=other)
 
 

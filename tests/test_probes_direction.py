@@ -13,10 +13,11 @@ from sklearn.utils.validation import check_is_fitted
 from surprise_probe.probes import ArrayCapture, ProbeDirection, RidgeProbe, fit_sweep
 
 from surprise_probe.core.capture.run import capture
+from surprise_probe.core.models.backends import hooked_transformer_available
 from surprise_probe.core.models.basis import model_fingerprint
 from surprise_probe.core.models.loading import model_id
 from surprise_probe.core.utils.jsonio import to_json
-from surprise_probe.testing import TINY_CORPUS, tiny_hooked_transformer
+from surprise_probe.testing import TINY_CORPUS, tiny_model
 
 
 def _model(name="planted", d_model=6):
@@ -159,7 +160,7 @@ def test_export_vector_reads_the_same_projection_in_the_hf_basis():
 
 @pytest.fixture(scope="module")
 def tiny_probe(one_thread):
-    model = tiny_hooked_transformer()
+    model = tiny_model()
     run = capture(model, TINY_CORPUS * 3, progress=False)
     direction = fit_sweep(run, hooks=run.hooks[-1:], n_folds=3, n_shuffles=0, n_boot=10, nested=False,
                           progress=False).direction()
@@ -176,18 +177,20 @@ def test_a_probe_records_the_model_basis_and_weights(tiny_probe, tmp_path):
         expected.update(tensor.numpy().tobytes())
     assert loaded.model["weights_sha256"] == expected.hexdigest()
     processing = loaded.model["weight_processing"]
-    assert processing["backend"] == "HookedTransformer" and processing["normalization_type"] == "LN"
+    # tiny_model: a LayerNorm HookedTransformer on TransformerLens 3.x, a random Llama bridge on 4.x
+    expected = ("HookedTransformer", "LN") if hooked_transformer_available() else ("TransformerBridge", "RMS")
+    assert (processing["backend"], processing["normalization_type"]) == expected
     # The tiny model is built unprocessed: its writing weights are not centred.
     assert float(model.W_E.detach().mean(-1).abs().max()) > 1e-3 and processing["writing_weights_centered"] is False
 
 
 def test_a_probe_refuses_the_same_name_with_other_weights_or_processing(tiny_probe, tmp_path):
     model, direction = tiny_probe
-    other = tiny_hooked_transformer(seed=1)
+    other = tiny_model(seed=1)
     other.cfg.model_name = model.cfg.model_name  # same name, other weights
     with pytest.raises(ValueError, match="same name, other weights: refit"):
         direction.check_model(other)
-    centred = tiny_hooked_transformer()
+    centred = tiny_model()
     with torch.no_grad():
         centred.W_E.sub_(centred.W_E.mean(-1, keepdim=True))
         for block in centred.blocks:
@@ -196,7 +199,7 @@ def test_a_probe_refuses_the_same_name_with_other_weights_or_processing(tiny_pro
     with pytest.raises(ValueError, match="writing_weights_centered=False but the given model .* has "
                                          "writing_weights_centered=True"):
         direction.check_model(centred)
-    in_bf16 = tiny_hooked_transformer().to(torch.bfloat16)
+    in_bf16 = tiny_model().to(torch.bfloat16)
     in_bf16.cfg.dtype = torch.bfloat16
     with pytest.warns(UserWarning, match="dtype or backend differs"):
         direction.check_model(in_bf16)
@@ -331,9 +334,9 @@ def test_identical_saves_give_identical_bytes_and_hashes(tmp_path):
 
 
 def test_a_bf16_model_against_a_float32_probe_names_the_dtype_to_load_with():
-    model = tiny_hooked_transformer().to(torch.bfloat16)
+    model = tiny_model().to(torch.bfloat16)
     model.cfg.dtype = torch.bfloat16
-    fingerprint = model_fingerprint(tiny_hooked_transformer())  # measured on a float32 load
+    fingerprint = model_fingerprint(tiny_model())  # measured on a float32 load
     fingerprint["weight_processing"]["writing_weights_centered"] = not \
         model_fingerprint(model)["weight_processing"]["writing_weights_centered"]
     direction = ProbeDirection(np.ones(model.cfg.d_model) / np.sqrt(model.cfg.d_model), 0.0, 1.0,

@@ -120,12 +120,12 @@ KILL_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     import surprise_probe as sp
     from surprise_probe import store
-    from surprise_probe.testing import tiny_hooked_transformer
+    from surprise_probe.testing import tiny_model
     from tests.conftest import TEXTS
 
     out, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    model = tiny_hooked_transformer()
+    model = tiny_model()
     if mode == "kill":
         real_save, count = np.save, [0]
         def slow_save(path, array, *args, **kwargs):
@@ -158,10 +158,10 @@ def _run_capture_subprocess(out: Path, mode: str, **kwargs):
 def test_sigkill_in_the_middle_of_a_shard_then_resume_gives_the_same_content(tmp_path):
     import torch
 
-    from surprise_probe.testing import tiny_hooked_transformer
+    from surprise_probe.testing import tiny_model
 
     torch.manual_seed(0)  # the same model and inputs as the subprocess, captured without interruption
-    clean_hash = sp.capture(tiny_hooked_transformer(), TEXTS * 3, out_dir=tmp_path / "clean", shard_size=3,
+    clean_hash = sp.capture(tiny_model(), TEXTS * 3, out_dir=tmp_path / "clean", shard_size=3,
                             batch_size=2, progress=False).manifest["content_hash"]
 
     killed_dir = tmp_path / "killed"
@@ -254,13 +254,13 @@ DISK_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from surprise_probe.app.cli import main
     from surprise_probe.app.commands import _common
-    from surprise_probe.testing import tiny_hooked_transformer
+    from surprise_probe.testing import tiny_model
     from tests.conftest import TEXTS
 
     work = sys.argv[1]
     os.chdir(work)
     torch.manual_seed(0)
-    model = tiny_hooked_transformer()
+    model = tiny_model()
     _common.load_model = lambda name, **kwargs: model
     open("texts.txt", "w").write("\\n".join(TEXTS * 2) + "\\n")
     open("prompts.jsonl", "w").write("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\\n"

@@ -47,10 +47,10 @@ TINY_SETTINGS = {"model": "tiny-random-3l", "input": "12 tiny conversations", "n
 def build_tiny_study(out: Path) -> Path:
     """The whole study (every default stage, report included) on a random 3-layer model (about 15 s)."""
     from surprise_probe.app.study import run_study
-    from surprise_probe.testing import tiny_hooked_transformer
+    from surprise_probe.testing import tiny_model
 
     warnings.simplefilter("ignore")
-    model = tiny_hooked_transformer(n_layers=3, n_ctx=256, seed=5)
+    model = tiny_model(n_layers=3, n_ctx=256, seed=5)
     result = run_study(model, ITEMS, out, progress=False, settings=dict(TINY_SETTINGS))
     assert result.ok, result.stages
     return out

@@ -148,9 +148,9 @@ def token_view_data(
     ``hooks``: the layers offered (default: every ``hook_resid_post``). The view starts at the
     first token and shows at most ``max_tokens`` tokens (a note says when it was cut).
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> from surprise_probe.testing import tiny_model
     >>> from surprise_probe.interventions import SteeringDirection
-    >>> model = tiny_hooked_transformer()
+    >>> model = tiny_model()
     >>> d = SteeringDirection(torch.ones(64) / 8, "blocks.1.hook_resid_post", std=1.0)
     >>> data = token_view_data(model, "The quick brown fox.", d)
     >>> len(data.tokens) == len(data.attribution["blocks.0.hook_resid_post"]), data.input_surprise[0]
@@ -332,9 +332,9 @@ def token_view_html(data: TokenViewData | Mapping, element_id: str = "token-view
 
     Several views can share a page if their ``element_id`` differ.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
+    >>> from surprise_probe.testing import tiny_model
     >>> from surprise_probe.interventions import SteeringDirection
-    >>> model = tiny_hooked_transformer()
+    >>> model = tiny_model()
     >>> d = SteeringDirection(torch.ones(64) / 8, "blocks.1.hook_resid_post", std=1.0)
     >>> html = token_view_html(token_view_data(model, "Hi there.", d, attribution=False))
     >>> html.startswith("<div class='sp-tv'"), "select class='layer'" in html

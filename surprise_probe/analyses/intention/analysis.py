@@ -24,9 +24,9 @@ A post-trained model uses its chat template; a base model (or ``prompt_format="p
 format ``Question: {prompt}\\nAnswer:``.
 
 >>> from surprise_probe.analyses.intention.prompts import builtin_intention_prompts
->>> from surprise_probe.testing import tiny_hooked_transformer
+>>> from surprise_probe.testing import tiny_model
 >>> prompts = builtin_intention_prompts()[:4]
->>> result = analyze_intention([tiny_hooked_transformer(n_ctx=128)], prompts, n_samples=2, max_new_tokens=4,
+>>> result = analyze_intention([tiny_model(n_ctx=128)], prompts, n_samples=2, max_new_tokens=4,
 ...                            ks=(0, 1), prefill_tokens=2, n_boot=20, progress=False)
 >>> result.models[0].topic_entropy["n_rows"], result.models[0].prompt_format
 (4, 'chat')

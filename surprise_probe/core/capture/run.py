@@ -196,8 +196,8 @@ def capture(
     embedding, so the embedding-layer probe (the token-identity control of ``fit``) is always
     there; ``hooks=[...]`` captures exactly the hooks named.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> run = capture(tiny_hooked_transformer(), ["One text.", "Another text."], progress=False)
+    >>> from surprise_probe.testing import tiny_model
+    >>> run = capture(tiny_model(), ["One text.", "Another text."], progress=False)
     >>> run.n_sequences, run.hooks[-1]
     (2, 'blocks.1.hook_resid_post')
     """

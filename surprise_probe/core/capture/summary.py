@@ -3,8 +3,8 @@
 A first look only; the probes (``surprise-probe fit``) are the real measurement.
 
 >>> from surprise_probe.core.capture.run import capture
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> run = capture(tiny_hooked_transformer(), ["One text here.", "Another text."], progress=False)
+>>> from surprise_probe.testing import tiny_model
+>>> run = capture(tiny_model(), ["One text here.", "Another text."], progress=False)
 >>> summary = summarize_capture(run, n_boot=50)
 >>> summary.n_sequences, [row["hook"] for row in summary.layers][-1]
 (2, 'blocks.1.hook_resid_post')

@@ -17,8 +17,8 @@ exception never leaves a hook behind) and yields a :class:`Touched` record of th
 one vector or one per batch row: that is how sweeps put many strengths and directions into one
 forward pass.
 
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> model = tiny_hooked_transformer()
+>>> from surprise_probe.testing import tiny_model
+>>> model = tiny_model()
 >>> tokens = model.to_tokens("Hello world")                         # 3 tokens
 >>> d = torch.ones(model.cfg.d_model)
 >>> steer = Steer(direction=d, hooks="blocks.1.hook_resid_post", strength=2.0, scale=0.5, positions=[-1])
@@ -359,14 +359,16 @@ class Replace(Intervention):
     ``(width,)`` or one per batch row ``(batch, width)``; None replaces all of them. Entries outside
     ``positions`` (e.g. rows not selected by a ``(batch, pos)`` mask) keep their activation.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> tokens = model.to_tokens("Hello world")
     >>> _, cache = model.run_with_cache(tokens, names_filter="ln_final.hook_scale")
     >>> freeze = Replace(hooks="ln_final.hook_scale", value=cache["ln_final.hook_scale"])
     >>> with freeze.apply(model):
     ...     frozen = model(tokens)
-    >>> bool(torch.equal(frozen, model(tokens)))          # freezing at the clean value changes nothing
+    >>> clean = model(tokens)                             # freezing at the clean value changes nothing:
+    >>> exact = type(model).__name__ == "HookedTransformer"  # a bridge recomputes an edited norm (float rounding)
+    >>> bool(torch.equal(frozen, clean) if exact else torch.allclose(frozen, clean, rtol=0, atol=1e-6))
     True
     """
 

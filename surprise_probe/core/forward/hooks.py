@@ -173,8 +173,8 @@ def norm_scale_hooks(model, after: str | None = None) -> list[str]:
     the residual stream and are left out. Raises when the model has no ``ln_final.hook_scale`` (no
     final norm, or a backend that does not expose its scale), naming its normalization type.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> norm_scale_hooks(tiny_hooked_transformer(), after="blocks.0.hook_resid_post")
+    >>> from surprise_probe.testing import tiny_model
+    >>> norm_scale_hooks(tiny_model(), after="blocks.0.hook_resid_post")
     ['blocks.1.ln1.hook_scale', 'blocks.1.ln2.hook_scale', 'ln_final.hook_scale']
     """
     known = model.hook_dict

@@ -129,8 +129,8 @@ def logits_only_at(model, columns: Sequence[int] | Tensor) -> Iterator[dict]:
     ``logits_to_keep``; a HookedTransformer: none, the unembedding's input is cut to those
     positions, after every norm and hook has run). Hooks and edits on the model still apply.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> tokens = model.to_tokens("A short text for the example.")
     >>> with logits_only_at(model, [2, 4]) as kwargs:
     ...     part = model(tokens, **kwargs)
@@ -159,8 +159,8 @@ def output_entropy_at(model, batch: Batch, columns: Sequence[int]) -> Float[Tens
     (``logits_to_keep``); a bounded number of positions' logits exist at a time. The hooks and
     edits active on the model apply (patching calls it inside ``apply_all``).
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> batch = pad_batch([encode(model, "One short text here.")], pad_id(model))
     >>> output_entropy_at(model, batch, [1, 3]).shape
     torch.Size([1, 2])
@@ -341,8 +341,8 @@ class TokenMetrics(NotebookView):
 def token_metrics(model, item, *, truncate: bool = False, score_prompt: bool = False) -> TokenMetrics:
     """Teacher-forced input surprise and output entropy for one text or conversation.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> m = token_metrics(tiny_hooked_transformer(), "The quick brown fox.")
+    >>> from surprise_probe.testing import tiny_model
+    >>> m = token_metrics(tiny_model(), "The quick brown fox.")
     >>> bool(np.isnan(m.input_surprise[0])), len(m.tokens) == len(m.output_entropy)
     (True, True)
     """

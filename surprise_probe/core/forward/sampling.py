@@ -32,8 +32,8 @@ prefix, e.g. ``prompt_ids + revealed_prefix_ids`` for N continuations of a prefi
   (``phase`` is ``"prefill"`` for the prompt pass, ``"step"`` for each one-token pass): that is how
   steered generation applies interventions while sampling without this module knowing about them.
 
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> model = tiny_hooked_transformer()
+>>> from surprise_probe.testing import tiny_model
+>>> model = tiny_model()
 >>> ids = chat_prompt_ids(model, "Hello world")
 >>> a = sample(model, [ids], n_samples=2, max_new_tokens=5, seed=1)
 >>> b = sample(model, [ids, ids[:3]], n_samples=2, max_new_tokens=5, seed=1, batch_size=1)
@@ -129,8 +129,8 @@ def chat_prompt_ids(model, prompt: str | Sequence[dict]) -> list[int]:
 def plain_prompt_ids(model, prompt: str) -> list[int]:
     """``PLAIN_FORMAT`` filled with ``prompt``, tokenized as plain text (the model's BOS included).
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> model.tokenizer.decode(plain_prompt_ids(model, "Hi?"))
     '<|endoftext|>Question: Hi?\\nAnswer:'
     """

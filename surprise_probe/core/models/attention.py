@@ -33,10 +33,15 @@ Used by the steering sweep's suffix engine (``interventions.suffix``) and by the
 (``surprise_probe.core.forward.sampling``); tests/test_interventions_fused_attention.py checks both against the model's
 attention to 1e-5, padded and unpadded, with and without a key-value cache.
 
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> model = tiny_hooked_transformer()
->>> with fused_attention(model, [1]) as fused:
-...     fused
+>>> from surprise_probe.core.models.backends import is_hooked_transformer
+>>> from surprise_probe.testing import tiny_model
+>>> model = tiny_model()
+>>> if is_hooked_transformer(model):  # TransformerLens 3.x: fused for the block
+...     with fused_attention(model, [1]) as fused:
+...         pass
+... else:  # a TransformerBridge (3.9 and 4.x): fused in place, every layer
+...     fused = fuse_bridge_attention(model) == model.cfg.n_layers
+>>> fused
 True
 """
 

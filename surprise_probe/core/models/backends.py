@@ -4,8 +4,8 @@ TransformerLens 3.x has ``HookedTransformer`` and ``TransformerBridge``; 4.x has
 and importing (even ``hasattr``-probing) a removed name raises ``ImportError``. So the toolkit
 never imports ``HookedTransformer`` to test a model: it asks here, by class name.
 
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> model = tiny_hooked_transformer()
+>>> from surprise_probe.testing import tiny_model
+>>> model = tiny_model()
 >>> backend_name(model) in ("HookedTransformer", "TransformerBridge")
 True
 """

@@ -57,8 +57,8 @@ class Batch:
     :func:`pad_batch`; ``scored`` is the mask interventions take as ``positions=`` to edit only
     the scored span (the assistant's content in a conversation, every token of a plain text).
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
     >>> batch = pad_batch([encode(model, chat), encode(model, "Plain text.", index=1)], pad_id(model))
     >>> batch.tokens.shape == batch.scored.shape, batch.lengths[0] > batch.lengths[1]
