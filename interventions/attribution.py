@@ -47,12 +47,8 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
-from surprise_probe.interventions.patching import (
-    align_positions,
-    parse_group,
-    patched_entropies,
-    resid_post_layers,
-)
+from surprise_probe.interventions.patched_runs import patched_entropies, resid_post_layers
+from surprise_probe.interventions.patching import align_positions, parse_group
 from torch import Tensor
 
 from surprise_probe.core.forward.directions import from_probe
@@ -222,8 +218,8 @@ def attribution_patching(
     ``hooks`` default to every layer's ``hook_resid_post``; ``direction`` is a probe direction,
     a ``SteeringDirection`` or a ``(d_model,)`` vector.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> src = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello world."}]
     >>> dst = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A cat sat."}]
     >>> result = attribution_patching(model, [(src, dst)], direction=torch.ones(64), progress=False)
@@ -279,7 +275,7 @@ def attribution_patching(
 def _exact_patching(model, encoded, result: AttributionPatching, d: Tensor, batch_size: int,
                     progress: bool) -> list[list[list[float]]]:
     """``M_patched - M_destination`` per pair x hook x group, patching the component along ``d``
-    (:func:`surprise_probe.interventions.patching.patched_entropies`, as activation patching does)."""
+    (:func:`surprise_probe.interventions.patched_runs.patched_entropies`, as activation patching does)."""
     hooks, groups = result.hooks, result.groups
     alignments = {}
     for i, (src, dst) in enumerate(encoded):
@@ -363,8 +359,8 @@ def direction_attribution(
     ``chunk_size``: rows (target tokens) of the longest length per forward/backward pass (shorter
     rows go more to a pass, at the same number of tokens); memory grows with it.
 
-    >>> from surprise_probe.testing import tiny_hooked_transformer
-    >>> model = tiny_hooked_transformer()
+    >>> from surprise_probe.testing import tiny_model
+    >>> model = tiny_model()
     >>> a = direction_attribution(model, "The quick brown fox.", torch.ones(64))
     >>> a.shape[0], bool(np.isfinite(a).all())
     (2, True)
@@ -379,7 +375,9 @@ def direction_attribution(
         raise ValueError(f"target position {bad[0]} is outside the sequence of {n} tokens")
     out = np.full((len(hooks), n), np.nan)
     pad = pad_id(model)
-    layers = resid_post_layers(model, hooks)
+    # forward mode from the hook on: a HookedTransformer only (not built for the bridge, which runs
+    # one backward pass per chunk of targets below; tests/test_interventions_attribution.py checks both)
+    layers = resid_post_layers(model, hooks) if is_hooked_transformer(model) else None
     if layers is not None and targets:
         try:
             _forward_mode_attribution(model, encoded, d, hooks, layers, sorted(set(targets)), out)

@@ -39,7 +39,10 @@ import torch
 from jaxtyping import Float
 from surprise_probe.interventions.steered_metrics import clean_distribution, segment_sums
 from surprise_probe.interventions.suffix import (
+    bridge_from_layer,
     bridge_frozen_prefix,
+    bridge_residual,
+    bridge_start_layer,
     clean_prefix,
     run_from_hook,
     start_layer,
@@ -59,6 +62,10 @@ __all__ = ["SweepTable", "run_sweep", "encode_items", "identity_amounts", "MAX_S
 FREEZE_PREFIX = True
 """Whether the fan-out engine computes a bridge's positions before the first edited one once per
 sequence (``interventions.suffix.bridge_frozen_prefix``; a switch for benchmarks and tests)."""
+
+START_AT_HOOK = True
+"""Whether the fan-out engine starts a bridge's forwards at the hook (``interventions.suffix.bridge_from_layer``)
+where it can, running the blocks before it once per sequence (a switch for benchmarks and tests)."""
 
 KEEP_SCORED_LOGITS = True
 """Whether the fan-out engine unembeds the scored positions only (``logits_only_at``; a switch for
@@ -386,10 +393,21 @@ class _Sweep:
         if KEEP_SCORED_LOGITS:
             scored = torch.ones(1, len(columns), dtype=torch.bool)
         clean: dict[int, Tensor] = {}
+        # With more than one block of conditions, a bridge runs the blocks before the hook once: the
+        # clean residual there, then each block of conditions from the hook on (as run_suffix does).
+        layer = bridge_start_layer(model, self.hook) if START_AT_HOOK and len(blocks) > 1 else None
+        residual = None
+        if layer is not None:
+            with torch.no_grad():
+                residual = bridge_residual(model, tokens, layer, **frozen)
+            table.n_forwards += 1
         for block in blocks:
             n_rows = len(block) + 1  # row 0 is the clean run (amount 0)
             keep = logits_only_at(model, columns) if KEEP_SCORED_LOGITS else contextlib.nullcontext({})
-            with self.edit(block, n_rows, where, with_clean=True).apply(model), keep as kwargs, torch.no_grad():
+            edit = self.edit(block, n_rows, where, with_clean=True)
+            run = edit.apply(model) if residual is None else bridge_from_layer(
+                model, layer, edit.edited(residual, self.hook))
+            with run, keep as kwargs, torch.no_grad():
                 logits = model(tokens, return_type="logits", **kwargs, **frozen)
             table.n_forwards += 1
             bar.update()

@@ -22,16 +22,20 @@ passes over them, which on SmolLM2 was a fifth of a sweep's time and grows with 
 the context. Where it is not the same computation (soft-capped scores, ALiBi, attention sinks,
 hooks on the attention, ...), or with ``FUSE_ATTENTION = False``, the model's own attention runs.
 
-A TransformerBridge cannot be run from a hook onwards, but it shares the prompt the same way:
-:func:`bridge_frozen_prefix` runs the prompt once with a Hugging Face key-value cache and returns
-forward arguments under which a later forward of the positions after it attends to those keys
-and values (expanded to however many rows the forward has after a fan-out) and leaves them
-unchanged, so one cache serves every condition. The steering sweep's fan-out engine uses it.
+A TransformerBridge shares the prompt the same way: :func:`bridge_frozen_prefix` runs the
+prompt once with a Hugging Face key-value cache and returns forward arguments under which a later
+forward of the positions after it attends to those keys and values (expanded to however many rows
+the forward has after a fan-out) and leaves them unchanged, so one cache serves every condition.
+And it starts at the hook: :func:`bridge_from_layer` runs the Hugging Face decoder from block
+``L`` on, with a given residual in place of the embedding (Llama, Mistral, Qwen2 and Qwen3
+decoders, which hand the embedding to the first layer unchanged; :func:`bridge_start_layer` says
+where it applies). The steering sweep's fan-out engine uses both, activation patching the second.
 
->>> from surprise_probe.testing import tiny_hooked_transformer
->>> model = tiny_hooked_transformer()
->>> start_layer(model, "blocks.0.hook_resid_post"), start_layer(model, "blocks.1.hook_attn_out")
-(1, None)
+>>> from surprise_probe.testing import tiny_model
+>>> model = tiny_model()
+>>> layer = 1 if is_hooked_transformer(model) else None  # a bridge's is bridge_start_layer
+>>> start_layer(model, "blocks.0.hook_resid_post") == layer, start_layer(model, "blocks.1.hook_attn_out")
+(True, None)
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from surprise_probe.core.forward.hooks import first_block_after
 from surprise_probe.core.forward.sampling import bridge_cache_argument, bridge_cache_shim
@@ -188,3 +192,102 @@ def _frozen_prefix_arguments(model, hf_model, tokens: Tensor) -> dict | None:
         return None  # some layer did not go through the cache: it would not see the prefix
     cache.update = frozen
     return {"use_cache": True, name: cache}
+
+
+_EMBEDDING_FEEDS_LAYERS = frozenset({"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"})
+"""Hugging Face decoders whose forward hands the token embedding to the first layer unchanged
+(no position embedding added, no scaling), so a bridge can start at any layer by replacing it."""
+
+
+def _bridge_decoder(model):
+    """The Hugging Face decoder whose ``layers`` are the bridge's blocks, or None."""
+    decoder = getattr(getattr(model, "original_model", None), "model", None)
+    layers = getattr(decoder, "layers", None)
+    if (type(decoder).__name__ not in _EMBEDDING_FEEDS_LAYERS or not isinstance(layers, nn.ModuleList)
+            or len(layers) != len(model.blocks) or any(a is not b for a, b in zip(layers, model.blocks, strict=True))):
+        return None
+    return decoder
+
+
+def bridge_can_start(model) -> bool:
+    """Whether a forward of ``model`` can start at a block (``bridge_from_layer``): a TransformerBridge
+    around a decoder that hands the embedding to its first layer unchanged, with full attention
+    in every layer."""
+    decoder = _bridge_decoder(model) if is_bridge(model) else None
+    return decoder is not None and _full_attention_only(decoder.config)
+
+
+def bridge_start_layer(model, hook: str) -> int | None:
+    """The block a TransformerBridge forward can start at after an edit at ``hook`` (``bridge_from_layer``),
+    or None where it cannot: not a bridge, not a residual-stream hook (or one before the first
+    block, where there is nothing to skip), a decoder that changes the embedding before its first
+    layer, or a sliding-window model. After the last block it is ``n_layers`` (the final norm and
+    unembedding only)."""
+    first = first_block_after(hook)
+    if not first or first > int(model.cfg.n_layers) or not bridge_can_start(model):
+        return None
+    return first
+
+
+@contextmanager
+def bridge_from_layer(model, layer: int, residual: Float[Tensor, "rows pos d_model"]) -> Iterator[None]:
+    """Inside, a forward of a TransformerBridge skips blocks ``< layer`` and feeds ``residual``
+    (the residual stream entering block ``layer``, any number of rows) to block ``layer``;
+    ``layer`` from ``bridge_start_layer``; ``layer = n_layers`` runs the final norm and unembedding
+    only. The tokens passed to the forward give only the sequence's length and positions (their
+    embedding is replaced).
+
+    >>> from surprise_probe.testing import tiny_bridge
+    >>> model = tiny_bridge(n_layers=3)
+    >>> tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    >>> residual = model(tokens, stop_at_layer=2)
+    >>> with bridge_from_layer(model, 2, residual.expand(4, -1, -1)):
+    ...     logits = model(tokens)
+    >>> logits.shape[0], bool(torch.allclose(logits[3], model(tokens)[0], atol=1e-5))
+    (4, True)
+    """
+    decoder = _bridge_decoder(model)
+    if decoder is None or not 0 < layer <= len(decoder.layers):
+        raise ValueError(f"cannot start this model's forward at block {layer} (see bridge_start_layer)")
+    layers = decoder.layers
+    decoder.layers = nn.ModuleList(list(layers)[layer:])  # the same modules: their layer_idx (cache) stays
+    try:
+        with model.hooks(fwd_hooks=[("hook_embed", lambda embedding, hook: residual)]):
+            yield
+    finally:
+        decoder.layers = layers
+
+
+class _Stop(Exception):
+    """Ends a forward once the residual it was run for is kept."""
+
+
+@torch.no_grad()
+def bridge_residual(model, tokens: Int[Tensor, "batch pos"], layer: int, **forward_kwargs) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering block ``layer`` of a bridge (``layer = n_layers``: after the
+    last block), from a forward that stops there: what :func:`bridge_from_layer` takes.
+
+    >>> from surprise_probe.testing import tiny_bridge
+    >>> model = tiny_bridge(n_layers=2)
+    >>> tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    >>> with bridge_from_layer(model, 2, bridge_residual(model, tokens, 2)):
+    ...     logits = model(tokens)
+    >>> bool(torch.allclose(logits, model(tokens), atol=1e-5))
+    True
+    """
+    if not 0 < layer <= int(model.cfg.n_layers):
+        raise ValueError(f"layer must be in 1..{int(model.cfg.n_layers)}, got {layer}")
+    kept = []
+
+    def keep(residual, hook):
+        kept.append(residual)
+        raise _Stop
+
+    try:
+        with model.hooks(fwd_hooks=[(f"blocks.{layer - 1}.hook_resid_post", keep)]):
+            model(tokens, return_type=None, **forward_kwargs)
+    except _Stop:
+        pass
+    if not kept:
+        raise RuntimeError(f"the forward did not reach blocks.{layer - 1}.hook_resid_post")
+    return kept[0]

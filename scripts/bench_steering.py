@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
 def backends_main(args) -> int:
     """``--backends``: one dose-response (probe-like + orthogonal + random directions x strengths) on
     the same weights as a HookedTransformer (suffix engine) and as a TransformerBridge (fan-out
-    engine, with each prompt run once and frozen, and with whole sequences), CPU seconds best of
+    engine from the hook on with each prompt run once and frozen; without starting at the hook; with
+    whole sequences), CPU seconds best of
     ``--repeats``, and the largest difference of entropy and KL between backends."""
     from surprise_probe.interventions import dose_response
     from surprise_probe.interventions import steering_sweep as sweep_module
@@ -470,12 +471,14 @@ def backends_main(args) -> int:
     else:
         models = {b: load_model(args.model, device=args.device, backend=b, progress=False) for b in ("hooked", "bridge")}
     _, hook, encoded, direction, kwargs = _sweep_job(models["hooked"], args)
-    runs = [("hooked", "suffix engine", True), ("bridge", "fan-out, prompt once (frozen key-value cache)", True),
-            ("bridge", "fan-out, whole sequences (before)", False)]
+    runs = [("hooked", "suffix engine", True, True),
+            ("bridge", "fan-out from the hook on, prompt once (frozen key-value cache)", True, True),
+            ("bridge", "fan-out, prompt once, the blocks before the hook per block of conditions (before)", True, False),
+            ("bridge", "fan-out, whole sequences (before that)", False, False)]
     timings, results = {}, {}
-    for backend, label, freeze in runs:
+    for backend, label, freeze, start_at_hook in runs:
         model = models[backend]
-        sweep_module.FREEZE_PREFIX = freeze
+        sweep_module.FREEZE_PREFIX, sweep_module.START_AT_HOOK = freeze, start_at_hook
         dose_response(model, encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)
         best = float("inf")
         for _ in range(args.repeats):
@@ -483,7 +486,7 @@ def backends_main(args) -> int:
             results[label] = dose_response(model, encoded, direction, args.strengths, **kwargs)
             best = min(best, time.process_time() - start)
         timings[label] = best
-    sweep_module.FREEZE_PREFIX = True
+    sweep_module.FREEZE_PREFIX = sweep_module.START_AT_HOOK = True
     reference = results["suffix engine"]
     n_tokens = int(sum(int(e.scored.sum()) for e in encoded))
     print(f"model {args.model}, {hook}, {len(encoded)} conversations ({n_tokens} scored tokens of "
@@ -492,7 +495,7 @@ def backends_main(args) -> int:
     print(f"\n| backend | engine | CPU seconds (best of {args.repeats}) | x HookedTransformer | max abs diff vs it |")
     print("|---|---|---:|---:|---:|")
     rows = []
-    for backend, label, _ in runs:
+    for backend, label, _, _ in runs:
         diff = max(float(np.abs(np.asarray(getattr(results[label], k)) - np.asarray(getattr(reference, k))).max())
                    for k in ("entropy", "kl"))
         ratio = timings[label] / timings["suffix engine"]

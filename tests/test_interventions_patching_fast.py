@@ -35,7 +35,7 @@ def _entropy64(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
-def _reference(model, encoded, alignments, conditions, vectors):
+def _reference(model, encoded, alignments, conditions, vectors, hooks=HOOKS):
     """One full forward per run, full logits, float64 entropy."""
     n = len(encoded)
     h_src, h_dst, h_patched = np.zeros(n), np.zeros(n), np.zeros((len(conditions), n))
@@ -44,7 +44,7 @@ def _reference(model, encoded, alignments, conditions, vectors):
         dst_tokens = torch.as_tensor(dst.token_ids).unsqueeze(0)
         measured_dst, measured_src = alignments[i, "measured"]
         with torch.no_grad():
-            src_logits, cache = model.run_with_cache(src_tokens, names_filter=lambda name: name in HOOKS)
+            src_logits, cache = model.run_with_cache(src_tokens, names_filter=lambda name: name in hooks)
             dst_logits = model(dst_tokens)
         h_src[i] = float(_entropy64(src_logits[0, measured_src]).mean())
         h_dst[i] = float(_entropy64(dst_logits[0, measured_dst]).mean())
@@ -140,3 +140,53 @@ def test_per_pair_moves_are_the_attribution_stage_exact_values(tiny_hooked):
     with pytest.raises(ValueError, match=r"exact has shape \(2, 2, 2\); expected pairs x hooks x groups"):
         validate_attribution(tiny_hooked, PAIRS, direction=steering, hooks=HOOKS, groups=groups, progress=False,
                              exact=moved[:2])
+
+
+@pytest.fixture(scope="module")
+def three_layer_bridge():
+    from surprise_probe.testing import tiny_bridge
+
+    return tiny_bridge(n_layers=3)
+
+
+@pytest.mark.parametrize(("batch_size", "groups", "layers"), [
+    (32, GROUPS, (0, 1)), (3, ["response", "first2"], (0, 1)),
+    (32, GROUPS, (1, 2)),  # after the last block: the final norm and unembedding only
+])
+def test_bridge_patched_runs_start_after_the_patched_block(three_layer_bridge, monkeypatch, batch_size, groups,
+                                                           layers):
+    """On a TransformerBridge, patching after block L runs blocks L + 1 ... only (bridge_from_layer):
+    block 0 runs in the clean source and destination forwards alone, and every entropy is the full
+    forwards' to float tolerance."""
+    from surprise_probe.interventions import patched_runs as patching
+
+    model = three_layer_bridge
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    assert patching.resid_post_layers(model, hooks) == dict(zip(hooks, layers, strict=True))
+    assert patching.resid_post_layers(model, [*hooks, "blocks.1.hook_mlp_out"]) is None
+    encoded = [(encode(model, s), encode(model, d)) for s, d in PAIRS]
+    alignments = {}
+    for i, (src, dst) in enumerate(encoded):
+        for group in [*groups, "measured"]:
+            alignments[i, group] = align_positions(src, dst, "response" if group == "measured" else group, i)
+    d_model = int(model.cfg.d_model)
+    vectors = {"direction": random_directions(d_model, 1, seed=3)[0], "all": None}
+    conditions = [(c, h, g) for c in vectors for h in hooks for g in groups]
+    started, first_block = [], []
+    start = patching.bridge_from_layer
+    monkeypatch.setattr(patching, "bridge_from_layer", lambda m, layer, r: started.append(layer) or start(m, layer, r))
+    handle = model.blocks[0].register_forward_hook(lambda module, inputs, output: first_block.append(1))
+    try:
+        got = patched_entropies(model, encoded, alignments, conditions, vectors, range(len(encoded)),
+                                batch_size=batch_size)
+    finally:
+        handle.remove()
+    chunks = -(-len(encoded) // max(1, batch_size // len(conditions)))
+    assert set(started) == {layer + 1 for layer in layers}  # 3: the final norm and unembedding only
+    assert len(first_block) == 2 * chunks  # the clean source and destination, per chunk
+    want = _reference(model, encoded, alignments, conditions, vectors, hooks)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5)
+    moved_got, moved_want = got[2] - got[1], want[2] - want[1]
+    np.testing.assert_allclose(moved_got, moved_want, rtol=0, atol=3e-6)
+    assert np.abs(moved_want).max() > 100 * 3e-6

@@ -209,3 +209,34 @@ def test_bridge_runs_each_prompt_once_with_the_same_numbers(tiny_bridge_model, m
     assert set(positions) == {len(e.token_ids) for e in encoded} and sum(frozen_positions) < sum(positions)
     for key in ("entropy", "kl", "top1_agreement"):
         np.testing.assert_allclose(getattr(frozen, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize(("hook", "layer"), [(HOOK, 1), ("blocks.1.hook_resid_post", 2)])
+def test_bridge_starts_at_the_hook_with_the_same_numbers(tiny_bridge_model, monkeypatch, hook, layer):
+    """With several blocks of conditions per sequence, the bridge's fan-out engine runs the blocks
+    before the hook once per sequence (the clean residual there) and each block of conditions from
+    the hook on (after the last block: the final norm and unembedding only): block 0 runs fewer
+    times, every number is unchanged."""
+    model = tiny_bridge_model
+    assert sweep_module.bridge_start_layer(model, hook) == layer
+    rows = []  # one entry per forward into block 0
+    handle = model.blocks[0].register_forward_pre_hook(lambda module, inputs: rows.append(1))
+    kwargs = dict(strengths=[-2.0, 0.0, 2.0, 4.0], random_directions=2, batch_size=3, n_boot=10, progress=False)
+    try:
+        steering = random_steering(model, 0, 1.5, hook)
+        started = dose_response(model, ITEMS, steering, **kwargs)
+        started_rows = list(rows)
+        rows.clear()
+        monkeypatch.setattr(sweep_module, "START_AT_HOOK", False)
+        whole = dose_response(model, ITEMS, steering, **kwargs)
+    finally:
+        handle.remove()
+    encoded = encode_items(model, ITEMS)
+    with_prompt = sum(int(np.flatnonzero(e.scored)[0]) > 0 for e in encoded)
+    # Block 0 ran once per prompt and once per block of conditions before; now once per prompt and
+    # once per sequence (the clean residual at the hook).
+    n_blocks, left = divmod(len(rows) - with_prompt, len(encoded))
+    assert left == 0 and n_blocks > 1
+    assert len(started_rows) == with_prompt + len(encoded)
+    for key in ("entropy", "kl", "top1_agreement"):
+        np.testing.assert_allclose(getattr(started, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)
