@@ -15,7 +15,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from surprise_probe.interventions.suffix import bridge_can_start, bridge_from_layer
+from surprise_probe.interventions.suffix import (
+    bridge_can_start,
+    bridge_from_layer,
+    warn_whole_forwards,
+)
 from torch import Tensor
 
 from surprise_probe.core.forward.edits import Patch, Touched, apply_all
@@ -170,6 +174,8 @@ def patched_entropies(
     hooks = list(dict.fromkeys(h for _, h, _ in conditions))
     groups = list(dict.fromkeys(g for _, _, g in conditions))
     layers = resid_post_layers(model, hooks) if START_AFTER_PATCH else None
+    if START_AFTER_PATCH and all(resid_post_layer(h) is not None for h in hooks):
+        warn_whole_forwards(model, hooks, "activation patching")
     bridge_layers, layers = (layers, None) if is_bridge(model) else (None, layers)
     layer_of = lambda rc: (layers or bridge_layers)[conditions[rc[1]][1]]  # noqa: E731 - the sort key, twice
     pad = pad_id(model)

@@ -46,6 +46,7 @@ from surprise_probe.interventions.suffix import (
     clean_prefix,
     run_from_hook,
     start_layer,
+    warn_whole_forwards,
 )
 from torch import Tensor
 
@@ -361,6 +362,7 @@ class _Sweep:
         """One unpadded sequence per forward; the hook copies it to [clean, conditions...] rows,
         so the layers before the hook run once for all of them."""
         model = self.model
+        warn_whole_forwards(model, [self.hook], "the steering sweep")
         bar = None
         for s, item in enumerate(self.encoded):
             n_tok = len(item.token_ids)

@@ -40,6 +40,7 @@ where it applies). The steering sweep's fan-out engine uses both, activation pat
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -215,6 +216,21 @@ def bridge_can_start(model) -> bool:
     in every layer."""
     decoder = _bridge_decoder(model) if is_bridge(model) else None
     return decoder is not None and _full_attention_only(decoder.config)
+
+
+def warn_whole_forwards(model, hooks, what: str) -> None:
+    """Warn (once per place and model) that a bridge runs ``what`` as whole forwards at residual-stream
+    ``hooks`` because ``bridge_from_layer`` does not cover its decoder: the same numbers, slower."""
+    if not is_bridge(model) or bridge_can_start(model) or not any(first_block_after(h) for h in hooks):
+        return
+    decoder = getattr(getattr(model, "original_model", None), "model", None)
+    config = getattr(decoder, "config", None)
+    why = (f"{type(decoder).__name__} is not a decoder it covers ({', '.join(sorted(_EMBEDDING_FEEDS_LAYERS))})"
+           if type(decoder).__name__ not in _EMBEDDING_FEEDS_LAYERS else "its layers do not all attend to the "
+           f"whole past (layer types {sorted(set(getattr(config, 'layer_types', None) or []))}, sliding window "
+           f"{getattr(config, 'sliding_window', None)})")
+    warnings.warn(f"{what} on this TransformerBridge runs whole forwards, not from the edited block on: {why}; "
+                  "the same numbers, slower (docs/interventions.md)", stacklevel=3)
 
 
 def bridge_start_layer(model, hook: str) -> int | None:

@@ -458,7 +458,7 @@ def backends_main(args) -> int:
     the same weights as a HookedTransformer (suffix engine) and as a TransformerBridge (fan-out
     engine from the hook on with each prompt run once and frozen; without starting at the hook; with
     whole sequences), CPU seconds best of
-    ``--repeats``, and the largest difference of entropy and KL between backends."""
+    ``--repeats`` (round-robin over the engines), and the largest difference of entropy and KL between backends."""
     from surprise_probe.interventions import dose_response
     from surprise_probe.interventions import steering_sweep as sweep_module
 
@@ -476,16 +476,14 @@ def backends_main(args) -> int:
             ("bridge", "fan-out, prompt once, the blocks before the hook per block of conditions (before)", True, False),
             ("bridge", "fan-out, whole sequences (before that)", False, False)]
     timings, results = {}, {}
-    for backend, label, freeze, start_at_hook in runs:
-        model = models[backend]
-        sweep_module.FREEZE_PREFIX, sweep_module.START_AT_HOOK = freeze, start_at_hook
-        dose_response(model, encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)
-        best = float("inf")
-        for _ in range(args.repeats):
+    for backend, _, _, _ in runs:  # warm-up
+        dose_response(models[backend], encoded[:1], direction, args.strengths[:2], random_directions=0, progress=False)
+    for _ in range(args.repeats):  # round-robin: a drifting host slows every engine alike
+        for backend, label, freeze, start_at_hook in runs:
+            sweep_module.FREEZE_PREFIX, sweep_module.START_AT_HOOK = freeze, start_at_hook
             start = time.process_time()
-            results[label] = dose_response(model, encoded, direction, args.strengths, **kwargs)
-            best = min(best, time.process_time() - start)
-        timings[label] = best
+            results[label] = dose_response(models[backend], encoded, direction, args.strengths, **kwargs)
+            timings[label] = min(timings.get(label, float("inf")), time.process_time() - start)
     sweep_module.FREEZE_PREFIX = sweep_module.START_AT_HOOK = True
     reference = results["suffix engine"]
     n_tokens = int(sum(int(e.scored.sum()) for e in encoded))

@@ -190,3 +190,20 @@ def test_bridge_patched_runs_start_after_the_patched_block(three_layer_bridge, m
     moved_got, moved_want = got[2] - got[1], want[2] - want[1]
     np.testing.assert_allclose(moved_got, moved_want, rtol=0, atol=3e-6)
     assert np.abs(moved_want).max() > 100 * 3e-6
+
+
+def test_a_bridge_that_cannot_start_after_the_patch_says_so(three_layer_bridge, monkeypatch):
+    from surprise_probe.interventions import patched_runs, suffix
+
+    model = three_layer_bridge
+    monkeypatch.setattr(suffix, "_EMBEDDING_FEEDS_LAYERS", frozenset({"SomeOtherModel"}))
+    assert patched_runs.resid_post_layers(model, HOOKS) is None
+    encoded = [(encode(model, s), encode(model, d)) for s, d in PAIRS[:1]]
+    alignments = {(0, group): align_positions(*encoded[0], group, 0) for group in ("response",)}
+    alignments[0, "measured"] = align_positions(*encoded[0], "response", 0)
+    conditions = [("all", HOOKS[0], "response")]
+    with pytest.warns(UserWarning, match="activation patching on this TransformerBridge runs whole forwards"):
+        got = patched_entropies(model, encoded, alignments, conditions, {"all": None}, [0])
+    want = _reference(model, encoded, alignments, conditions, {"all": None})
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5)

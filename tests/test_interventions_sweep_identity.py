@@ -240,3 +240,20 @@ def test_bridge_starts_at_the_hook_with_the_same_numbers(tiny_bridge_model, monk
     assert len(started_rows) == with_prompt + len(encoded)
     for key in ("entropy", "kl", "top1_agreement"):
         np.testing.assert_allclose(getattr(started, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_a_bridge_that_cannot_start_at_the_hook_says_so_and_gives_the_same_numbers(tiny_bridge_model, monkeypatch):
+    """A decoder bridge_from_layer does not cover runs whole forwards: a warning names why, and the
+    numbers are those of starting at the hook."""
+    from surprise_probe.interventions import suffix
+
+    model = tiny_bridge_model
+    kwargs = dict(strengths=[-2.0, 2.0], random_directions=1, batch_size=2, n_boot=10, progress=False)
+    started = dose_response(model, ITEMS, _steering(model), **kwargs)
+    monkeypatch.setattr(suffix, "_EMBEDDING_FEEDS_LAYERS", frozenset({"SomeOtherModel"}))
+    assert sweep_module.bridge_start_layer(model, HOOK) is None
+    with pytest.warns(UserWarning, match=r"the steering sweep on this TransformerBridge runs whole forwards, not "
+                                         r"from the edited block on: LlamaModel is not a decoder it covers"):
+        whole = dose_response(model, ITEMS, _steering(model), **kwargs)
+    for key in ("entropy", "kl", "top1_agreement"):
+        np.testing.assert_allclose(getattr(started, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)
