@@ -35,6 +35,12 @@ def _entropy64(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
+def _alignments(encoded, groups) -> dict:
+    """``align_positions`` of every pair for each group, and the measured span (the response)."""
+    return {(i, group): align_positions(src, dst, "response" if group == "measured" else group, i)
+            for i, (src, dst) in enumerate(encoded) for group in [*groups, "measured"]}
+
+
 def _reference(model, encoded, alignments, conditions, vectors, hooks=HOOKS):
     """One full forward per run, full logits, float64 entropy."""
     n = len(encoded)
@@ -70,10 +76,7 @@ def _reference(model, encoded, alignments, conditions, vectors, hooks=HOOKS):
 def test_patched_entropies_match_full_forwards(any_model, batch_size, max_batch_tokens, groups):
     tiny_model = any_model
     encoded = [(encode(tiny_model, s), encode(tiny_model, d)) for s, d in PAIRS]
-    alignments = {}
-    for i, (src, dst) in enumerate(encoded):
-        for group in [*groups, "measured"]:
-            alignments[i, group] = align_positions(src, dst, "response" if group == "measured" else group, i)
+    alignments = _alignments(encoded, groups)
     d_model = int(tiny_model.cfg.d_model)
     vectors = {"direction": random_directions(d_model, 1, seed=3)[0], "all": None,
                "random0": random_directions(d_model, 1, seed=4)[0]}
@@ -98,10 +101,7 @@ def test_activation_patching_fractions_match_the_reference(tiny_hooked):
     result = activation_patching(tiny_hooked, PAIRS, hooks=HOOKS, groups=GROUPS, direction=steering, n_boot=50,
                                  progress=False)
     encoded = [(encode(tiny_hooked, s), encode(tiny_hooked, d)) for s, d in PAIRS]
-    alignments = {}
-    for i, (src, dst) in enumerate(encoded):
-        for group in [*GROUPS, "measured"]:
-            alignments[i, group] = align_positions(src, dst, "response" if group == "measured" else group, i)
+    alignments = _alignments(encoded, GROUPS)
     conditions = [(c, h, g) for c in ("direction", "all") for h in HOOKS for g in GROUPS]
     h_src, h_dst, h_patched = _reference(tiny_hooked, encoded, alignments, conditions,
                                          {"direction": direction, "all": None})
@@ -165,10 +165,7 @@ def test_bridge_patched_runs_start_after_the_patched_block(three_layer_bridge, m
     assert patching.resid_post_layers(model, hooks) == dict(zip(hooks, layers, strict=True))
     assert patching.resid_post_layers(model, [*hooks, "blocks.1.hook_mlp_out"]) is None
     encoded = [(encode(model, s), encode(model, d)) for s, d in PAIRS]
-    alignments = {}
-    for i, (src, dst) in enumerate(encoded):
-        for group in [*groups, "measured"]:
-            alignments[i, group] = align_positions(src, dst, "response" if group == "measured" else group, i)
+    alignments = _alignments(encoded, groups)
     d_model = int(model.cfg.d_model)
     vectors = {"direction": random_directions(d_model, 1, seed=3)[0], "all": None}
     conditions = [(c, h, g) for c in vectors for h in hooks for g in groups]
@@ -199,8 +196,7 @@ def test_a_bridge_that_cannot_start_after_the_patch_says_so(three_layer_bridge, 
     monkeypatch.setattr(suffix, "_EMBEDDING_FEEDS_LAYERS", frozenset({"SomeOtherModel"}))
     assert patched_runs.resid_post_layers(model, HOOKS) is None
     encoded = [(encode(model, s), encode(model, d)) for s, d in PAIRS[:1]]
-    alignments = {(0, group): align_positions(*encoded[0], group, 0) for group in ("response",)}
-    alignments[0, "measured"] = align_positions(*encoded[0], "response", 0)
+    alignments = _alignments(encoded, ["response"])
     conditions = [("all", HOOKS[0], "response")]
     with pytest.warns(UserWarning, match="activation patching on this TransformerBridge runs whole forwards"):
         got = patched_entropies(model, encoded, alignments, conditions, {"all": None}, [0])

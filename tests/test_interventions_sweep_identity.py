@@ -143,6 +143,12 @@ def test_direction_comparison_skips_the_zero_strength_rows(tiny_model, counter, 
     assert before_rows - new_rows >= len(directions) * len(ITEMS) * n_dir
 
 
+def _assert_same_numbers(a, b, atol: float = 1e-5) -> None:
+    """Two sweeps' tables agree: entropy, KL and top-1 agreement per condition and sequence."""
+    for key in ("entropy", "kl", "top1_agreement"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=0, atol=atol, err_msg=key)
+
+
 def _unembeds_only_the_scored_positions(model, steering, monkeypatch) -> None:
     """The fan-out engine unembeds each sequence's scored positions only (against all of them with
     KEEP_SCORED_LOGITS off), with every number unchanged."""
@@ -167,8 +173,7 @@ def _unembeds_only_the_scored_positions(model, steering, monkeypatch) -> None:
     assert set(widths_kept) == {int(e.scored.sum()) for e in encoded} | prompt_runs
     assert set(seen) == {len(e.token_ids) - f for e, f in zip(encoded, run_from, strict=True)} | prompt_runs
     assert sum(widths_kept) < sum(seen)
-    for key in ("entropy", "kl", "top1_agreement"):
-        np.testing.assert_allclose(getattr(kept, key), getattr(every, key), rtol=0, atol=1e-5, err_msg=key)
+    _assert_same_numbers(kept, every)
 
 
 def test_bridge_unembeds_only_the_scored_positions_with_the_same_numbers(tiny_bridge_model, monkeypatch):
@@ -207,8 +212,7 @@ def test_bridge_runs_each_prompt_once_with_the_same_numbers(tiny_bridge_model, m
     assert set(frozen_positions) == {p for p in prompts if p} | {len(e.token_ids) - p for e, p in zip(
         encoded, prompts, strict=True)}
     assert set(positions) == {len(e.token_ids) for e in encoded} and sum(frozen_positions) < sum(positions)
-    for key in ("entropy", "kl", "top1_agreement"):
-        np.testing.assert_allclose(getattr(frozen, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)
+    _assert_same_numbers(frozen, whole)
 
 
 @pytest.mark.parametrize(("hook", "layer"), [(HOOK, 1), ("blocks.1.hook_resid_post", 2)])
@@ -238,8 +242,7 @@ def test_bridge_starts_at_the_hook_with_the_same_numbers(tiny_bridge_model, monk
     n_blocks, left = divmod(len(rows) - with_prompt, len(encoded))
     assert left == 0 and n_blocks > 1
     assert len(started_rows) == with_prompt + len(encoded)
-    for key in ("entropy", "kl", "top1_agreement"):
-        np.testing.assert_allclose(getattr(started, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)
+    _assert_same_numbers(started, whole)
 
 
 def test_a_bridge_that_cannot_start_at_the_hook_says_so_and_gives_the_same_numbers(tiny_bridge_model, monkeypatch):
@@ -255,5 +258,4 @@ def test_a_bridge_that_cannot_start_at_the_hook_says_so_and_gives_the_same_numbe
     with pytest.warns(UserWarning, match=r"the steering sweep on this TransformerBridge runs whole forwards, not "
                                          r"from the edited block on: LlamaModel is not a decoder it covers"):
         whole = dose_response(model, ITEMS, _steering(model), **kwargs)
-    for key in ("entropy", "kl", "top1_agreement"):
-        np.testing.assert_allclose(getattr(started, key), getattr(whole, key), rtol=0, atol=1e-5, err_msg=key)
+    _assert_same_numbers(started, whole)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import warnings
 from collections.abc import Iterator
@@ -26,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from surprise_probe.core.models.hooked import processed_weights_file
-from surprise_probe.core.utils.storage import sweep_temporaries, temporary_path
+from surprise_probe.core.models.hooked import processed_weights_file, save_processed_weights
 
 __all__ = ["BRIDGE_CACHE_FORMAT", "bridge_cache_file", "bridge_processing_cache"]
 
@@ -119,25 +117,5 @@ def _read(path: Path, signature: str, device: torch.device) -> dict[str, torch.T
 
 
 def _write(path: Path, result: dict, signature: str) -> None:
-    from safetensors.torch import save_file
-
-    temporary = temporary_path(path)
-    sweep_temporaries(path)
-    try:
-        tensors, seen = {}, set()
-        for key, value in result.items():
-            value = value.detach().to("cpu").contiguous()
-            pointer = value.untyped_storage().data_ptr()
-            tensors[key] = value.clone() if pointer in seen else value  # safetensors refuses shared memory
-            seen.add(pointer)
-        save_file(tensors, str(temporary), metadata={"format": str(BRIDGE_CACHE_FORMAT), "signature": signature})
-        del tensors
-        os.replace(temporary, path)
-        for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.safetensors"):
-            if stale != path:  # the same model and dtype under an older key (another version, a rebuilt folder)
-                stale.unlink(missing_ok=True)
-    except (OSError, RuntimeError, ValueError) as error:
-        warnings.warn(f"could not cache the processed weights as {path} ({error}); later loads process again "
-                      "(to keep them, set SURPRISE_PROBE_CACHE to a writable folder with space)", stacklevel=6)
-    finally:
-        temporary.unlink(missing_ok=True)
+    save_processed_weights(path, result, {"format": str(BRIDGE_CACHE_FORMAT), "signature": signature}, "process",
+                           stacklevel=7)

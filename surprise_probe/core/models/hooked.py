@@ -21,7 +21,8 @@ import torch
 
 from surprise_probe.core.utils.storage import sweep_temporaries, temporary_path
 
-__all__ = ["hooked_from_hf", "hooked_cache_file", "hooked_from_cache", "write_hooked_cache", "processed_weights_file"]
+__all__ = ["hooked_from_hf", "hooked_cache_file", "hooked_from_cache", "write_hooked_cache", "processed_weights_file",
+           "save_processed_weights"]
 
 
 # The weight processing both HookedTransformer paths apply (as HookedTransformer.from_pretrained);
@@ -163,7 +164,6 @@ def write_hooked_cache(path: Path, model, folder: Path, tokenizer, device: str, 
 
     Best effort: a failure (disk full, read-only cache) warns and the load goes on uncached.
     """
-    from safetensors.torch import save_file
     from transformer_lens import HookedTransformer
 
     cfg = _config_from_files(folder, device, dtype, n_devices)
@@ -172,19 +172,34 @@ def write_hooked_cache(path: Path, model, folder: Path, tokenizer, device: str, 
     # must be exactly the converted model's, else this folder is never cached.
     if _config_signature(HookedTransformer(cfg, tokenizer, move_to_device=False).cfg) != _config_signature(model.cfg):
         return
+    save_processed_weights(path, model.state_dict(), {"format": str(HOOKED_CACHE_FORMAT), "config": signature},
+                           "convert", stacklevel=5)
+
+
+def save_processed_weights(path: Path, tensors: dict, metadata: dict[str, str], redo: str, stacklevel: int) -> None:
+    """Write ``tensors`` (on the CPU, shared memory copied apart) as the safetensors file ``path``,
+    atomically, and remove the same model's files under older keys. Best effort: a failure warns
+    that later loads ``redo`` (convert, process) again, and the load goes on."""
+    from safetensors.torch import save_file
+
     temporary = temporary_path(path)
     sweep_temporaries(path)
     try:
-        tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-        save_file(tensors, str(temporary), metadata={"format": str(HOOKED_CACHE_FORMAT), "config": signature})
-        del tensors
+        kept, seen = {}, set()
+        for key, value in tensors.items():
+            value = value.detach().to("cpu").contiguous()
+            pointer = value.untyped_storage().data_ptr()
+            kept[key] = value.clone() if pointer in seen else value  # safetensors refuses shared memory
+            seen.add(pointer)
+        save_file(kept, str(temporary), metadata=metadata)
+        del kept
         os.replace(temporary, path)
         for stale in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.safetensors"):
             if stale != path:  # the same model and dtype under an older key (another version, a rebuilt folder)
                 stale.unlink(missing_ok=True)
     except (OSError, RuntimeError, ValueError) as error:
-        warnings.warn(f"could not cache the processed weights as {path} ({error}); later loads convert again "
-                      "(to keep them, set SURPRISE_PROBE_CACHE to a writable folder with space)", stacklevel=4)
+        warnings.warn(f"could not cache the processed weights as {path} ({error}); later loads {redo} again "
+                      "(to keep them, set SURPRISE_PROBE_CACHE to a writable folder with space)", stacklevel=stacklevel)
     finally:
         temporary.unlink(missing_ok=True)
 
