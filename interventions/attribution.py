@@ -28,7 +28,8 @@ the gradient times the activation along ``d``: the first-order estimate of
 raises that token's entropy. It is the derivative of ``H_t`` along the tangent ``(x_p . d) d`` at
 every position ``p`` of hook ``h``, so on a HookedTransformer whose hooks are all ``hook_resid_post``
 one forward-mode pass per hook (from the clean residual after that block) gives it for every token
-``t`` at once. Otherwise (a TransformerBridge, other hooks) every token's own gradient is taken: the
+``t`` at once; a TransformerBridge does the same where it can start at a block
+(``interventions.suffix.bridge_can_start``). Otherwise (other hooks or bridges) every token's own gradient is taken: the
 sequence is replicated, one row per target token cut after it, and row ``t`` back-propagates ``H_t``
 alone (one forward and one backward pass per chunk of rows).
 
@@ -49,13 +50,21 @@ import torch
 from jaxtyping import Float, Int
 from surprise_probe.interventions.patched_runs import patched_entropies, resid_post_layers
 from surprise_probe.interventions.patching import align_positions, parse_group
+from surprise_probe.interventions.suffix import bridge_from_layer
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from surprise_probe.core.forward.directions import from_probe
 from surprise_probe.core.forward.edits import Ablate, apply_all, unit_directions
 from surprise_probe.core.forward.hooks import resid_post_hooks, resolve_hooks
 from surprise_probe.core.forward.metrics import chunk_positions, output_entropy
-from surprise_probe.core.forward.passes import final_residual, forward, unembed
+from surprise_probe.core.forward.passes import (
+    final_residual,
+    forward,
+    forward_metrics,
+    output_entropy_at,
+    unembed,
+)
 from surprise_probe.core.models.backends import is_hooked_transformer
 from surprise_probe.core.models.devices import model_device
 from surprise_probe.core.text.encoding import Encoded, encode, pad_batch, pad_id
@@ -375,9 +384,9 @@ def direction_attribution(
         raise ValueError(f"target position {bad[0]} is outside the sequence of {n} tokens")
     out = np.full((len(hooks), n), np.nan)
     pad = pad_id(model)
-    # forward mode from the hook on: a HookedTransformer only (not built for the bridge, which runs
-    # one backward pass per chunk of targets below; tests/test_interventions_attribution.py checks both)
-    layers = resid_post_layers(model, hooks) if is_hooked_transformer(model) else None
+    # forward mode from the block after each hook on: a HookedTransformer, or a bridge that can start
+    # at a block (bridge_from_layer); any other model runs one backward pass per chunk of targets below
+    layers = resid_post_layers(model, hooks)
     if layers is not None and targets:
         try:
             _forward_mode_attribution(model, encoded, d, hooks, layers, sorted(set(targets)), out)
@@ -419,16 +428,17 @@ def _forward_mode_attribution(model, encoded: Encoded, d: Tensor, hooks: Sequenc
     differentiation: ``sum_p (x_p . d)(d . dH_t/dx_p)`` is the derivative of ``H_t`` along the
     tangent ``(x_p . d) d`` at every position of hook ``h``, so one forward pass with that
     tangent, from the clean residual after block ``L`` through blocks ``L + 1 ...``, gives it for
-    every ``t`` (a HookedTransformer whose hooks are all ``hook_resid_post``)."""
+    every ``t`` (hooks all ``hook_resid_post``; a HookedTransformer starts at the block with
+    ``start_at_layer``, a TransformerBridge with ``bridge_from_layer``)."""
     import torch.autograd.forward_ad as fwAD
-
 
     keep = max(targets) + 1  # causal: later tokens change nothing
     cut = dataclasses.replace(encoded, token_ids=encoded.token_ids[:keep], scored=encoded.scored[:keep])
     batch = pad_batch([cut], pad_id(model))
     device = model_device(model)
     mask = batch.attention_mask.to(device)
-    _, acts = final_residual(model, batch, hooks)
+    hooked = is_hooked_transformer(model)
+    acts = final_residual(model, batch, hooks)[1] if hooked else forward_metrics(model, batch, hooks)[2]
     positions = torch.as_tensor(targets, device=device)
     step = chunk_positions(1, int(model.cfg.d_vocab_out))
     for k, hook in enumerate(hooks):
@@ -436,11 +446,16 @@ def _forward_mode_attribution(model, encoded: Encoded, d: Tensor, hooks: Sequenc
         direction = d.to(device=x.device, dtype=x.dtype)
         with fwAD.dual_level():
             dual = fwAD.make_dual(x, (x @ direction).unsqueeze(-1) * direction)
-            residual = model(dual, start_at_layer=layers[hook] + 1, stop_at_layer=int(model.cfg.n_layers),
-                             attention_mask=mask)
-            for a in range(0, len(targets), step):
-                entropy = output_entropy(unembed(model, residual[:, positions[a : a + step]]))[0]
-                out[k, targets[a : a + step]] = fwAD.unpack_dual(entropy).tangent.double().cpu().numpy()
+            if hooked:
+                residual = model(dual, start_at_layer=layers[hook] + 1, stop_at_layer=int(model.cfg.n_layers),
+                                 attention_mask=mask)
+                entropy = torch.cat([output_entropy(unembed(model, residual[:, positions[a : a + step]]))[0]
+                                     for a in range(0, len(targets), step)])
+            else:
+                # the fused attention's CPU kernel has no forward-mode formula; the math kernel does
+                with bridge_from_layer(model, layers[hook] + 1, dual), sdpa_kernel([SDPBackend.MATH]):
+                    entropy = output_entropy_at(model, batch, targets)[0]
+            out[k, targets] = fwAD.unpack_dual(entropy).tangent.double().cpu().numpy()
 
 
 @torch.no_grad()

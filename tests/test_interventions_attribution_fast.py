@@ -1,4 +1,4 @@
-"""direction_attribution (forward mode on a HookedTransformer with resid_post hooks; otherwise
+"""direction_attribution (forward mode with resid_post hooks, on a HookedTransformer or a bridge; otherwise
 targets longest first, chunks cut to their longest row, logits only at the targets) against the
 straightforward computation: one full-sequence forward with full logits and one backward per
 target token."""
@@ -59,20 +59,46 @@ def test_direction_attribution_matches_one_full_backward_per_target(any_model, c
     assert np.abs(want[:, targets]).max() > 1e-4  # a real signal, not zeros on both sides
 
 
-def test_without_forward_mode_the_backward_path_gives_the_same(tiny_hooked, monkeypatch):
-    """An operation without a forward-mode formula falls back to one backward per target."""
+@pytest.fixture(params=["hooked", "bridge", "fused-bridge", "llama"])
+def attributed_model(request):
+    """The models of ``any_model`` plus a bridge with the fused attention ``load_model`` gives every
+    bridge (whose default CPU kernel has no forward-mode formula)."""
+    from surprise_probe.core.models.attention import fuse_bridge_attention
+    from surprise_probe.testing import tiny_bridge
+
+    if request.param != "fused-bridge":
+        return request.getfixturevalue({"hooked": "tiny_hooked", "bridge": "tiny_bridge_model",
+                                        "llama": "tiny_llama"}[request.param])
+    model = tiny_bridge()
+    assert fuse_bridge_attention(model) == model.cfg.n_layers
+    return model
+
+
+@pytest.mark.parametrize("runs_forward_mode", [True, False], ids=["forward-mode", "backward-fallback"])
+def test_forward_mode_and_its_fallback_give_the_reference(attributed_model, runs_forward_mode, monkeypatch):
+    """resid_post hooks run forward mode on every backend (a bridge starts at the block with
+    ``bridge_from_layer``); an operation without a forward-mode formula falls back to one backward
+    per chunk of targets. Both equal the reference, and the spy fails the test if forward mode does
+    not run to its end where it should (a NotImplementedError inside it would fall back silently)."""
     from surprise_probe.interventions import attribution
 
-    d = torch.randn(int(tiny_hooked.cfg.d_model), generator=torch.Generator().manual_seed(8))
-    encoded = encode(tiny_hooked, ITEM)
-    forward_mode = direction_attribution(tiny_hooked, encoded, d, hooks=RESID_POST)
+    any_model = attributed_model
+    calls = []
+    real = attribution._forward_mode_attribution
 
-    def unsupported(*args, **kwargs):
-        raise NotImplementedError("Trying to use forward AD with an op that does not support it")
+    def spy(*args, **kwargs):
+        if not runs_forward_mode:
+            calls.append("fell back")
+            raise NotImplementedError("Trying to use forward AD with an op that does not support it")
+        real(*args, **kwargs)
+        calls.append("ran")
 
-    monkeypatch.setattr(attribution, "_forward_mode_attribution", unsupported)
-    backward = direction_attribution(tiny_hooked, encoded, d, hooks=RESID_POST, chunk_size=4)
-    want = _reference(tiny_hooked, torch.as_tensor(encoded.token_ids).unsqueeze(0), d / d.norm(),
+    monkeypatch.setattr(attribution, "_forward_mode_attribution", spy)
+    d = torch.randn(int(any_model.cfg.d_model), generator=torch.Generator().manual_seed(8))
+    encoded = encode(any_model, ITEM)
+    got = direction_attribution(any_model, encoded, d, hooks=RESID_POST, chunk_size=4)
+    assert calls == (["ran"] if runs_forward_mode else ["fell back"])
+    want = _reference(any_model, torch.as_tensor(encoded.token_ids).unsqueeze(0), d / d.norm(),
                       range(len(encoded)), RESID_POST)
-    np.testing.assert_allclose(backward, want, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(forward_mode, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert np.abs(want).max() > 1e-4
