@@ -72,6 +72,10 @@ KEEP_SCORED_LOGITS = True
 """Whether the fan-out engine unembeds the scored positions only (``logits_only_at``; a switch for
 benchmarks: ``False`` unembeds every position, as before)."""
 
+LOGITS_ELEMENTS = 2**26
+"""At most this many logits (256 MB in float32) per fan-out forward: its rows of conditions are
+bounded by it as well as by ``batch_size`` and ``max_batch_tokens``."""
+
 # A steering edit of this size or more (strength x std, along a unit direction) overflows the
 # float32 sum of squares every layer norm computes (sqrt of float32's largest value): the norm
 # becomes infinite, the normalised activation zero, and the output uniform for any direction.
@@ -297,7 +301,8 @@ class _Sweep:
         """Metrics of ``logits`` (one row per (sequence, condition) of ``rows``) at ``scored``."""
         scored = scored.to(logits.device)
         segments = [(row, *clean[s]) for row, (s, _) in enumerate(rows)]
-        flat = logits[scored]
+        # all scored (only the scored positions' logits were made): a view, not an indexed copy
+        flat = logits.reshape(-1, logits.shape[-1]) if bool(scored.all()) else logits[scored]
         self.store(rows, segment_sums(lambda a, b: flat[a:b], segments, int(logits.shape[-1]), len(rows)))
 
     def keep_clean(self, s: int, selected: Tensor, clean: dict) -> None:
@@ -366,7 +371,10 @@ class _Sweep:
         bar = None
         for s, item in enumerate(self.encoded):
             n_tok = len(item.token_ids)
-            per_forward = max(1, min(batch_size, max_batch_tokens // max(1, n_tok)) - 1)
+            # the logits exist at the scored positions only (or every position): bounded per forward too
+            n_logits = (int(item.scored.sum()) if KEEP_SCORED_LOGITS else n_tok) * int(model.cfg.d_vocab_out)
+            per_forward = max(1, min(batch_size, max_batch_tokens // max(1, n_tok),
+                                     LOGITS_ELEMENTS // max(1, n_logits)) - 1)
             # With nothing to run (every condition is the clean run), one block of no conditions
             # still gives the clean row.
             blocks = [self.to_run[k : k + per_forward] for k in range(0, len(self.to_run), per_forward)] or [[]]

@@ -21,7 +21,9 @@ With ``--peers``: the same dose-response (all positions steered, ``--peer-direct
 (so CPU time and peak memory are its own), best of ``--repeats``: steering-vectors'
 ``SteeringVector.apply`` loop on the Hugging Face model (one condition per forward over the padded
 batch of conversations), a TransformerLens ``run_with_hooks`` loop, and surprise-probe's
-``dose_response`` batched and ``batched=False``. Every method computes mean entropy, KL to the clean
+``dose_response`` batched and ``batched=False``; the TransformerLens methods run on the
+HookedTransformer where TransformerLens has it (3.x) and on the TransformerBridge otherwise (4.x),
+and ``sp_batched_bridge`` runs the batched sweep on the bridge on 3.x as well. Every method computes mean entropy, KL to the clean
 run and top-1 agreement over the scored (response) tokens, and the tables are compared. Peers are
 optional: after torch and the project, ``pip install -e .[bench]`` and
 ``pip install --no-deps steering-vectors==0.12.2`` (a missing one is reported as skipped).
@@ -123,8 +125,16 @@ def _floor(model, encoded, layer: int, n_conditions: int, batch_size: int, max_b
 
 # --- Peers (--peers): each method in its own child process -------------------------------------
 
-PEER_METHODS = ["sv_loop", "tl_hooks_loop", "sp_batched", "sp_loop"]
+PEER_METHODS = ["sv_loop", "tl_hooks_loop", "sp_batched", "sp_batched_bridge", "sp_loop"]
 PEER_NEEDS = {"sv_loop": "steering_vectors"}
+
+
+def _peer_backend(method: str) -> str:
+    """The TransformerLens model a method runs on: ``*_bridge`` the TransformerBridge, the others the
+    HookedTransformer where TransformerLens has it (3.x), else the bridge (4.x)."""
+    from surprise_probe.core.models.backends import hooked_transformer_available
+
+    return "bridge" if method.endswith("_bridge") or not hooked_transformer_available() else "hooked"
 
 
 def _peer_folder(name: str, work: Path) -> Path:
@@ -148,7 +158,7 @@ def _peer_job(args, folder: Path, work: Path) -> dict:
     from surprise_probe.core.models.loading import load_model
     from surprise_probe.core.text.encoding import encode_all
 
-    model = load_model(str(folder), device="cpu", backend="hooked", progress=False)
+    model = load_model(str(folder), device="cpu", backend=_peer_backend("sp_batched"), progress=False)
     layer = int(model.cfg.n_layers) // 2 if args.layer is None else min(args.layer, int(model.cfg.n_layers) - 1)
     hook = f"blocks.{layer}.hook_resid_post"
     encoded = encode_all(model, _items(model, args.n_inputs), truncate=True)
@@ -198,12 +208,12 @@ def _peer_run(method: str, model, job: dict) -> tuple[dict[str, np.ndarray], int
     vectors = torch.tensor(job["vectors"], dtype=torch.float32)
     strengths, std, layer, hook = job["strengths"], job["std"], job["layer"], job["hook"]
     n_forwards = 1 + len(vectors) * len(strengths)
-    if method in ("sp_batched", "sp_loop"):
+    if method in ("sp_batched", "sp_batched_bridge", "sp_loop"):
         from surprise_probe.interventions import SteeringDirection, dose_response
 
         result = dose_response(model, job["items"], SteeringDirection(vectors[0], hook, std), strengths,
                                random_directions=len(vectors) - 2, positions="all",
-                               batched=method == "sp_batched", seed=0, progress=False)
+                               batched=method != "sp_loop", seed=0, progress=False)
         tables = {"entropy": np.asarray(result.entropy), "kl": np.asarray(result.kl),
                   "agree": np.asarray(result.top1_agreement)}
         return tables, result.n_forwards
@@ -245,7 +255,7 @@ def _peer_child(method: str, folder: Path, work: Path, threads: int, repeats: in
     else:
         from surprise_probe.core.models.loading import load_model
 
-        model = load_model(str(folder), device="cpu", backend="hooked", progress=False)
+        model = load_model(str(folder), device="cpu", backend=_peer_backend(method), progress=False)
     warm = dict(job, items=job["items"][:1], vectors=job["vectors"][:2], strengths=job["strengths"][:2])
     with torch.inference_mode():
         _peer_run(method, model, warm)
@@ -263,7 +273,7 @@ def _peer_child(method: str, folder: Path, work: Path, threads: int, repeats: in
     return {"method": method, "cpu_seconds": min(cpu), "all_cpu_seconds": [round(t, 2) for t in cpu],
             "wall_seconds": min(wall), "all_wall_seconds": [round(t, 2) for t in wall],
             "rss_before_mb": sampler.start_kb / 1024, "peak_rss_mb": sampler.peak_kb / 1024,
-            "n_forwards": n_forwards, "threads": torch.get_num_threads()}
+            "n_forwards": n_forwards, "threads": torch.get_num_threads(), "class": type(model).__name__}
 
 
 def peers_main(args) -> int:
@@ -277,6 +287,9 @@ def peers_main(args) -> int:
         job = _peer_job(args, folder, work)
         rows = []
         for method in args.peer_methods:
+            if method == "sp_batched_bridge" and _peer_backend("sp_batched") == "bridge":
+                print(f"{method:<14} skipped: sp_batched runs on the bridge already (no HookedTransformer here)")
+                continue
             if method in PEER_NEEDS and importlib.util.find_spec(PEER_NEEDS[method]) is None:
                 print(f"{method:<14} skipped: {PEER_NEEDS[method]} is not installed (pip install -e .[bench])")
                 continue
@@ -313,14 +326,14 @@ def peers_main(args) -> int:
         f"{os.cpu_count()} cores, {args.threads or 2} torch threads per child), each method in its own process, "
         f"best of {args.repeats}; ratios and differences against `{unit['method']}`",
         "",
-        "| method | forwards | CPU s | x sv loop (CPU) | wall s | x sv loop (wall) | peak RSS (MB) | x sv loop (RSS) "
+        "| method | model | forwards | CPU s | x sv loop (CPU) | wall s | x sv loop (wall) | peak RSS (MB) | x sv loop (RSS) "
         "| max diff entropy | max diff KL | max diff top-1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         diff = row["max_abs_diff"]
         lines.append(
-            f"| {row['method']} | {row['n_forwards']} | {row['cpu_seconds']:.2f} | {row['cpu_ratio']:.3f} | "
+            f"| {row['method']} | {row['class']} | {row['n_forwards']} | {row['cpu_seconds']:.2f} | {row['cpu_ratio']:.3f} | "
             f"{row['wall_seconds']:.2f} | {row['wall_ratio']:.3f} | {row['peak_rss_mb']:.0f} | {row['rss_ratio']:.2f} | "
             f"{diff['entropy']:.1e} | {diff['kl']:.1e} | {diff['agree']:.1e} |"
         )

@@ -259,3 +259,26 @@ def test_a_bridge_that_cannot_start_at_the_hook_says_so_and_gives_the_same_numbe
                                          r"from the edited block on: LlamaModel is not a decoder it covers"):
         whole = dose_response(model, ITEMS, _steering(model), **kwargs)
     _assert_same_numbers(started, whole)
+
+
+def test_fan_out_bounds_the_logits_of_a_forward_with_the_same_numbers(tiny_bridge_model, monkeypatch):
+    """The fan-out engine puts at most LOGITS_ELEMENTS logits in one forward: with a budget of
+    three rows of the widest sequence's scored logits, no forward makes more logits than that (so
+    there are more forwards), and every number is that of the unbounded sweep."""
+    model = tiny_bridge_model
+    encoded = encode_items(model, ITEMS)
+    budget = 3 * max(int(e.scored.sum()) for e in encoded) * int(model.cfg.d_vocab_out)
+    sizes = []  # logits per forward
+    handle = model.unembed.register_forward_hook(lambda module, inputs, output: sizes.append(output.numel()))
+    kwargs = dict(strengths=[-2.0, 0.0, 2.0, 4.0], random_directions=2, batch_size=64, n_boot=10, progress=False)
+    try:
+        unbounded = dose_response(model, ITEMS, _steering(model), **kwargs)
+        unbounded_sizes = list(sizes)
+        sizes.clear()
+        monkeypatch.setattr(sweep_module, "LOGITS_ELEMENTS", budget)
+        bounded = dose_response(model, ITEMS, _steering(model), **kwargs)
+    finally:
+        handle.remove()
+    assert max(unbounded_sizes) > budget  # unbounded, some forward makes more logits than the budget
+    assert max(sizes) <= budget and len(sizes) > len(unbounded_sizes)
+    _assert_same_numbers(bounded, unbounded)
