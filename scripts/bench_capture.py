@@ -13,6 +13,8 @@ child process (so memory and CPU time are its own), best of ``--repeats`` timed 
 - ``tl_forward``: TransformerLens HookedTransformer plain forward (no recording, no metrics);
 - ``tl_run_with_cache``: ``run_with_cache`` filtered to the 31 hooks, metrics, one ``.npy`` per batch;
 - ``sp_capture``: ``surprise_probe.core.capture.run(..., out_dir=...)`` (HookedTransformer backend, default);
+- ``sp_capture_usual_layout``: the same with the weights in TransformerLens' usual layout
+  (``loading.FORWARD_LAYOUT_AT_LOAD = False``: its forward then copies them at every call);
 - ``sp_capture_bridge``: the same on the TransformerBridge backend (the Hugging Face modules, its
   attention fused: ``surprise_probe.core.models.attention.fuse_bridge_attention``);
 - ``sp_capture_bridge_unfused``: the same with the bridge's own step-by-step attention.
@@ -54,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 METHODS = ["hf_forward", "hf_hidden_states", "nnsight", "tl_forward", "tl_run_with_cache", "sp_capture",
-           "sp_capture_bridge", "sp_capture_bridge_unfused"]
+           "sp_capture_usual_layout", "sp_capture_bridge", "sp_capture_bridge_unfused"]
 BRIDGE_METHODS = ("sp_capture_bridge", "sp_capture_bridge_unfused")
 NEEDS = {"nnsight": "nnsight"}
 
@@ -163,9 +165,12 @@ def _load(method: str, folder: Path):
 
             return LanguageModel(model, tokenizer=AutoTokenizer.from_pretrained(folder))
         return model
+    from surprise_probe.core.models import loading
     from surprise_probe.core.models.attention import fuse_bridge_attention
     from surprise_probe.core.models.loading import load_model
 
+    if method == "sp_capture_usual_layout":  # the HookedTransformer's weights as TransformerLens lays them out
+        loading.FORWARD_LAYOUT_AT_LOAD = False
     model = load_model(str(folder), device="cpu", backend="bridge" if "_bridge" in method else "hooked",
                        progress=False)
     if method == "sp_capture_bridge_unfused":
@@ -213,7 +218,7 @@ def _run(method: str, model, ids, batch_size: int, out: Path) -> None:
             surprise, entropy = _metrics(logits, tokens)
             _save_batch(out, b, torch.stack([cache[h] for h in hooks]), surprise, entropy)
             del cache
-    elif method in ("sp_capture", *BRIDGE_METHODS):
+    elif method in ("sp_capture", "sp_capture_usual_layout", *BRIDGE_METHODS):
         sp.capture(model, [{"token_ids": row.tolist()} for row in ids], out_dir=out / "capture",
                    batch_size=batch_size, progress=False)
     else:

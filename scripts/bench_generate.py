@@ -8,7 +8,10 @@ run alternately, best of ``--repeats``, so machine load affects both alike. Ours
 repeat: as it samples (fused attention where that is the same computation) and with
 TransformerLens' own attention (``sampling.FUSE_ATTENTION = False`` on a HookedTransformer,
 ``fuse_bridge_attention(model, enable=False)`` on a TransformerBridge), which checks the ids agree.
-Run it under each TransformerLens (3.9 and 4.x venvs) for both versions' figures.
+Run it under each TransformerLens (3.9 and 4.x venvs) for both versions' figures. On a
+HookedTransformer a second copy of the model, in TransformerLens' usual weight layout (as
+``load_model`` gave it before 2026-12-08: each sample call re-lays the weights out and back), is
+timed in the same alternation.
 Prints and writes ``bench_generate.json`` with the ratio ours / Hugging Face (target >= 1.0, issue #29).
 
     flock /tmp/sp-model.lock .venv/bin/python scripts/bench_generate.py --out /tmp/bench-generate
@@ -50,6 +53,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     ours = load_model(args.model, device="cpu", backend=args.backend)
+    usual = None
+    if not is_bridge(ours):
+        # The HookedTransformer as loaded before 2026-12-08: TransformerLens' weight layout, which
+        # each sample call re-lays out and back (decoding_layout); timed in the same alternation.
+        from surprise_probe.core.models import loading
+
+        loading.FORWARD_LAYOUT_AT_LOAD = False
+        usual = load_model(args.model, device="cpu", backend=args.backend)
+        loading.FORWARD_LAYOUT_AT_LOAD = True
     hf = AutoModelForCausalLM.from_pretrained(embedded_folder(args.model), dtype=torch.float32).eval()
     prompts = [chat_prompt_ids(ours, p["prompt"]) for p in builtin_prompts()[: args.batch_size]]
     width = max(len(p) for p in prompts)
@@ -63,18 +75,18 @@ def main() -> None:
 
     samples = {}
 
-    def run_ours(fused: bool = True) -> float:
+    def run_ours(fused: bool = True, model=ours) -> float:
         sampling.FUSE_ATTENTION = fused
         if is_bridge(ours):
             fuse_bridge_attention(ours, enable=fused)
         started = time.perf_counter()
-        out = sample(ours, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        out = sample(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      stop_ids=(), batch_size=len(prompts))
         elapsed = time.perf_counter() - started
         sampling.FUSE_ATTENTION = True
         fuse_bridge_attention(ours)
         assert sum(len(s.response_ids) for s in out) == n_tokens
-        samples[fused] = [s.response_ids for s in out]
+        samples[fused if model is ours else "usual"] = [s.response_ids for s in out]
         return elapsed
 
     def run_hf() -> float:
@@ -89,9 +101,14 @@ def main() -> None:
 
     run_ours(), run_ours(False), run_hf()  # warm-up (allocator, kernels)
     times = {"ours": [], "ours_own_attention": [], "hf": []}
+    if usual is not None:
+        run_ours(model=usual)
+        times["ours_usual_layout"] = []
     for _ in tqdm(range(args.repeats), desc="repeats"):
         times["ours"].append(run_ours())
         times["ours_own_attention"].append(run_ours(False))
+        if usual is not None:
+            times["ours_usual_layout"].append(run_ours(model=usual))
         times["hf"].append(run_hf())
     # Same seeds: the ids agree unless a draw falls within float rounding of a token boundary.
     differing = sum(a != b for a, b in zip(samples[True], samples[False], strict=True))
@@ -105,6 +122,8 @@ def main() -> None:
         "tokens_per_second": rate, "ratio_ours_over_hf": rate["ours"] / rate["hf"],
         "ratio_own_attention_over_hf": rate["ours_own_attention"] / rate["hf"],
         "rows_differing_fused_vs_own_attention": differing,
+        "ratio_usual_layout_over_hf": rate["ours_usual_layout"] / rate["hf"] if usual is not None else None,
+        "same_ids_usual_layout": samples.get("usual") == samples[True] if usual is not None else None,
         "software_versions": software_versions(),
     }
     write_json(args.out / "bench_generate.json", result)
@@ -114,6 +133,9 @@ def main() -> None:
           f"ratio {result['ratio_ours_over_hf']:.2f} (target >= 1.0, issue #29)")
     print(f"  ours with TransformerLens' own attention {rate['ours_own_attention']:.1f} tok/s   "
           f"ratio {result['ratio_own_attention_over_hf']:.2f}; rows whose ids differ: {differing} of {len(prompts)}")
+    if usual is not None:
+        print(f"  ours with TransformerLens' weight layout (re-laid out per call, before) {rate['ours_usual_layout']:.1f} "
+              f"tok/s   ratio {result['ratio_usual_layout_over_hf']:.2f}; same ids: {result['same_ids_usual_layout']}")
 
 
 if __name__ == "__main__":

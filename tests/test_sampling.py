@@ -247,3 +247,34 @@ def test_bridge_sampling_names_the_cache_as_this_transformers_expects():
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids]), return_type="logits")[0, -1].argmax()))
     assert out[0].response_ids == ids[4:]
+
+
+def test_load_model_stores_the_forward_layout_with_the_same_numbers(tiny_hf_folder, monkeypatch):
+    """A HookedTransformer from load_model keeps its weight matrices in the order TransformerLens'
+    forward asks for (its per-forward copies are views), with the values and logits of the
+    usual layout; decoding_layout then changes nothing."""
+    needs_hooked_transformer()  # a HookedTransformer's weight layout (TransformerLens 3.x)
+    import einops
+
+    import surprise_probe.core.forward.sampling as sampling
+    from surprise_probe.core.models import loading
+
+    model = loading.load_model(str(tiny_hf_folder), device="cpu", backend="hooked", progress=False)
+    monkeypatch.setattr(loading, "FORWARD_LAYOUT_AT_LOAD", False)
+    usual = loading.load_model(str(tiny_hf_folder), device="cpu", backend="hooked", progress=False)
+    block = model.blocks[0]
+    assert block.mlp.W_gate.T.contiguous().data_ptr() == block.mlp.W_gate.data_ptr()
+    assert model.unembed.W_U.T.contiguous().data_ptr() == model.unembed.W_U.data_ptr()
+    w_o = einops.rearrange(block.attn.W_O, "h d m -> m (h d)").contiguous()
+    assert w_o.data_ptr() == block.attn.W_O.data_ptr()
+    assert usual.unembed.W_U.is_contiguous()  # the switch off: the usual layout
+    usual_params = dict(usual.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, usual_params[name]), name
+    tokens = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), usual(tokens), rtol=0, atol=1e-5)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    with sampling.decoding_layout(model):
+        assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers

@@ -60,6 +60,7 @@ from torch import Tensor
 from surprise_probe.core.forward.passes import unembed
 from surprise_probe.core.models.attention import fused_attention
 from surprise_probe.core.models.backends import is_hooked_transformer
+from surprise_probe.core.models.hooked import store_forward_layout
 from surprise_probe.core.text.chat import encode_conversation
 from surprise_probe.core.text.encoding import encode, pad_id
 from surprise_probe.core.utils.progress import tqdm
@@ -261,18 +262,6 @@ def _sample_batch(model, prompts, seeds, max_new_tokens, temperature, stop, forw
     return torch.stack(out, 1).tolist()
 
 
-# Weights TransformerLens re-lays out on every forward (``F.linear(x, W.T.contiguous())``, an einops
-# rearrange): module class -> {parameter: the permutation TL applies}. Stored in that order, TL's
-# copy becomes a view. A one-token decoding step is dominated by these copies otherwise (each step
-# copies every weight matrix: measured ~3x the matmul time of SmolLM2's MLPs at batch 8).
-_TL_FORWARD_LAYOUT = {
-    "GatedMLP": {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)},
-    "Unembed": {"W_U": (1, 0)},
-    "Attention": {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "W_O": (2, 0, 1)},
-    "GroupedQueryAttention": {"W_Q": (0, 2, 1), "_W_K": (0, 2, 1), "_W_V": (0, 2, 1), "W_O": (2, 0, 1)},
-}
-
-
 @contextlib.contextmanager
 def decoding_layout(model):
     """Store a ``HookedTransformer``'s weights in the memory order its forward asks for, then restore.
@@ -282,22 +271,14 @@ def decoding_layout(model):
     Any other model passes through untouched. Re-entrant: inside another ``decoding_layout`` of the
     same model it changes nothing, so a caller that samples in many calls (one per chunk, for
     resuming) wraps them once and pays the two copies of the weights once (0.46 s on SmolLM2).
+    A HookedTransformer from ``load_model`` is stored this way from its load on
+    (``core.models.hooked.store_forward_layout``), so for it this changes nothing.
     """
     if (not is_hooked_transformer(model) or model.cfg.use_split_qkv_input or model.cfg.use_attn_in
-            or getattr(model, "_sp_decoding_layout", False)):
+            or getattr(model, "_sp_decoding_layout", False) or getattr(model, "_sp_forward_layout", False)):
         yield model
         return
-    changed = []
-    # Outside inference mode (a caller may be inside it): parameters must stay ordinary tensors.
-    with torch.inference_mode(False), torch.no_grad():
-        for module in model.modules():
-            for name, perm in _TL_FORWARD_LAYOUT.get(type(module).__name__, {}).items():
-                param = module._parameters.get(name)
-                if param is None or param.dim() != len(perm):
-                    continue
-                inverse = tuple(int(i) for i in np.argsort(perm))
-                param.data = param.data.permute(perm).contiguous().permute(inverse)
-                changed.append(param)
+    changed = store_forward_layout(model)
     model._sp_decoding_layout = True
     try:
         yield model

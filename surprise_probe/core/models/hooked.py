@@ -22,7 +22,7 @@ import torch
 from surprise_probe.core.utils.storage import sweep_temporaries, temporary_path
 
 __all__ = ["hooked_from_hf", "hooked_cache_file", "hooked_from_cache", "write_hooked_cache", "processed_weights_file",
-           "save_processed_weights"]
+           "save_processed_weights", "store_forward_layout"]
 
 
 # The weight processing both HookedTransformer paths apply (as HookedTransformer.from_pretrained);
@@ -263,3 +263,39 @@ def _read_into(handle, header: dict, data_start: int, targets: dict[str, torch.T
             raise ValueError(f"{key}: {path.name} is truncated")
 
 
+
+
+# Weights TransformerLens re-lays out on every forward (``F.linear(x, W.T.contiguous())``, an einops
+# rearrange): module class -> {parameter: the permutation TL applies}. Stored in that order, TL's
+# copy becomes a view. A one-token decoding step is dominated by these copies otherwise (each step
+# copies every weight matrix: measured ~3x the matmul time of SmolLM2's MLPs at batch 8).
+FORWARD_LAYOUT = {
+    "GatedMLP": {"W_gate": (1, 0), "W_in": (1, 0), "W_out": (1, 0)},
+    "Unembed": {"W_U": (1, 0)},
+    "Attention": {"W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "W_O": (2, 0, 1)},
+    "GroupedQueryAttention": {"W_Q": (0, 2, 1), "_W_K": (0, 2, 1), "_W_V": (0, 2, 1), "W_O": (2, 0, 1)},
+}
+
+
+def store_forward_layout(model) -> list[torch.nn.Parameter]:
+    """Store a ``HookedTransformer``'s weight matrices in the memory order its forward asks for
+    (``FORWARD_LAYOUT``), so TransformerLens' per-forward copies of them become views; returns the
+    parameters changed. Values, shapes and every forward's numbers are unchanged; the parameters
+    are no longer contiguous (``.contiguous()`` gives the usual layout back). Attention with split
+    inputs (``use_split_qkv_input``/``use_attn_in``) is left as is."""
+    import numpy as np
+
+    if model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
+        return []
+    changed = []
+    # Outside inference mode (a caller may be inside it): parameters must stay ordinary tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            for name, perm in FORWARD_LAYOUT.get(type(module).__name__, {}).items():
+                param = module._parameters.get(name)
+                if param is None or param.dim() != len(perm):
+                    continue
+                inverse = tuple(int(i) for i in np.argsort(perm))
+                param.data = param.data.permute(perm).contiguous().permute(inverse)
+                changed.append(param)
+    return changed

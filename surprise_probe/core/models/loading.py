@@ -64,6 +64,7 @@ from surprise_probe.core.models.hooked import (
     hooked_cache_file,
     hooked_from_cache,
     hooked_from_hf,
+    store_forward_layout,
     write_hooked_cache,
 )
 
@@ -77,6 +78,11 @@ def model_id(model) -> str:
 
 
 # What a Hugging Face model folder needs beside config.json (any one pattern of each group).
+FORWARD_LAYOUT_AT_LOAD = True
+"""Whether ``load_model`` stores a HookedTransformer's weight matrices in the order its forward asks
+for (``hooked.store_forward_layout``: TransformerLens' per-forward copies become views; a switch
+for benchmarks and tests)."""
+
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("spiece.model",),
                     ("vocab.txt",))
@@ -227,6 +233,8 @@ def _load_folder(
                 release_memory()  # the conversion's copies are gone: give them back before the cache's own
                 write_hooked_cache(cache_file, model, folder, tokenizer, device, dtype, n_devices)
             # otherwise load_model releases once at the end (a collection costs ~0.3 s on a 135M model)
+    if FORWARD_LAYOUT_AT_LOAD and not is_bridge(model) and store_forward_layout(model):
+        model._sp_forward_layout = True  # TransformerLens' per-forward weight copies are views from now on
     model.cfg.model_name = name
     model.cfg.default_prepend_bos = False
     # What was asked of TransformerLens (both paths use its defaults; it skips centering the
