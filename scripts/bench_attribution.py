@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,13 +80,10 @@ def variants() -> dict[str, tuple[str, str]]:
 
 
 def run_once(args, backend: str, mode: str, out: Path) -> dict:
-    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "-c", CHILD, args.model, backend, mode, str(args.max_tokens), str(out)],
-                            capture_output=True, text=True, env={**os.environ, **env}, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"attribution failed ({backend}, {mode}):\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    from bench_load import run_child
+
+    return run_child(CHILD, [args.model, backend, mode, str(args.max_tokens), str(out)], args.threads,
+                     f"attribution ({backend}, {mode})")
 
 
 def main(argv=None) -> int:

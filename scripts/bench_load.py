@@ -54,13 +54,18 @@ def variants() -> dict[str, tuple[str, str]]:
     return found
 
 
-def load_once(model: str, dtype: str, backend: str, cache: str, threads: int) -> dict:
+def run_child(code: str, argv: list[str], threads: int, what: str) -> dict:
+    """Run ``code`` in a fresh Python process with ``threads`` threads; the JSON its last line prints."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "-c", CHILD, model, dtype, backend, cache], capture_output=True,
-                            text=True, env={**os.environ, **env}, check=False)
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                            env={**os.environ, **env}, check=False)
     if result.returncode != 0:
-        raise SystemExit(f"load failed ({backend}, cache={cache}):\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def load_once(model: str, dtype: str, backend: str, cache: str, threads: int) -> dict:
+    return run_child(CHILD, [model, dtype, backend, cache], threads, f"load ({backend}, cache={cache})")
 
 
 def main(argv=None) -> int:

@@ -149,6 +149,23 @@ def _assert_same_numbers(a, b, atol: float = 1e-5) -> None:
         np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=0, atol=atol, err_msg=key)
 
 
+def _before_and_after(model, steering, kwargs, monkeypatch, switch: str, value, register):
+    """``dose_response`` as the sweep module is, then with ``sweep_module.<switch> = value``;
+    ``register(records)`` adds the hook that fills ``records`` and returns its handle. Returns
+    (result before, records before, result after, records after)."""
+    records = []
+    handle = register(records)
+    try:
+        before = dose_response(model, ITEMS, steering, **kwargs)
+        before_records = list(records)
+        records.clear()
+        monkeypatch.setattr(sweep_module, switch, value)
+        after = dose_response(model, ITEMS, steering, **kwargs)
+    finally:
+        handle.remove()
+    return before, before_records, after, records
+
+
 def _unembeds_only_the_scored_positions(model, steering, monkeypatch) -> None:
     """The fan-out engine unembeds each sequence's scored positions only (against all of them with
     KEEP_SCORED_LOGITS off), with every number unchanged."""
@@ -194,18 +211,11 @@ def test_bridge_runs_each_prompt_once_with_the_same_numbers(tiny_bridge_model, m
     edited one) once, freezing its keys and values, and every later forward only the rest: fewer
     positions through the model, every number unchanged against running whole sequences."""
     model = tiny_bridge_model
-    positions = []
-    handle = model.blocks[-1].register_forward_hook(
-        lambda module, inputs, output: positions.append(int((output[0] if isinstance(output, tuple) else output).shape[1])))
     kwargs = dict(strengths=[-2.0, 0.0, 2.0, 4.0], random_directions=2, batch_size=3, n_boot=10, progress=False)
-    try:
-        frozen = dose_response(model, ITEMS, _steering(model), **kwargs)
-        frozen_positions = list(positions)
-        positions.clear()
-        monkeypatch.setattr(sweep_module, "FREEZE_PREFIX", False)
-        whole = dose_response(model, ITEMS, _steering(model), **kwargs)
-    finally:
-        handle.remove()
+    frozen, frozen_positions, whole, positions = _before_and_after(
+        model, _steering(model), kwargs, monkeypatch, "FREEZE_PREFIX", False,
+        lambda positions: model.blocks[-1].register_forward_hook(lambda module, inputs, output: positions.append(
+            int((output[0] if isinstance(output, tuple) else output).shape[1]))))
     encoded = encode_items(model, ITEMS)
     prompts = [int(np.flatnonzero(e.scored)[0]) for e in encoded]
     assert max(prompts) > 0  # the conversation has a prompt; plain texts are scored from position 0
@@ -223,18 +233,11 @@ def test_bridge_starts_at_the_hook_with_the_same_numbers(tiny_bridge_model, monk
     times, every number is unchanged."""
     model = tiny_bridge_model
     assert sweep_module.bridge_start_layer(model, hook) == layer
-    rows = []  # one entry per forward into block 0
-    handle = model.blocks[0].register_forward_pre_hook(lambda module, inputs: rows.append(1))
     kwargs = dict(strengths=[-2.0, 0.0, 2.0, 4.0], random_directions=2, batch_size=3, n_boot=10, progress=False)
-    try:
-        steering = random_steering(model, 0, 1.5, hook)
-        started = dose_response(model, ITEMS, steering, **kwargs)
-        started_rows = list(rows)
-        rows.clear()
-        monkeypatch.setattr(sweep_module, "START_AT_HOOK", False)
-        whole = dose_response(model, ITEMS, steering, **kwargs)
-    finally:
-        handle.remove()
+    # rows: one entry per forward into block 0
+    started, started_rows, whole, rows = _before_and_after(
+        model, random_steering(model, 0, 1.5, hook), kwargs, monkeypatch, "START_AT_HOOK", False,
+        lambda rows: model.blocks[0].register_forward_pre_hook(lambda module, inputs: rows.append(1)))
     encoded = encode_items(model, ITEMS)
     with_prompt = sum(int(np.flatnonzero(e.scored)[0]) > 0 for e in encoded)
     # Block 0 ran once per prompt and once per block of conditions before; now once per prompt and
@@ -268,17 +271,11 @@ def test_fan_out_bounds_the_logits_of_a_forward_with_the_same_numbers(tiny_bridg
     model = tiny_bridge_model
     encoded = encode_items(model, ITEMS)
     budget = 3 * max(int(e.scored.sum()) for e in encoded) * int(model.cfg.d_vocab_out)
-    sizes = []  # logits per forward
-    handle = model.unembed.register_forward_hook(lambda module, inputs, output: sizes.append(output.numel()))
     kwargs = dict(strengths=[-2.0, 0.0, 2.0, 4.0], random_directions=2, batch_size=64, n_boot=10, progress=False)
-    try:
-        unbounded = dose_response(model, ITEMS, _steering(model), **kwargs)
-        unbounded_sizes = list(sizes)
-        sizes.clear()
-        monkeypatch.setattr(sweep_module, "LOGITS_ELEMENTS", budget)
-        bounded = dose_response(model, ITEMS, _steering(model), **kwargs)
-    finally:
-        handle.remove()
+    # sizes: logits per forward
+    unbounded, unbounded_sizes, bounded, sizes = _before_and_after(
+        model, _steering(model), kwargs, monkeypatch, "LOGITS_ELEMENTS", budget,
+        lambda sizes: model.unembed.register_forward_hook(lambda module, inputs, output: sizes.append(output.numel())))
     assert max(unbounded_sizes) > budget  # unbounded, some forward makes more logits than the budget
     assert max(sizes) <= budget and len(sizes) > len(unbounded_sizes)
     _assert_same_numbers(bounded, unbounded)

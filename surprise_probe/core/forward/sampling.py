@@ -274,16 +274,15 @@ def decoding_layout(model):
     A HookedTransformer from ``load_model`` is stored this way from its load on
     (``core.models.hooked.store_forward_layout``), so for it this changes nothing.
     """
-    if (not is_hooked_transformer(model) or model.cfg.use_split_qkv_input or model.cfg.use_attn_in
-            or getattr(model, "_sp_decoding_layout", False) or getattr(model, "_sp_forward_layout", False)):
+    if not is_hooked_transformer(model) or getattr(model, "_sp_forward_layout", False):
         yield model
         return
-    changed = store_forward_layout(model)
-    model._sp_decoding_layout = True
+    changed = store_forward_layout(model)  # none for attention with split inputs
+    model._sp_forward_layout = True
     try:
         yield model
     finally:
-        model._sp_decoding_layout = False
+        model._sp_forward_layout = False
         with torch.inference_mode(False), torch.no_grad():
             for param in changed:
                 param.data = param.data.contiguous()

@@ -17,6 +17,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from surprise_probe.core.utils.storage import sweep_temporaries, temporary_path
@@ -263,8 +264,6 @@ def _read_into(handle, header: dict, data_start: int, targets: dict[str, torch.T
             raise ValueError(f"{key}: {path.name} is truncated")
 
 
-
-
 # Weights TransformerLens re-lays out on every forward (``F.linear(x, W.T.contiguous())``, an einops
 # rearrange): module class -> {parameter: the permutation TL applies}. Stored in that order, TL's
 # copy becomes a view. A one-token decoding step is dominated by these copies otherwise (each step
@@ -283,8 +282,6 @@ def store_forward_layout(model) -> list[torch.nn.Parameter]:
     parameters changed. Values, shapes and every forward's numbers are unchanged; the parameters
     are no longer contiguous (``.contiguous()`` gives the usual layout back). Attention with split
     inputs (``use_split_qkv_input``/``use_attn_in``) is left as is."""
-    import numpy as np
-
     if model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
         return []
     changed = []

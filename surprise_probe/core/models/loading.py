@@ -77,12 +77,12 @@ def model_id(model) -> str:
     return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
 
 
-# What a Hugging Face model folder needs beside config.json (any one pattern of each group).
 FORWARD_LAYOUT_AT_LOAD = True
 """Whether ``load_model`` stores a HookedTransformer's weight matrices in the order its forward asks
 for (``hooked.store_forward_layout``: TransformerLens' per-forward copies become views; a switch
 for benchmarks and tests)."""
 
+# What a Hugging Face model folder needs beside config.json (any one pattern of each group).
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("spiece.model",),
                     ("vocab.txt",))
